@@ -1,0 +1,2 @@
+"""Fusion algorithms in pure PyTorch. Teachers are reached only through :class:`fusion.teacher.Teacher`;
+nothing here knows about gRPC, protobuf or the party's policy."""

@@ -1,0 +1,244 @@
+"""Model composition with pseudo-labels (paper 000: Model composition, BMVC 2021).
+
+Teachers may know different, overlapping class sets. Their predictions are mapped into the
+union label space by class name, filtered by entropy (paper Sec. 3.1) and aggregated (Sec. 3.2)
+by one of the named rules in :data:`RULES`:
+
+* ``unanimous`` / ``consensus`` / ``affirmative`` -- the paper's votes. For a sample and a voted
+  class ``c``: ``K`` teachers voted ``c``, ``N`` teachers know ``c``; unanimous keeps ``c`` when
+  ``K == N``, consensus when ``K >= N / 2``, affirmative always (Algorithm 2). A teacher whose
+  normalized entropy exceeds ``tau`` abstains.
+* ``mean`` -- average of the union-space probabilities (zero for classes a teacher does not know);
+  this is vanilla distillation's target.
+* ``max-prob`` -- per class, the highest probability any teacher gives it.
+* ``known-mean`` -- per class, the mean probability over only the teachers that know the class.
+* ``restricted-fit`` -- one distribution ``q`` whose restriction to each teacher's class set
+  matches that teacher's output, ``q = argmin sum_t KL(p_t || q|S_t)`` (Vongkulbhisal et al.,
+  CVPR 2019, "Unifying heterogeneous classifiers").
+
+The distribution rules filter on the normalized entropy of the aggregated ``q``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+VOTE_RULES = ("unanimous", "consensus", "affirmative")
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Result of aggregation over ``B`` samples and ``U`` union classes.
+
+    Attributes
+    ----------
+    targets : (B, U) distribution per sample (one-hot-like for the vote rules).
+    keep : (B,) bool, samples whose pseudo-label passed filtering and voting.
+    """
+
+    targets: Tensor
+    keep: Tensor
+
+    @property
+    def labels(self) -> Tensor:
+        return self.targets.argmax(dim=1)
+
+
+def union_classes(class_sets: Sequence[Sequence[str]]) -> list[str]:
+    """The union of the teachers' class names, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for classes in class_sets:
+        for name in classes:
+            seen.setdefault(name, None)
+    return list(seen)
+
+
+def known_mask(class_sets: Sequence[Sequence[str]], union: Sequence[str]) -> Tensor:
+    """(T, U) bool: which teacher knows which union class."""
+    return torch.tensor([[name in set(classes) for name in union] for classes in class_sets])
+
+
+def to_probs(outputs: Tensor, form: str, num_classes: int) -> Tensor:
+    """Turn released predictions into (B, K) probabilities.
+
+    ``logits`` -> softmax; ``probs`` as they are; ``topk`` (zeros outside the top k) renormalized;
+    ``label`` (B,) -> one-hot.
+    """
+    if form == "logits":
+        return F.softmax(outputs.float(), dim=1)
+    if form in ("probs", "topk"):
+        probs = outputs.float().clamp_min(0)
+        return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    if form == "label":
+        return F.one_hot(outputs.long(), num_classes).float()
+    raise ValueError(f"unknown output form {form!r}; expected one of logits, probs, topk, label")
+
+
+def to_union(probs: Tensor, classes: Sequence[str], union: Sequence[str]) -> Tensor:
+    """Scatter (B, K) probabilities over a teacher's classes into (B, U) union columns."""
+    index = torch.tensor([list(union).index(name) for name in classes])
+    out = probs.new_zeros(probs.shape[0], len(union))
+    out[:, index] = probs
+    return out
+
+
+def normalized_entropy(probs: Tensor, num_classes: int | Tensor | None = None) -> Tensor:
+    """``H(p) / log K`` in [0, 1] per row of (B, K) ``probs`` (paper Sec. 3.1, normalized so that
+    one threshold serves teachers with different numbers of classes)."""
+    k = probs.shape[1] if num_classes is None else num_classes
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
+    log_k = torch.log(torch.as_tensor(k, dtype=probs.dtype).clamp_min(2))
+    return entropy / log_k
+
+
+def entropy_filter(probs: Tensor, known: Tensor, tau: float) -> Tensor:
+    """(T, B) bool: teacher ``t`` is confident on sample ``b`` (normalized entropy <= tau).
+
+    Parameters
+    ----------
+    probs : (T, B, U) union-space probabilities.
+    known : (T, U) bool.
+    """
+    counts = known.sum(dim=1)  # (T,)
+    return torch.stack(
+        [normalized_entropy(p[:, k], int(n)) <= tau for p, k, n in zip(probs, known, counts)]
+    )
+
+
+RULES: dict[str, Callable[[Tensor, Tensor, float], Aggregate]] = {}
+
+
+def _rule(name: str):
+    def register(fn):
+        RULES[name] = fn
+        return fn
+
+    return register
+
+
+def aggregate(probs: Tensor, known: Tensor, rule: str, tau: float = 1.0) -> Aggregate:
+    """Aggregate the teachers' union-space predictions with a named rule.
+
+    Parameters
+    ----------
+    probs : (T, B, U) probabilities, zero outside each teacher's classes.
+    known : (T, U) bool, teacher ``t`` knows class ``u``.
+    rule : a key of :data:`RULES`.
+    tau : normalized entropy threshold in (0, 1]; 1 keeps everything.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown aggregation rule {rule!r}; known: {', '.join(RULES)}")
+    return RULES[rule](probs, known, tau)
+
+
+def _votes(probs: Tensor, known: Tensor, tau: float, rule: str) -> Aggregate:
+    num_teachers, batch, num_classes = probs.shape
+    confident = entropy_filter(probs, known, tau)  # (T, B)
+    votes = F.one_hot(probs.argmax(dim=2), num_classes).float()  # (T, B, U)
+    votes = votes * confident.unsqueeze(2)
+    k = votes.sum(dim=0)  # (B, U) teachers that voted for each class
+    n = known.sum(dim=0).float().expand(batch, -1)  # (B, U) teachers that know each class
+    if rule == "unanimous":
+        passes = k >= n
+    elif rule == "consensus":
+        passes = k >= n / 2
+    else:
+        passes = torch.ones_like(k, dtype=torch.bool)
+    surviving = passes & (k > 0)
+    keep = surviving.any(dim=1)
+    # one label per sample: the surviving class with most votes, ties by the summed probability
+    score = k + probs.sum(dim=0) / (num_teachers + 1)
+    fallback = score.argmax(dim=1)  # plurality, used as the ensemble's answer when nothing survives
+    label = torch.where(keep, score.masked_fill(~surviving, -1).argmax(dim=1), fallback)
+    return Aggregate(F.one_hot(label, num_classes).to(probs.dtype), keep)
+
+
+for _name in VOTE_RULES:
+    RULES[_name] = lambda probs, known, tau, _r=_name: _votes(probs, known, tau, _r)
+
+
+def _by_entropy(targets: Tensor, tau: float) -> Aggregate:
+    targets = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return Aggregate(targets, normalized_entropy(targets) <= tau)
+
+
+@_rule("mean")
+def _mean(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+    return _by_entropy(probs.mean(dim=0), tau)
+
+
+@_rule("max-prob")
+def _max_prob(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+    return _by_entropy(probs.max(dim=0).values, tau)
+
+
+@_rule("known-mean")
+def _known_mean(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+    n = known.sum(dim=0).clamp_min(1).to(probs.dtype)  # (U,)
+    return _by_entropy(probs.sum(dim=0) / n, tau)
+
+
+def restricted_fit(probs: Tensor, known: Tensor, steps: int = 150, lr: float = 0.2) -> Tensor:
+    """Fit ``q`` over the union so that ``q`` restricted and renormalized to each teacher's class
+    set ``S_t`` matches that teacher's ``p_t``.
+
+    Minimizes ``sum_t KL(p_t || q_{S_t} / sum(q_{S_t}))`` over the logits of ``q`` with Adam,
+    starting from the known-class mean (Vongkulbhisal et al., CVPR 2019, Eq. for the KL form).
+
+    Parameters
+    ----------
+    probs : (T, B, U) union-space probabilities, zero outside ``S_t``.
+    known : (T, U) bool.
+
+    Returns
+    -------
+    Tensor
+        (B, U) distributions, same dtype as ``probs``.
+    """
+    p = probs.detach().double()
+    mask = known.unsqueeze(1).to(p.dtype)  # (T, 1, U)
+    init = _known_mean(probs, known, 1.0).targets.double()
+    logits = init.clamp_min(1e-6).log().requires_grad_(True)  # (B, U)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        log_q = F.log_softmax(logits, dim=1).unsqueeze(0)  # (1, B, U)
+        masked = log_q.masked_fill(mask == 0, -math.inf)
+        log_restricted = log_q - torch.logsumexp(masked, dim=2, keepdim=True)  # (T, B, U)
+        loss = -(p * log_restricted * mask).sum() / p.shape[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return F.softmax(logits.detach(), dim=1).to(probs.dtype)
+
+
+@_rule("restricted-fit")
+def _restricted_fit(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+    return _by_entropy(restricted_fit(probs, known), tau)
+
+
+def collect_union_probs(
+    outputs: Sequence[Tensor],
+    forms: Sequence[str],
+    class_sets: Sequence[Sequence[str]],
+    union: Sequence[str],
+) -> tuple[Tensor, Tensor]:
+    """Stack every teacher's released outputs as (T, B, U) union-space probabilities.
+
+    Returns
+    -------
+    probs : (T, B, U)
+    known : (T, U) bool
+    """
+    probs = torch.stack(
+        [
+            to_union(to_probs(out, form, len(classes)), classes, union)
+            for out, form, classes in zip(outputs, forms, class_sets)
+        ]
+    )
+    return probs, known_mask(class_sets, union)

@@ -1,0 +1,65 @@
+"""The one seam between the algorithms and the parties: the :class:`Teacher` protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+OUTPUT_FORMS = ("logits", "probs", "topk", "label")
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What the coordinator knows of a teacher.
+
+    Attributes
+    ----------
+    name : the party's name.
+    class_names : the classes the teacher predicts, in the order of its output columns.
+    input_shape : ``(C, H, W)`` of one sample.
+    output_form : how predictions are released: logits | probs | topk | label.
+    capabilities : what the owner's policy grants, e.g. ``("predict",)``.
+    max_batch : the largest batch one call may carry (0: no limit known).
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    output_form: str
+    capabilities: tuple[str, ...] = ("predict",)
+    max_batch: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TeacherInfo:
+        """Build from a mapping such as a dumped ``PartyInfo``; unknown keys are ignored."""
+        return cls(
+            name=data["name"],
+            class_names=tuple(data["class_names"]),
+            input_shape=tuple(data["input_shape"]),
+            output_form=data.get("output_form", ""),
+            capabilities=tuple(data.get("capabilities", ())),
+            max_batch=int(data.get("max_batch", 0)),
+        )
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A private model behind its owner's policy."""
+
+    info: TeacherInfo
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Predictions on ``x`` of shape ``(B, C, H, W)`` in the form ``info.output_form``:
+        ``(B, K)`` logits or probabilities (topk: zeros outside the top k), or ``(B,)`` labels."""
+        ...
+
+
+def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
+    """Apply ``fn`` to consecutive slices of at most ``chunk`` samples and concatenate."""
+    if chunk <= 0 or len(x) <= chunk:
+        return fn(x)
+    return torch.cat([fn(x[i : i + chunk]) for i in range(0, len(x), chunk)])

@@ -1,0 +1,70 @@
+"""Training loops shared by every method: supervised or distillation on soft targets."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """``-sum_u q_u log softmax(z)_u`` averaged over the batch; (B, U) logits and targets."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    desc: str = "train",
+    progress: bool = True,
+) -> list[float]:
+    """Train ``model`` on (N, C, H, W) inputs against (N,) labels or (N, U) soft targets.
+
+    Adam with a cosine learning-rate schedule; returns the mean loss of each epoch.
+    """
+    if targets.ndim == 1:
+        targets = F.one_hot(targets.long(), model.head.out_features).float()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-len(x) // batch_size))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    history: list[float] = []
+    model.train()
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for _ in bar:
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for start in range(0, len(x), batch_size):
+            index = order[start : start + batch_size]
+            if len(index) < 2:  # BatchNorm needs two samples
+                continue
+            loss = soft_cross_entropy(model(x[index]), targets[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+        history.append(total / len(x))
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """(N, K) logits of ``model`` in eval mode."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(predictions: Tensor, labels: Tensor) -> float:
+    """Fraction of (N,) predicted labels equal to (N,) true labels."""
+    return float((predictions == labels).float().mean()) if len(labels) else 0.0

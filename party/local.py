@@ -1,0 +1,23 @@
+"""In-process teacher: the party's own handler, called without a network in between."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from fusion.teacher import TeacherInfo, in_chunks
+from party.handler import PartyHandler
+
+
+class LocalTeacher:
+    """A :class:`fusion.teacher.Teacher` that enforces the policy through :class:`PartyHandler`."""
+
+    def __init__(self, handler: PartyHandler, caller: str = "local") -> None:
+        self.handler = handler
+        self.caller = caller
+        self.info = TeacherInfo.from_dict(handler.describe(caller).model_dump())
+
+    def predict(self, x: Tensor) -> Tensor:
+        def call(chunk: Tensor) -> Tensor:
+            return self.handler.predict(chunk, caller=self.caller)
+
+        return in_chunks(call, x, self.info.max_batch)

@@ -1,0 +1,127 @@
+"""The gRPC face of a party: a thin servicer over :class:`party.handler.PartyHandler`.
+
+Decode -> handler -> encode; domain errors map to status codes: a bad tensor or request ->
+INVALID_ARGUMENT, a denied capability -> PERMISSION_DENIED, an exhausted budget ->
+RESOURCE_EXHAUSTED. The server also serves the standard ``grpc.health.v1`` service.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from party.handler import BudgetExceeded, InvalidRequest, PartyHandler, PolicyDenied
+from protocol._generated import party_pb2, party_pb2_grpc
+from protocol.codec import CodecError, party_info_to_proto, tensor_from_proto, tensor_to_proto
+
+CALLER_METADATA_KEY = "x-amalgam-caller"
+SERVICE_NAME = "amalgam.party.v1.PartyService"
+
+_STATUS = (
+    (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def _caller(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata():
+        if key == CALLER_METADATA_KEY:
+            return value
+    return "anonymous"
+
+
+class PartyServicer(party_pb2_grpc.PartyServiceServicer):
+    def __init__(self, handler: PartyHandler, max_elements: int) -> None:
+        self.handler = handler
+        self.max_elements = max_elements
+
+    def _abort(self, context: grpc.ServicerContext, error: Exception) -> None:
+        for kind, code in _STATUS:
+            if isinstance(error, kind):
+                context.abort(code, str(error))
+        raise error
+
+    def Describe(self, request, context):  # noqa: N802 (gRPC method name)
+        info = self.handler.describe(_caller(context), request.request_id)
+        return party_pb2.DescribeResponse(
+            request_id=request.request_id, info=party_info_to_proto(info)
+        )
+
+    def Predict(self, request, context):  # noqa: N802
+        caller = _caller(context)
+        try:
+            x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
+            out = self.handler.predict(x, caller, request.request_id)
+        except CodecError as error:
+            self.handler.audit.append(caller=caller, method="Predict", decision="invalid",
+                                      request_id=request.request_id, reason=str(error))
+            self._abort(context, error)
+        except (InvalidRequest, PolicyDenied, BudgetExceeded) as error:
+            self._abort(context, error)
+        return party_pb2.PredictResponse(
+            request_id=request.request_id,
+            outputs=tensor_to_proto(out),
+            output_form=self.handler.policy.predict.output,
+        )
+
+
+def create_server(
+    handler: PartyHandler,
+    address: str = "127.0.0.1:0",
+    *,
+    max_message_mb: int = 64,
+    max_workers: int = 4,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
+    """Build (not start) a server for ``handler``; returns it and the bound port.
+
+    Message limits are raised deliberately to ``max_message_mb`` in both directions, and the
+    element cap of decoded tensors follows from it.
+    """
+    limit = max_message_mb * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
+    party_pb2_grpc.add_PartyServiceServicer_to_server(
+        PartyServicer(handler, max_elements=limit // 2), server
+    )
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return server, port
+
+
+def serve(handler: PartyHandler, address: str, max_message_mb: int = 64, grace_s: float = 5.0):
+    """Serve until SIGTERM or SIGINT, then stop gracefully (in-flight calls get ``grace_s``)."""
+    server, port = create_server(handler, address, max_message_mb=max_message_mb)
+    server.start()
+    host = address.rsplit(":", 1)[0]
+    print(f"party {handler.name} serving on {host}:{port}", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    server.stop(grace_s).wait()
+    print(f"party {handler.name} stopped", file=sys.stderr, flush=True)

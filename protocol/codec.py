@@ -1,0 +1,113 @@
+"""Serde at the wire boundary: symmetric ``x_to_proto`` / ``x_from_proto`` pairs.
+
+Nothing past this module sees a protobuf type. Decoding validates before it trusts the bytes:
+the dtype is allow-listed, ``len(data) == prod(shape) * itemsize``, the element count is capped,
+and inputs that must be finite are checked for NaN/inf. Every failure raises
+:class:`CodecError` naming the field, which the servicer maps to ``INVALID_ARGUMENT``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from protocol._generated import party_pb2
+from protocol.schemas import Normalization, PartyInfo
+
+# name on the wire -> (numpy dtype, little-endian), torch dtype
+_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "float32": (np.dtype("<f4"), torch.float32),
+    "float16": (np.dtype("<f2"), torch.float16),
+    "float64": (np.dtype("<f8"), torch.float64),
+    "int64": (np.dtype("<i8"), torch.int64),
+    "int32": (np.dtype("<i4"), torch.int32),
+    "uint8": (np.dtype("u1"), torch.uint8),
+}
+_TORCH_TO_NAME = {torch_dtype: name for name, (_, torch_dtype) in _DTYPES.items()}
+
+DEFAULT_MAX_ELEMENTS = 64 * 1024 * 1024
+
+
+class CodecError(ValueError):
+    """A message that cannot be decoded; ``field`` names the offending field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def tensor_to_proto(tensor: torch.Tensor) -> party_pb2.Tensor:
+    """Encode a tensor as raw little-endian C-order bytes."""
+    name = _TORCH_TO_NAME.get(tensor.dtype)
+    if name is None:
+        raise CodecError("tensor.dtype", f"{tensor.dtype} is not an allowed dtype")
+    array = tensor.detach().cpu().contiguous().numpy().astype(_DTYPES[name][0], copy=False)
+    return party_pb2.Tensor(dtype=name, shape=list(tensor.shape), data=array.tobytes())
+
+
+def tensor_from_proto(
+    message: party_pb2.Tensor,
+    field: str = "tensor",
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    require_finite: bool = False,
+) -> torch.Tensor:
+    """Decode and validate a :class:`party_pb2.Tensor`.
+
+    Raises
+    ------
+    CodecError
+        Unknown dtype, negative dimension, too many elements, byte length that does not match
+        the shape, or (with ``require_finite``) a NaN/inf value.
+    """
+    if message.dtype not in _DTYPES:
+        allowed = ", ".join(sorted(_DTYPES))
+        raise CodecError(f"{field}.dtype", f"unknown dtype {message.dtype!r} (allowed: {allowed})")
+    np_dtype, _ = _DTYPES[message.dtype]
+    shape = tuple(message.shape)
+    if any(dim < 0 for dim in shape):
+        raise CodecError(f"{field}.shape", f"negative dimension in {list(shape)}")
+    elements = math.prod(shape)
+    if elements > max_elements:
+        raise CodecError(f"{field}.shape", f"{elements} elements exceed the cap of {max_elements}")
+    expected = elements * np_dtype.itemsize
+    if len(message.data) != expected:
+        raise CodecError(
+            f"{field}.data",
+            f"{len(message.data)} bytes, expected {expected} for {message.dtype} {list(shape)}",
+        )
+    array = np.frombuffer(message.data, dtype=np_dtype).reshape(shape)
+    tensor = torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))
+    if require_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CodecError(f"{field}.data", "contains NaN or infinite values")
+    return tensor
+
+
+def party_info_to_proto(info: PartyInfo) -> party_pb2.PartyInfo:
+    return party_pb2.PartyInfo(
+        name=info.name,
+        class_names=info.class_names,
+        input_shape=list(info.input_shape),
+        normalization=party_pb2.Normalization(
+            mean=info.normalization.mean, std=info.normalization.std
+        ),
+        capabilities=info.capabilities,
+        output_form=info.output_form,
+        max_batch=info.max_batch,
+    )
+
+
+def party_info_from_proto(message: party_pb2.PartyInfo) -> PartyInfo:
+    return PartyInfo(
+        name=message.name,
+        class_names=list(message.class_names),
+        input_shape=tuple(message.input_shape),
+        normalization=Normalization(
+            mean=list(message.normalization.mean), std=list(message.normalization.std)
+        ),
+        capabilities=list(message.capabilities),
+        output_form=message.output_form,
+        max_batch=message.max_batch,
+    )

@@ -1,0 +1,48 @@
+"""Read a YAML file into a pydantic model; every problem becomes one :class:`ConfigError` line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A bad configuration file: ``str(error)`` is one line naming the file, field and problem."""
+
+
+def _field(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def load_yaml(path: str | Path, model: type[M]) -> M:
+    """Load ``path`` and validate it as ``model``.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, invalid YAML, or a validation failure (the first one, with its field).
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        more = error.error_count() - 1
+        extra = f" (and {more} more)" if more else ""
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{path}: {_field(first['loc'])}: {message}{extra}") from None

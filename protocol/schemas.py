@@ -1,0 +1,128 @@
+"""Pydantic schemas shared by the coordinator and the party agent.
+
+Every YAML file a user writes (a party's config, a job) is validated into one of these models;
+unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+OutputForm = Literal["logits", "probs", "topk", "label"]
+CAPABILITIES = ("predict",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Strict):
+    """Per-channel ``(x - mean) / std`` that the party applies to the inputs it receives."""
+
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError("mean and std need one value per channel each")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+
+class PartyInfo(_Strict):
+    """What a party advertises: its classes, input spec and what its policy grants."""
+
+    name: str = Field(min_length=1)
+    class_names: list[str] = Field(min_length=1)
+    input_shape: tuple[int, ...]
+    normalization: Normalization = Normalization()
+    capabilities: list[str] = Field(default_factory=list)
+    output_form: OutputForm | Literal[""] = ""
+    max_batch: int = 0
+
+
+# --- the owner's policy -------------------------------------------------------------------
+
+
+class PredictPolicy(_Strict):
+    """How predictions are released."""
+
+    output: OutputForm = "probs"  # logits | probs | topk (probs, zero outside the top k) | label
+    temperature: float = Field(1.0, gt=0)  # softmax temperature before probs/topk
+    top_k: int = Field(1, ge=1)  # with output: topk
+    round_decimals: int | None = Field(None, ge=0, le=8)  # round released values
+
+
+class Policy(_Strict):
+    """The owner's rules. Deny by default: a capability is granted only when it is written here."""
+
+    predict: PredictPolicy | None = None  # None: Predict is denied
+    max_batch: int = Field(256, ge=1)  # samples in one request
+    sample_budget: int | None = Field(100_000, ge=0)  # samples per caller; None: unlimited
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [name for name in CAPABILITIES if getattr(self, name) is not None]
+
+
+# --- jobs ---------------------------------------------------------------------------------
+
+
+class PartyRef(_Strict):
+    name: str = Field(min_length=1)
+    address: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")  # host:port
+
+
+class CompositionParams(_Strict):
+    """Model composition by pseudo-labels (paper 000, Algorithm 1)."""
+
+    rule: str = "restricted-fit"  # aggregation rule, see fusion.composition.RULES
+    entropy_threshold: float = Field(0.5, gt=0, le=1)  # normalized entropy tau, paper 3.1
+    targets: Literal["hard", "soft"] = "soft"  # train on labels or on the aggregated distribution
+    finetune_fraction: float = Field(0.0, ge=0, lt=1)  # labelled fraction for fine-tuning
+    finetune_epochs: int = Field(5, ge=1)
+
+
+class CompositionMethod(_Strict):
+    name: Literal["composition"]
+    params: CompositionParams = CompositionParams()
+
+
+class StudentSpec(_Strict):
+    arch: str = "small_cnn"  # a name from fusion.models.list_models()
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class DataSpec(_Strict):
+    """Where the coordinator's own data comes from: a source name or an ``.npz`` path."""
+
+    unlabeled: str  # e.g. digits:public, mnist:train, usps:train, path/to/file.npz
+    test: str  # labelled, e.g. digits:test
+
+
+class JobSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    parties: list[PartyRef] = Field(min_length=1)
+    method: CompositionMethod
+    student: StudentSpec = StudentSpec()
+    data: DataSpec
+    output_dir: str = "runs"
+    deadline_s: float = Field(30.0, gt=0)  # per gRPC call
+    baselines: bool = True  # also train vanilla distillation and the supervised bound
+
+    @field_validator("parties")
+    @classmethod
+    def _unique_names(cls, parties: list[PartyRef]) -> list[PartyRef]:
+        names = [p.name for p in parties]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"party names must be unique, repeated: {', '.join(duplicates)}")
+        return parties
