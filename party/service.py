@@ -16,10 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from party.handler import BudgetExceeded, InvalidRequest, PartyHandler, PolicyDenied
+from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import CodecError, party_info_to_proto, tensor_from_proto, tensor_to_proto
 
-CALLER_METADATA_KEY = "x-amalgam-caller"
 SERVICE_NAME = "amalgam.party.v1.PartyService"
 
 _STATUS = (

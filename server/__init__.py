@@ -1,0 +1,1 @@
+"""The coordinator: party clients, the job runner, reports and the ``amalgam`` command line."""

@@ -1,0 +1,95 @@
+"""Run one fusion job: validate the spec, reach the parties, fuse, and write ``runs/<job-id>/``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from fusion.compose import CompositionConfig, compose
+from fusion.composition import RULES
+from fusion.data import load_source
+from fusion.models import list_models
+from fusion.teacher import Teacher
+from protocol.loading import ConfigError, load_yaml
+from protocol.schemas import JobSpec
+from server.fanout import fan_out
+from server.remote import RemoteTeacher
+from server.report import report_markdown
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Validate a job file, including the names that only the algorithms know."""
+    spec = load_yaml(path, JobSpec)
+    if spec.method.params.rule not in RULES:
+        raise ConfigError(f"{path}: method.params.rule: unknown rule {spec.method.params.rule!r}"
+                          f" (known: {', '.join(RULES)})")
+    if spec.student.arch not in list_models():
+        raise ConfigError(f"{path}: student.arch: unknown architecture {spec.student.arch!r}"
+                          f" (registered: {', '.join(list_models())})")
+    return spec
+
+
+def connect(spec: JobSpec) -> list[RemoteTeacher]:
+    """One client per party; each asks its party's Describe so that an unreachable party
+    fails here, before any work is done."""
+    teachers = [RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s)
+                for p in spec.parties]
+    fan_out(lambda t: t.info, teachers)
+    return teachers
+
+
+def composition_config(spec: JobSpec) -> CompositionConfig:
+    params, student = spec.method.params, spec.student
+    return CompositionConfig(
+        rule=params.rule, entropy_threshold=params.entropy_threshold, targets=params.targets,
+        finetune_fraction=params.finetune_fraction, finetune_epochs=params.finetune_epochs,
+        arch=student.arch, epochs=student.epochs, batch_size=student.batch_size, lr=student.lr,
+        weight_decay=student.weight_decay, seed=spec.seed, baselines=spec.baselines,
+    )
+
+
+def run_job(
+    spec: JobSpec,
+    teachers: Sequence[Teacher],
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Fuse ``teachers`` as ``spec`` says; returns the run folder with the student,
+    ``metrics.json`` and ``report.md``."""
+    started = time.perf_counter()
+    unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
+    result = compose(
+        teachers, unlabeled, test, composition_config(spec),
+        map_teachers=fan_out, progress=progress, log=log,
+    )
+    job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_dir = Path(spec.output_dir) / job_id
+    run_dir.mkdir(parents=True, exist_ok=False)
+    save_file(result.student.state_dict(), str(run_dir / "student.safetensors"))
+    architecture = {
+        "arch": result.student.arch["name"],
+        "kwargs": {k: list(v) if isinstance(v, tuple) else v
+                   for k, v in result.student.arch["kwargs"].items()},
+        "class_names": result.class_names,
+    }
+    (run_dir / "student.json").write_text(json.dumps(architecture, indent=2))
+    stats = {t.info.name: dataclasses.asdict(t.stats) for t in teachers if hasattr(t, "stats")}
+    job = spec.model_dump(mode="json")
+    metrics = {
+        "job_id": job_id,
+        "job": job,
+        "results": result.results,
+        "extra": result.extra,
+        "parties": stats,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run_dir / "report.md").write_text(report_markdown(job, result.results, result.extra, stats))
+    return run_dir

@@ -1,0 +1,58 @@
+"""Which fusion methods the parties' policies allow, and why not (``amalgam plan job.yaml``).
+
+Requirements follow DESIGN.md's table "What each method needs from a party".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from fusion.teacher import TeacherInfo
+
+
+@dataclass(frozen=True)
+class Need:
+    capability: str
+    output_forms: tuple[str, ...] = ()  # for predict: forms that serve the method
+
+
+METHOD_NEEDS: dict[str, tuple[tuple[Need, ...], ...]] = {
+    # each method: a tuple of alternatives; each alternative: needs that must all hold
+    "composition": ((Need("predict", ("probs", "logits", "topk", "label")),),),
+    "consolidation": ((Need("predict", ("logits", "probs")),),),
+    "weight-fusion": ((Need("weights"), Need("activations")), (Need("weights"), Need("gram"))),
+    "data-free": ((Need("predict", ("logits",)), Need("bn_feedback")),),
+    "amalgamation": ((Need("predict", ("logits",)), Need("activations")),),
+}
+
+
+def _missing(info: TeacherInfo, needs: tuple[Need, ...]) -> list[str]:
+    problems = []
+    for need in needs:
+        if need.capability not in info.capabilities:
+            problems.append(f"{need.capability} is not granted")
+        elif need.output_forms and info.output_form not in need.output_forms:
+            problems.append(f"predict releases {info.output_form}, needs "
+                            f"{' or '.join(need.output_forms)}")
+    return problems
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    method: str
+    possible: bool
+    reasons: tuple[str, ...]  # why not, one per party that blocks it
+
+
+def plan(infos: Sequence[TeacherInfo]) -> list[MethodPlan]:
+    """For every method, whether all parties allow it; otherwise each blocking party's reason."""
+    plans = []
+    for method, alternatives in METHOD_NEEDS.items():
+        reasons = []
+        for info in infos:
+            per_alternative = [_missing(info, needs) for needs in alternatives]
+            if all(per_alternative):
+                reasons.append(f"{info.name}: {'; '.join(min(per_alternative, key=len))}")
+        plans.append(MethodPlan(method, not reasons, tuple(reasons)))
+    return plans

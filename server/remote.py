@@ -1,0 +1,158 @@
+"""``RemoteTeacher``: a :class:`fusion.teacher.Teacher` that is a gRPC client of a party agent.
+
+Every call carries a deadline; large batches are split on the client so that no message
+exceeds the limit or the party's ``max_batch``; only UNAVAILABLE is retried (Describe and
+Predict are idempotent), with exponential back-off.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+from torch import Tensor
+
+from fusion.teacher import TeacherInfo, in_chunks
+from protocol import CALLER_METADATA_KEY
+from protocol._generated import party_pb2, party_pb2_grpc
+from protocol.codec import party_info_from_proto, tensor_from_proto, tensor_to_proto
+
+
+
+class PartyUnavailable(ConnectionError):
+    """The party could not be reached within its deadline and retries."""
+
+
+class PartyCallError(RuntimeError):
+    """The party answered with an error status; ``code`` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class CallStats:
+    calls: int = 0
+    samples: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+class RemoteTeacher:
+    """Client of one party agent.
+
+    Parameters
+    ----------
+    name : the party's name in the job (used in every error message).
+    address : ``host:port``.
+    deadline_s : deadline of each call.
+    caller : the identity sent as ``x-amalgam-caller`` metadata.
+    max_message_mb : the client's message limit; batches are split to stay under it.
+    retries : attempts after the first one, on UNAVAILABLE only.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        *,
+        deadline_s: float = 30.0,
+        caller: str = "coordinator",
+        max_message_mb: int = 64,
+        retries: int = 3,
+        backoff_s: float = 0.2,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.deadline_s = deadline_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_message_bytes = max_message_mb * 1024 * 1024
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
+        self._metadata = ((CALLER_METADATA_KEY, caller),)
+        self._info: TeacherInfo | None = None
+        self._lock = threading.Lock()
+        self.stats = CallStats()
+
+    def _call(self, method: str, request):
+        rpc = getattr(self._stub, method)
+        for attempt in range(self.retries + 1):
+            started = time.perf_counter()
+            try:
+                response = rpc(request, timeout=self.deadline_s, metadata=self._metadata)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(self.backoff_s * 2**attempt)
+                    continue
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise PartyUnavailable(
+                        f"party {self.name} at {self.address} is unreachable "
+                        f"({code.name} after {attempt + 1} attempts, deadline {self.deadline_s}s)"
+                    ) from None
+                raise PartyCallError(
+                    f"party {self.name} at {self.address}: {method} failed: "
+                    f"{code.name}: {error.details()}",
+                    code,
+                ) from None
+            with self._lock:
+                self.stats.calls += 1
+                self.stats.bytes_sent += request.ByteSize()
+                self.stats.bytes_received += response.ByteSize()
+                self.stats.seconds += time.perf_counter() - started
+            return response
+        raise AssertionError("unreachable")
+
+    @property
+    def info(self) -> TeacherInfo:
+        if self._info is None:
+            response = self._call("Describe", party_pb2.DescribeRequest(request_id=_request_id()))
+            self._info = TeacherInfo.from_dict(party_info_from_proto(response.info).model_dump())
+        return self._info
+
+    def _chunk_size(self, x: Tensor) -> int:
+        """Samples per call: within the party's max_batch and, with room for the reply and
+        framing, within the message limit."""
+        per_sample = max(1, x[0].numel() * x.element_size())
+        by_bytes = max(1, (self.max_message_bytes // 2) // per_sample)
+        max_batch = self.info.max_batch or by_bytes
+        return min(max_batch, by_bytes)
+
+    def _predict_once(self, x: Tensor) -> Tensor:
+        request = party_pb2.PredictRequest(request_id=_request_id(), inputs=tensor_to_proto(x))
+        response = self._call("Predict", request)
+        out = tensor_from_proto(response.outputs, "outputs")
+        with self._lock:
+            self.stats.samples += len(x)
+        return out
+
+    def predict(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> the party's released predictions, in as many calls as needed."""
+        return in_chunks(self._predict_once, x.contiguous(), self._chunk_size(x))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> RemoteTeacher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
