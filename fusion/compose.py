@@ -47,6 +47,22 @@ class CompositionConfig:
             raise ValueError(f"targets must be 'soft' or 'hard', got {self.targets!r}")
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Every teacher's union-space predictions on the unlabeled and the test images."""
+
+    union: list[str]
+    known: Tensor  # (T, U) bool
+    names: list[str]  # teacher names, in the order of the T axis
+    unlabeled: Tensor  # (T, N, U) probabilities
+    test: Tensor  # (T, M, U) probabilities
+    x_unlabeled: Tensor  # (N, C, H, W), fitted to the student's input shape
+    y_unlabeled: Tensor | None  # (N,) union labels, when the unlabeled set has labels
+    x_test: Tensor  # (M, C, H, W)
+    y_test: Tensor  # (M,) union labels
+    seconds: float
+
+
 @dataclass
 class CompositionResult:
     student: Classifier
@@ -56,10 +72,7 @@ class CompositionResult:
 
 
 def relabel(data: Dataset, union: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """Keep the samples whose class is in ``union``; labels become union indices.
-
-    Returns (x, y) with y of shape (N',).
-    """
+    """The samples whose class is in ``union``, labelled by union index: (N', C, H, W), (N',)."""
     if data.y is None:
         raise ValueError("the data set has no labels")
     mapping = torch.tensor([union.index(n) if n in union else -1 for n in data.class_names])
@@ -68,29 +81,150 @@ def relabel(data: Dataset, union: Sequence[str]) -> tuple[Tensor, Tensor]:
     return data.x[keep], y[keep]
 
 
-def union_probs(
-    teachers: Sequence[Teacher], x: Tensor, union: list[str], map_teachers: TeacherMap
-) -> tuple[Tensor, Tensor]:
-    """(T, N, U) union-space probabilities of every teacher on ``x``, and (T, U) known mask."""
-    outputs = map_teachers(lambda t: t.predict(fit_to_shape(x, t.info.input_shape)), teachers)
-    return collect_union_probs(
-        outputs,
-        [t.info.output_form for t in teachers],
-        [t.info.class_names for t in teachers],
-        union,
+def gather(
+    teachers: Sequence[Teacher],
+    unlabeled: Dataset,
+    test: Dataset,
+    map_teachers: TeacherMap = sequential_map,
+) -> Predictions:
+    """Ask every teacher for its predictions on the unlabeled and the test images.
+
+    Test samples of classes that no teacher knows are left out. Each teacher receives the
+    images fitted to its own input shape; the student takes the first teacher's.
+    """
+    union = union_classes([t.info.class_names for t in teachers])
+    in_shape = tuple(teachers[0].info.input_shape)
+    x_test, y_test = relabel(test, union)
+    started = time.perf_counter()
+
+    def probs_on(x: Tensor) -> tuple[Tensor, Tensor]:
+        outputs = map_teachers(lambda t: t.predict(fit_to_shape(x, t.info.input_shape)), teachers)
+        return collect_union_probs(
+            outputs,
+            [t.info.output_form for t in teachers],
+            [t.info.class_names for t in teachers],
+            union,
+        )
+
+    probs, known = probs_on(unlabeled.x)
+    test_probs, _ = probs_on(x_test)
+    y_unlabeled = None
+    if unlabeled.y is not None and all(n in union for n in unlabeled.class_names):
+        y_unlabeled = relabel(unlabeled, union)[1]
+    return Predictions(
+        union=union,
+        known=known,
+        names=[t.info.name for t in teachers],
+        unlabeled=probs,
+        test=test_probs,
+        x_unlabeled=fit_to_shape(unlabeled.x, in_shape),
+        y_unlabeled=y_unlabeled,
+        x_test=fit_to_shape(x_test, in_shape),
+        y_test=y_test,
+        seconds=time.perf_counter() - started,
     )
 
 
-def _train_student(
-    config: CompositionConfig, in_shape: tuple[int, ...], num_classes: int, x: Tensor,
-    targets: Tensor, desc: str, progress: bool,
+def teacher_rows(p: Predictions) -> dict[str, float]:
+    """Accuracy of each teacher (argmax over its own classes) and of each ensemble rule."""
+    rows = {
+        f"teacher:{name}": accuracy(probs.argmax(dim=1), p.y_test)
+        for name, probs in zip(p.names, p.test)
+    }
+    rows["best_teacher"] = max(rows.values())
+    for rule in RULES:
+        rows[f"ensemble:{rule}"] = accuracy(aggregate(p.test, p.known, rule).labels, p.y_test)
+    rows["ensemble"] = max(v for k, v in rows.items() if k.startswith("ensemble:"))
+    return rows
+
+
+def pseudo_label_stats(p: Predictions, tau: float) -> dict[str, dict[str, float]]:
+    """Retention and (when labels exist) correctness of every rule's pseudo-labels."""
+    stats = {}
+    for rule in RULES:
+        pseudo = aggregate(p.unlabeled, p.known, rule, tau)
+        entry = {"retention": float(pseudo.keep.float().mean())}
+        if p.y_unlabeled is not None and pseudo.keep.any():
+            entry["accuracy"] = accuracy(pseudo.labels[pseudo.keep], p.y_unlabeled[pseudo.keep])
+        stats[rule] = entry
+    return stats
+
+
+def train_student(
+    config: CompositionConfig,
+    p: Predictions,
+    x: Tensor,
+    targets: Tensor,
+    desc: str,
+    progress: bool = True,
 ) -> tuple[Classifier, list[float]]:
+    """A fresh ``config.arch`` over the union classes, trained on ``targets``."""
     torch.manual_seed(config.seed)
-    model = create_model(config.arch, in_shape=in_shape, num_classes=num_classes)
-    curve = fit(model, x, targets, epochs=config.epochs, batch_size=config.batch_size,
-                lr=config.lr, weight_decay=config.weight_decay, seed=config.seed, desc=desc,
-                progress=progress)
+    model = create_model(config.arch, in_shape=tuple(p.x_test.shape[1:]), num_classes=len(p.union))
+    curve = fit(
+        model,
+        x,
+        targets,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        desc=desc,
+        progress=progress,
+    )
     return model, curve
+
+
+def test_accuracy(model: Classifier, p: Predictions) -> float:
+    return accuracy(predict_logits(model, p.x_test).argmax(dim=1), p.y_test)
+
+
+def compose_predictions(
+    p: Predictions,
+    config: CompositionConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda message: None,
+) -> CompositionResult:
+    """Aggregate pseudo-labels with ``config.rule``, train the student, and evaluate it with
+    the teachers, the ensembles and (``config.baselines``) vanilla KD and the supervised bound."""
+    results = teacher_rows(p)
+    pseudo = aggregate(p.unlabeled, p.known, config.rule, config.entropy_threshold)
+    keep = pseudo.keep
+    if not keep.any():
+        raise ValueError(
+            f"no pseudo-label passed rule {config.rule!r} at entropy threshold "
+            f"{config.entropy_threshold}; raise the threshold or choose another rule"
+        )
+    extra: dict = {
+        "union_classes": p.union,
+        "unlabeled": len(p.x_unlabeled),
+        "test": len(p.x_test),
+        "prediction_seconds": p.seconds,
+        "retention": float(keep.float().mean()),
+    }
+    if p.y_unlabeled is not None:
+        extra["pseudo_label_accuracy"] = accuracy(pseudo.labels[keep], p.y_unlabeled[keep])
+    targets = pseudo.targets if config.targets == "soft" else pseudo.labels
+    log(f"training the student on {int(keep.sum())} of {len(keep)} pseudo-labelled images")
+    student, extra["student_loss"] = train_student(
+        config, p, p.x_unlabeled[keep], targets[keep], "student", progress
+    )
+    if config.finetune_fraction > 0:
+        extra["finetune_samples"] = _finetune(student, p, config, progress)
+    results["student"] = test_accuracy(student, p)
+    if config.baselines:
+        log("training the baselines: vanilla distillation and the supervised bound")
+        mean = aggregate(p.unlabeled, p.known, "mean").targets
+        vanilla, _ = train_student(config, p, p.x_unlabeled, mean, "vanilla_kd", progress)
+        results["vanilla_kd"] = test_accuracy(vanilla, p)
+        if p.y_unlabeled is not None:
+            supervised, _ = train_student(
+                config, p, p.x_unlabeled, p.y_unlabeled, "supervised", progress
+            )
+            results["supervised"] = test_accuracy(supervised, p)
+    return CompositionResult(student, p.union, results, extra)
 
 
 def compose(
@@ -108,85 +242,39 @@ def compose(
     Parameters
     ----------
     teachers : the parties' teachers; only ``predict`` is used.
-    unlabeled : the coordinator's unlabeled images (labels, if present, are used only for the
+    unlabeled : the coordinator's unlabeled images (labels, if present, serve only the
         supervised bound, the pseudo-label accuracy and ``finetune_fraction``).
     test : labelled images; samples of classes no teacher knows are left out.
     map_teachers : how to call every teacher (the coordinator passes a parallel fan-out).
     """
-    union = union_classes([t.info.class_names for t in teachers])
-    in_shape = tuple(teachers[0].info.input_shape)
-    x_unl = fit_to_shape(unlabeled.x, in_shape)
-    x_test, y_test = relabel(test, union)
-    x_test = fit_to_shape(x_test, in_shape)
-    extra: dict = {"union_classes": union, "unlabeled": len(x_unl), "test": len(x_test)}
-
-    started = time.perf_counter()
-    log(f"collecting predictions of {len(teachers)} teachers on {len(x_unl)} unlabeled images")
-    probs, known = union_probs(teachers, unlabeled.x, union, map_teachers)  # (T, N, U)
-    test_probs, _ = union_probs(teachers, test.x[_union_rows(test, union)], union, map_teachers)
-    extra["prediction_seconds"] = time.perf_counter() - started
-
-    results: dict[str, float] = {}
-    for teacher, p in zip(teachers, test_probs):
-        results[f"teacher:{teacher.info.name}"] = accuracy(p.argmax(dim=1), y_test)
-    results["best_teacher"] = max(results.values())
-    for rule in RULES:
-        results[f"ensemble:{rule}"] = accuracy(aggregate(test_probs, known, rule).labels, y_test)
-    results["ensemble"] = max(v for k, v in results.items() if k.startswith("ensemble:"))
-
-    pseudo = aggregate(probs, known, config.rule, config.entropy_threshold)
-    keep = pseudo.keep
-    extra["retention"] = float(keep.float().mean())
-    if unlabeled.y is not None:
-        _, y_unl = relabel(unlabeled, union)
-        if len(y_unl) == len(x_unl):
-            extra["pseudo_label_accuracy"] = accuracy(pseudo.labels[keep], y_unl[keep])
-    if not keep.any():
-        raise ValueError(
-            f"no pseudo-label passed rule {config.rule!r} at entropy threshold "
-            f"{config.entropy_threshold}; raise the threshold or choose another rule"
-        )
-    targets = pseudo.targets if config.targets == "soft" else pseudo.labels
-    log(f"training the student on {int(keep.sum())} of {len(x_unl)} pseudo-labelled images")
-    student, curve = _train_student(config, in_shape, len(union), x_unl[keep], targets[keep],
-                                    "student", progress)
-    extra["student_loss"] = curve
-    if config.finetune_fraction > 0:
-        _finetune(student, unlabeled, union, in_shape, config, progress, extra)
-    results["student"] = accuracy(predict_logits(student, x_test).argmax(dim=1), y_test)
-
-    if config.baselines:
-        mean = aggregate(probs, known, "mean").targets
-        log("training the baselines: vanilla distillation and the supervised bound")
-        vanilla, _ = _train_student(config, in_shape, len(union), x_unl, mean, "vanilla_kd",
-                                    progress)
-        results["vanilla_kd"] = accuracy(predict_logits(vanilla, x_test).argmax(dim=1), y_test)
-        if unlabeled.y is not None:
-            x_sup, y_sup = relabel(unlabeled, union)
-            supervised, _ = _train_student(config, in_shape, len(union),
-                                           fit_to_shape(x_sup, in_shape), y_sup, "supervised",
-                                           progress)
-            results["supervised"] = accuracy(predict_logits(supervised, x_test).argmax(dim=1),
-                                             y_test)
-    return CompositionResult(student, union, results, extra)
+    log(
+        f"collecting predictions of {len(teachers)} teachers on {len(unlabeled)} unlabeled "
+        f"and {len(test)} test images"
+    )
+    predictions = gather(teachers, unlabeled, test, map_teachers)
+    return compose_predictions(predictions, config, progress=progress, log=log)
 
 
-def _union_rows(data: Dataset, union: Sequence[str]) -> Tensor:
-    """(N,) bool: the labelled samples whose class is in ``union``."""
-    known = torch.tensor([name in union for name in data.class_names])
-    return known[data.y]
-
-
-def _finetune(student: Classifier, unlabeled: Dataset, union: list[str],
-              in_shape: tuple[int, ...], config: CompositionConfig, progress: bool,
-              extra: dict) -> None:
-    """Fine-tune on a labelled fraction of the unlabeled set (paper Sec. 3, last step)."""
-    if unlabeled.y is None:
+def _finetune(
+    student: Classifier, p: Predictions, config: CompositionConfig, progress: bool
+) -> int:
+    """Fine-tune on a labelled fraction of the unlabeled set (paper Sec. 3, last step);
+    returns the number of labelled samples used."""
+    if p.y_unlabeled is None:
         raise ValueError("finetune_fraction needs labels on the unlabeled set")
-    x, y = relabel(unlabeled, union)
-    count = max(2, int(round(config.finetune_fraction * len(x))))
-    index = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed))[:count]
-    fit(student, fit_to_shape(x[index], in_shape), y[index], epochs=config.finetune_epochs,
-        batch_size=config.batch_size, lr=config.lr / 10, weight_decay=config.weight_decay,
-        seed=config.seed, desc="fine-tune", progress=progress)
-    extra["finetune_samples"] = count
+    count = max(2, round(config.finetune_fraction * len(p.y_unlabeled)))
+    generator = torch.Generator().manual_seed(config.seed)
+    index = torch.randperm(len(p.y_unlabeled), generator=generator)[:count]
+    fit(
+        student,
+        p.x_unlabeled[index],
+        p.y_unlabeled[index],
+        epochs=config.finetune_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr / 10,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        desc="fine-tune",
+        progress=progress,
+    )
+    return count

@@ -147,8 +147,18 @@ SOURCES: dict[str, Callable[[str], Dataset]] = {
     "fashion_mnist": _idx_set(
         "fashion_mnist",
         _MNIST_FILES,
-        ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-         "boot"],
+        [
+            "t-shirt",
+            "trouser",
+            "pullover",
+            "dress",
+            "coat",
+            "sandal",
+            "shirt",
+            "sneaker",
+            "bag",
+            "boot",
+        ],
     ),
     "usps": _usps,
 }

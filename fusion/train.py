@@ -38,7 +38,9 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     history: list[float] = []
     model.train()
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False)
+    bar = tqdm(
+        range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False
+    )
     for _ in bar:
         order = torch.randperm(len(x), generator=generator)
         total = 0.0

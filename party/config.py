@@ -55,7 +55,9 @@ def load_party_config(path: str | Path) -> PartyConfig:
         return None if p is None else str(base / p)
 
     model = config.model.model_copy(
-        update={"torchscript": resolve(config.model.torchscript),
-                "weights": resolve(config.model.weights)}
+        update={
+            "torchscript": resolve(config.model.torchscript),
+            "weights": resolve(config.model.weights),
+        }
     )
     return config.model_copy(update={"model": model, "audit_log": resolve(config.audit_log)})

@@ -16,23 +16,10 @@ from torch import Tensor, nn
 from party.audit import AuditLog
 from party.config import PartyConfig
 from party.model import load_model
+from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
 from protocol.schemas import Normalization, PartyInfo, Policy, PredictPolicy
 
-
-class PolicyDenied(PermissionError):
-    """The owner's policy does not grant this capability."""
-
-
-class BudgetExceeded(RuntimeError):
-    """The caller's sample budget would be exceeded."""
-
-
-class InvalidRequest(ValueError):
-    """A request that is malformed for this party; ``field`` names the offending field."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
+__all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
 
 
 def release(logits: Tensor, rule: PredictPolicy) -> Tensor:
@@ -112,8 +99,9 @@ class PartyHandler:
 
     def describe(self, caller: str, request_id: str = "") -> PartyInfo:
         info = self.info
-        self.audit.append(caller=caller, method="Describe", decision="granted",
-                          request_id=request_id)
+        self.audit.append(
+            caller=caller, method="Describe", decision="granted", request_id=request_id
+        )
         return info
 
     def samples_used(self, caller: str) -> int:
@@ -121,8 +109,14 @@ class PartyHandler:
             return self._used[caller]
 
     def _deny(self, error: Exception, caller: str, samples: int, request_id: str, decision: str):
-        self.audit.append(caller=caller, method="Predict", decision=decision, samples=samples,
-                          request_id=request_id, reason=str(error))
+        self.audit.append(
+            caller=caller,
+            method="Predict",
+            decision=decision,
+            samples=samples,
+            request_id=request_id,
+            reason=str(error),
+        )
         raise error
 
     def _validate(self, x: Tensor) -> None:
@@ -175,6 +169,12 @@ class PartyHandler:
         with torch.no_grad():
             logits = self.model((x.float() - self._mean) / self._std)  # (B, K)
         out = release(logits, rule)
-        self.audit.append(caller=caller, method="Predict", decision="granted", samples=samples,
-                          bytes_out=out.numel() * out.element_size(), request_id=request_id)
+        self.audit.append(
+            caller=caller,
+            method="Predict",
+            decision="granted",
+            samples=samples,
+            bytes_out=out.numel() * out.element_size(),
+            request_id=request_id,
+        )
         return out

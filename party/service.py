@@ -15,19 +15,13 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from party.handler import BudgetExceeded, InvalidRequest, PartyHandler, PolicyDenied
+from party.handler import PartyHandler
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import CodecError, party_info_to_proto, tensor_from_proto, tensor_to_proto
+from protocol.errors import STATUS_CODES, PartyError
 
 SERVICE_NAME = "amalgam.party.v1.PartyService"
-
-_STATUS = (
-    (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-)
 
 
 def _caller(context: grpc.ServicerContext) -> str:
@@ -42,11 +36,12 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         self.handler = handler
         self.max_elements = max_elements
 
-    def _abort(self, context: grpc.ServicerContext, error: Exception) -> None:
-        for kind, code in _STATUS:
-            if isinstance(error, kind):
-                context.abort(code, str(error))
-        raise error
+    def _abort(self, context: grpc.ServicerContext, error: PartyError | CodecError) -> None:
+        code = next(
+            (c for kind, c in STATUS_CODES.items() if isinstance(error, kind)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )  # CodecError: a malformed tensor
+        context.abort(code, str(error))
 
     def Describe(self, request, context):  # noqa: N802 (gRPC method name)
         info = self.handler.describe(_caller(context), request.request_id)
@@ -60,10 +55,15 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
             out = self.handler.predict(x, caller, request.request_id)
         except CodecError as error:
-            self.handler.audit.append(caller=caller, method="Predict", decision="invalid",
-                                      request_id=request.request_id, reason=str(error))
+            self.handler.audit.append(
+                caller=caller,
+                method="Predict",
+                decision="invalid",
+                request_id=request.request_id,
+                reason=str(error),
+            )
             self._abort(context, error)
-        except (InvalidRequest, PolicyDenied, BudgetExceeded) as error:
+        except PartyError as error:
             self._abort(context, error)
         return party_pb2.PredictResponse(
             request_id=request.request_id,

@@ -44,8 +44,10 @@ def _plan(args: argparse.Namespace) -> int:
     from server.remote import PartyUnavailable, RemoteTeacher
 
     spec = load_job(args.job)
-    teachers = [RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s, retries=1)
-                for p in spec.parties]
+    teachers = [
+        RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s, retries=1)
+        for p in spec.parties
+    ]
 
     def describe(teacher: RemoteTeacher):
         try:
@@ -56,9 +58,11 @@ def _plan(args: argparse.Namespace) -> int:
 
     infos = [info for info in fan_out(describe, teachers) if info is not None]
     for info in infos:
-        print(f"party {info.name}: classes {','.join(info.class_names)}; grants "
-              f"{', '.join(info.capabilities) or 'nothing'}"
-              + (f" (predict releases {info.output_form})" if info.output_form else ""))
+        print(
+            f"party {info.name}: classes {','.join(info.class_names)}; grants "
+            f"{', '.join(info.capabilities) or 'nothing'}"
+            + (f" (predict releases {info.output_form})" if info.output_form else "")
+        )
     for method in plan(infos):
         verdict = "possible" if method.possible and len(infos) == len(teachers) else "not possible"
         print(f"{method.method:14s} {verdict}" + "".join(f"\n    - {r}" for r in method.reasons))
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fusion.data import SourceUnavailable
+    from protocol.errors import PartyError
     from protocol.loading import ConfigError
     from server.remote import PartyCallError, PartyUnavailable
 
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         code, message = USAGE_ERROR, str(error)
     except _Failure as error:
         code, message = error.code, str(error)
-    except (PartyUnavailable, PartyCallError, SourceUnavailable) as error:
+    except (PartyUnavailable, PartyCallError, PartyError, SourceUnavailable) as error:
         code, message = RUNTIME_ERROR, str(error)
     except ValueError as error:  # e.g. no pseudo-label passed the filter
         code, message = USAGE_ERROR, str(error)

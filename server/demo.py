@@ -34,7 +34,8 @@ class PartyProcess:
         self.config = config
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "party", "serve", "--config", str(config)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.address = self._wait_for_address()
 
@@ -45,8 +46,9 @@ class PartyProcess:
         reader.join(STARTUP_TIMEOUT_S)
         if not line or " serving on " not in line[0]:
             self.stop()
-            raise RuntimeError(f"party from {self.config} did not start within "
-                               f"{STARTUP_TIMEOUT_S:.0f}s")
+            raise RuntimeError(
+                f"party from {self.config} did not start within {STARTUP_TIMEOUT_S:.0f}s"
+            )
         return line[0].strip().rsplit(" ", 1)[1]
 
     def stop(self) -> None:
@@ -91,6 +93,8 @@ def run_demo(output_dir: str = "runs", progress: bool = True) -> Path:
     for name, records in audit.items():
         chain = "intact" if verify_chain(records) else "BROKEN"
         print(f"audit log of {name}: {len(records)} calls recorded, hash chain {chain}")
-    print(f"\nstudent, metrics.json and report.md in {run_dir} "
-          f"({time.perf_counter() - started:.0f}s in all)")
+    print(
+        f"\nstudent, metrics.json and report.md in {run_dir} "
+        f"({time.perf_counter() - started:.0f}s in all)"
+    )
     return run_dir

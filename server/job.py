@@ -27,19 +27,22 @@ def load_job(path: str | Path) -> JobSpec:
     """Validate a job file, including the names that only the algorithms know."""
     spec = load_yaml(path, JobSpec)
     if spec.method.params.rule not in RULES:
-        raise ConfigError(f"{path}: method.params.rule: unknown rule {spec.method.params.rule!r}"
-                          f" (known: {', '.join(RULES)})")
+        raise ConfigError(
+            f"{path}: method.params.rule: unknown rule {spec.method.params.rule!r}"
+            f" (known: {', '.join(RULES)})"
+        )
     if spec.student.arch not in list_models():
-        raise ConfigError(f"{path}: student.arch: unknown architecture {spec.student.arch!r}"
-                          f" (registered: {', '.join(list_models())})")
+        raise ConfigError(
+            f"{path}: student.arch: unknown architecture {spec.student.arch!r}"
+            f" (registered: {', '.join(list_models())})"
+        )
     return spec
 
 
 def connect(spec: JobSpec) -> list[RemoteTeacher]:
     """One client per party; each asks its party's Describe so that an unreachable party
     fails here, before any work is done."""
-    teachers = [RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s)
-                for p in spec.parties]
+    teachers = [RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s) for p in spec.parties]
     fan_out(lambda t: t.info, teachers)
     return teachers
 
@@ -47,10 +50,18 @@ def connect(spec: JobSpec) -> list[RemoteTeacher]:
 def composition_config(spec: JobSpec) -> CompositionConfig:
     params, student = spec.method.params, spec.student
     return CompositionConfig(
-        rule=params.rule, entropy_threshold=params.entropy_threshold, targets=params.targets,
-        finetune_fraction=params.finetune_fraction, finetune_epochs=params.finetune_epochs,
-        arch=student.arch, epochs=student.epochs, batch_size=student.batch_size, lr=student.lr,
-        weight_decay=student.weight_decay, seed=spec.seed, baselines=spec.baselines,
+        rule=params.rule,
+        entropy_threshold=params.entropy_threshold,
+        targets=params.targets,
+        finetune_fraction=params.finetune_fraction,
+        finetune_epochs=params.finetune_epochs,
+        arch=student.arch,
+        epochs=student.epochs,
+        batch_size=student.batch_size,
+        lr=student.lr,
+        weight_decay=student.weight_decay,
+        seed=spec.seed,
+        baselines=spec.baselines,
     )
 
 
@@ -66,8 +77,13 @@ def run_job(
     started = time.perf_counter()
     unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
     result = compose(
-        teachers, unlabeled, test, composition_config(spec),
-        map_teachers=fan_out, progress=progress, log=log,
+        teachers,
+        unlabeled,
+        test,
+        composition_config(spec),
+        map_teachers=fan_out,
+        progress=progress,
+        log=log,
     )
     job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = Path(spec.output_dir) / job_id
@@ -75,8 +91,10 @@ def run_job(
     save_file(result.student.state_dict(), str(run_dir / "student.safetensors"))
     architecture = {
         "arch": result.student.arch["name"],
-        "kwargs": {k: list(v) if isinstance(v, tuple) else v
-                   for k, v in result.student.arch["kwargs"].items()},
+        "kwargs": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in result.student.arch["kwargs"].items()
+        },
         "class_names": result.class_names,
     }
     (run_dir / "student.json").write_text(json.dumps(architecture, indent=2))

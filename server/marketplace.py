@@ -55,8 +55,15 @@ def train_demo_teacher(party: DemoParty, seed: int = 0) -> tuple[torch.nn.Module
     torch.manual_seed(seed)
     kwargs = dict(DEMO_ARCH["kwargs"], num_classes=len(party.classes))
     model = create_model(DEMO_ARCH["name"], **kwargs)
-    fit(model, train.x, train.y, epochs=TEACHER_EPOCHS, batch_size=32, seed=seed,
-        desc=f"teacher {party.name}")
+    fit(
+        model,
+        train.x,
+        train.y,
+        epochs=TEACHER_EPOCHS,
+        batch_size=32,
+        seed=seed,
+        desc=f"teacher {party.name}",
+    )
     test = load_source("digits:test").restrict(list(party.classes))
     return model, accuracy(predict_logits(model, test.x).argmax(dim=1), test.y)
 
@@ -80,8 +87,11 @@ def demo_party_config(party: DemoParty, folder: Path) -> Path:
         },
         "class_names": list(party.classes),
         "input_shape": [1, 8, 8],
-        "policy": {"predict": {"output": "probs", "round_decimals": 4}, "max_batch": 256,
-                   "sample_budget": 10_000},
+        "policy": {
+            "predict": {"output": "probs", "round_decimals": 4},
+            "max_batch": 256,
+            "sample_budget": 10_000,
+        },
         "audit_log": f"{party.name}-audit.jsonl",
     }
     path = folder / f"{party.name}.yaml"

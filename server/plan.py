@@ -33,8 +33,9 @@ def _missing(info: TeacherInfo, needs: tuple[Need, ...]) -> list[str]:
         if need.capability not in info.capabilities:
             problems.append(f"{need.capability} is not granted")
         elif need.output_forms and info.output_form not in need.output_forms:
-            problems.append(f"predict releases {info.output_form}, needs "
-                            f"{' or '.join(need.output_forms)}")
+            problems.append(
+                f"predict releases {info.output_form}, needs {' or '.join(need.output_forms)}"
+            )
     return problems
 
 

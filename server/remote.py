@@ -2,7 +2,8 @@
 
 Every call carries a deadline; large batches are split on the client so that no message
 exceeds the limit or the party's ``max_batch``; only UNAVAILABLE is retried (Describe and
-Predict are idempotent), with exponential back-off.
+Predict are idempotent), with exponential back-off. A party's refusals come back as the same
+domain errors an in-process teacher raises (:mod:`protocol.errors`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fusion.teacher import TeacherInfo, in_chunks
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import party_info_from_proto, tensor_from_proto, tensor_to_proto
-
+from protocol.errors import error_from_status
 
 
 class PartyUnavailable(ConnectionError):
@@ -104,6 +105,9 @@ class RemoteTeacher:
                         f"party {self.name} at {self.address} is unreachable "
                         f"({code.name} after {attempt + 1} attempts, deadline {self.deadline_s}s)"
                     ) from None
+                domain_error = error_from_status(code, error.details())
+                if domain_error is not None:
+                    raise domain_error from None
                 raise PartyCallError(
                     f"party {self.name} at {self.address}: {method} failed: "
                     f"{code.name}: {error.details()}",

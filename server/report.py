@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-ROW_ORDER = ("teacher:", "best_teacher", "ensemble:", "ensemble", "vanilla_kd", "student",
-             "supervised")
+ROW_ORDER = (
+    "teacher:",
+    "best_teacher",
+    "ensemble:",
+    "ensemble",
+    "vanilla_kd",
+    "student",
+    "supervised",
+)
 ROW_LABELS = {
     "best_teacher": "best single teacher",
     "ensemble": "best ensemble rule",
@@ -32,15 +39,22 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(results: Mapping[str, float]) -> str:
-    rows = [[row, ROW_LABELS.get(row, ""), f"{100 * results[row]:.1f}"]
-            for row in ordered_rows(results)]
+    rows = [
+        [row, ROW_LABELS.get(row, ""), f"{100 * results[row]:.1f}"] for row in ordered_rows(results)
+    ]
     return markdown_table(["row", "what", "accuracy %"], rows)
 
 
 def party_table(stats: Mapping[str, Mapping[str, float]]) -> str:
     rows = [
-        [name, f"{s['seconds']:.2f}", str(int(s["calls"])), str(int(s["samples"])),
-         f"{s['bytes_sent'] / 1e6:.2f}", f"{s['bytes_received'] / 1e6:.2f}"]
+        [
+            name,
+            f"{s['seconds']:.2f}",
+            str(int(s["calls"])),
+            str(int(s["samples"])),
+            f"{s['bytes_sent'] / 1e6:.2f}",
+            f"{s['bytes_received'] / 1e6:.2f}",
+        ]
         for name, s in stats.items()
     ]
     return markdown_table(
@@ -48,8 +62,12 @@ def party_table(stats: Mapping[str, Mapping[str, float]]) -> str:
     )
 
 
-def report_markdown(job: Mapping, results: Mapping[str, float], extra: Mapping,
-                    stats: Mapping[str, Mapping[str, float]]) -> str:
+def report_markdown(
+    job: Mapping,
+    results: Mapping[str, float],
+    extra: Mapping,
+    stats: Mapping[str, Mapping[str, float]],
+) -> str:
     params = job["method"]["params"]
     lines = [
         f"# Job {job['name']}",
@@ -60,8 +78,12 @@ def report_markdown(job: Mapping, results: Mapping[str, float], extra: Mapping,
         f"Data: unlabeled {job['data']['unlabeled']} ({extra['unlabeled']} images), "
         f"test {job['data']['test']} ({extra['test']} images of the union classes).",
         f"Pseudo-labels kept: {100 * extra['retention']:.1f}%"
-        + (f", of which correct: {100 * extra['pseudo_label_accuracy']:.1f}%"
-           if "pseudo_label_accuracy" in extra else "") + ".",
+        + (
+            f", of which correct: {100 * extra['pseudo_label_accuracy']:.1f}%"
+            if "pseudo_label_accuracy" in extra
+            else ""
+        )
+        + ".",
         "",
         "## Accuracy on the union classes",
         "",

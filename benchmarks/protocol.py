@@ -1,0 +1,271 @@
+"""Cost of the party protocol on loopback: gRPC versus in-process, and parallel fan-out.
+
+Variant ``loopback``: the demo CNN (random weights) behind a :class:`party.handler.PartyHandler`,
+
+- throughput in images/s at batch 256 of :class:`party.local.LocalTeacher` and of
+  :class:`server.remote.RemoteTeacher` against a real server on ``127.0.0.1``;
+- fan-out efficiency: eight servers whose handlers sleep 50 ms before answering (simulated
+  network latency), called at once through :func:`server.fanout.fan_out`; efficiency is the sum
+  of the parties' own call times over the wall time, divided by the number of parties
+  (1 = perfectly parallel, 1/8 = serial).
+
+Run ``python -m benchmarks.protocol`` from the repository root; ``--quick`` is a smoke run that
+writes its results to a temporary folder, never to ``benchmarks/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fusion.models import create_model
+from party.audit import AuditLog
+from party.handler import PartyHandler
+from party.local import LocalTeacher
+from party.service import create_server
+from protocol.schemas import Policy, PredictPolicy
+from server.fanout import fan_out
+from server.marketplace import DEMO_ARCH
+from server.remote import RemoteTeacher
+
+NAME = "protocol"
+VARIANT = "loopback"
+SEED = 0
+NUM_CLASSES = 10
+BATCH = 256
+FANOUT_PARTIES = 8
+FANOUT_BATCH = 32
+LATENCY_S = 0.05
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+class DelayedHandler(PartyHandler):
+    """A :class:`PartyHandler` that sleeps ``LATENCY_S`` before each Predict (simulated latency)."""
+
+    def predict(self, x: Tensor, caller: str, request_id: str = "") -> Tensor:
+        time.sleep(LATENCY_S)
+        return super().predict(x, caller, request_id)
+
+
+def build_handler(
+    name: str, audit_dir: Path, cls: type[PartyHandler] = PartyHandler
+) -> PartyHandler:
+    """The demo CNN, randomly initialised, behind a handler that releases probabilities.
+
+    Parameters
+    ----------
+    name : str
+        The party's name; its audit log is ``audit_dir / f"{name}.jsonl"``.
+    audit_dir : Path
+        Folder of the audit logs.
+    cls : type
+        :class:`PartyHandler` or a subclass of it.
+    """
+    model = create_model(DEMO_ARCH["name"], **DEMO_ARCH["kwargs"], num_classes=NUM_CLASSES)
+    policy = Policy(predict=PredictPolicy(output="probs"), max_batch=BATCH, sample_budget=None)
+    return cls(
+        name=name,
+        model=model.eval(),
+        class_names=[str(k) for k in range(NUM_CLASSES)],
+        input_shape=tuple(DEMO_ARCH["kwargs"]["in_shape"]),
+        policy=policy,
+        audit=AuditLog(audit_dir / f"{name}.jsonl"),
+    )
+
+
+@contextmanager
+def served(handler: PartyHandler) -> Iterator[RemoteTeacher]:
+    """Serve ``handler`` on ``127.0.0.1`` (free port) and yield a client; stop both on exit."""
+    server, port = create_server(handler, "127.0.0.1:0")
+    server.start()
+    try:
+        with RemoteTeacher(handler.name, f"127.0.0.1:{port}") as teacher:
+            yield teacher
+    finally:
+        server.stop(0).wait()
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def message_bytes(remote: RemoteTeacher, x: Tensor) -> tuple[int, int]:
+    """Request and response bytes of one ``remote.predict(x)`` (``x`` fits in one call)."""
+    before = dataclasses.replace(remote.stats)
+    remote.predict(x)
+    after = remote.stats
+    return after.bytes_sent - before.bytes_sent, after.bytes_received - before.bytes_received
+
+
+def bench_throughput(audit_dir: Path, repeats: int) -> tuple[dict, dict]:
+    """Images/s at batch ``BATCH``, in process and through gRPC.
+
+    Returns
+    -------
+    results : dict
+        Rows ``local_img_per_s``, ``remote_img_per_s`` and ``remote_over_local``.
+    extra : dict
+        Median milliseconds per call and the Predict message sizes in bytes.
+    """
+    handler = build_handler("throughput", audit_dir)
+    x = torch.rand(BATCH, *handler.input_shape)
+    local = LocalTeacher(handler)
+    local_s = median_seconds(lambda: local.predict(x), warmup=5, repeats=repeats)
+    with served(handler) as remote:
+        remote_s = median_seconds(lambda: remote.predict(x), warmup=5, repeats=repeats)
+        sent, received = message_bytes(remote, x)
+    results = {
+        "local_img_per_s": BATCH / local_s,
+        "remote_img_per_s": BATCH / remote_s,
+        "remote_over_local": local_s / remote_s,
+    }
+    extra = {
+        "batch": BATCH,
+        "local_ms_per_call": 1000 * local_s,
+        "remote_ms_per_call": 1000 * remote_s,
+        "remote_overhead_ms_per_call": 1000 * (remote_s - local_s),
+        "request_bytes": sent,
+        "response_bytes": received,
+    }
+    return results, extra
+
+
+def timed_predict(teacher: RemoteTeacher, x: Tensor) -> float:
+    """Seconds that one ``teacher.predict(x)`` takes, as seen by its own caller thread."""
+    started = time.perf_counter()
+    teacher.predict(x)
+    return time.perf_counter() - started
+
+
+def fanout_round(teachers: list[RemoteTeacher], x: Tensor) -> tuple[float, list[float]]:
+    """Wall seconds of one parallel call of every teacher, and each party's own call time."""
+    started = time.perf_counter()
+    party_s = fan_out(lambda teacher: timed_predict(teacher, x), teachers)
+    return time.perf_counter() - started, party_s
+
+
+def bench_fanout(audit_dir: Path, repeats: int) -> tuple[dict, dict]:
+    """Fan-out efficiency over ``FANOUT_PARTIES`` servers that each add ``LATENCY_S``.
+
+    Returns
+    -------
+    results : dict
+        Row ``fanout_efficiency``: the median over rounds of
+        ``sum(party call times) / wall time / FANOUT_PARTIES``.
+    extra : dict
+        Median wall and per-party milliseconds, and the set-up.
+    """
+    x = torch.rand(FANOUT_BATCH, *DEMO_ARCH["kwargs"]["in_shape"])
+    with ExitStack() as stack:
+        teachers = [
+            stack.enter_context(served(build_handler(f"party-{i}", audit_dir, DelayedHandler)))
+            for i in range(FANOUT_PARTIES)
+        ]
+        fanout_round(teachers, x)  # warm-up: connects every channel and fetches Describe
+        rounds = [fanout_round(teachers, x) for _ in range(repeats)]
+    efficiency = [sum(party_s) / wall / FANOUT_PARTIES for wall, party_s in rounds]
+    results = {"fanout_efficiency": statistics.median(efficiency)}
+    extra = {
+        "fanout_parties": FANOUT_PARTIES,
+        "fanout_batch": FANOUT_BATCH,
+        "fanout_injected_latency_ms": 1000 * LATENCY_S,
+        "fanout_wall_ms": 1000 * statistics.median(wall for wall, _ in rounds),
+        "fanout_party_ms": 1000 * statistics.median(s for _, party_s in rounds for s in party_s),
+        "fanout_serial_ms": 1000 * statistics.median(sum(party_s) for _, party_s in rounds),
+    }
+    return results, extra
+
+
+def markdown(payload: dict) -> str:
+    """The results as a markdown table, headed by the run's set-up."""
+    lines = [
+        f"# {payload['benchmark']} ({payload['variant']})",
+        "",
+        f"Data: {payload['data']}. Budget: {payload['budget']}. Seed {payload['seed']}; "
+        f"wall time {payload['wall_seconds']:.1f} s. Command: `python -m benchmarks.{NAME}`.",
+        "",
+        f"| row | {payload['metric']} |",
+        "|---|---:|",
+        *(f"| {row} | {value:,.3f} |" for row, value in payload["results"].items()),
+        "",
+        "| extra | value |",
+        "|---|---:|",
+        *(
+            f"| {key} | {value:,.3f} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in payload["extra"].items()
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(repeats: int, fanout_repeats: int) -> dict:
+    """Both measurements, seeded, with their audit logs in a temporary folder."""
+    torch.manual_seed(SEED)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="amalgam-bench-audit-") as audit_dir:
+        results, extra = bench_throughput(Path(audit_dir), repeats)
+        fanout_results, fanout_extra = bench_fanout(Path(audit_dir), fanout_repeats)
+    return {
+        "benchmark": NAME,
+        "variant": VARIANT,
+        "data": "synthetic inputs, demo CNN",
+        "seed": SEED,
+        "budget": f"{repeats} timed calls (median) at batch {BATCH}; {fanout_repeats} fan-out "
+        f"rounds (median) over {FANOUT_PARTIES} parties at batch {FANOUT_BATCH}",
+        "metric": "images/s and ratios",
+        "wall_seconds": time.perf_counter() - started,
+        "results": {**results, **fanout_results},
+        "extra": {
+            **extra,
+            **fanout_extra,
+            "repeats": repeats,
+            "fanout_repeats": fanout_repeats,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
+
+
+def write(payload: dict, out_dir: Path) -> None:
+    """``<name>-<variant>.json`` and ``<name>.md`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / f"{NAME}-{VARIANT}.json"
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    (out_dir / f"{NAME}.md").write_text(markdown(payload))
+    print(f"wrote {json_path} and {out_dir / f'{NAME}.md'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark, print its table and write its results (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: few repetitions, results to a temporary folder",
+    )
+    args = parser.parse_args(argv)
+    payload = run(repeats=3, fanout_repeats=2) if args.quick else run(30, 10)
+    print(markdown(payload))
+    write(payload, Path(tempfile.mkdtemp(prefix="amalgam-bench-")) if args.quick else RESULTS_DIR)
+
+
+if __name__ == "__main__":
+    main()

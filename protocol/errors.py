@@ -1,0 +1,48 @@
+"""Domain errors a party reports, and their gRPC status codes.
+
+The party's handler raises them, the servicer maps them to status codes, and
+:class:`server.remote.RemoteTeacher` maps the codes back, so in-process and remote teachers
+fail the same way.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PartyError(Exception):
+    """Base of the errors a party reports to its caller."""
+
+
+class PolicyDenied(PartyError, PermissionError):
+    """The owner's policy does not grant this capability."""
+
+
+class BudgetExceeded(PartyError):
+    """The caller's sample budget would be exceeded."""
+
+
+class InvalidRequest(PartyError, ValueError):
+    """A request that is malformed for this party; ``field`` names the offending field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+STATUS_CODES: dict[type[PartyError], grpc.StatusCode] = {
+    PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
+    BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def error_from_status(code: grpc.StatusCode, details: str) -> PartyError | None:
+    """The domain error for a status code (``None`` for codes that are not domain errors)."""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, problem = details.partition(": ")
+        return InvalidRequest(field, problem) if problem else InvalidRequest("request", details)
+    for kind, kind_code in STATUS_CODES.items():
+        if kind_code == code:
+            return kind(details)
+    return None

@@ -1,0 +1,176 @@
+"""party/audit.py: the append-only, hash-chained JSON-lines audit log."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from party.audit import GENESIS, AuditLog, _digest, read_records, verify_chain
+
+FIELDS = {"time", "caller", "method", "samples", "bytes_out", "decision"}
+
+
+def _fill(log: AuditLog, n: int, caller: str = "alice") -> None:
+    for i in range(n):
+        log.append(
+            caller=caller,
+            method="Predict",
+            decision="granted",
+            samples=i,
+            bytes_out=16 * i,
+            request_id=f"r{i}",
+        )
+
+
+def _rewrite(path, records) -> None:
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+@pytest.fixture
+def log(tmp_path):
+    return AuditLog(tmp_path / "logs" / "audit.jsonl")  # parent folder is created
+
+
+def test_records_carry_the_documented_fields(log):
+    log.append(
+        caller="alice",
+        method="Predict",
+        decision="granted",
+        samples=32,
+        bytes_out=1280,
+        request_id="req-1",
+    )
+    log.append(
+        caller="mallory",
+        method="Predict",
+        decision="denied",
+        samples=8,
+        reason="Predict is not granted",
+    )
+
+    first, second = read_records(log.path)
+    assert FIELDS <= set(first)
+    assert (
+        first["caller"],
+        first["method"],
+        first["samples"],
+        first["bytes_out"],
+        first["decision"],
+        first["request_id"],
+    ) == ("alice", "Predict", 32, 1280, "granted", "req-1")
+    assert (
+        second["caller"],
+        second["decision"],
+        second["samples"],
+        second["bytes_out"],
+        second["reason"],
+    ) == ("mallory", "denied", 8, 0, "Predict is not granted")
+    assert isinstance(first["time"], float)
+    assert first["time"] <= second["time"]
+
+
+def test_one_json_object_per_line_linked_by_hash(log):
+    _fill(log, 4)
+    lines = log.path.read_text().splitlines()
+    assert len(lines) == 4
+    records = [json.loads(line) for line in lines]
+    assert records[0]["prev"] == GENESIS
+    for before, after in zip(records[:-1], records[1:], strict=True):
+        assert after["prev"] == before["hash"]
+    assert len({r["hash"] for r in records}) == 4
+    assert all(len(r["hash"]) == 64 for r in records)
+
+
+def test_untouched_log_verifies(log):
+    _fill(log, 5)
+    assert verify_chain(read_records(log.path))
+
+
+def test_empty_log_verifies(tmp_path):
+    assert read_records(tmp_path / "missing.jsonl") == []
+    assert verify_chain([])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("samples", 0),
+        ("bytes_out", 999_999),
+        ("caller", "bob"),
+        ("decision", "denied"),
+        ("time", 0.0),
+        ("reason", "edited"),
+    ],
+)
+def test_editing_a_middle_record_breaks_the_chain(log, field, value):
+    _fill(log, 5)
+    records = read_records(log.path)
+    assert records[2][field] != value
+    records[2][field] = value
+    _rewrite(log.path, records)
+    assert not verify_chain(read_records(log.path))
+
+
+def test_editing_and_rehashing_a_record_breaks_the_link_to_the_next(log):
+    _fill(log, 5)
+    records = read_records(log.path)
+    body = {k: v for k, v in records[2].items() if k != "hash"}
+    body["samples"] = 0
+    records[2] = {**body, "hash": _digest(body)}  # self-consistent, but the next `prev` is stale
+    assert not verify_chain(records)
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_deleting_a_record_breaks_the_chain(log, index):
+    _fill(log, 5)
+    lines = log.path.read_text().splitlines(keepends=True)
+    del lines[index]
+    log.path.write_text("".join(lines))
+    assert not verify_chain(read_records(log.path))
+
+
+def test_reordering_records_breaks_the_chain(log):
+    _fill(log, 4)
+    records = read_records(log.path)
+    records[1], records[2] = records[2], records[1]
+    assert not verify_chain(records)
+
+
+def test_a_new_log_on_an_existing_file_continues_the_chain(log):
+    _fill(log, 3)
+    last = read_records(log.path)[-1]["hash"]
+
+    reopened = AuditLog(log.path)
+    reopened.append(caller="bob", method="Describe", decision="granted")
+    _fill(reopened, 2, caller="carol")
+
+    records = read_records(log.path)
+    assert len(records) == 6
+    assert records[3]["prev"] == last
+    assert [r["caller"] for r in records] == ["alice"] * 3 + ["bob"] + ["carol"] * 2
+    assert verify_chain(records)
+
+
+def test_concurrent_appends_keep_a_valid_chain(log):
+    threads, per_thread = 8, 50
+    barrier = threading.Barrier(threads)
+
+    def work(t: int) -> None:
+        barrier.wait()  # start together to maximize interleaving
+        for i in range(per_thread):
+            log.append(caller=f"t{t}", method="Predict", decision="granted", samples=i)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+    records = read_records(log.path)
+    assert len(records) == threads * per_thread
+    assert verify_chain(records)
+    for t in range(threads):
+        mine = [r["samples"] for r in records if r["caller"] == f"t{t}"]
+        assert mine == list(range(per_thread))  # each thread's records, all of them, in order

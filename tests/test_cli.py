@@ -1,0 +1,112 @@
+"""The command line: one-line errors with the right exit codes, and ``amalgam plan``."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import yaml
+from parties import serving, tiny_handler
+
+from protocol.schemas import Policy, PredictPolicy
+from server.cli import main
+
+
+def _job(tmp_path, party_addresses, **overrides):
+    job = {
+        "name": "t",
+        "parties": [{"name": n, "address": a} for n, a in party_addresses.items()],
+        "method": {"name": "composition"},
+        "data": {"unlabeled": "digits:public", "test": "digits:test"},
+        "output_dir": str(tmp_path / "runs"),
+        "deadline_s": 2,
+    }
+    job.update(overrides)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("amalgam: error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"seed": "zero"}, "seed"),
+        ({"parties": [{"name": "a", "address": "nowhere"}]}, "parties.0.address"),
+        ({"method": {"name": "composition", "params": {"rule": "majority"}}}, "method.params.rule"),
+        ({"student": {"arch": "vgg99"}}, "student.arch"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
+def test_bad_job_file_is_one_line_naming_file_and_field(tmp_path, capsys, overrides, field):
+    path = _job(tmp_path, {"a": "127.0.0.1:1"}, **overrides)
+    assert main(["fuse", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and f": {field}: " in line
+
+
+def test_bad_party_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "party.yaml"
+    path.write_text("name: p\nmodel: {arch: mlp}\nclass_names: [a]\ninput_shape: [1, 8, 8]\n")
+    assert main(["party", "serve", "--config", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and "model" in line and "weights" in line
+
+
+def test_invalid_yaml_names_the_file(tmp_path, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: [unclosed\n")
+    assert main(["plan", str(path)]) == 2
+    assert str(path) in _one_error_line(capsys)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_party_is_named_with_its_address(tmp_path, capsys):
+    address = f"127.0.0.1:{_closed_port()}"
+    assert main(["fuse", str(_job(tmp_path, {"ghost": address}))]) == 1
+    line = _one_error_line(capsys)
+    assert "party ghost" in line and address in line and "unreachable" in line
+
+
+def test_denied_party_stops_the_job_with_one_line(tmp_path, capsys):
+    with serving(tiny_handler(tmp_path, Policy(), classes=[str(d) for d in range(10)])) as a:
+        assert main(["fuse", str(_job(tmp_path, {"acme": a}))]) == 1
+    assert "party acme: Predict is not granted" in _one_error_line(capsys)
+
+
+def test_plan_says_which_methods_are_possible_and_why_not(tmp_path, capsys):
+    logits = Policy(predict=PredictPolicy(output="logits"))
+    labels = Policy(predict=PredictPolicy(output="label"))
+    with (
+        serving(tiny_handler(tmp_path, logits, name="acme")) as a,
+        serving(tiny_handler(tmp_path, labels, name="globex")) as b,
+    ):
+        assert main(["plan", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
+    out = capsys.readouterr().out
+    assert "composition    possible" in out
+    assert "consolidation  not possible\n    - globex: predict releases label" in out
+    assert "acme: bn_feedback is not granted" in out
+    assert "party globex: classes cat,dog,eel; grants predict (predict releases label)" in out
+
+
+def test_example_files_in_deploy_validate():
+    from pathlib import Path
+
+    from party.config import load_party_config
+    from server.job import load_job
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    config = load_party_config(deploy / "party.example.yaml")
+    assert config.policy.predict.output == "probs"
+    assert load_job(deploy / "job.example.yaml").method.params.rule == "restricted-fit"
