@@ -140,20 +140,24 @@ def run_variant(name: str, quick: bool, cache: dict) -> dict:
     }
 
 
-def write(records: list[dict], folder: Path) -> str:
+def write(record: dict, folder: Path) -> str:
+    """Write one variant's JSON, then the markdown table of every variant in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    for record in records:
-        (folder / f"composition-{record['variant']}.json").write_text(
-            json.dumps(record, indent=2) + "\n"
-        )
-    rows = ordered_rows(records[0]["results"])
+    path = folder / f"composition-{record['variant']}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    order = list(VARIANTS)
+    records = sorted(
+        (json.loads(p.read_text()) for p in folder.glob("composition-*.json")),
+        key=lambda r: order.index(r["variant"]),
+    )
+    rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
+
+    def cell(r: dict, row: str) -> str:
+        return f"{100 * r['results'][row]:.1f}" if row in r["results"] else ""
+
     table = markdown_table(
         ["row"] + [r["variant"] for r in records],
-        [
-            [row]
-            + [f"{100 * r['results'][row]:.1f}" if row in r["results"] else "" for r in records]
-            for row in rows
-        ],
+        [[row] + [cell(r, row) for r in records] for row in rows],
     )
     notes = "\n".join(
         f"- {r['variant']}: {r['data']}; {r['budget']}; seed {r['seed']}; {r['wall_seconds']}s"
@@ -175,18 +179,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: {error}")
         return 0
     torch.manual_seed(SEED)
+    folder = Path(tempfile.mkdtemp(prefix="composition-quick-")) if args.quick else RESULTS
     cache: dict = {}
-    records = []
+    text = ""
     for name in args.variant or list(VARIANTS):
+        print(f"variant {name} ...", flush=True)
         try:
-            records.append(run_variant(name, args.quick, cache))
+            record = run_variant(name, args.quick, cache)
         except SourceUnavailable as error:
             print(f"{name} skipped: {error}", file=sys.stderr)
-    if not records:
+            continue
+        text = write(record, folder)  # after every variant, so a long run keeps its results
+    if not text:
         print(f"skipped: no variant's data under {shared_data_dir()}")
         return 0
-    folder = Path(tempfile.mkdtemp(prefix="composition-quick-")) if args.quick else RESULTS
-    print(write(records, folder))
+    print(text)
     print(f"results in {folder}")
     return 0
 
