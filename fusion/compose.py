@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from fusion.composition import RULES, aggregate, collect_union_probs, union_classes
 from fusion.data import Dataset, fit_to_shape
@@ -81,11 +82,33 @@ def relabel(data: Dataset, union: Sequence[str]) -> tuple[Tensor, Tensor]:
     return data.x[keep], y[keep]
 
 
+PREDICT_CHUNK = 2048  # images per progress step when collecting predictions
+
+
+def _predict_all(teacher: Teacher, x: Tensor, position: int, progress: bool) -> Tensor:
+    """``teacher.predict`` on all of ``x`` (fitted to its input shape), with a progress bar."""
+    x = fit_to_shape(x, teacher.info.input_shape)
+    outputs = []
+    with tqdm(
+        total=len(x),
+        desc=f"predict {teacher.info.name}",
+        unit="img",
+        position=position,
+        leave=False,
+        disable=None if progress else True,
+    ) as bar:
+        for start in range(0, len(x), PREDICT_CHUNK):
+            outputs.append(teacher.predict(x[start : start + PREDICT_CHUNK]))
+            bar.update(len(outputs[-1]))
+    return torch.cat(outputs)
+
+
 def gather(
     teachers: Sequence[Teacher],
     unlabeled: Dataset,
     test: Dataset,
     map_teachers: TeacherMap = sequential_map,
+    progress: bool = True,
 ) -> Predictions:
     """Ask every teacher for its predictions on the unlabeled and the test images.
 
@@ -251,7 +274,7 @@ def compose(
         f"collecting predictions of {len(teachers)} teachers on {len(unlabeled)} unlabeled "
         f"and {len(test)} test images"
     )
-    predictions = gather(teachers, unlabeled, test, map_teachers)
+    predictions = gather(teachers, unlabeled, test, map_teachers, progress)
     return compose_predictions(predictions, config, progress=progress, log=log)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -79,6 +80,7 @@ def create_server(
     max_message_mb: int = 64,
     max_workers: int = 4,
     credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
     """Build (not start) a server for ``handler``; returns it and the bound port.
 
@@ -88,6 +90,7 @@ def create_server(
     limit = max_message_mb * 1024 * 1024
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

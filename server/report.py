@@ -22,6 +22,17 @@ ROW_LABELS = {
 }
 
 
+def row_label(row: str) -> str:
+    kind, _, name = row.partition(":")
+    if kind == "teacher" and name:
+        return "this party's teacher alone"
+    if kind == "ensemble" and name:
+        return f"teachers' ensemble, {name} rule"
+    if kind == "student" and name:
+        return f"student trained with the {name} rule"
+    return ROW_LABELS.get(row, "")
+
+
 def ordered_rows(results: Mapping[str, float]) -> list[str]:
     def rank(row: str) -> int:
         for i, prefix in enumerate(ROW_ORDER):
@@ -39,9 +50,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(results: Mapping[str, float]) -> str:
-    rows = [
-        [row, ROW_LABELS.get(row, ""), f"{100 * results[row]:.1f}"] for row in ordered_rows(results)
-    ]
+    rows = [[row, row_label(row), f"{100 * results[row]:.1f}"] for row in ordered_rows(results)]
     return markdown_table(["row", "what", "accuracy %"], rows)
 
 

@@ -1,0 +1,99 @@
+"""The composition pipeline with in-process teachers on the embedded digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion.compose import (
+    CompositionConfig,
+    compose,
+    compose_predictions,
+    gather,
+    pseudo_label_stats,
+)
+from fusion.composition import RULES
+from fusion.data import load_source
+from fusion.models import create_model
+from fusion.teacher import TeacherInfo
+from fusion.train import fit
+
+
+class ModelTeacher:
+    """A Teacher over a plain model, releasing probabilities."""
+
+    def __init__(self, name, model, classes):
+        self.model = model
+        self.info = TeacherInfo(name, tuple(classes), (1, 8, 8), "probs")
+
+    def predict(self, x):
+        with torch.no_grad():
+            return self.model(x).softmax(dim=1)
+
+
+@pytest.fixture(scope="module")
+def teachers():
+    made = []
+    for i, classes in enumerate(["012345", "456789"]):  # overlapping on 4 and 5
+        data = load_source(f"digits:private-{i}").restrict(list(classes))
+        torch.manual_seed(i)
+        model = create_model("small_cnn", in_shape=(1, 8, 8), num_classes=6, width=8)
+        fit(model, data.x, data.y, epochs=30, batch_size=32, progress=False)
+        made.append(ModelTeacher(f"t{i}", model, classes))
+    return made
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_source("digits:public"), load_source("digits:test")
+
+
+def _config(**overrides):
+    base = dict(arch="small_cnn", epochs=10, batch_size=32, seed=0)
+    return CompositionConfig(**(base | overrides))
+
+
+def test_rows_cover_teachers_every_rule_and_baselines(teachers, data):
+    result = compose(teachers, *data, _config())
+    rows = result.results
+    expected = {
+        "teacher:t0",
+        "teacher:t1",
+        "best_teacher",
+        "ensemble",
+        "student",
+        "vanilla_kd",
+        "supervised",
+    } | {f"ensemble:{rule}" for rule in RULES}
+    assert set(rows) == expected
+    assert all(0 <= v <= 1 for v in rows.values())
+    assert rows["best_teacher"] < 0.65  # each teacher knows six of the ten classes
+    assert rows["student"] > rows["best_teacher"] + 0.2
+    assert 0 < result.extra["retention"] <= 1
+    assert result.class_names == list("0123456789")
+
+
+def test_finetuning_uses_the_asked_fraction_of_labels(teachers, data):
+    result = compose(teachers, *data, _config(finetune_fraction=0.1, baselines=False))
+    assert result.extra["finetune_samples"] == round(0.1 * len(data[0]))
+    assert "vanilla_kd" not in result.results
+
+
+def test_nothing_kept_is_a_clear_error(teachers, data):
+    predictions = gather(teachers, *data)
+    with pytest.raises(ValueError, match="no pseudo-label passed rule 'unanimous'"):
+        compose_predictions(predictions, _config(rule="unanimous", entropy_threshold=1e-9))
+
+
+def test_pseudo_label_stats_per_rule(teachers, data):
+    stats = pseudo_label_stats(gather(teachers, *data), tau=1.0)
+    assert set(stats) == set(RULES)
+    assert stats["affirmative"]["retention"] == 1.0  # tau 1 and every sample gets a vote
+    assert stats["restricted-fit"]["accuracy"] > stats["mean"]["accuracy"] - 0.05
+
+
+def test_unknown_rule_and_targets_are_rejected():
+    with pytest.raises(ValueError, match="unknown aggregation rule 'vote'"):
+        CompositionConfig(rule="vote")
+    with pytest.raises(ValueError, match="targets must be"):
+        CompositionConfig(targets="fuzzy")

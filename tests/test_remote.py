@@ -1,0 +1,98 @@
+"""RemoteTeacher's client behaviour: retries only on UNAVAILABLE, deadlines, micro-batching."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from parties import INPUT_SHAPE, tiny_handler
+
+from party.audit import read_records
+from party.service import create_server
+from protocol.errors import PolicyDenied
+from protocol.schemas import Policy
+from server.remote import PartyUnavailable, RemoteTeacher
+
+
+class UnavailableFirst(grpc.ServerInterceptor):
+    """Answers the first ``count`` calls with UNAVAILABLE, then lets calls through."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+        self.refused = 0
+
+    def intercept_service(self, continuation, handler_call_details):
+        if self.left > 0:
+            self.left -= 1
+            self.refused += 1
+
+            def refuse(request, context):
+                context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+
+            return grpc.unary_unary_rpc_method_handler(refuse)
+        return continuation(handler_call_details)
+
+
+def _serve(handler, interceptor=None):
+    server, port = create_server(
+        handler, "127.0.0.1:0", interceptors=[interceptor] if interceptor else []
+    )
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_unavailable_is_retried_until_the_party_answers(tmp_path):
+    interceptor = UnavailableFirst(2)
+    server, address = _serve(tiny_handler(tmp_path), interceptor)
+    try:
+        with RemoteTeacher("acme", address, retries=3, backoff_s=0.01) as teacher:
+            out = teacher.predict(torch.rand(4, *INPUT_SHAPE))
+        assert out.shape == (4, 3)
+        assert interceptor.refused == 2
+        assert teacher.stats.calls == 2  # Describe and Predict, each answered once
+    finally:
+        server.stop(None)
+
+
+def test_retries_give_up_with_the_party_named(tmp_path):
+    server, address = _serve(tiny_handler(tmp_path), UnavailableFirst(10))
+    try:
+        teacher = RemoteTeacher("acme", address, retries=2, backoff_s=0.01)
+        with pytest.raises(PartyUnavailable, match=f"party acme at {address} is unreachable"):
+            teacher.info  # noqa: B018
+    finally:
+        server.stop(None)
+
+
+def test_a_refusal_is_not_retried(tmp_path):
+    handler = tiny_handler(tmp_path, Policy())
+    server, address = _serve(handler)
+    try:
+        with RemoteTeacher("acme", address, retries=3, backoff_s=0.01) as teacher:
+            with pytest.raises(PolicyDenied):
+                teacher.predict(torch.rand(2, *INPUT_SHAPE))
+        decisions = [r["decision"] for r in read_records(handler.audit.path)]
+        assert decisions == ["granted", "denied"]  # Describe, then one Predict
+    finally:
+        server.stop(None)
+
+
+def test_batches_are_split_under_the_message_limit(tmp_path):
+    handler = tiny_handler(tmp_path)  # max_batch 16
+    server, address = _serve(handler)
+    try:
+        # 1 MiB limit -> at most 512 KiB of inputs per call: 2048 samples of 256 bytes; the
+        # party's max_batch (16) is the tighter bound here, so check both bounds directly
+        with RemoteTeacher("acme", address, max_message_mb=1) as teacher:
+            big = torch.rand(4096, *INPUT_SHAPE)
+            assert teacher._chunk_size(big) == 16
+            wide = torch.rand(2, 1, 256, 256)  # 256 KiB a sample -> 2 per call
+            assert teacher._chunk_size(wide) == 2
+            out = teacher.predict(big[:40])
+        assert out.shape == (40, 3)
+        samples = [
+            r["samples"] for r in read_records(handler.audit.path) if r["method"] == "Predict"
+        ]
+        assert samples == [16, 16, 8]
+    finally:
+        server.stop(None)
