@@ -48,18 +48,11 @@ def connect(spec: JobSpec) -> list[RemoteTeacher]:
 
 
 def composition_config(spec: JobSpec) -> CompositionConfig:
-    params, student = spec.method.params, spec.student
+    """The algorithm's configuration: the method's parameters and the student spec share its
+    field names."""
     return CompositionConfig(
-        rule=params.rule,
-        entropy_threshold=params.entropy_threshold,
-        targets=params.targets,
-        finetune_fraction=params.finetune_fraction,
-        finetune_epochs=params.finetune_epochs,
-        arch=student.arch,
-        epochs=student.epochs,
-        batch_size=student.batch_size,
-        lr=student.lr,
-        weight_decay=student.weight_decay,
+        **spec.method.params.model_dump(),
+        **spec.student.model_dump(),
         seed=spec.seed,
         baselines=spec.baselines,
     )
