@@ -20,7 +20,11 @@ from protocol.loading import ConfigError, load_yaml
 from protocol.schemas import JobSpec
 from server.fanout import fan_out
 from server.remote import RemoteTeacher
-from server.report import report_markdown
+from server.report import plot_accuracy, report_markdown
+
+
+class PartyMismatch(ValueError):
+    """The address of a party in the job answers with another party's name."""
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -43,7 +47,13 @@ def connect(spec: JobSpec) -> list[RemoteTeacher]:
     """One client per party; each asks its party's Describe so that an unreachable party
     fails here, before any work is done."""
     teachers = [RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s) for p in spec.parties]
-    fan_out(lambda t: t.info, teachers)
+    infos = fan_out(lambda t: t.info, teachers)
+    for index, (teacher, info) in enumerate(zip(teachers, infos)):
+        if info.name != teacher.name:
+            raise PartyMismatch(
+                f"parties.{index}: the party at {teacher.address} is {info.name!r}, "
+                f"not {teacher.name!r}"
+            )
     return teachers
 
 
@@ -102,5 +112,6 @@ def run_job(
         "wall_seconds": time.perf_counter() - started,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_accuracy(result.results, run_dir / "accuracy.png")
     (run_dir / "report.md").write_text(report_markdown(job, result.results, result.extra, stats))
     return run_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 ROW_ORDER = (
     "teacher:",
@@ -98,9 +99,34 @@ def report_markdown(
         "",
         results_table(results),
         "",
+        "![accuracy](accuracy.png)",
+        "",
         "## Parties",
         "",
         party_table(stats),
         "",
     ]
     return "\n".join(lines)
+
+
+def plot_accuracy(results: Mapping[str, float], path: Path) -> None:
+    """A horizontal bar per row (teachers, ensembles, baselines, student), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ordered_rows(results) if r not in ("best_teacher", "ensemble")]
+    colours = {"student": "tab:green", "supervised": "tab:gray", "vanilla_kd": "tab:orange"}
+    figure, axes = plt.subplots(figsize=(7, 0.35 * len(rows) + 1))
+    axes.barh(
+        rows, [100 * results[r] for r in rows], color=[colours.get(r, "tab:blue") for r in rows]
+    )
+    axes.invert_yaxis()
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("accuracy on the union classes, %")
+    for y, row in enumerate(rows):
+        axes.text(100 * results[row] + 0.5, y, f"{100 * results[row]:.1f}", va="center", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -110,3 +110,10 @@ def test_example_files_in_deploy_validate():
     config = load_party_config(deploy / "party.example.yaml")
     assert config.policy.predict.output == "probs"
     assert load_job(deploy / "job.example.yaml").method.params.rule == "restricted-fit"
+
+
+def test_a_party_answering_under_another_name_is_refused(tmp_path, capsys):
+    with serving(tiny_handler(tmp_path, name="globex")) as address:
+        assert main(["fuse", str(_job(tmp_path, {"acme": address}))]) == 2
+    line = _one_error_line(capsys)
+    assert f"parties.0: the party at {address} is 'globex', not 'acme'" in line

@@ -87,3 +87,4 @@ def test_run_folder_holds_a_loadable_student(finished_job):
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
     assert accuracy == pytest.approx(results["student"], abs=1e-6)
     assert "| student | composed student |" in (run_dir / "report.md").read_text()
+    assert (run_dir / "accuracy.png").read_bytes().startswith(b"\x89PNG")
