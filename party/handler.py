@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,9 @@ class PartyHandler:
         with self._lock:
             return self._used[caller]
 
-    def _deny(self, error: Exception, caller: str, samples: int, request_id: str, decision: str):
+    def _deny(
+        self, error: Exception, caller: str, samples: int, request_id: str, decision: str
+    ) -> NoReturn:
         self.audit.append(
             caller=caller,
             method="Predict",
@@ -118,6 +121,10 @@ class PartyHandler:
             reason=str(error),
         )
         raise error
+
+    def reject_malformed(self, caller: str, request_id: str, field: str, problem: str) -> NoReturn:
+        """Audit and refuse a request that could not even be decoded."""
+        self._deny(InvalidRequest(field, problem), caller, 0, request_id, "invalid")
 
     def _validate(self, x: Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:

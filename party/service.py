@@ -20,7 +20,7 @@ from party.handler import PartyHandler
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import CodecError, party_info_to_proto, tensor_from_proto, tensor_to_proto
-from protocol.errors import STATUS_CODES, PartyError
+from protocol.errors import PartyError, status_code
 
 SERVICE_NAME = "amalgam.party.v1.PartyService"
 
@@ -37,13 +37,6 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         self.handler = handler
         self.max_elements = max_elements
 
-    def _abort(self, context: grpc.ServicerContext, error: PartyError | CodecError) -> None:
-        code = next(
-            (c for kind, c in STATUS_CODES.items() if isinstance(error, kind)),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        )  # CodecError: a malformed tensor
-        context.abort(code, str(error))
-
     def Describe(self, request, context):  # noqa: N802 (gRPC method name)
         info = self.handler.describe(_caller(context), request.request_id)
         return party_pb2.DescribeResponse(
@@ -53,19 +46,15 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
     def Predict(self, request, context):  # noqa: N802
         caller = _caller(context)
         try:
-            x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
+            try:
+                x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
+            except CodecError as error:
+                self.handler.reject_malformed(
+                    caller, request.request_id, error.field, error.problem
+                )
             out = self.handler.predict(x, caller, request.request_id)
-        except CodecError as error:
-            self.handler.audit.append(
-                caller=caller,
-                method="Predict",
-                decision="invalid",
-                request_id=request.request_id,
-                reason=str(error),
-            )
-            self._abort(context, error)
         except PartyError as error:
-            self._abort(context, error)
+            context.abort(status_code(error), str(error))
         return party_pb2.PredictResponse(
             request_id=request.request_id,
             outputs=tensor_to_proto(out),

@@ -36,6 +36,7 @@ class CodecError(ValueError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
 
 
 def tensor_to_proto(tensor: torch.Tensor) -> party_pb2.Tensor:

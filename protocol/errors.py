@@ -37,6 +37,11 @@ STATUS_CODES: dict[type[PartyError], grpc.StatusCode] = {
 }
 
 
+def status_code(error: PartyError) -> grpc.StatusCode:
+    """The status code a party answers ``error`` with."""
+    return next(code for kind, code in STATUS_CODES.items() if isinstance(error, kind))
+
+
 def error_from_status(code: grpc.StatusCode, details: str) -> PartyError | None:
     """The domain error for a status code (``None`` for codes that are not domain errors)."""
     if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -18,7 +18,7 @@ name: digits-demo
 seed: 3
 parties:
   - name: hospital-a
-    address: localhost:50051
+    address: hospital-a.internal:50051
   - name: hospital-b
     address: 10.0.0.7:443
 method:
@@ -81,7 +81,7 @@ def test_valid_job_loads(tmp_path):
     assert job.name == "digits-demo"
     assert job.seed == 3
     assert [(p.name, p.address) for p in job.parties] == [
-        ("hospital-a", "localhost:50051"),
+        ("hospital-a", "hospital-a.internal:50051"),
         ("hospital-b", "10.0.0.7:443"),
     ]
     assert job.method.name == "composition"
@@ -154,8 +154,8 @@ def test_loaded_models_are_frozen(tmp_path):
         ),
         ("    targets: hard", "    targets: fuzzy", "method.params.targets", "'hard' or 'soft'"),
         ("  name: composition", "  name: ensemble", "method.name", "composition"),
-        ("localhost:50051", "localhost", "parties.0.address", "pattern"),
-        ("localhost:50051", "localhost:port", "parties.0.address", "pattern"),
+        ("hospital-a.internal:50051", "hospital-a.internal", "parties.0.address", "pattern"),
+        ("hospital-a.internal:50051", "hospital-a.internal:port", "parties.0.address", "pattern"),
         ("10.0.0.7:443", "10.0.0.7 :443", "parties.1.address", "pattern"),
         ("name: hospital-b", "name: hospital-a", "parties", "unique, repeated: hospital-a"),
         ("name: digits-demo", "name: digits demo", "name", "pattern"),
