@@ -22,8 +22,9 @@ class TeacherInfo:
     class_names : the classes the teacher predicts, in the order of its output columns.
     input_shape : ``(C, H, W)`` of one sample.
     output_form : how predictions are released: logits | probs | topk | label.
-    capabilities : what the owner's policy grants, e.g. ``("predict",)``.
+    capabilities : what the owner's policy grants, e.g. ``("predict", "bn_feedback")``.
     max_batch : the largest batch one call may carry (0: no limit known).
+    batchnorm_layers : BatchNorm layers with running statistics in the teacher.
     """
 
     name: str
@@ -32,6 +33,7 @@ class TeacherInfo:
     output_form: str
     capabilities: tuple[str, ...] = ("predict",)
     max_batch: int = 0
+    batchnorm_layers: int = 0
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherInfo:
@@ -43,7 +45,25 @@ class TeacherInfo:
             output_form=data.get("output_form", ""),
             capabilities=tuple(data.get("capabilities", ())),
             max_batch=int(data.get("max_batch", 0)),
+            batchnorm_layers=int(data.get("batchnorm_layers", 0)),
         )
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What a party returns for generator training (paper 003, Eq. 3).
+
+    Attributes
+    ----------
+    logits : (B, K) the teacher's logits on the batch.
+    bn_loss : the BatchNorm-statistics loss of the batch.
+    input_grad : (B, C, H, W) gradient of ``bn_weight * bn_loss + <grad_logits, logits>``
+        with respect to the inputs.
+    """
+
+    logits: Tensor
+    bn_loss: float
+    input_grad: Tensor
 
 
 @runtime_checkable

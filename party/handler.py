@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fusion.bn_loss import batchnorm_layers, bn_statistics_loss
+from fusion.teacher import Feedback
 from party.audit import AuditLog
 from party.config import PartyConfig
 from party.model import load_model
@@ -71,6 +73,9 @@ class PartyHandler:
             raise ValueError(f"normalization has {len(mean)} values for {channels} channels")
         self._mean = torch.tensor(mean).view(1, -1, 1, 1)
         self._std = torch.tensor(std).view(1, -1, 1, 1)
+        parameter = next(self.model.parameters(), None)
+        self._dtype = parameter.dtype if parameter is not None else torch.float32
+        self._batchnorm_layers = len(batchnorm_layers(self.model))
         self._used: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
 
@@ -96,6 +101,7 @@ class PartyHandler:
             capabilities=self.policy.capabilities,
             output_form=self.policy.predict.output if self.policy.predict else "",
             max_batch=self.policy.max_batch,
+            batchnorm_layers=self._batchnorm_layers,
         )
 
     def describe(self, caller: str, request_id: str = "") -> PartyInfo:
@@ -110,11 +116,17 @@ class PartyHandler:
             return self._used[caller]
 
     def _deny(
-        self, error: Exception, caller: str, samples: int, request_id: str, decision: str
+        self,
+        error: Exception,
+        method: str,
+        caller: str,
+        samples: int,
+        request_id: str,
+        decision: str,
     ) -> NoReturn:
         self.audit.append(
             caller=caller,
-            method="Predict",
+            method=method,
             decision=decision,
             samples=samples,
             request_id=request_id,
@@ -122,11 +134,13 @@ class PartyHandler:
         )
         raise error
 
-    def reject_malformed(self, caller: str, request_id: str, field: str, problem: str) -> NoReturn:
+    def reject_malformed(
+        self, method: str, caller: str, request_id: str, field: str, problem: str
+    ) -> NoReturn:
         """Audit and refuse a request that could not even be decoded."""
-        self._deny(InvalidRequest(field, problem), caller, 0, request_id, "invalid")
+        self._deny(InvalidRequest(field, problem), method, caller, 0, request_id, "invalid")
 
-    def _validate(self, x: Tensor) -> None:
+    def _validate(self, x: Tensor, grad_logits: Tensor | None = None) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise InvalidRequest(
                 "inputs.shape",
@@ -140,6 +154,14 @@ class PartyHandler:
             raise InvalidRequest("inputs.dtype", f"{x.dtype} is not a floating dtype")
         if not torch.isfinite(x).all():
             raise InvalidRequest("inputs.data", "contains NaN or infinite values")
+        if grad_logits is not None:
+            expected = (x.shape[0], len(self.class_names))
+            if tuple(grad_logits.shape) != expected:
+                raise InvalidRequest(
+                    "grad_logits.shape", f"got {list(grad_logits.shape)}, expected {list(expected)}"
+                )
+            if not grad_logits.is_floating_point() or not torch.isfinite(grad_logits).all():
+                raise InvalidRequest("grad_logits.data", "must be finite floating values")
 
     def _reserve(self, caller: str, samples: int) -> None:
         budget = self.policy.sample_budget
@@ -152,6 +174,48 @@ class PartyHandler:
                 )
             self._used[caller] += samples
 
+    def _admit(
+        self,
+        method: str,
+        granted: bool,
+        x: Tensor,
+        caller: str,
+        request_id: str,
+        cost: int = 1,
+        grad_logits: Tensor | None = None,
+    ) -> int:
+        """Policy, then validity, then budget (``cost`` per sample); each refusal audited.
+        Returns the number of samples."""
+        samples = int(x.shape[0]) if x.ndim else 0
+        if not granted:
+            error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
+            self._deny(error, method, caller, samples, request_id, "denied")
+        try:
+            self._validate(x, grad_logits)
+        except InvalidRequest as error:
+            self._deny(error, method, caller, samples, request_id, "invalid")
+        try:
+            self._reserve(caller, samples * cost)
+        except BudgetExceeded as error:
+            self._deny(error, method, caller, samples, request_id, "budget_exceeded")
+        return samples
+
+    def _granted(
+        self, method: str, caller: str, samples: int, request_id: str, *outputs: Tensor
+    ) -> None:
+        self.audit.append(
+            caller=caller,
+            method=method,
+            decision="granted",
+            samples=samples,
+            bytes_out=sum(t.numel() * t.element_size() for t in outputs),
+            request_id=request_id,
+        )
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) inputs in [0, 1] -> the model's input, in the model's dtype."""
+        return (x.to(self._dtype) - self._mean.to(self._dtype)) / self._std.to(self._dtype)
+
     def predict(self, x: Tensor, caller: str, request_id: str = "") -> Tensor:
         """Predictions on (B, C, H, W) inputs in [0, 1], released as the policy says.
 
@@ -160,28 +224,53 @@ class PartyHandler:
         PolicyDenied, InvalidRequest, BudgetExceeded
             Each after the denial is audited.
         """
-        samples = int(x.shape[0]) if x.ndim else 0
         rule = self.policy.predict
-        if rule is None:
-            error = PolicyDenied(f"party {self.name}: Predict is not granted by its policy")
-            self._deny(error, caller, samples, request_id, "denied")
-        try:
-            self._validate(x)
-        except InvalidRequest as error:
-            self._deny(error, caller, samples, request_id, "invalid")
-        try:
-            self._reserve(caller, samples)
-        except BudgetExceeded as error:
-            self._deny(error, caller, samples, request_id, "budget_exceeded")
+        samples = self._admit("Predict", rule is not None, x, caller, request_id)
         with torch.no_grad():
-            logits = self.model((x.float() - self._mean) / self._std)  # (B, K)
+            logits = self.model(self._normalize(x))  # (B, K)
         out = release(logits, rule)
-        self.audit.append(
-            caller=caller,
-            method="Predict",
-            decision="granted",
-            samples=samples,
-            bytes_out=out.numel() * out.element_size(),
-            request_id=request_id,
-        )
+        self._granted("Predict", caller, samples, request_id, out)
         return out
+
+    def bn_feedback(
+        self,
+        x: Tensor,
+        caller: str,
+        grad_logits: Tensor | None = None,
+        bn_weight: float = 1.0,
+        half: bool = False,
+        request_id: str = "",
+    ) -> Feedback:
+        """Logits, BatchNorm-statistics loss (paper 003, Eq. 3-4) and the input gradient of
+        ``bn_weight * L_BN + <grad_logits, logits>`` on (B, C, H, W) inputs in [0, 1].
+
+        The batch is one BN-statistics sample: it is never split. Charged ``cost`` samples of
+        budget per input. With ``half`` the tensors come back as float16.
+        """
+        rule = self.policy.bn_feedback
+        cost = rule.cost if rule else 1
+        samples = self._admit(
+            "BatchNormFeedback", rule is not None, x, caller, request_id, cost, grad_logits
+        )
+        if half and not rule.allow_half:
+            error = PolicyDenied(f"party {self.name}: float16 answers are not allowed")
+            self._deny(error, "BatchNormFeedback", caller, samples, request_id, "denied")
+        inputs = x.detach().to(self._dtype).requires_grad_(True)
+        with torch.enable_grad(), bn_statistics_loss(self.model) as layer_losses:
+            logits = self.model(self._normalize(inputs))  # (B, K)
+            bn_loss = torch.stack(layer_losses).sum() if layer_losses else logits.new_zeros(())
+            objective = bn_weight * bn_loss
+            if grad_logits is not None:
+                objective = objective + (logits * grad_logits.to(logits)).sum()
+            if objective.requires_grad:
+                (input_grad,) = torch.autograd.grad(objective, inputs)
+            else:
+                input_grad = torch.zeros_like(inputs)
+        dtype = torch.float16 if half else logits.dtype
+        feedback = Feedback(
+            logits.detach().to(dtype), bn_loss.item(), input_grad.detach().to(dtype)
+        )
+        self._granted(
+            "BatchNormFeedback", caller, samples, request_id, feedback.logits, feedback.input_grad
+        )
+        return feedback

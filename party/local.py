@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fusion.teacher import TeacherInfo, in_chunks
+from fusion.teacher import Feedback, TeacherInfo, in_chunks
 from party.handler import PartyHandler
 
 
@@ -21,3 +21,8 @@ class LocalTeacher:
             return self.handler.predict(chunk, caller=self.caller)
 
         return in_chunks(call, x, self.info.max_batch)
+
+    def bn_feedback(
+        self, x: Tensor, grad_logits: Tensor | None = None, bn_weight: float = 1.0
+    ) -> Feedback:
+        return self.handler.bn_feedback(x, self.caller, grad_logits, bn_weight)

@@ -50,7 +50,7 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
                 x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
             except CodecError as error:
                 self.handler.reject_malformed(
-                    caller, request.request_id, error.field, error.problem
+                    "Predict", caller, request.request_id, error.field, error.problem
                 )
             out = self.handler.predict(x, caller, request.request_id)
         except PartyError as error:
@@ -59,6 +59,32 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             request_id=request.request_id,
             outputs=tensor_to_proto(out),
             output_form=self.handler.policy.predict.output,
+        )
+
+    def BatchNormFeedback(self, request, context):  # noqa: N802
+        caller = _caller(context)
+        try:
+            try:
+                x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
+                grad_logits = None
+                if request.HasField("grad_logits"):
+                    grad_logits = tensor_from_proto(
+                        request.grad_logits, "grad_logits", max_elements=self.max_elements
+                    )
+            except CodecError as error:
+                self.handler.reject_malformed(
+                    "BatchNormFeedback", caller, request.request_id, error.field, error.problem
+                )
+            feedback = self.handler.bn_feedback(
+                x, caller, grad_logits, request.bn_weight, request.half, request.request_id
+            )
+        except PartyError as error:
+            context.abort(status_code(error), str(error))
+        return party_pb2.BatchNormFeedbackResponse(
+            request_id=request.request_id,
+            logits=tensor_to_proto(feedback.logits),
+            bn_loss=feedback.bn_loss,
+            input_grad=tensor_to_proto(feedback.input_grad),
         )
 
 

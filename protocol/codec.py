@@ -97,6 +97,7 @@ def party_info_to_proto(info: PartyInfo) -> party_pb2.PartyInfo:
         capabilities=info.capabilities,
         output_form=info.output_form,
         max_batch=info.max_batch,
+        batchnorm_layers=info.batchnorm_layers,
     )
 
 
@@ -111,4 +112,5 @@ def party_info_from_proto(message: party_pb2.PartyInfo) -> PartyInfo:
         capabilities=list(message.capabilities),
         output_form=message.output_form,
         max_batch=message.max_batch,
+        batchnorm_layers=message.batchnorm_layers,
     )

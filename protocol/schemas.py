@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OutputForm = Literal["logits", "probs", "topk", "label"]
-CAPABILITIES = ("predict",)
+CAPABILITIES = ("predict", "bn_feedback")
 
 
 class _Strict(BaseModel):
@@ -43,6 +43,7 @@ class PartyInfo(_Strict):
     capabilities: list[str] = Field(default_factory=list)
     output_form: OutputForm | Literal[""] = ""
     max_batch: int = 0
+    batchnorm_layers: int = 0
 
 
 # --- the owner's policy -------------------------------------------------------------------
@@ -57,10 +58,18 @@ class PredictPolicy(_Strict):
     round_decimals: int | None = Field(None, ge=0, le=8)  # round released values
 
 
+class BnFeedbackPolicy(_Strict):
+    """BatchNorm feedback for generator training: logits, the BN loss and an input gradient."""
+
+    cost: int = Field(4, ge=1)  # budget charged per sample, in predictions
+    allow_half: bool = True  # may answer with float16 tensors when asked
+
+
 class Policy(_Strict):
     """The owner's rules. Deny by default: a capability is granted only when it is written here."""
 
     predict: PredictPolicy | None = None  # None: Predict is denied
+    bn_feedback: BnFeedbackPolicy | None = None  # None: BatchNormFeedback is denied
     max_batch: int = Field(256, ge=1)  # samples in one request
     sample_budget: int | None = Field(100_000, ge=0)  # samples per caller; None: unlimited
 

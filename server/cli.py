@@ -65,7 +65,7 @@ def _plan(args: argparse.Namespace) -> int:
         )
     for method in plan(infos):
         verdict = "possible" if method.possible and len(infos) == len(teachers) else "not possible"
-        print(f"{method.method:14s} {verdict}" + "".join(f"\n    - {r}" for r in method.reasons))
+        print(f"{method.method:16s} {verdict}" + "".join(f"\n    - {r}" for r in method.reasons))
     return 0
 
 

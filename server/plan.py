@@ -15,6 +15,7 @@ from fusion.teacher import TeacherInfo
 class Need:
     capability: str
     output_forms: tuple[str, ...] = ()  # for predict: forms that serve the method
+    batchnorm: bool = False  # the teacher must have BatchNorm layers
 
 
 METHOD_NEEDS: dict[str, tuple[tuple[Need, ...], ...]] = {
@@ -22,7 +23,9 @@ METHOD_NEEDS: dict[str, tuple[tuple[Need, ...], ...]] = {
     "composition": ((Need("predict", ("probs", "logits", "topk", "label")),),),
     "consolidation": ((Need("predict", ("logits", "probs")),),),
     "weight-fusion": ((Need("weights"), Need("activations")), (Need("weights"), Need("gram"))),
-    "data-free": ((Need("predict", ("logits",)), Need("bn_feedback")),),
+    "data-free": ((Need("predict", ("logits",)), Need("bn_feedback", batchnorm=True)),),
+    # DAFL and ZSKT train generators through input gradients alone, without BN statistics
+    "data-free-no-bn": ((Need("predict", ("logits",)), Need("bn_feedback")),),
     "amalgamation": ((Need("predict", ("logits",)), Need("activations")),),
 }
 
@@ -32,6 +35,8 @@ def _missing(info: TeacherInfo, needs: tuple[Need, ...]) -> list[str]:
     for need in needs:
         if need.capability not in info.capabilities:
             problems.append(f"{need.capability} is not granted")
+        elif need.batchnorm and info.batchnorm_layers == 0:
+            problems.append("the teacher has no BatchNorm layers")
         elif need.output_forms and info.output_form not in need.output_forms:
             problems.append(
                 f"predict releases {info.output_form}, needs {' or '.join(need.output_forms)}"

@@ -14,9 +14,10 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+import torch
 from torch import Tensor
 
-from fusion.teacher import TeacherInfo, in_chunks
+from fusion.teacher import Feedback, TeacherInfo, in_chunks
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import party_info_from_proto, tensor_from_proto, tensor_to_proto
@@ -55,6 +56,7 @@ class RemoteTeacher:
     caller : the identity sent as ``x-amalgam-caller`` metadata.
     max_message_mb : the client's message limit; batches are split to stay under it.
     retries : attempts after the first one, on UNAVAILABLE only.
+    half : send and receive BatchNormFeedback tensors as float16 (halves the bytes).
     """
 
     def __init__(
@@ -68,11 +70,13 @@ class RemoteTeacher:
         retries: int = 3,
         backoff_s: float = 0.2,
         credentials: grpc.ChannelCredentials | None = None,
+        half: bool = False,
     ) -> None:
         self.name = name
         self.address = address
         self.deadline_s = deadline_s
         self.retries = retries
+        self.half = half
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_mb * 1024 * 1024
         options = [
@@ -147,6 +151,32 @@ class RemoteTeacher:
     def predict(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> the party's released predictions, in as many calls as needed."""
         return in_chunks(self._predict_once, x.contiguous(), self._chunk_size(x))
+
+    def bn_feedback(
+        self, x: Tensor, grad_logits: Tensor | None = None, bn_weight: float = 1.0
+    ) -> Feedback:
+        """One round trip: the batch is never split (its BN statistics are one sample).
+
+        With ``half=True`` at construction, tensors travel as float16 both ways and come back
+        as float32.
+        """
+        wire = torch.float16 if self.half else x.dtype
+        request = party_pb2.BatchNormFeedbackRequest(
+            request_id=_request_id(),
+            inputs=tensor_to_proto(x.detach().to(wire)),
+            bn_weight=bn_weight,
+            half=self.half,
+        )
+        if grad_logits is not None:
+            request.grad_logits.CopyFrom(tensor_to_proto(grad_logits.detach().to(wire)))
+        response = self._call("BatchNormFeedback", request)
+        logits = tensor_from_proto(response.logits, "logits")
+        input_grad = tensor_from_proto(response.input_grad, "input_grad")
+        if self.half:
+            logits, input_grad = logits.float(), input_grad.float()
+        with self._lock:
+            self.stats.samples += len(x)
+        return Feedback(logits, response.bn_loss, input_grad)
 
     def close(self) -> None:
         self._channel.close()

@@ -94,8 +94,8 @@ def test_plan_says_which_methods_are_possible_and_why_not(tmp_path, capsys):
     ):
         assert main(["plan", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
     out = capsys.readouterr().out
-    assert "composition    possible" in out
-    assert "consolidation  not possible\n    - globex: predict releases label" in out
+    assert "composition      possible" in out
+    assert "consolidation    not possible\n    - globex: predict releases label" in out
     assert "acme: bn_feedback is not granted" in out
     assert "party globex: classes cat,dog,eel; grants predict (predict releases label)" in out
 

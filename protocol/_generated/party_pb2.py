@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/_generated/party.proto\x12\x10\x61malgam.party.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\"\xb9\x01\n\tPartyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x36\n\rnormalization\x18\x04 \x01(\x0b\x32\x1f.amalgam.party.v1.Normalization\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x13\n\x0boutput_form\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x03\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"Q\n\x10\x44\x65scribeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.amalgam.party.v1.PartyInfo\"N\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\"e\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x13\n\x0boutput_form\x18\x03 \x01(\t2\xb1\x01\n\x0cPartyService\x12Q\n\x08\x44\x65scribe\x12!.amalgam.party.v1.DescribeRequest\x1a\".amalgam.party.v1.DescribeResponse\x12N\n\x07Predict\x12 .amalgam.party.v1.PredictRequest\x1a!.amalgam.party.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/_generated/party.proto\x12\x10\x61malgam.party.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\"\xd3\x01\n\tPartyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x36\n\rnormalization\x18\x04 \x01(\x0b\x32\x1f.amalgam.party.v1.Normalization\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x13\n\x0boutput_form\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x03\x12\x18\n\x10\x62\x61tchnorm_layers\x18\x08 \x01(\x03\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"Q\n\x10\x44\x65scribeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.amalgam.party.v1.PartyInfo\"N\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\"e\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x13\n\x0boutput_form\x18\x03 \x01(\t\"\xa8\x01\n\x18\x42\x61tchNormFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12-\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x11\n\tbn_weight\x18\x04 \x01(\x01\x12\x0c\n\x04half\x18\x05 \x01(\x08\"\x98\x01\n\x19\x42\x61tchNormFeedbackResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06logits\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x0f\n\x07\x62n_loss\x18\x03 \x01(\x01\x12,\n\ninput_grad\x18\x04 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor2\x9f\x02\n\x0cPartyService\x12Q\n\x08\x44\x65scribe\x12!.amalgam.party.v1.DescribeRequest\x1a\".amalgam.party.v1.DescribeResponse\x12N\n\x07Predict\x12 .amalgam.party.v1.PredictRequest\x1a!.amalgam.party.v1.PredictResponse\x12l\n\x11\x42\x61tchNormFeedback\x12*.amalgam.party.v1.BatchNormFeedbackRequest\x1a+.amalgam.party.v1.BatchNormFeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NORMALIZATION']._serialized_start=107
   _globals['_NORMALIZATION']._serialized_end=149
   _globals['_PARTYINFO']._serialized_start=152
-  _globals['_PARTYINFO']._serialized_end=337
-  _globals['_DESCRIBEREQUEST']._serialized_start=339
-  _globals['_DESCRIBEREQUEST']._serialized_end=376
-  _globals['_DESCRIBERESPONSE']._serialized_start=378
-  _globals['_DESCRIBERESPONSE']._serialized_end=459
-  _globals['_PREDICTREQUEST']._serialized_start=461
-  _globals['_PREDICTREQUEST']._serialized_end=539
-  _globals['_PREDICTRESPONSE']._serialized_start=541
-  _globals['_PREDICTRESPONSE']._serialized_end=642
-  _globals['_PARTYSERVICE']._serialized_start=645
-  _globals['_PARTYSERVICE']._serialized_end=822
+  _globals['_PARTYINFO']._serialized_end=363
+  _globals['_DESCRIBEREQUEST']._serialized_start=365
+  _globals['_DESCRIBEREQUEST']._serialized_end=402
+  _globals['_DESCRIBERESPONSE']._serialized_start=404
+  _globals['_DESCRIBERESPONSE']._serialized_end=485
+  _globals['_PREDICTREQUEST']._serialized_start=487
+  _globals['_PREDICTREQUEST']._serialized_end=565
+  _globals['_PREDICTRESPONSE']._serialized_start=567
+  _globals['_PREDICTRESPONSE']._serialized_end=668
+  _globals['_BATCHNORMFEEDBACKREQUEST']._serialized_start=671
+  _globals['_BATCHNORMFEEDBACKREQUEST']._serialized_end=839
+  _globals['_BATCHNORMFEEDBACKRESPONSE']._serialized_start=842
+  _globals['_BATCHNORMFEEDBACKRESPONSE']._serialized_end=994
+  _globals['_PARTYSERVICE']._serialized_start=997
+  _globals['_PARTYSERVICE']._serialized_end=1284
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class Normalization(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PartyInfo(_message.Message):
-    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch")
+    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch", "batchnorm_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class PartyInfo(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORM_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCHNORM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -40,7 +41,8 @@ class PartyInfo(_message.Message):
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     output_form: str
     max_batch: int
-    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    batchnorm_layers: int
+    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ..., batchnorm_layers: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -73,3 +75,29 @@ class PredictResponse(_message.Message):
     outputs: Tensor
     output_form: str
     def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., output_form: _Optional[str] = ...) -> None: ...
+
+class BatchNormFeedbackRequest(_message.Message):
+    __slots__ = ("request_id", "inputs", "grad_logits", "bn_weight", "half")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    BN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HALF_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    inputs: Tensor
+    grad_logits: Tensor
+    bn_weight: float
+    half: bool
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_weight: _Optional[float] = ..., half: _Optional[bool] = ...) -> None: ...
+
+class BatchNormFeedbackResponse(_message.Message):
+    __slots__ = ("request_id", "logits", "bn_loss", "input_grad")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    logits: Tensor
+    bn_loss: float
+    input_grad: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ..., input_grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -44,6 +44,11 @@ class PartyServiceStub:
                 request_serializer=protocol_dot___generated_dot_party__pb2.PredictRequest.SerializeToString,
                 response_deserializer=protocol_dot___generated_dot_party__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.BatchNormFeedback = channel.unary_unary(
+                '/amalgam.party.v1.PartyService/BatchNormFeedback',
+                request_serializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.SerializeToString,
+                response_deserializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class PartyServiceServicer:
@@ -63,6 +68,14 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchNormFeedback(self, request, context):
+        """Logits, BatchNorm-statistics loss and input gradient for generator training; the running
+        statistics and the weights stay with the party.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=protocol_dot___generated_dot_party__pb2.PredictRequest.FromString,
                     response_serializer=protocol_dot___generated_dot_party__pb2.PredictResponse.SerializeToString,
+            ),
+            'BatchNormFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchNormFeedback,
+                    request_deserializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.FromString,
+                    response_serializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class PartyService:
             '/amalgam.party.v1.PartyService/Predict',
             protocol_dot___generated_dot_party__pb2.PredictRequest.SerializeToString,
             protocol_dot___generated_dot_party__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchNormFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amalgam.party.v1.PartyService/BatchNormFeedback',
+            protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.SerializeToString,
+            protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
