@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from fusion.datafree.losses import GeneratorObjective
+
 OUTPUT_FORMS = ("logits", "probs", "topk", "label")
 
 
@@ -51,18 +53,19 @@ class TeacherInfo:
 
 @dataclass(frozen=True)
 class Feedback:
-    """What a party returns for generator training (paper 003, Eq. 3).
+    """What a party returns for generator training (paper 003, Eq. 3-6).
 
     Attributes
     ----------
     logits : (B, K) the teacher's logits on the batch.
-    bn_loss : the BatchNorm-statistics loss of the batch.
-    input_grad : (B, C, H, W) gradient of ``bn_weight * bn_loss + <grad_logits, logits>``
-        with respect to the inputs.
+    losses : the teacher-side loss terms (``bn``, ``instance_entropy``, ``batch_entropy``,
+        ``adversarial`` as asked) and their weighted ``total``.
+    input_grad : (B, C, H, W) gradient of ``total + <grad_logits, logits>`` with respect to
+        the inputs.
     """
 
     logits: Tensor
-    bn_loss: float
+    losses: dict[str, float]
     input_grad: Tensor
 
 
@@ -75,6 +78,17 @@ class Teacher(Protocol):
     def predict(self, x: Tensor) -> Tensor:
         """Predictions on ``x`` of shape ``(B, C, H, W)`` in the form ``info.output_form``:
         ``(B, K)`` logits or probabilities (topk: zeros outside the top k), or ``(B,)`` labels."""
+        ...
+
+    def bn_feedback(
+        self,
+        x: Tensor,
+        objective: GeneratorObjective,
+        adversary_logits: Tensor | None = None,
+        grad_logits: Tensor | None = None,
+    ) -> Feedback:
+        """The teacher-side generator loss on ``x`` (B, C, H, W) and its input gradient in one
+        pass where the teacher lives (:func:`fusion.datafree.losses.teacher_side_loss`)."""
         ...
 
 

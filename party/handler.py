@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fusion.bn_loss import batchnorm_layers, bn_statistics_loss
+from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
 from fusion.teacher import Feedback
 from party.audit import AuditLog
 from party.config import PartyConfig
@@ -140,7 +141,8 @@ class PartyHandler:
         """Audit and refuse a request that could not even be decoded."""
         self._deny(InvalidRequest(field, problem), method, caller, 0, request_id, "invalid")
 
-    def _validate(self, x: Tensor, grad_logits: Tensor | None = None) -> None:
+    def _validate(self, x: Tensor, extra_logits: dict[str, Tensor | None]) -> None:
+        """The inputs, and any (B, K) tensors sent along (by field name)."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise InvalidRequest(
                 "inputs.shape",
@@ -154,14 +156,16 @@ class PartyHandler:
             raise InvalidRequest("inputs.dtype", f"{x.dtype} is not a floating dtype")
         if not torch.isfinite(x).all():
             raise InvalidRequest("inputs.data", "contains NaN or infinite values")
-        if grad_logits is not None:
+        for name, logits in extra_logits.items():
+            if logits is None:
+                continue
             expected = (x.shape[0], len(self.class_names))
-            if tuple(grad_logits.shape) != expected:
+            if tuple(logits.shape) != expected:
                 raise InvalidRequest(
-                    "grad_logits.shape", f"got {list(grad_logits.shape)}, expected {list(expected)}"
+                    f"{name}.shape", f"got {list(logits.shape)}, expected {list(expected)}"
                 )
-            if not grad_logits.is_floating_point() or not torch.isfinite(grad_logits).all():
-                raise InvalidRequest("grad_logits.data", "must be finite floating values")
+            if not logits.is_floating_point() or not torch.isfinite(logits).all():
+                raise InvalidRequest(f"{name}.data", "must be finite floating values")
 
     def _reserve(self, caller: str, samples: int) -> None:
         budget = self.policy.sample_budget
@@ -182,7 +186,7 @@ class PartyHandler:
         caller: str,
         request_id: str,
         cost: int = 1,
-        grad_logits: Tensor | None = None,
+        extra_logits: dict[str, Tensor | None] | None = None,
     ) -> int:
         """Policy, then validity, then budget (``cost`` per sample); each refusal audited.
         Returns the number of samples."""
@@ -191,7 +195,7 @@ class PartyHandler:
             error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
             self._deny(error, method, caller, samples, request_id, "denied")
         try:
-            self._validate(x, grad_logits)
+            self._validate(x, extra_logits or {})
         except InvalidRequest as error:
             self._deny(error, method, caller, samples, request_id, "invalid")
         try:
@@ -236,41 +240,43 @@ class PartyHandler:
         self,
         x: Tensor,
         caller: str,
+        objective: GeneratorObjective,
+        adversary_logits: Tensor | None = None,
         grad_logits: Tensor | None = None,
-        bn_weight: float = 1.0,
         half: bool = False,
         request_id: str = "",
     ) -> Feedback:
-        """Logits, BatchNorm-statistics loss (paper 003, Eq. 3-4) and the input gradient of
-        ``bn_weight * L_BN + <grad_logits, logits>`` on (B, C, H, W) inputs in [0, 1].
+        """The teacher-side generator loss on (B, C, H, W) inputs in [0, 1] -- BatchNorm
+        statistics (paper 003, Eq. 3-4), entropies and the adversarial term against the
+        caller's ``adversary_logits`` (Eq. 5) -- and the input gradient of its total plus
+        ``<grad_logits, logits>``.
 
         The batch is one BN-statistics sample: it is never split. Charged ``cost`` samples of
         budget per input. With ``half`` the tensors come back as float16.
         """
         rule = self.policy.bn_feedback
+        method = "BatchNormFeedback"
+        extra = {"objective.adversary_logits": adversary_logits, "grad_logits": grad_logits}
         cost = rule.cost if rule else 1
-        samples = self._admit(
-            "BatchNormFeedback", rule is not None, x, caller, request_id, cost, grad_logits
-        )
+        samples = self._admit(method, rule is not None, x, caller, request_id, cost, extra)
         if half and not rule.allow_half:
             error = PolicyDenied(f"party {self.name}: float16 answers are not allowed")
-            self._deny(error, "BatchNormFeedback", caller, samples, request_id, "denied")
+            self._deny(error, method, caller, samples, request_id, "denied")
+        if objective.adversarial and adversary_logits is None:
+            error = InvalidRequest("objective.adversary_logits", "required when adversarial != 0")
+            self._deny(error, method, caller, samples, request_id, "invalid")
         inputs = x.detach().to(self._dtype).requires_grad_(True)
         with torch.enable_grad(), bn_statistics_loss(self.model) as layer_losses:
             logits = self.model(self._normalize(inputs))  # (B, K)
             bn_loss = torch.stack(layer_losses).sum() if layer_losses else logits.new_zeros(())
-            objective = bn_weight * bn_loss
+            total, losses = teacher_side_loss(logits, bn_loss, objective, adversary_logits)
             if grad_logits is not None:
-                objective = objective + (logits * grad_logits.to(logits)).sum()
-            if objective.requires_grad:
-                (input_grad,) = torch.autograd.grad(objective, inputs)
+                total = total + (logits * grad_logits.to(logits)).sum()
+            if total.requires_grad:
+                (input_grad,) = torch.autograd.grad(total, inputs)
             else:
                 input_grad = torch.zeros_like(inputs)
         dtype = torch.float16 if half else logits.dtype
-        feedback = Feedback(
-            logits.detach().to(dtype), bn_loss.item(), input_grad.detach().to(dtype)
-        )
-        self._granted(
-            "BatchNormFeedback", caller, samples, request_id, feedback.logits, feedback.input_grad
-        )
+        feedback = Feedback(logits.detach().to(dtype), losses, input_grad.detach().to(dtype))
+        self._granted(method, caller, samples, request_id, feedback.logits, feedback.input_grad)
         return feedback

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from fusion.datafree.losses import GeneratorObjective
 from fusion.teacher import Feedback, TeacherInfo, in_chunks
 from party.handler import PartyHandler
 
@@ -23,6 +24,10 @@ class LocalTeacher:
         return in_chunks(call, x, self.info.max_batch)
 
     def bn_feedback(
-        self, x: Tensor, grad_logits: Tensor | None = None, bn_weight: float = 1.0
+        self,
+        x: Tensor,
+        objective: GeneratorObjective,
+        adversary_logits: Tensor | None = None,
+        grad_logits: Tensor | None = None,
     ) -> Feedback:
-        return self.handler.bn_feedback(x, self.caller, grad_logits, bn_weight)
+        return self.handler.bn_feedback(x, self.caller, objective, adversary_logits, grad_logits)

@@ -16,10 +16,17 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fusion.datafree.losses import GeneratorObjective
 from party.handler import PartyHandler
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import CodecError, party_info_to_proto, tensor_from_proto, tensor_to_proto
+from protocol.codec import (
+    CodecError,
+    objective_from_proto,
+    party_info_to_proto,
+    tensor_from_proto,
+    tensor_to_proto,
+)
 from protocol.errors import PartyError, status_code
 
 SERVICE_NAME = "amalgam.party.v1.PartyService"
@@ -63,6 +70,7 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
 
     def BatchNormFeedback(self, request, context):  # noqa: N802
         caller = _caller(context)
+        method = "BatchNormFeedback"
         try:
             try:
                 x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
@@ -71,19 +79,23 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
                     grad_logits = tensor_from_proto(
                         request.grad_logits, "grad_logits", max_elements=self.max_elements
                     )
-            except CodecError as error:
-                self.handler.reject_malformed(
-                    "BatchNormFeedback", caller, request.request_id, error.field, error.problem
+                weights, adversary = objective_from_proto(
+                    request.objective, max_elements=self.max_elements
                 )
+                objective = GeneratorObjective(**weights)
+            except (CodecError, ValueError) as error:
+                field = getattr(error, "field", "objective")
+                problem = getattr(error, "problem", str(error))
+                self.handler.reject_malformed(method, caller, request.request_id, field, problem)
             feedback = self.handler.bn_feedback(
-                x, caller, grad_logits, request.bn_weight, request.half, request.request_id
+                x, caller, objective, adversary, grad_logits, request.half, request.request_id
             )
         except PartyError as error:
             context.abort(status_code(error), str(error))
         return party_pb2.BatchNormFeedbackResponse(
             request_id=request.request_id,
             logits=tensor_to_proto(feedback.logits),
-            bn_loss=feedback.bn_loss,
+            losses=feedback.losses,
             input_grad=tensor_to_proto(feedback.input_grad),
         )
 

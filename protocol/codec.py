@@ -114,3 +114,32 @@ def party_info_from_proto(message: party_pb2.PartyInfo) -> PartyInfo:
         max_batch=message.max_batch,
         batchnorm_layers=message.batchnorm_layers,
     )
+
+
+OBJECTIVE_FIELDS = ("bn", "instance_entropy", "batch_entropy", "adversarial", "temperature")
+
+
+def objective_to_proto(
+    weights: dict[str, float], adversary_logits: torch.Tensor | None = None
+) -> party_pb2.GeneratorObjective:
+    """A generator objective's weights (``OBJECTIVE_FIELDS``) and optional adversary logits."""
+    message = party_pb2.GeneratorObjective(**{k: weights[k] for k in OBJECTIVE_FIELDS})
+    if adversary_logits is not None:
+        message.adversary_logits.CopyFrom(tensor_to_proto(adversary_logits))
+    return message
+
+
+def objective_from_proto(
+    message: party_pb2.GeneratorObjective, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> tuple[dict[str, float], torch.Tensor | None]:
+    weights = {k: getattr(message, k) for k in OBJECTIVE_FIELDS}
+    weights["temperature"] = weights["temperature"] or 1.0
+    adversary = None
+    if message.HasField("adversary_logits"):
+        adversary = tensor_from_proto(
+            message.adversary_logits,
+            "objective.adversary_logits",
+            max_elements=max_elements,
+            require_finite=True,
+        )
+    return weights, adversary

@@ -11,16 +11,22 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import grpc
 import torch
 from torch import Tensor
 
+from fusion.datafree.losses import GeneratorObjective
 from fusion.teacher import Feedback, TeacherInfo, in_chunks
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import party_info_from_proto, tensor_from_proto, tensor_to_proto
+from protocol.codec import (
+    objective_to_proto,
+    party_info_from_proto,
+    tensor_from_proto,
+    tensor_to_proto,
+)
 from protocol.errors import error_from_status
 
 
@@ -153,22 +159,28 @@ class RemoteTeacher:
         return in_chunks(self._predict_once, x.contiguous(), self._chunk_size(x))
 
     def bn_feedback(
-        self, x: Tensor, grad_logits: Tensor | None = None, bn_weight: float = 1.0
+        self,
+        x: Tensor,
+        objective: GeneratorObjective,
+        adversary_logits: Tensor | None = None,
+        grad_logits: Tensor | None = None,
     ) -> Feedback:
-        """One round trip: the batch is never split (its BN statistics are one sample).
-
-        With ``half=True`` at construction, tensors travel as float16 both ways and come back
-        as float32.
-        """
+        """One round trip per generator step: the batch is never split (its BN statistics are
+        one sample). With ``half=True`` at construction, tensors travel as float16 both ways
+        and come back as float32."""
         wire = torch.float16 if self.half else x.dtype
+
+        def encode(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to(wire)
+
         request = party_pb2.BatchNormFeedbackRequest(
             request_id=_request_id(),
-            inputs=tensor_to_proto(x.detach().to(wire)),
-            bn_weight=bn_weight,
+            inputs=tensor_to_proto(encode(x)),
+            objective=objective_to_proto(asdict(objective), encode(adversary_logits)),
             half=self.half,
         )
         if grad_logits is not None:
-            request.grad_logits.CopyFrom(tensor_to_proto(grad_logits.detach().to(wire)))
+            request.grad_logits.CopyFrom(tensor_to_proto(encode(grad_logits)))
         response = self._call("BatchNormFeedback", request)
         logits = tensor_from_proto(response.logits, "logits")
         input_grad = tensor_from_proto(response.input_grad, "input_grad")
@@ -176,7 +188,7 @@ class RemoteTeacher:
             logits, input_grad = logits.float(), input_grad.float()
         with self._lock:
             self.stats.samples += len(x)
-        return Feedback(logits, response.bn_loss, input_grad)
+        return Feedback(logits, dict(response.losses), input_grad)
 
     def close(self) -> None:
         self._channel.close()

@@ -10,6 +10,7 @@ import torch
 from parties import serving, tiny_handler
 
 from fusion.bn_loss import bn_statistics_loss, gaussian_kl
+from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
 from fusion.models import create_model
 from party.audit import read_records
 from party.local import LocalTeacher
@@ -19,6 +20,10 @@ from server.plan import plan
 from server.remote import RemoteTeacher
 
 CLASSES = ["a", "b", "c"]
+BN_ONLY = GeneratorObjective(bn=1.0)
+FULL = GeneratorObjective(
+    bn=0.7, instance_entropy=0.5, batch_entropy=0.3, adversarial=1.0, temperature=3.0
+)
 GRANTS = Policy(predict=PredictPolicy(output="logits"), bn_feedback=BnFeedbackPolicy(cost=4))
 
 
@@ -33,15 +38,14 @@ def bn_teacher(dtype=torch.float64) -> torch.nn.Module:
     return model.eval().to(dtype)
 
 
-def reference(model, x, grad_logits, bn_weight):
-    """The BN loss and gradient computed directly on the model."""
+def reference(model, x, objective, adversary, grad_logits):
+    """The teacher-side loss and its input gradient computed directly on the model."""
     inputs = x.clone().requires_grad_(True)
     with bn_statistics_loss(model) as losses:
         logits = model(inputs)
-    bn_loss = torch.stack(losses).sum()
-    objective = bn_weight * bn_loss + (logits * grad_logits).sum()
-    (grad,) = torch.autograd.grad(objective, inputs)
-    return logits.detach(), bn_loss.item(), grad
+    total, parts = teacher_side_loss(logits, torch.stack(losses).sum(), objective, adversary)
+    (grad,) = torch.autograd.grad(total + (logits * grad_logits).sum(), inputs)
+    return logits.detach(), parts, grad
 
 
 @contextlib.contextmanager
@@ -80,11 +84,20 @@ def test_feedback_equals_the_in_process_computation(tmp_path, make):
     handler = tiny_handler(tmp_path, GRANTS, classes=CLASSES, model=model)
     x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
     grad_logits = torch.randn(6, 3, dtype=torch.float64)
-    logits, bn_loss, grad = reference(model, x, grad_logits, bn_weight=0.7)
+    adversary = torch.randn(6, 3, dtype=torch.float64)
+    logits, parts, grad = reference(model, x, FULL, adversary, grad_logits)
     with make(handler) as teacher:
-        feedback = teacher.bn_feedback(x, grad_logits, bn_weight=0.7)
-    assert bn_loss > 0.01
-    assert feedback.bn_loss == pytest.approx(bn_loss, rel=1e-12)
+        feedback = teacher.bn_feedback(x, FULL, adversary, grad_logits)
+    assert parts["bn"] > 0.01 and parts["adversarial"] > 0.01
+    assert set(feedback.losses) == {
+        "bn",
+        "instance_entropy",
+        "batch_entropy",
+        "adversarial",
+        "total",
+    }
+    for name, value in parts.items():
+        assert feedback.losses[name] == pytest.approx(value, rel=1e-12)
     torch.testing.assert_close(feedback.logits, logits, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(feedback.input_grad, grad, rtol=1e-10, atol=1e-12)
     assert feedback.input_grad.dtype == torch.float64
@@ -96,8 +109,8 @@ def test_float16_on_the_wire_halves_the_bytes_and_stays_close(tmp_path):
     x = torch.rand(16, 1, 8, 8)
     grad_logits = torch.randn(16, 3)
     with remote(handler) as full, remote(handler, half=True) as half:
-        exact = full.bn_feedback(x, grad_logits)
-        approx = half.bn_feedback(x, grad_logits)
+        exact = full.bn_feedback(x, BN_ONLY, grad_logits=grad_logits)
+        approx = half.bn_feedback(x, BN_ONLY, grad_logits=grad_logits)
         assert half.stats.bytes_received < 0.6 * full.stats.bytes_received
     assert approx.input_grad.dtype == torch.float32
     torch.testing.assert_close(approx.logits, exact.logits, rtol=1e-2, atol=1e-2)
@@ -108,7 +121,7 @@ def test_float16_on_the_wire_halves_the_bytes_and_stays_close(tmp_path):
 def test_denied_by_default_and_audited(tmp_path, make):
     handler = tiny_handler(tmp_path, Policy(predict=PredictPolicy()), model=bn_teacher())
     with make(handler) as teacher, pytest.raises(PolicyDenied, match="BatchNormFeedback"):
-        teacher.bn_feedback(torch.rand(2, 1, 8, 8))
+        teacher.bn_feedback(torch.rand(2, 1, 8, 8), BN_ONLY)
     record = read_records(handler.audit.path)[-1]
     assert (record["method"], record["decision"]) == ("BatchNormFeedback", "denied")
 
@@ -117,7 +130,7 @@ def test_budget_is_charged_at_the_policy_cost(tmp_path):
     policy = GRANTS.model_copy(update={"sample_budget": 40})
     handler = tiny_handler(tmp_path, policy, classes=CLASSES, model=bn_teacher(torch.float32))
     with remote(handler) as teacher:
-        teacher.bn_feedback(torch.rand(10, 1, 8, 8))  # 10 samples x cost 4 = the whole budget
+        teacher.bn_feedback(torch.rand(10, 1, 8, 8), BN_ONLY)  # 10 x cost 4 = all the budget
         assert handler.samples_used("coordinator") == 40
         with pytest.raises(BudgetExceeded):
             teacher.predict(torch.rand(1, 1, 8, 8))
@@ -126,19 +139,26 @@ def test_budget_is_charged_at_the_policy_cost(tmp_path):
 def test_grad_logits_of_the_wrong_shape_is_invalid(tmp_path):
     handler = tiny_handler(tmp_path, GRANTS, classes=CLASSES, model=bn_teacher(torch.float32))
     with remote(handler) as teacher, pytest.raises(InvalidRequest) as raised:
-        teacher.bn_feedback(torch.rand(4, 1, 8, 8), torch.zeros(4, 5))
-    assert raised.value.field == "grad_logits.shape"
+        teacher.bn_feedback(torch.rand(4, 1, 8, 8), FULL, torch.zeros(4, 5))
+    assert raised.value.field == "objective.adversary_logits.shape"
+
+
+def test_an_adversarial_objective_without_adversary_logits_is_invalid(tmp_path):
+    handler = tiny_handler(tmp_path, GRANTS, classes=CLASSES, model=bn_teacher(torch.float32))
+    with remote(handler) as teacher, pytest.raises(InvalidRequest) as raised:
+        teacher.bn_feedback(torch.rand(4, 1, 8, 8), FULL)
+    assert raised.value.field == "objective.adversary_logits"
 
 
 def test_a_teacher_without_batchnorm_gives_logit_gradients_only(tmp_path):
     handler = tiny_handler(tmp_path, GRANTS, classes=CLASSES)  # an MLP: no BatchNorm
     x, grad_logits = torch.rand(3, 1, 8, 8), torch.randn(3, 3)
     with remote(handler) as teacher:
-        feedback = teacher.bn_feedback(x, grad_logits, bn_weight=1.0)
+        feedback = teacher.bn_feedback(x, BN_ONLY, grad_logits=grad_logits)
         info = teacher.info
     inputs = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad((handler.model(inputs) * grad_logits).sum(), inputs)
-    assert feedback.bn_loss == 0.0
+    assert feedback.losses["bn"] == 0.0
     torch.testing.assert_close(feedback.input_grad, expected)
     verdicts = {p.method: p for p in plan([info])}
     assert not verdicts["data-free"].possible

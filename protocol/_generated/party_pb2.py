@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/_generated/party.proto\x12\x10\x61malgam.party.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\"\xd3\x01\n\tPartyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x36\n\rnormalization\x18\x04 \x01(\x0b\x32\x1f.amalgam.party.v1.Normalization\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x13\n\x0boutput_form\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x03\x12\x18\n\x10\x62\x61tchnorm_layers\x18\x08 \x01(\x03\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"Q\n\x10\x44\x65scribeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.amalgam.party.v1.PartyInfo\"N\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\"e\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x13\n\x0boutput_form\x18\x03 \x01(\t\"\xa8\x01\n\x18\x42\x61tchNormFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12-\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x11\n\tbn_weight\x18\x04 \x01(\x01\x12\x0c\n\x04half\x18\x05 \x01(\x08\"\x98\x01\n\x19\x42\x61tchNormFeedbackResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06logits\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x0f\n\x07\x62n_loss\x18\x03 \x01(\x01\x12,\n\ninput_grad\x18\x04 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor2\x9f\x02\n\x0cPartyService\x12Q\n\x08\x44\x65scribe\x12!.amalgam.party.v1.DescribeRequest\x1a\".amalgam.party.v1.DescribeResponse\x12N\n\x07Predict\x12 .amalgam.party.v1.PredictRequest\x1a!.amalgam.party.v1.PredictResponse\x12l\n\x11\x42\x61tchNormFeedback\x12*.amalgam.party.v1.BatchNormFeedbackRequest\x1a+.amalgam.party.v1.BatchNormFeedbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotocol/_generated/party.proto\x12\x10\x61malgam.party.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"*\n\rNormalization\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\x0b\n\x03std\x18\x02 \x03(\x01\"\xd3\x01\n\tPartyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x36\n\rnormalization\x18\x04 \x01(\x0b\x32\x1f.amalgam.party.v1.Normalization\x12\x14\n\x0c\x63\x61pabilities\x18\x05 \x03(\t\x12\x13\n\x0boutput_form\x18\x06 \x01(\t\x12\x11\n\tmax_batch\x18\x07 \x01(\x03\x12\x18\n\x10\x62\x61tchnorm_layers\x18\x08 \x01(\x03\"%\n\x0f\x44\x65scribeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"Q\n\x10\x44\x65scribeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.amalgam.party.v1.PartyInfo\"N\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\"e\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x13\n\x0boutput_form\x18\x03 \x01(\t\"\xaf\x01\n\x12GeneratorObjective\x12\n\n\x02\x62n\x18\x01 \x01(\x01\x12\x18\n\x10instance_entropy\x18\x02 \x01(\x01\x12\x15\n\rbatch_entropy\x18\x03 \x01(\x01\x12\x13\n\x0b\x61\x64versarial\x18\x04 \x01(\x01\x12\x32\n\x10\x61\x64versary_logits\x18\x05 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x13\n\x0btemperature\x18\x06 \x01(\x01\"\xce\x01\n\x18\x42\x61tchNormFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12-\n\x0bgrad_logits\x18\x03 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12\x37\n\tobjective\x18\x04 \x01(\x0b\x32$.amalgam.party.v1.GeneratorObjective\x12\x0c\n\x04half\x18\x05 \x01(\x08\"\xff\x01\n\x19\x42\x61tchNormFeedbackResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x06logits\x18\x02 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x12G\n\x06losses\x18\x03 \x03(\x0b\x32\x37.amalgam.party.v1.BatchNormFeedbackResponse.LossesEntry\x12,\n\ninput_grad\x18\x04 \x01(\x0b\x32\x18.amalgam.party.v1.Tensor\x1a-\n\x0bLossesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x9f\x02\n\x0cPartyService\x12Q\n\x08\x44\x65scribe\x12!.amalgam.party.v1.DescribeRequest\x1a\".amalgam.party.v1.DescribeResponse\x12N\n\x07Predict\x12 .amalgam.party.v1.PredictRequest\x1a!.amalgam.party.v1.PredictResponse\x12l\n\x11\x42\x61tchNormFeedback\x12*.amalgam.party.v1.BatchNormFeedbackRequest\x1a+.amalgam.party.v1.BatchNormFeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol._generated.party_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BATCHNORMFEEDBACKRESPONSE_LOSSESENTRY']._loaded_options = None
+  _globals['_BATCHNORMFEEDBACKRESPONSE_LOSSESENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=53
   _globals['_TENSOR']._serialized_end=105
   _globals['_NORMALIZATION']._serialized_start=107
@@ -45,10 +47,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_end=565
   _globals['_PREDICTRESPONSE']._serialized_start=567
   _globals['_PREDICTRESPONSE']._serialized_end=668
-  _globals['_BATCHNORMFEEDBACKREQUEST']._serialized_start=671
-  _globals['_BATCHNORMFEEDBACKREQUEST']._serialized_end=839
-  _globals['_BATCHNORMFEEDBACKRESPONSE']._serialized_start=842
-  _globals['_BATCHNORMFEEDBACKRESPONSE']._serialized_end=994
-  _globals['_PARTYSERVICE']._serialized_start=997
-  _globals['_PARTYSERVICE']._serialized_end=1284
+  _globals['_GENERATOROBJECTIVE']._serialized_start=671
+  _globals['_GENERATOROBJECTIVE']._serialized_end=846
+  _globals['_BATCHNORMFEEDBACKREQUEST']._serialized_start=849
+  _globals['_BATCHNORMFEEDBACKREQUEST']._serialized_end=1055
+  _globals['_BATCHNORMFEEDBACKRESPONSE']._serialized_start=1058
+  _globals['_BATCHNORMFEEDBACKRESPONSE']._serialized_end=1313
+  _globals['_BATCHNORMFEEDBACKRESPONSE_LOSSESENTRY']._serialized_start=1268
+  _globals['_BATCHNORMFEEDBACKRESPONSE_LOSSESENTRY']._serialized_end=1313
+  _globals['_PARTYSERVICE']._serialized_start=1316
+  _globals['_PARTYSERVICE']._serialized_end=1603
 # @@protoc_insertion_point(module_scope)

@@ -76,28 +76,51 @@ class PredictResponse(_message.Message):
     output_form: str
     def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., output_form: _Optional[str] = ...) -> None: ...
 
+class GeneratorObjective(_message.Message):
+    __slots__ = ("bn", "instance_entropy", "batch_entropy", "adversarial", "adversary_logits", "temperature")
+    BN_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    ADVERSARIAL_FIELD_NUMBER: _ClassVar[int]
+    ADVERSARY_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    bn: float
+    instance_entropy: float
+    batch_entropy: float
+    adversarial: float
+    adversary_logits: Tensor
+    temperature: float
+    def __init__(self, bn: _Optional[float] = ..., instance_entropy: _Optional[float] = ..., batch_entropy: _Optional[float] = ..., adversarial: _Optional[float] = ..., adversary_logits: _Optional[_Union[Tensor, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
+
 class BatchNormFeedbackRequest(_message.Message):
-    __slots__ = ("request_id", "inputs", "grad_logits", "bn_weight", "half")
+    __slots__ = ("request_id", "inputs", "grad_logits", "objective", "half")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_LOGITS_FIELD_NUMBER: _ClassVar[int]
-    BN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     HALF_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     inputs: Tensor
     grad_logits: Tensor
-    bn_weight: float
+    objective: GeneratorObjective
     half: bool
-    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_weight: _Optional[float] = ..., half: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_logits: _Optional[_Union[Tensor, _Mapping]] = ..., objective: _Optional[_Union[GeneratorObjective, _Mapping]] = ..., half: _Optional[bool] = ...) -> None: ...
 
 class BatchNormFeedbackResponse(_message.Message):
-    __slots__ = ("request_id", "logits", "bn_loss", "input_grad")
+    __slots__ = ("request_id", "logits", "losses", "input_grad")
+    class LossesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
-    BN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     logits: Tensor
-    bn_loss: float
+    losses: _containers.ScalarMap[str, float]
     input_grad: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., bn_loss: _Optional[float] = ..., input_grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., losses: _Optional[_Mapping[str, float]] = ..., input_grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,84 @@
+"""Losses of data-free fusion (paper 003, Eq. 1-6), as functions of logits.
+
+The teacher-side part of a generator's loss -- BN statistics, instance entropy, batch entropy
+and the adversarial divergence against the caller's adversary -- is evaluated where the
+teacher lives (:func:`teacher_side_loss`); the coordinator sends only its own adversary's
+logits and receives the input gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class GeneratorObjective:
+    """Weights of the teacher-side generator loss (Eq. 3, 5, 6).
+
+    ``total = bn * L_BN + instance_entropy * E[H(T(x))] - batch_entropy * H(E[T(x)])
+    - adversarial * KL(T(x) || A(x))`` at ``temperature`` for the KL term.
+    """
+
+    bn: float = 1.0
+    instance_entropy: float = 0.0
+    batch_entropy: float = 0.0
+    adversarial: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+def kd_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``KL(softmax(t / T) || softmax(s / T)) * T^2``, averaged over the batch (Eq. 1, 2, 5)."""
+    t = F.log_softmax(teacher_logits / temperature, dim=1)
+    s = F.log_softmax(student_logits / temperature, dim=1)
+    kl = (t.exp() * (t - s)).sum(dim=1).mean()
+    return kl * temperature**2
+
+
+def instance_entropy(logits: Tensor) -> Tensor:
+    """``E_x[H(softmax(T(x)))]``: low when each sample is confidently one class (Eq. 3)."""
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def batch_entropy(logits: Tensor) -> Tensor:
+    """``H(E_x[softmax(T(x))])``: high when the batch covers the classes evenly (Eq. 3)."""
+    mean = F.softmax(logits, dim=1).mean(dim=0)
+    return -(mean * mean.clamp_min(1e-12).log()).sum()
+
+
+def teacher_side_loss(
+    logits: Tensor,
+    bn_loss: Tensor,
+    objective: GeneratorObjective,
+    adversary_logits: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The generator loss terms that need the teacher: Eq. 3 weighted, minus the adversarial
+    term of Eq. 5 (``adversarial`` plays the role of ``1 / alpha`` in Eq. 6 up to scale).
+
+    Returns
+    -------
+    total : scalar tensor, differentiable in ``logits`` and ``bn_loss``.
+    parts : every term's value, and ``total``.
+    """
+    parts = {"bn": bn_loss}
+    total = objective.bn * bn_loss
+    if objective.instance_entropy:
+        parts["instance_entropy"] = instance_entropy(logits)
+        total = total + objective.instance_entropy * parts["instance_entropy"]
+    if objective.batch_entropy:
+        parts["batch_entropy"] = batch_entropy(logits)
+        total = total - objective.batch_entropy * parts["batch_entropy"]
+    if objective.adversarial:
+        if adversary_logits is None:
+            raise ValueError("an adversarial objective needs the adversary's logits")
+        parts["adversarial"] = kd_kl(logits, adversary_logits.to(logits), objective.temperature)
+        total = total - objective.adversarial * parts["adversarial"]
+    parts["total"] = total
+    return total, {name: float(value.detach()) for name, value in parts.items()}
