@@ -1,0 +1,143 @@
+"""Data-free fusion: generator, variants, collapse warning, and an end-to-end run through real
+gRPC parties on the digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parties import serving
+
+from fusion.data import load_source
+from fusion.datafree.generator import Generator, augment
+from fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion
+from fusion.models import create_model
+from fusion.teacher import Feedback, TeacherInfo
+from fusion.train import fit
+from party.audit import AuditLog, read_records
+from party.handler import PartyHandler
+from party.local import LocalTeacher
+from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
+from server.remote import RemoteTeacher
+
+DIGITS = [str(d) for d in range(10)]
+TINY = dict(warmup=3, iterations=4, student_steps=2, batch_size=16, generator_width=8)
+
+
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("datafree")
+    made = []
+    for i in range(2):
+        data = load_source(f"digits:private-{i}")
+        torch.manual_seed(i)
+        model = create_model("small_cnn", in_shape=(1, 8, 8), num_classes=10, width=8)
+        fit(model, data.x, data.y, epochs=5, batch_size=32, progress=False)
+        policy = Policy(
+            predict=PredictPolicy(output="logits"),
+            bn_feedback=BnFeedbackPolicy(cost=1),
+            sample_budget=None,
+        )
+        made.append(
+            PartyHandler(
+                f"p{i}", model, DIGITS, (1, 8, 8), policy, AuditLog(folder / f"p{i}.jsonl")
+            )
+        )
+    return made
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_generator_makes_images_in_the_party_input_range(shape):
+    images = Generator(shape, latent_dim=10, width=4).sample(3)
+    assert images.shape == (3, *shape)
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_augment_translates_within_the_shift():
+    x = torch.zeros(8, 1, 6, 6)
+    x[:, :, 2:4, 2:4] = 1.0  # a 2x2 blob away from the border
+    shifted = augment(x, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape
+    assert torch.equal(shifted.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # nothing cut off
+    assert torch.equal(augment(x, 0), x)
+
+
+@pytest.mark.parametrize("method", list(VARIANTS))
+def test_every_variant_trains_through_the_same_code_path(handlers, method):
+    teachers = [LocalTeacher(h) for h in handlers]
+    result = DataFreeFusion(teachers, DataFreeConfig(method=method, **TINY), progress=False).run(
+        checkpoints=2
+    )
+    history = result.history
+    assert len(history["student/kl"]) == TINY["iterations"] * TINY["student_steps"]
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in history.values())
+    assert ("assistant0/kl" in history) == (method == "dfmf")
+    generator_steps = TINY["warmup"]
+    if not VARIANTS[method].freeze_after_warmup:
+        generator_steps += TINY["iterations"]
+    assert len(history["generator0/total"]) == generator_steps
+    assert ("generator0/adversarial" in history) == (VARIANTS[method].adversary is not None)
+    assert len(result.samples) == 3 and result.samples[0][0].shape == (16, 1, 8, 8)
+
+
+def test_end_to_end_through_real_grpc_parties(handlers):
+    with serving(handlers[0]) as a0, serving(handlers[1]) as a1:
+        teachers = [RemoteTeacher("p0", a0), RemoteTeacher("p1", a1)]
+        before = [p.clone() for p in Generator((1, 8, 8), 100, 8).parameters()]
+        result = DataFreeFusion(
+            teachers, DataFreeConfig(method="dfmf", **TINY), progress=False
+        ).run()
+        for t in teachers:
+            t.close()
+    b, steps = TINY["batch_size"], TINY["warmup"] + TINY["iterations"]
+    student_samples = TINY["iterations"] * TINY["student_steps"] * 2 * (b // 2)
+    for handler in handlers:
+        records = [r for r in read_records(handler.audit.path) if r["caller"] == "coordinator"]
+        feedback = [r for r in records if r["method"] == "BatchNormFeedback"]
+        predicted = [r for r in records if r["method"] == "Predict"]
+        assert len(feedback) == steps and all(r["samples"] == b for r in feedback)
+        assert sum(r["samples"] for r in predicted) == student_samples
+        assert result.queries[handler.name] == steps * b + student_samples
+    after = list(result.generators[0].parameters())
+    assert any(not torch.equal(x, y) for x, y in zip(before, after))
+
+
+class ConstantTeacher:
+    """Always answers class 0 with certainty, whatever the input: a collapsed generator's
+    view of the world."""
+
+    def __init__(self):
+        self.info = TeacherInfo("flat", tuple(DIGITS), (1, 8, 8), "logits")
+
+    def _logits(self, x):
+        logits = torch.full((len(x), 10), -20.0)
+        logits[:, 0] = 20.0
+        return logits
+
+    def predict(self, x):
+        return self._logits(x)
+
+    def bn_feedback(self, x, objective, adversary_logits=None, grad_logits=None):
+        return Feedback(self._logits(x), {"bn": 0.0, "total": 0.0}, torch.zeros_like(x))
+
+
+def test_generator_collapse_is_warned_not_silent():
+    config = DataFreeConfig(
+        method="dfq_no_adv",
+        warmup=6,
+        iterations=1,
+        batch_size=8,
+        generator_width=4,
+        collapse_patience=5,
+    )
+    with pytest.warns(RuntimeWarning, match="generator of flat may have collapsed"):
+        result = DataFreeFusion([ConstantTeacher()], config, progress=False).run()
+    assert len(result.warnings) == 1
+
+
+def test_bad_configurations_are_refused(handlers):
+    with pytest.raises(ValueError, match="unknown data-free method 'dfmx'"):
+        DataFreeConfig(method="dfmx")
+    other = ConstantTeacher()
+    other.info = TeacherInfo("other", ("a", "b"), (1, 8, 8), "logits")
+    with pytest.raises(ValueError, match="same classes"):
+        DataFreeFusion([LocalTeacher(handlers[0]), other], DataFreeConfig(**TINY))
