@@ -15,8 +15,23 @@ class ConfigError(ValueError):
     """A bad configuration file: ``str(error)`` is one line naming the file, field and problem."""
 
 
-def _field(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+def _field(data: object, error: dict) -> str:
+    """The dotted path of the failing field as the user wrote it: location segments that are
+    not keys of the document (the tags pydantic adds for tagged unions) are left out."""
+    parts, node = [], data
+    for part in error["loc"]:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and error["type"] != "missing":
+            continue  # a union tag, not a key
+        else:
+            node = None
+        parts.append(str(part))
+    if error["type"] == "union_tag_invalid":
+        parts.append(error["ctx"]["discriminator"].strip("'"))
+    return ".".join(parts) or "(top level)"
 
 
 def load_yaml(path: str | Path, model: type[M]) -> M:
@@ -48,4 +63,4 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
         more = error.error_count() - 1
         extra = f" (and {more} more)" if more else ""
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{path}: {_field(first['loc'])}: {message}{extra}") from None
+        raise ConfigError(f"{path}: {_field(data, first)}: {message}{extra}") from None

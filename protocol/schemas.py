@@ -101,7 +101,32 @@ class CompositionMethod(_Strict):
     params: CompositionParams = CompositionParams()
 
 
+class DataFreeParams(_Strict):
+    """Data-free fusion with generator assistants (paper 003, Algorithm 1) or a baseline."""
+
+    variant: str = "dfmf"  # dfmf | dfq | dfq_no_adv | dafl | zskt (fusion.datafree.VARIANTS)
+    warmup: int = Field(200, ge=0)  # generator warm-up steps, fidelity loss only
+    iterations: int = Field(1000, ge=1)  # main-loop iterations
+    student_steps: int = Field(2, ge=1)  # M_S: student updates per iteration
+    batch_size: int = Field(128, ge=2)  # B: samples per generator step
+    latent_dim: int = Field(100, ge=1)
+    generator_width: int = Field(32, ge=1)
+    alpha: float = Field(0.1, ge=0)  # weight of the fidelity loss in Eq. 6
+    temperature: float = Field(3.0, gt=0)  # tau of the KD and adversarial divergences
+    lr_generator: float = Field(1e-3, gt=0)
+    lr_student: float = Field(0.05, gt=0)  # SGD, Nesterov, cosine (student and assistants)
+    augment_shift: int = Field(2, ge=0)  # random translation of generated images, pixels
+    half: bool = False  # float16 tensors on the wire for BatchNormFeedback
+
+
+class DataFreeMethod(_Strict):
+    name: Literal["datafree"]
+    params: DataFreeParams = DataFreeParams()
+
+
 class StudentSpec(_Strict):
+    """The student; data-free fusion uses ``arch`` and its own schedule (method params)."""
+
     arch: str = "small_cnn"  # a name from fusion.models.list_models()
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -112,7 +137,7 @@ class StudentSpec(_Strict):
 class DataSpec(_Strict):
     """Where the coordinator's own data comes from: a source name or an ``.npz`` path."""
 
-    unlabeled: str  # e.g. digits:public, mnist:train, usps:train, path/to/file.npz
+    unlabeled: str | None = None  # e.g. digits:public, mnist:train; composition needs it
     test: str  # labelled, e.g. digits:test
 
 
@@ -120,7 +145,7 @@ class JobSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     parties: list[PartyRef] = Field(min_length=1)
-    method: CompositionMethod
+    method: CompositionMethod | DataFreeMethod = Field(discriminator="name")
     student: StudentSpec = StudentSpec()
     data: DataSpec
     output_dir: str = "runs"

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from fusion.compose import CompositionConfig, compose
 from fusion.composition import RULES
-from fusion.data import load_source
+from fusion.datafree.trainer import VARIANTS
 from fusion.models import list_models
 from fusion.teacher import Teacher
 from protocol.loading import ConfigError, load_yaml
 from protocol.schemas import JobSpec
 from server.fanout import fan_out
+from server.methods import RUNNERS
 from server.remote import RemoteTeacher
 from server.report import plot_accuracy, report_markdown
 
@@ -30,10 +30,19 @@ class PartyMismatch(ValueError):
 def load_job(path: str | Path) -> JobSpec:
     """Validate a job file, including the names that only the algorithms know."""
     spec = load_yaml(path, JobSpec)
-    if spec.method.params.rule not in RULES:
+    params = spec.method.params
+    if spec.method.name == "composition":
+        if params.rule not in RULES:
+            raise ConfigError(
+                f"{path}: method.params.rule: unknown rule {params.rule!r}"
+                f" (known: {', '.join(RULES)})"
+            )
+        if spec.data.unlabeled is None:
+            raise ConfigError(f"{path}: data.unlabeled: composition needs unlabeled data")
+    elif params.variant not in VARIANTS:
         raise ConfigError(
-            f"{path}: method.params.rule: unknown rule {spec.method.params.rule!r}"
-            f" (known: {', '.join(RULES)})"
+            f"{path}: method.params.variant: unknown variant {params.variant!r}"
+            f" (known: {', '.join(VARIANTS)})"
         )
     if spec.student.arch not in list_models():
         raise ConfigError(
@@ -46,7 +55,11 @@ def load_job(path: str | Path) -> JobSpec:
 def connect(spec: JobSpec) -> list[RemoteTeacher]:
     """One client per party; each asks its party's Describe so that an unreachable party
     fails here, before any work is done."""
-    teachers = [RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s) for p in spec.parties]
+    half = spec.method.name == "datafree" and spec.method.params.half
+    teachers = [
+        RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s, half=half)
+        for p in spec.parties
+    ]
     infos = fan_out(lambda t: t.info, teachers)
     for index, (teacher, info) in enumerate(zip(teachers, infos)):
         if info.name != teacher.name:
@@ -57,17 +70,6 @@ def connect(spec: JobSpec) -> list[RemoteTeacher]:
     return teachers
 
 
-def composition_config(spec: JobSpec) -> CompositionConfig:
-    """The algorithm's configuration: the method's parameters and the student spec share its
-    field names."""
-    return CompositionConfig(
-        **spec.method.params.model_dump(),
-        **spec.student.model_dump(),
-        seed=spec.seed,
-        baselines=spec.baselines,
-    )
-
-
 def run_job(
     spec: JobSpec,
     teachers: Sequence[Teacher],
@@ -76,29 +78,20 @@ def run_job(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Fuse ``teachers`` as ``spec`` says; returns the run folder with the student,
-    ``metrics.json`` and ``report.md``."""
+    ``metrics.json``, ``report.md`` and its figures."""
     started = time.perf_counter()
-    unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
-    result = compose(
-        teachers,
-        unlabeled,
-        test,
-        composition_config(spec),
-        map_teachers=fan_out,
-        progress=progress,
-        log=log,
-    )
+    outcome = RUNNERS[spec.method.name](spec, teachers, progress, log)
     job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_dir = Path(spec.output_dir) / job_id
     run_dir.mkdir(parents=True, exist_ok=False)
-    save_file(result.student.state_dict(), str(run_dir / "student.safetensors"))
+    save_file(outcome.student.state_dict(), str(run_dir / "student.safetensors"))
     architecture = {
-        "arch": result.student.arch["name"],
+        "arch": outcome.student.arch["name"],
         "kwargs": {
             k: list(v) if isinstance(v, tuple) else v
-            for k, v in result.student.arch["kwargs"].items()
+            for k, v in outcome.student.arch["kwargs"].items()
         },
-        "class_names": result.class_names,
+        "class_names": outcome.class_names,
     }
     (run_dir / "student.json").write_text(json.dumps(architecture, indent=2))
     stats = {t.info.name: dataclasses.asdict(t.stats) for t in teachers if hasattr(t, "stats")}
@@ -106,12 +99,24 @@ def run_job(
     metrics = {
         "job_id": job_id,
         "job": job,
-        "results": result.results,
-        "extra": result.extra,
+        "results": outcome.results,
+        "extra": outcome.extra,
         "parties": stats,
         "wall_seconds": time.perf_counter() - started,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_accuracy(result.results, run_dir / "accuracy.png")
-    (run_dir / "report.md").write_text(report_markdown(job, result.results, result.extra, stats))
+    figures = {"accuracy.png": lambda path: plot_accuracy(outcome.results, path)}
+    figures.update(outcome.figures)
+    for name, write in figures.items():
+        write(run_dir / name)
+    report = report_markdown(
+        job,
+        outcome.results,
+        outcome.summary,
+        stats,
+        list(figures),
+        outcome.extra.get("per_class"),
+        outcome.class_names,
+    )
+    (run_dir / "report.md").write_text(report)
     return run_dir

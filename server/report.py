@@ -51,6 +51,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(results: Mapping[str, float]) -> str:
+    """Rows in a fixed order, with what each means, as percentages."""
     rows = [[row, row_label(row), f"{100 * results[row]:.1f}"] for row in ordered_rows(results)]
     return markdown_table(["row", "what", "accuracy %"], rows)
 
@@ -72,50 +73,46 @@ def party_table(stats: Mapping[str, Mapping[str, float]]) -> str:
     )
 
 
+def per_class_table(per_class: Mapping[str, list], class_names: list[str]) -> str:
+    rows = [
+        [row] + ["" if v is None else f"{100 * v:.0f}" for v in values]
+        for row, values in per_class.items()
+    ]
+    return markdown_table(["row", *class_names], rows)
+
+
 def report_markdown(
     job: Mapping,
     results: Mapping[str, float],
-    extra: Mapping,
+    summary: list[str],
     stats: Mapping[str, Mapping[str, float]],
+    figures: list[str],
+    per_class: Mapping[str, list] | None = None,
+    class_names: list[str] | None = None,
 ) -> str:
-    params = job["method"]["params"]
+    params = ", ".join(f"{k} {v}" for k, v in job["method"]["params"].items())
     lines = [
         f"# Job {job['name']}",
         "",
-        f"Method: {job['method']['name']} (rule {params['rule']}, entropy threshold "
-        f"{params['entropy_threshold']}, {params['targets']} targets); student "
-        f"{job['student']['arch']}, {job['student']['epochs']} epochs; seed {job['seed']}.",
-        f"Data: unlabeled {job['data']['unlabeled']} ({extra['unlabeled']} images), "
-        f"test {job['data']['test']} ({extra['test']} images of the union classes).",
-        f"Pseudo-labels kept: {100 * extra['retention']:.1f}%"
-        + (
-            f", of which correct: {100 * extra['pseudo_label_accuracy']:.1f}%"
-            if "pseudo_label_accuracy" in extra
-            else ""
-        )
-        + ".",
+        f"Method: {job['method']['name']} ({params}); student {job['student']['arch']}; "
+        f"seed {job['seed']}.",
+        *summary,
         "",
-        "## Accuracy on the union classes",
+        "## Accuracy",
         "",
         results_table(results),
         "",
-        "![accuracy](accuracy.png)",
-        "",
-        "## Parties",
-        "",
-        party_table(stats),
-        "",
     ]
+    if per_class:
+        lines += ["## Accuracy per class, %", "", per_class_table(per_class, class_names), ""]
+    lines += [f"![{Path(name).stem}]({name})" for name in figures]
+    lines += ["", "## Parties", "", party_table(stats), ""]
     return "\n".join(lines)
 
 
 def plot_accuracy(results: Mapping[str, float], path: Path) -> None:
     """A horizontal bar per row (teachers, ensembles, baselines, student), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in ordered_rows(results) if r not in ("best_teacher", "ensemble")]
     colours = {"student": "tab:green", "supervised": "tab:gray", "vanilla_kd": "tab:orange"}
     figure, axes = plt.subplots(figsize=(7, 0.35 * len(rows) + 1))
@@ -127,6 +124,50 @@ def plot_accuracy(results: Mapping[str, float], path: Path) -> None:
     axes.set_xlabel("accuracy on the union classes, %")
     for y, row in enumerate(rows):
         axes.text(100 * results[row] + 0.5, y, f"{100 * results[row]:.1f}", va="center", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_samples(checkpoints: list, path: Path) -> None:
+    """One row of generated images per checkpoint; each item is (N, C, H, W) in [0, 1]."""
+    plt = _pyplot()
+    rows, columns = len(checkpoints), len(checkpoints[0])
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(columns * 0.6, rows * 0.6 + 0.3), squeeze=False
+    )
+    for r, images in enumerate(checkpoints):
+        for c, image in enumerate(images):
+            picture = image.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()  # (H, W[, C])
+            axes[r][c].imshow(picture, cmap="gray", vmin=0, vmax=1)
+            axes[r][c].axis("off")
+    figure.suptitle("generated samples, one row per checkpoint (first: untrained)", fontsize=8)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_curves(history: Mapping[str, list[float]], path: Path) -> None:
+    """Loss curves, one panel per model (generator k, assistant k, student)."""
+    plt = _pyplot()
+    groups: dict[str, list[str]] = {}
+    for key in history:
+        groups.setdefault(key.split("/")[0], []).append(key)
+    figure, axes = plt.subplots(len(groups), 1, figsize=(7, 2.2 * len(groups)), squeeze=False)
+    for ax, (group, keys) in zip(axes[:, 0], groups.items()):
+        for key in keys:
+            ax.plot(history[key], label=key.split("/", 1)[1], linewidth=0.8)
+        ax.set_title(group, fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1][0].set_xlabel("step")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -3,8 +3,11 @@ gRPC parties on the digits."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import yaml
 from parties import serving
 
 from fusion.data import load_source
@@ -16,7 +19,9 @@ from fusion.train import fit
 from party.audit import AuditLog, read_records
 from party.handler import PartyHandler
 from party.local import LocalTeacher
+from protocol.loading import ConfigError
 from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
+from server.job import connect, load_job, run_job
 from server.remote import RemoteTeacher
 
 DIGITS = [str(d) for d in range(10)]
@@ -64,7 +69,7 @@ def test_augment_translates_within_the_shift():
 @pytest.mark.parametrize("method", list(VARIANTS))
 def test_every_variant_trains_through_the_same_code_path(handlers, method):
     teachers = [LocalTeacher(h) for h in handlers]
-    result = DataFreeFusion(teachers, DataFreeConfig(method=method, **TINY), progress=False).run(
+    result = DataFreeFusion(teachers, DataFreeConfig(variant=method, **TINY), progress=False).run(
         checkpoints=2
     )
     history = result.history
@@ -84,7 +89,7 @@ def test_end_to_end_through_real_grpc_parties(handlers):
         teachers = [RemoteTeacher("p0", a0), RemoteTeacher("p1", a1)]
         before = [p.clone() for p in Generator((1, 8, 8), 100, 8).parameters()]
         result = DataFreeFusion(
-            teachers, DataFreeConfig(method="dfmf", **TINY), progress=False
+            teachers, DataFreeConfig(variant="dfmf", **TINY), progress=False
         ).run()
         for t in teachers:
             t.close()
@@ -122,7 +127,7 @@ class ConstantTeacher:
 
 def test_generator_collapse_is_warned_not_silent():
     config = DataFreeConfig(
-        method="dfq_no_adv",
+        variant="dfq_no_adv",
         warmup=6,
         iterations=1,
         batch_size=8,
@@ -135,9 +140,48 @@ def test_generator_collapse_is_warned_not_silent():
 
 
 def test_bad_configurations_are_refused(handlers):
-    with pytest.raises(ValueError, match="unknown data-free method 'dfmx'"):
-        DataFreeConfig(method="dfmx")
+    with pytest.raises(ValueError, match="unknown data-free variant 'dfmx'"):
+        DataFreeConfig(variant="dfmx")
     other = ConstantTeacher()
     other.info = TeacherInfo("other", ("a", "b"), (1, 8, 8), "logits")
     with pytest.raises(ValueError, match="same classes"):
         DataFreeFusion([LocalTeacher(handlers[0]), other], DataFreeConfig(**TINY))
+
+
+def test_datafree_job_writes_samples_losses_and_per_class_accuracy(handlers, tmp_path):
+    with serving(handlers[0]) as a0, serving(handlers[1]) as a1:
+        job = {
+            "name": "df",
+            "parties": [{"name": "p0", "address": a0}, {"name": "p1", "address": a1}],
+            "method": {"name": "datafree", "params": {**TINY, "half": True}},
+            "data": {"test": "digits:test"},
+            "output_dir": str(tmp_path / "runs"),
+        }
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+        spec = load_job(tmp_path / "job.yaml")
+        run_dir = run_job(spec, connect(spec), progress=False, log=lambda message: None)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"teacher:p0", "teacher:p1", "best_teacher", "ensemble", "student"} <= set(
+        metrics["results"]
+    )
+    assert len(metrics["extra"]["per_class"]["student"]) == 10
+    for name in ("samples-p0.png", "samples-p1.png", "losses.png", "accuracy.png"):
+        assert (run_dir / name).read_bytes().startswith(b"\x89PNG")
+    report = (run_dir / "report.md").read_text()
+    assert "## Accuracy per class, %" in report and "![samples-p1](samples-p1.png)" in report
+
+
+def test_datafree_job_file_errors_name_the_field(tmp_path):
+    job = {
+        "name": "df",
+        "parties": [{"name": "p0", "address": "127.0.0.1:1"}],
+        "method": {"name": "datafree", "params": {"variant": "dfmx"}},
+        "data": {"test": "digits:test"},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match=r"method\.params\.variant: unknown variant 'dfmx'"):
+        load_job(tmp_path / "job.yaml")
+    job["method"] = {"name": "composition"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match="data.unlabeled: composition needs unlabeled data"):
+        load_job(tmp_path / "job.yaml")

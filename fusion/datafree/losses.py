@@ -33,12 +33,18 @@ class GeneratorObjective:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 
 
-def kd_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``KL(softmax(t / T) || softmax(s / T)) * T^2``, averaged over the batch (Eq. 1, 2, 5)."""
+def softened_kl(teacher_logits: Tensor, other_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``KL(softmax(t / T) || softmax(s / T))`` averaged over the batch: the divergence D of
+    Eq. 1, 2 and 5."""
     t = F.log_softmax(teacher_logits / temperature, dim=1)
-    s = F.log_softmax(student_logits / temperature, dim=1)
-    kl = (t.exp() * (t - s)).sum(dim=1).mean()
-    return kl * temperature**2
+    s = F.log_softmax(other_logits / temperature, dim=1)
+    return (t.exp() * (t - s)).sum(dim=1).mean()
+
+
+def kd_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """:func:`softened_kl` times ``T^2``, the usual distillation scaling that keeps gradient
+    sizes independent of the temperature (student and assistant losses, Eq. 1-2)."""
+    return softened_kl(teacher_logits, student_logits, temperature) * temperature**2
 
 
 def instance_entropy(logits: Tensor) -> Tensor:
@@ -78,7 +84,8 @@ def teacher_side_loss(
     if objective.adversarial:
         if adversary_logits is None:
             raise ValueError("an adversarial objective needs the adversary's logits")
-        parts["adversarial"] = kd_kl(logits, adversary_logits.to(logits), objective.temperature)
+        adversary = adversary_logits.to(logits)
+        parts["adversarial"] = softened_kl(logits, adversary, objective.temperature)
         total = total - objective.adversarial * parts["adversarial"]
     parts["total"] = total
     return total, {name: float(value.detach()) for name, value in parts.items()}

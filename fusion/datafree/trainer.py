@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fusion.datafree.generator import Generator, augment
-from fusion.datafree.losses import GeneratorObjective, batch_entropy, kd_kl
+from fusion.datafree.losses import GeneratorObjective, batch_entropy, kd_kl, softened_kl
 from fusion.models import Classifier, create_model
 from fusion.teacher import Teacher
 
@@ -61,7 +61,7 @@ VARIANTS: dict[str, Variant] = {
 class DataFreeConfig:
     """Hyper-parameters (paper Sec. 4 defaults scaled to small CPU runs)."""
 
-    method: str = "dfmf"  # a key of VARIANTS
+    variant: str = "dfmf"  # a key of VARIANTS
     student_arch: str = "small_cnn"
     assistant_arch: str | None = None  # None: the student's architecture
     warmup: int = 100  # generator warm-up steps with the fidelity loss only (per generator)
@@ -80,9 +80,9 @@ class DataFreeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in VARIANTS:
+        if self.variant not in VARIANTS:
             raise ValueError(
-                f"unknown data-free method {self.method!r}; known: {', '.join(VARIANTS)}"
+                f"unknown data-free variant {self.variant!r}; known: {', '.join(VARIANTS)}"
             )
 
 
@@ -126,7 +126,7 @@ class DataFreeFusion:
             raise ValueError("data-free fusion needs teachers over the same classes, in order")
         self.teachers = list(teachers)
         self.config = config
-        self.variant = VARIANTS[config.method]
+        self.variant = VARIANTS[config.variant]
         self.map_teachers = map_teachers
         self.progress = progress
         self.log = log
@@ -205,7 +205,8 @@ class DataFreeFusion:
         # the teacher's part of dL/dx came back from the party; the adversary's part is local
         tensors, grads = [x], [feedback.input_grad.to(x)]
         if adversary_logits is not None and weights.adversarial:
-            local = -weights.adversarial * kd_kl(teacher_logits, adversary_logits, c.temperature)
+            divergence = softened_kl(teacher_logits, adversary_logits, c.temperature)
+            local = -weights.adversarial * divergence
             tensors.append(local)
             grads.append(None)
         self.generator_opts[k].zero_grad()
@@ -289,11 +290,13 @@ class DataFreeFusion:
             return [g.sample(count, rng) for g in self.generators]
 
     def run(self, checkpoints: int = 4) -> DataFreeResult:
+        """Algorithm 1: warm-up of every generator, then generator, assistant and student
+        updates; ``checkpoints`` sample snapshots are kept along the way."""
         c = self.config
         samples = [self.snapshot()]
         bar = tqdm(
             total=len(self.teachers) * c.warmup + c.iterations,
-            desc=c.method,
+            desc=c.variant,
             disable=None if self.progress else True,
             leave=False,
         )

@@ -1,0 +1,109 @@
+"""One runner per fusion method: each turns a validated job and its teachers into an
+:class:`Outcome` that :func:`server.job.run_job` writes to the run folder."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion.compose import CompositionConfig, compose, relabel
+from fusion.data import fit_to_shape, load_source
+from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
+from fusion.evaluate import evaluate
+from fusion.models import Classifier
+from fusion.teacher import Teacher
+from protocol.schemas import JobSpec
+from server.fanout import fan_out
+from server.report import plot_curves, plot_samples
+
+
+@dataclass
+class Outcome:
+    student: Classifier
+    class_names: list[str]
+    results: dict[str, float]  # row -> accuracy
+    extra: dict = field(default_factory=dict)  # goes to metrics.json
+    summary: list[str] = field(default_factory=list)  # method-specific lines of report.md
+    figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # PNG writers
+
+
+Runner = Callable[[JobSpec, Sequence[Teacher], bool, Callable[[str], None]], Outcome]
+
+
+def composition_config(spec: JobSpec) -> CompositionConfig:
+    """The method's parameters and the student spec share the config's field names."""
+    return CompositionConfig(
+        **spec.method.params.model_dump(),
+        **spec.student.model_dump(),
+        seed=spec.seed,
+        baselines=spec.baselines,
+    )
+
+
+def run_composition(spec, teachers, progress, log) -> Outcome:
+    unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
+    result = compose(
+        teachers,
+        unlabeled,
+        test,
+        composition_config(spec),
+        map_teachers=fan_out,
+        progress=progress,
+        log=log,
+    )
+    extra = result.extra
+    kept = f"Pseudo-labels kept: {100 * extra['retention']:.1f}%"
+    if "pseudo_label_accuracy" in extra:
+        kept += f", of which correct: {100 * extra['pseudo_label_accuracy']:.1f}%"
+    summary = [
+        f"Data: unlabeled {spec.data.unlabeled} ({extra['unlabeled']} images), test "
+        f"{spec.data.test} ({extra['test']} images of the union classes).",
+        kept + ".",
+    ]
+    return Outcome(result.student, result.class_names, result.results, extra, summary)
+
+
+def datafree_config(spec: JobSpec) -> DataFreeConfig:
+    params = spec.method.params.model_dump(exclude={"half"})
+    return DataFreeConfig(**params, student_arch=spec.student.arch, seed=spec.seed)
+
+
+def run_datafree(spec, teachers, progress, log) -> Outcome:
+    config = datafree_config(spec)
+    log(f"data-free fusion ({config.variant}) of {len(teachers)} teachers, no data")
+    result = DataFreeFusion(
+        teachers, config, map_teachers=fan_out, progress=progress, log=log
+    ).run()
+    classes = list(teachers[0].info.class_names)
+    x, y = relabel(load_source(spec.data.test), classes)
+    x = fit_to_shape(x, tuple(teachers[0].info.input_shape))
+    rows, per_class = evaluate(teachers, {"student": result.student}, x, y, fan_out)
+    names = [t.info.name for t in teachers]
+    figures = {
+        f"samples-{name}.png": (
+            lambda path, k=k: plot_samples([s[k] for s in result.samples], path)
+        )
+        for k, name in enumerate(names)
+    }
+    figures["losses.png"] = lambda path: plot_curves(result.history, path)
+    summary = [
+        f"Test: {spec.data.test} ({len(y)} images). Teacher queries (samples): "
+        + ", ".join(f"{n} {q}" for n, q in result.queries.items())
+        + ".",
+        *[f"WARNING: {w}" for w in result.warnings],
+    ]
+    extra = {
+        "per_class": {
+            row: [None if math.isnan(v) else v for v in accs] for row, accs in per_class.items()
+        },
+        "class_names": classes,
+        "queries": result.queries,
+        "warnings": result.warnings,
+        "final_losses": {k: v[-1] for k, v in result.history.items() if v},
+    }
+    return Outcome(result.student, classes, rows, extra, summary, figures)
+
+
+RUNNERS: dict[str, Runner] = {"composition": run_composition, "datafree": run_datafree}
