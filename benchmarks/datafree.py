@@ -1,0 +1,221 @@
+"""Data-free fusion benchmark (paper 003's protocol scaled to a CPU).
+
+Two parties, each with a small BatchNorm CNN teacher trained on its share of the training set:
+``bl`` splits the images evenly; ``ibl3`` gives party k 75% of the images of its half of the
+classes and 25% of the rest (r = 3). The student (same family) never sees an image: it learns
+from generated samples through the parties' Predict and BatchNormFeedback. Rows: each teacher,
+best teacher, ensemble (mean probabilities), gold (trained on all the data), and the student of
+every method with the same budget of generator and student steps.
+
+    python -m benchmarks.datafree [--variant mnist-ibl3] [--method dfmf] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fusion.compose import relabel
+from fusion.data import Dataset, SourceUnavailable, load_source
+from fusion.datafree.trainer import VARIANTS as METHODS
+from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
+from fusion.evaluate import evaluate
+from fusion.models import create_model
+from fusion.train import fit
+from party.audit import AuditLog
+from party.handler import PartyHandler
+from party.local import LocalTeacher
+from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
+from server.report import markdown_table, ordered_rows
+
+SEED = 0
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {  # name: (data set, imbalance ratio r; 1 = balanced)
+    "mnist-bl": ("mnist", 1),
+    "mnist-ibl3": ("mnist", 3),
+    "fashion-bl": ("fashion_mnist", 1),
+    "fashion-ibl3": ("fashion_mnist", 3),
+}
+TEACHER = {"name": "small_cnn", "width": 16}
+
+
+def budget(args: argparse.Namespace) -> dict:
+    if args.quick:
+        return dict(
+            teacher_epochs=1, train=4000, warmup=5, iterations=10, student_steps=2, test=1000
+        )
+    return dict(
+        teacher_epochs=1,
+        train=None,
+        warmup=args.warmup,
+        iterations=args.iterations,
+        student_steps=args.student_steps,
+        test=None,
+    )
+
+
+def split(train: Dataset, ratio: int, parties: int = 2) -> list[np.ndarray]:
+    """Indices per party: even split (ratio 1), or party k takes ratio/(ratio+1) of the images
+    of its 1/parties of the classes and an even share of the rest (paper Sec. 4, IBL)."""
+    rng = np.random.default_rng(SEED)
+    labels = train.y.numpy()
+    shares: list[list[int]] = [[] for _ in range(parties)]
+    classes = np.arange(len(train.class_names))
+    frequent = np.array_split(classes, parties)
+    for c in classes:
+        index = rng.permutation(np.flatnonzero(labels == c))
+        owner = next(k for k, f in enumerate(frequent) if c in f)
+        fraction = ratio / (ratio + parties - 1)
+        cut = int(round(fraction * len(index))) if ratio > 1 else len(index) // parties
+        if ratio == 1:
+            for k, part in enumerate(np.array_split(index, parties)):
+                shares[k].extend(part)
+            continue
+        shares[owner].extend(index[:cut])
+        others = [k for k in range(parties) if k != owner]
+        for k, part in zip(others, np.array_split(index[cut:], len(others))):
+            shares[k].extend(part)
+    return [np.sort(np.array(s)) for s in shares]
+
+
+def train_model(data: Dataset, epochs: int, seed: int, desc: str):
+    torch.manual_seed(seed)
+    model = create_model(
+        TEACHER["name"],
+        in_shape=tuple(data.x.shape[1:]),
+        num_classes=len(data.class_names),
+        width=TEACHER["width"],
+    )
+    fit(model, data.x, data.y, epochs=epochs, batch_size=64, seed=seed, desc=desc)
+    return model
+
+
+def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
+    policy = Policy(
+        predict=PredictPolicy(output="logits"), bn_feedback=BnFeedbackPolicy(), sample_budget=None
+    )
+    teachers = []
+    for k, index in enumerate(split(train, ratio)):
+        model = train_model(train.subset(index), b["teacher_epochs"], SEED + k, f"teacher-{k}")
+        handler = PartyHandler(
+            f"party-{k}",
+            model,
+            train.class_names,
+            tuple(train.x.shape[1:]),
+            policy,
+            AuditLog(folder / f"{k}.jsonl"),
+        )
+        teachers.append(LocalTeacher(handler))
+    return teachers
+
+
+def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
+    source, ratio = VARIANTS[name]
+    started = time.perf_counter()
+    train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
+    if b["train"]:
+        train = train.subset(np.random.default_rng(SEED).permutation(len(train))[: b["train"]])
+    if b["test"]:
+        test = test.subset(np.arange(b["test"]))
+    teachers = teachers_for(train, ratio, b, Path(tempfile.mkdtemp()))
+    gold = train_model(train, b["teacher_epochs"], SEED, "gold")
+    x, y = relabel(test, list(train.class_names))
+    results, per_class = evaluate(teachers, {"gold": gold}, x, y)
+    split_name = "balanced" if ratio == 1 else f"IBL r={ratio}"
+    record = {
+        "benchmark": "datafree",
+        "variant": name,
+        "data": f"{source} train split between 2 parties ({'balanced' if ratio == 1 else f'IBL r={ratio}'}"
+        f", {len(train)} images); test: {len(test)} {source} test images; shared/data",
+        "seed": SEED,
+        "budget": f"teachers and gold: {b['teacher_epochs']} epoch(s) of small_cnn width "
+        f"{TEACHER['width']}; each method: {b['warmup']} warm-up + {b['iterations']} "
+        f"iterations x {b['student_steps']} student steps, batch 128",
+        "metric": "accuracy",
+        "wall_seconds": 0.0,
+        "results": results,
+        "extra": {"per_class": per_class, "methods": {}},
+    }
+    for method in methods:
+        method_started = time.perf_counter()
+        config = DataFreeConfig(
+            variant=method,
+            warmup=b["warmup"],
+            iterations=b["iterations"],
+            student_steps=b["student_steps"],
+            generator_width=64,
+            seed=SEED,
+        )
+        result = DataFreeFusion(teachers, config).run()
+        rows, classes = evaluate(teachers, {method: result.student}, x, y)
+        record["results"][method] = rows[method]
+        record["extra"]["per_class"][method] = classes[method]
+        record["extra"]["methods"][method] = {
+            "seconds": round(time.perf_counter() - method_started, 1),
+            "queries": result.queries,
+            "warnings": result.warnings,
+            "final_losses": {k: v[-1] for k, v in result.history.items() if v},
+        }
+        record["wall_seconds"] = round(time.perf_counter() - started, 1)
+        write(record, out)  # after every method, so a long run keeps its results
+        print(f"{name} {method}: {100 * rows[method]:.2f}%", flush=True)
+    return record
+
+
+def write(record: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"datafree-{record['variant']}.json").write_text(json.dumps(record, indent=2) + "\n")
+    records = sorted(
+        (json.loads(p.read_text()) for p in folder.glob("datafree-*.json")),
+        key=lambda r: list(VARIANTS).index(r["variant"]),
+    )
+    rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
+
+    def cell(r: dict, row: str) -> str:
+        return f"{100 * r['results'][row]:.2f}" if row in r["results"] else ""
+
+    table = markdown_table(
+        ["row"] + [r["variant"] for r in records],
+        [[row] + [cell(r, row) for r in records] for row in rows],
+    )
+    notes = "\n".join(
+        f"- {r['variant']}: {r['data']}; {r['budget']}; seed {r['seed']}; {r['wall_seconds']}s"
+        for r in records
+    )
+    (folder / "datafree.md").write_text(f"# datafree (accuracy %)\n\n{table}\n\n{notes}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=list(VARIANTS), action="append")
+    parser.add_argument("--method", choices=list(METHODS), action="append")
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=1000)
+    parser.add_argument("--student-steps", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
+    args = parser.parse_args(argv)
+    out = Path(tempfile.mkdtemp(prefix="datafree-quick-")) if args.quick else RESULTS
+    done = 0
+    for name in args.variant or list(VARIANTS):
+        try:
+            run_variant(name, args.method or list(METHODS), budget(args), out)
+            done += 1
+        except SourceUnavailable as error:
+            print(f"{name} skipped: {error}", file=sys.stderr)
+    if not done:
+        print("skipped: no variant's data set is available")
+        return 0
+    print((out / "datafree.md").read_text())
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
