@@ -132,8 +132,8 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
     record = {
         "benchmark": "datafree",
         "variant": name,
-        "data": f"{source} train split between 2 parties ({'balanced' if ratio == 1 else f'IBL r={ratio}'}"
-        f", {len(train)} images); test: {len(test)} {source} test images; shared/data",
+        "data": f"{source} train split between 2 parties ({split_name}, {len(train)} images); "
+        f"test: {len(test)} {source} test images; shared/data",
         "seed": SEED,
         "budget": f"teachers and gold: {b['teacher_epochs']} epoch(s) of small_cnn width "
         f"{TEACHER['width']}; each method: {b['warmup']} warm-up + {b['iterations']} "
