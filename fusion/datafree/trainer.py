@@ -110,6 +110,141 @@ def _sequential(fn: Callable[[Teacher], Tensor], teachers: Sequence[Teacher]) ->
     return [fn(t) for t in teachers]
 
 
+def sgd(model: nn.Module, config: DataFreeConfig):
+    """Nesterov SGD with a cosine schedule over the run (students and assistants, Sec. 4)."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr_student, momentum=0.9, nesterov=True
+    )
+    steps = max(1, config.iterations * config.student_steps)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+
+
+class History:
+    """Loss curves by name, and the warnings raised along the way."""
+
+    def __init__(self, log: Callable[[str], None] = lambda message: None) -> None:
+        self.curves: dict[str, list[float]] = {}
+        self.warnings: list[str] = []
+        self.log = log
+
+    def record(self, name: str, value: float) -> None:
+        self.curves.setdefault(name, []).append(value)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        self.log(message)
+
+
+class GeneratorTrainer:
+    """One generator, and for DFMF its assistant, against one teacher (Eq. 2-6).
+
+    Used by the coordinator for every party (coordinator mode) and by a party for its own
+    teacher (party-side synthesis mode).
+    """
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        config: DataFreeConfig,
+        index: int,
+        history: History,
+        rng: torch.Generator,
+    ) -> None:
+        self.teacher, self.config, self.index = teacher, config, index
+        self.variant = VARIANTS[config.variant]
+        self.history, self.rng = history, rng
+        self.num_classes = len(teacher.info.class_names)
+        in_shape = tuple(teacher.info.input_shape)
+        self.generator = Generator(in_shape, config.latent_dim, config.generator_width)
+        self.optimizer = torch.optim.Adam(
+            self.generator.parameters(), lr=config.lr_generator, betas=(0.5, 0.999)
+        )
+        self.assistant: Classifier | None = None
+        if self.variant.adversary == "assistant":
+            arch = config.assistant_arch or config.student_arch
+            self.assistant = create_model(arch, in_shape=in_shape, num_classes=self.num_classes)
+            self.assistant_opt, self.assistant_sched = sgd(self.assistant, config)
+        self.queries = 0
+        self._low_entropy_steps = 0
+
+    def objective(self, adversarial: bool) -> GeneratorObjective:
+        """Fidelity only (warm-up), or Eq. 6: ``L_A + alpha * L_F``."""
+        fidelity, c = self.variant.fidelity, self.config
+        if not adversarial:
+            return fidelity
+        return GeneratorObjective(
+            bn=c.alpha * fidelity.bn,
+            instance_entropy=c.alpha * fidelity.instance_entropy,
+            batch_entropy=c.alpha * fidelity.batch_entropy,
+            adversarial=1.0 if self.variant.adversary else 0.0,
+            temperature=c.temperature,
+        )
+
+    def step(self, adversary: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """One generator update; ``adversary`` None means the warm-up (fidelity only).
+
+        Returns the batch (B, C, H, W) and the teacher's logits on it (B, K).
+        """
+        c, name = self.config, f"generator{self.index}"
+        self.generator.train()
+        x = self.generator.sample(c.batch_size, self.rng)  # graph into the generator
+        weights = self.objective(adversarial=adversary is not None)
+        adversary_logits = None
+        if adversary is not None:
+            adversary.eval()
+            adversary_logits = adversary(x)  # (B, K), graph into x through the adversary
+        feedback = self.teacher.bn_feedback(
+            x.detach(), weights, None if adversary_logits is None else adversary_logits.detach()
+        )
+        self.queries += len(x)
+        teacher_logits = feedback.logits.to(x.dtype)
+        # the teacher's part of dL/dx came back from the party; the adversary's part is local
+        tensors, grads = [x], [feedback.input_grad.to(x)]
+        if adversary_logits is not None and weights.adversarial:
+            divergence = softened_kl(teacher_logits, adversary_logits, c.temperature)
+            tensors.append(-weights.adversarial * divergence)
+            grads.append(None)
+        self.optimizer.zero_grad()
+        torch.autograd.backward(tensors, grads)
+        self.optimizer.step()
+        for term, value in feedback.losses.items():
+            self.history.record(f"{name}/{term}", value)
+        self._watch_collapse(teacher_logits)
+        return x.detach(), teacher_logits
+
+    def assistant_step(self, x: Tensor, teacher_logits: Tensor) -> None:
+        """Eq. 2 on the generator's latest batch (its teacher logits are already known)."""
+        self.assistant.train()
+        loss = kd_kl(
+            teacher_logits,
+            self.assistant(augment(x, self.config.augment_shift, self.rng)),
+            self.config.temperature,
+        )
+        self.assistant_opt.zero_grad()
+        loss.backward()
+        self.assistant_opt.step()
+        self.assistant_sched.step()
+        self.history.record(f"assistant{self.index}/kl", loss.item())
+
+    def _watch_collapse(self, logits: Tensor) -> None:
+        """Warn when the batch entropy stays low: the generator draws one or few classes."""
+        normalized = batch_entropy(logits).item() / math.log(self.num_classes)
+        self.history.record(f"generator{self.index}/batch_entropy_normalized", normalized)
+        low = normalized < self.config.collapse_entropy
+        self._low_entropy_steps = self._low_entropy_steps + 1 if low else 0
+        if self._low_entropy_steps == self.config.collapse_patience:
+            self.history.warn(
+                f"generator of {self.teacher.info.name} may have collapsed: batch entropy "
+                f"{normalized:.2f} of the maximum for {self.config.collapse_patience} steps"
+            )
+
+    def sample(self, count: int, rng: torch.Generator | None = None) -> Tensor:
+        self.generator.eval()
+        with torch.no_grad():
+            return self.generator.sample(count, rng or self.rng)
+
+
 class DataFreeFusion:
     """One run of a variant over ``teachers``; :meth:`run` returns the trained student."""
 
@@ -129,145 +264,39 @@ class DataFreeFusion:
         self.variant = VARIANTS[config.variant]
         self.map_teachers = map_teachers
         self.progress = progress
-        self.log = log
-        self.num_classes = len(next(iter(classes)))
-        self.in_shape = tuple(teachers[0].info.input_shape)
         torch.manual_seed(config.seed)
         self.rng = torch.Generator().manual_seed(config.seed)
-        self.generators = [
-            Generator(self.in_shape, config.latent_dim, config.generator_width) for _ in teachers
+        self.history = History(log)
+        self.trainers = [
+            GeneratorTrainer(t, config, k, self.history, self.rng) for k, t in enumerate(teachers)
         ]
-        self.generator_opts = [
-            torch.optim.Adam(g.parameters(), lr=config.lr_generator, betas=(0.5, 0.999))
-            for g in self.generators
-        ]
-        self.student = self._classifier(config.student_arch)
-        self.student_opt, self.student_sched = self._sgd(self.student)
-        self.assistants: list[Classifier] = []
-        self.assistant_opts = []
-        if self.variant.adversary == "assistant":
-            arch = config.assistant_arch or config.student_arch
-            self.assistants = [self._classifier(arch) for _ in teachers]
-            self.assistant_opts = [self._sgd(a) for a in self.assistants]
-        self.history: dict[str, list[float]] = {}
-        self.queries = {t.info.name: 0 for t in teachers}
-        self.warnings: list[str] = []
-        self._low_entropy_steps = [0] * len(teachers)
-
-    # --- set-up -------------------------------------------------------------------------
-
-    def _classifier(self, arch: str) -> Classifier:
-        return create_model(arch, in_shape=self.in_shape, num_classes=self.num_classes)
-
-    def _sgd(self, model: nn.Module):
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=self.config.lr_student, momentum=0.9, nesterov=True
+        in_shape = tuple(teachers[0].info.input_shape)
+        self.student = create_model(
+            config.student_arch, in_shape=in_shape, num_classes=len(next(iter(classes)))
         )
-        steps = max(1, self.config.iterations * self.config.student_steps)
-        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        self.student_opt, self.student_sched = sgd(self.student, config)
+        self.student_queries = {t.info.name: 0 for t in teachers}
 
-    def _record(self, name: str, value: float) -> None:
-        self.history.setdefault(name, []).append(value)
-
-    # --- generator (Eq. 3, 5, 6) --------------------------------------------------------
-
-    def _adversary(self, k: int) -> nn.Module | None:
+    def _adversary(self, trainer: GeneratorTrainer) -> nn.Module | None:
+        """The model the generator plays against; None: fidelity loss only."""
         if self.variant.adversary == "assistant":
-            return self.assistants[k]
+            return trainer.assistant
         if self.variant.adversary == "student":
             return self.student
         return None
 
-    def generator_step(self, k: int, adversarial: bool) -> tuple[Tensor, Tensor]:
-        """One update of generator ``k``; returns the batch and the teacher's logits on it."""
-        c, teacher, generator = self.config, self.teachers[k], self.generators[k]
-        generator.train()
-        x = generator.sample(c.batch_size, self.rng)  # (B, C, H, W), graph into the generator
-        adversary = self._adversary(k) if adversarial else None
-        weights = self.variant.fidelity
-        if adversarial:  # Eq. 6: L_A + alpha * L_F
-            weights = GeneratorObjective(
-                bn=c.alpha * weights.bn,
-                instance_entropy=c.alpha * weights.instance_entropy,
-                batch_entropy=c.alpha * weights.batch_entropy,
-                adversarial=1.0 if adversary is not None else 0.0,
-                temperature=c.temperature,
-            )
-        adversary_logits = None
-        if adversary is not None:
-            adversary.eval()
-            adversary_logits = adversary(x)  # (B, K), graph into x through the adversary
-        feedback = teacher.bn_feedback(
-            x.detach(), weights, None if adversary_logits is None else adversary_logits.detach()
-        )
-        self.queries[teacher.info.name] += len(x)
-        teacher_logits = feedback.logits.to(x.dtype)
-        # the teacher's part of dL/dx came back from the party; the adversary's part is local
-        tensors, grads = [x], [feedback.input_grad.to(x)]
-        if adversary_logits is not None and weights.adversarial:
-            divergence = softened_kl(teacher_logits, adversary_logits, c.temperature)
-            local = -weights.adversarial * divergence
-            tensors.append(local)
-            grads.append(None)
-        self.generator_opts[k].zero_grad()
-        torch.autograd.backward(tensors, grads)
-        self.generator_opts[k].step()
-        for name, value in feedback.losses.items():
-            self._record(f"generator{k}/{name}", value)
-        self._watch_collapse(k, teacher_logits)
-        return x.detach(), teacher_logits
-
-    def _watch_collapse(self, k: int, logits: Tensor) -> None:
-        """Warn when a generator's batch entropy stays low: it draws one or few classes."""
-        normalized = batch_entropy(logits).item() / math.log(self.num_classes)
-        self._record(f"generator{k}/batch_entropy_normalized", normalized)
-        low = normalized < self.config.collapse_entropy
-        self._low_entropy_steps[k] = self._low_entropy_steps[k] + 1 if low else 0
-        if self._low_entropy_steps[k] == self.config.collapse_patience:
-            message = (
-                f"generator of {self.teachers[k].info.name} may have collapsed: batch entropy "
-                f"{normalized:.2f} of the maximum for {self.config.collapse_patience} steps"
-            )
-            self.warnings.append(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-            self.log(message)
-
-    # --- assistants (Eq. 2) and student (Eq. 1) -------------------------------------------
-
-    def assistant_step(self, k: int, x: Tensor, teacher_logits: Tensor) -> None:
-        assistant = self.assistants[k]
-        optimizer, schedule = self.assistant_opts[k]
-        assistant.train()
-        loss = kd_kl(
-            teacher_logits,
-            assistant(augment(x, self.config.augment_shift, self.rng)),
-            self.config.temperature,
-        )
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        self._record(f"assistant{k}/kl", loss.item())
-
-    def student_batch(self) -> tuple[Tensor, Tensor]:
-        """The union of all generators' samples (b = B // K each) and the teachers' averaged
-        soft targets at temperature tau (w_k = 1 / K)."""
-        per_generator = max(2, self.config.batch_size // len(self.generators))
-        with torch.no_grad():
-            for g in self.generators:
-                g.eval()
-            x = torch.cat([g.sample(per_generator, self.rng) for g in self.generators])
+    def student_targets(self, x: Tensor) -> Tensor:
+        """The teachers' averaged soft labels at temperature tau (Eq. 1, w_k = 1 / K)."""
         logits = self.map_teachers(
             lambda t: as_logits(t.predict(x), t.info.output_form), self.teachers
         )
         for teacher in self.teachers:
-            self.queries[teacher.info.name] += len(x)
+            self.student_queries[teacher.info.name] += len(x)
         tau = self.config.temperature
-        target = torch.stack([torch.softmax(z / tau, dim=1) for z in logits]).mean(dim=0)
-        return x, target
+        return torch.stack([torch.softmax(z / tau, dim=1) for z in logits]).mean(dim=0)
 
-    def student_step(self) -> None:
-        x, target = self.student_batch()
+    def student_step(self, x: Tensor, target: Tensor) -> None:
+        """One update of the student towards ``target`` (B, K) on augmented ``x``."""
         tau = self.config.temperature
         self.student.train()
         student_logits = self.student(augment(x, self.config.augment_shift, self.rng))
@@ -277,17 +306,27 @@ class DataFreeFusion:
         loss.backward()
         self.student_opt.step()
         self.student_sched.step()
-        self._record("student/kl", loss.item())
-
-    # --- Algorithm 1 ----------------------------------------------------------------------
+        self.history.record("student/kl", loss.item())
 
     def snapshot(self, count: int = 16) -> list[Tensor]:
         """``count`` samples of every generator, (count, C, H, W) each."""
         rng = torch.Generator().manual_seed(self.config.seed + 1)
-        with torch.no_grad():
-            for g in self.generators:
-                g.eval()
-            return [g.sample(count, rng) for g in self.generators]
+        return [trainer.sample(count, rng) for trainer in self.trainers]
+
+    def result(self, samples: list[list[Tensor]]) -> DataFreeResult:
+        self.student.eval()
+        queries = {
+            t.info.name: trainer.queries + self.student_queries[t.info.name]
+            for t, trainer in zip(self.teachers, self.trainers)
+        }
+        return DataFreeResult(
+            student=self.student,
+            generators=[trainer.generator for trainer in self.trainers],
+            history=self.history.curves,
+            samples=samples,
+            warnings=self.history.warnings,
+            queries=queries,
+        )
 
     def run(self, checkpoints: int = 4) -> DataFreeResult:
         """Algorithm 1: warm-up of every generator, then generator, assistant and student
@@ -300,30 +339,23 @@ class DataFreeFusion:
             disable=None if self.progress else True,
             leave=False,
         )
-        for k in range(len(self.teachers)):  # warm-up: fidelity only
+        for trainer in self.trainers:  # warm-up: fidelity only
             for _ in range(c.warmup):
-                self.generator_step(k, adversarial=False)
+                trainer.step()
                 bar.update()
         every = max(1, c.iterations // max(1, checkpoints))
+        per_generator = max(2, c.batch_size // len(self.trainers))
         for step in range(c.iterations):
-            for k in range(len(self.teachers)):
-                if self.variant.freeze_after_warmup:
-                    continue
-                x, teacher_logits = self.generator_step(k, adversarial=True)
-                if self.assistants:
-                    self.assistant_step(k, x, teacher_logits)
-            for _ in range(c.student_steps):
-                self.student_step()
+            if not self.variant.freeze_after_warmup:
+                for trainer in self.trainers:
+                    x, teacher_logits = trainer.step(self._adversary(trainer))
+                    if trainer.assistant is not None:
+                        trainer.assistant_step(x, teacher_logits)
+            for _ in range(c.student_steps):  # the union of all generators' samples
+                x = torch.cat([trainer.sample(per_generator) for trainer in self.trainers])
+                self.student_step(x, self.student_targets(x))
             bar.update()
             if (step + 1) % every == 0:
                 samples.append(self.snapshot())
         bar.close()
-        self.student.eval()
-        return DataFreeResult(
-            student=self.student,
-            generators=self.generators,
-            history=self.history,
-            samples=samples,
-            warnings=self.warnings,
-            queries=self.queries,
-        )
+        return self.result(samples)
