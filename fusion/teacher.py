@@ -69,6 +69,22 @@ class Feedback:
     input_grad: Tensor
 
 
+@dataclass(frozen=True)
+class Synthesis:
+    """Images a party generated with its own generator (party-side synthesis mode).
+
+    Attributes
+    ----------
+    samples : (N, C, H, W) images in [0, 1].
+    losses : mean of each generator loss term over the steps of the call.
+    steps_done : generator steps of the session so far.
+    """
+
+    samples: Tensor
+    losses: dict[str, float]
+    steps_done: int
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """A private model behind its owner's policy."""
@@ -89,6 +105,11 @@ class Teacher(Protocol):
     ) -> Feedback:
         """The teacher-side generator loss on ``x`` (B, C, H, W) and its input gradient in one
         pass where the teacher lives (:func:`fusion.datafree.losses.teacher_side_loss`)."""
+        ...
+
+    def synthesize(self, params: dict, session: str, steps: int, samples: int) -> Synthesis:
+        """Advance the party's own generator ``session`` by ``steps`` steps with the data-free
+        hyper-parameters ``params``, then return ``samples`` generated images."""
         ...
 
 

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from fusion.bn_loss import batchnorm_layers, bn_statistics_loss
 from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
-from fusion.teacher import Feedback
+from fusion.teacher import Feedback, Synthesis, TeacherInfo
 from party.audit import AuditLog
 from party.config import PartyConfig
 from party.model import load_model
+from party.synthesis import OwnTeacher, SynthesisSessions
 from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
 from protocol.schemas import Normalization, PartyInfo, Policy, PredictPolicy
 
@@ -78,6 +79,8 @@ class PartyHandler:
         self._dtype = parameter.dtype if parameter is not None else torch.float32
         self._batchnorm_layers = len(batchnorm_layers(self.model))
         self._used: dict[str, int] = defaultdict(int)
+        own = OwnTeacher(TeacherInfo.from_dict(self.info.model_dump()), self.teacher_side)
+        self._synthesis = SynthesisSessions(own)
         self._lock = threading.Lock()
 
     @classmethod
@@ -265,6 +268,21 @@ class PartyHandler:
         if objective.adversarial and adversary_logits is None:
             error = InvalidRequest("objective.adversary_logits", "required when adversarial != 0")
             self._deny(error, method, caller, samples, request_id, "invalid")
+        feedback = self.teacher_side(x, objective, adversary_logits, grad_logits)
+        if half:
+            feedback = Feedback(feedback.logits.half(), feedback.losses, feedback.input_grad.half())
+        self._granted(method, caller, samples, request_id, feedback.logits, feedback.input_grad)
+        return feedback
+
+    def teacher_side(
+        self,
+        x: Tensor,
+        objective: GeneratorObjective,
+        adversary_logits: Tensor | None = None,
+        grad_logits: Tensor | None = None,
+    ) -> Feedback:
+        """The computation behind :meth:`bn_feedback`, without policy, budget or audit (the
+        party's own generator uses it directly)."""
         inputs = x.detach().to(self._dtype).requires_grad_(True)
         with torch.enable_grad(), bn_statistics_loss(self.model) as layer_losses:
             logits = self.model(self._normalize(inputs))  # (B, K)
@@ -276,7 +294,53 @@ class PartyHandler:
                 (input_grad,) = torch.autograd.grad(total, inputs)
             else:
                 input_grad = torch.zeros_like(inputs)
-        dtype = torch.float16 if half else logits.dtype
-        feedback = Feedback(logits.detach().to(dtype), losses, input_grad.detach().to(dtype))
-        self._granted(method, caller, samples, request_id, feedback.logits, feedback.input_grad)
-        return feedback
+        return Feedback(logits.detach(), losses, input_grad.detach())
+
+    def synthesize(
+        self,
+        caller: str,
+        session: str,
+        params: dict,
+        steps: int,
+        samples: int,
+        half: bool = False,
+        request_id: str = "",
+    ) -> Synthesis:
+        """Advance the caller's party-side generator and release generated images only.
+
+        Charged ``steps x batch_size x cost`` samples of budget; audited once per call.
+        """
+        rule, method = self.policy.synthesize, "Synthesize"
+        batch = int(params.get("batch_size", 0))
+        if rule is None:
+            error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
+            self._deny(error, method, caller, samples, request_id, "denied")
+        try:
+            if not 0 <= steps <= rule.max_steps:
+                raise InvalidRequest("steps", f"{steps} is outside 0..{rule.max_steps}")
+            if not 1 <= samples <= rule.max_samples:
+                raise InvalidRequest("samples", f"{samples} is outside 1..{rule.max_samples}")
+            SynthesisSessions.config(params)
+        except (InvalidRequest, ValueError, TypeError) as error:
+            if not isinstance(error, InvalidRequest):
+                error = InvalidRequest("params", str(error))
+            self._deny(error, method, caller, samples, request_id, "invalid")
+        try:
+            self._reserve(caller, steps * batch * rule.cost)
+        except BudgetExceeded as error:
+            self._deny(error, method, caller, samples, request_id, "budget_exceeded")
+        try:
+            result = self._synthesis.advance(caller, session, params, steps, samples)
+        except ValueError as error:
+            self._deny(
+                InvalidRequest("session", str(error)),
+                method,
+                caller,
+                samples,
+                request_id,
+                "invalid",
+            )
+        if half:
+            result = Synthesis(result.samples.half(), result.losses, result.steps_done)
+        self._granted(method, caller, samples, request_id, result.samples)
+        return result

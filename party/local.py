@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
-from fusion.teacher import Feedback, TeacherInfo, in_chunks
+from fusion.teacher import Feedback, Synthesis, TeacherInfo, in_chunks
 from party.handler import PartyHandler
 
 
@@ -31,3 +31,6 @@ class LocalTeacher:
         grad_logits: Tensor | None = None,
     ) -> Feedback:
         return self.handler.bn_feedback(x, self.caller, objective, adversary_logits, grad_logits)
+
+    def synthesize(self, params: dict, session: str, steps: int, samples: int) -> Synthesis:
+        return self.handler.synthesize(self.caller, session, params, steps, samples)

@@ -24,6 +24,7 @@ from protocol.codec import (
     CodecError,
     objective_from_proto,
     party_info_to_proto,
+    synthesis_params_from_proto,
     tensor_from_proto,
     tensor_to_proto,
 )
@@ -97,6 +98,27 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             logits=tensor_to_proto(feedback.logits),
             losses=feedback.losses,
             input_grad=tensor_to_proto(feedback.input_grad),
+        )
+
+    def Synthesize(self, request, context):  # noqa: N802
+        caller = _caller(context)
+        try:
+            result = self.handler.synthesize(
+                caller,
+                request.session,
+                synthesis_params_from_proto(request.params),
+                request.steps,
+                request.samples,
+                request.half,
+                request.request_id,
+            )
+        except PartyError as error:
+            context.abort(status_code(error), str(error))
+        return party_pb2.SynthesizeResponse(
+            request_id=request.request_id,
+            samples=tensor_to_proto(result.samples),
+            losses=result.losses,
+            steps_done=result.steps_done,
         )
 
 

@@ -143,3 +143,30 @@ def objective_from_proto(
             require_finite=True,
         )
     return weights, adversary
+
+
+SYNTHESIS_FIELDS = (
+    "variant",
+    "warmup",
+    "iterations",
+    "student_steps",
+    "batch_size",
+    "latent_dim",
+    "generator_width",
+    "alpha",
+    "temperature",
+    "lr_generator",
+    "lr_student",
+    "augment_shift",
+    "seed",
+    "student_arch",
+)
+
+
+def synthesis_params_to_proto(params: dict) -> party_pb2.SynthesisParams:
+    """A party-side generator's hyper-parameters (``SYNTHESIS_FIELDS`` of a data-free config)."""
+    return party_pb2.SynthesisParams(**{k: params[k] for k in SYNTHESIS_FIELDS})
+
+
+def synthesis_params_from_proto(message: party_pb2.SynthesisParams) -> dict:
+    return {k: getattr(message, k) for k in SYNTHESIS_FIELDS}

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OutputForm = Literal["logits", "probs", "topk", "label"]
-CAPABILITIES = ("predict", "bn_feedback")
+CAPABILITIES = ("predict", "bn_feedback", "synthesize")
 
 
 class _Strict(BaseModel):
@@ -65,11 +65,21 @@ class BnFeedbackPolicy(_Strict):
     allow_half: bool = True  # may answer with float16 tensors when asked
 
 
+class SynthesizePolicy(_Strict):
+    """Party-side synthesis: the party trains a generator against its own teacher and releases
+    generated images only."""
+
+    cost: int = Field(1, ge=1)  # budget charged per teacher evaluation (steps x batch)
+    max_steps: int = Field(2000, ge=1)  # generator steps in one call
+    max_samples: int = Field(4096, ge=1)  # images returned by one call
+
+
 class Policy(_Strict):
     """The owner's rules. Deny by default: a capability is granted only when it is written here."""
 
     predict: PredictPolicy | None = None  # None: Predict is denied
     bn_feedback: BnFeedbackPolicy | None = None  # None: BatchNormFeedback is denied
+    synthesize: SynthesizePolicy | None = None  # None: Synthesize is denied
     max_batch: int = Field(256, ge=1)  # samples in one request
     sample_budget: int | None = Field(100_000, ge=0)  # samples per caller; None: unlimited
 

@@ -18,16 +18,19 @@ import torch
 from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
-from fusion.teacher import Feedback, TeacherInfo, in_chunks
+from fusion.teacher import Feedback, Synthesis, TeacherInfo, in_chunks
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import (
     objective_to_proto,
     party_info_from_proto,
+    synthesis_params_to_proto,
     tensor_from_proto,
     tensor_to_proto,
 )
 from protocol.errors import error_from_status
+
+SYNTHESIZE_DEADLINE_S = 900.0
 
 
 class PartyUnavailable(ConnectionError):
@@ -99,21 +102,23 @@ class RemoteTeacher:
         self._lock = threading.Lock()
         self.stats = CallStats()
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, retry: bool = True, deadline_s: float | None = None):
         rpc = getattr(self._stub, method)
-        for attempt in range(self.retries + 1):
+        retries = self.retries if retry else 0
+        deadline_s = deadline_s or self.deadline_s
+        for attempt in range(retries + 1):
             started = time.perf_counter()
             try:
-                response = rpc(request, timeout=self.deadline_s, metadata=self._metadata)
+                response = rpc(request, timeout=deadline_s, metadata=self._metadata)
             except grpc.RpcError as error:
                 code = error.code()
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < retries:
                     time.sleep(self.backoff_s * 2**attempt)
                     continue
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise PartyUnavailable(
                         f"party {self.name} at {self.address} is unreachable "
-                        f"({code.name} after {attempt + 1} attempts, deadline {self.deadline_s}s)"
+                        f"({code.name} after {attempt + 1} attempts, deadline {deadline_s}s)"
                     ) from None
                 domain_error = error_from_status(code, error.details())
                 if domain_error is not None:
@@ -189,6 +194,23 @@ class RemoteTeacher:
         with self._lock:
             self.stats.samples += len(x)
         return Feedback(logits, dict(response.losses), input_grad)
+
+    def synthesize(self, params: dict, session: str, steps: int, samples: int) -> Synthesis:
+        """One call advances the party's own generator by ``steps`` and returns ``samples``
+        images. Not retried: a repeated call would advance the generator twice."""
+        request = party_pb2.SynthesizeRequest(
+            request_id=_request_id(),
+            session=session,
+            params=synthesis_params_to_proto(params),
+            steps=steps,
+            samples=samples,
+            half=self.half,
+        )
+        # generator training takes longer than a prediction: allow minutes, not seconds
+        deadline = max(self.deadline_s, SYNTHESIZE_DEADLINE_S)
+        response = self._call("Synthesize", request, retry=False, deadline_s=deadline)
+        images = tensor_from_proto(response.samples, "samples").float()
+        return Synthesis(images, dict(response.losses), response.steps_done)
 
     def close(self) -> None:
         self._channel.close()

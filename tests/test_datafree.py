@@ -3,6 +3,7 @@ gRPC parties on the digits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from parties import serving
 
 from fusion.data import load_source
 from fusion.datafree.generator import Generator, augment
+from fusion.datafree.party_side import PartySideFusion
 from fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion
 from fusion.models import create_model
 from fusion.teacher import Feedback, TeacherInfo
@@ -19,8 +21,9 @@ from fusion.train import fit
 from party.audit import AuditLog, read_records
 from party.handler import PartyHandler
 from party.local import LocalTeacher
+from protocol.errors import InvalidRequest, PolicyDenied
 from protocol.loading import ConfigError
-from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
+from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
 from server.job import connect, load_job, run_job
 from server.remote import RemoteTeacher
 
@@ -40,6 +43,7 @@ def handlers(tmp_path_factory):
         policy = Policy(
             predict=PredictPolicy(output="logits"),
             bn_feedback=BnFeedbackPolicy(cost=1),
+            synthesize=SynthesizePolicy(),
             sample_budget=None,
         )
         made.append(
@@ -185,3 +189,45 @@ def test_datafree_job_file_errors_name_the_field(tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     with pytest.raises(ConfigError, match="data.unlabeled: composition needs unlabeled data"):
         load_job(tmp_path / "job.yaml")
+
+
+def test_party_side_synthesis_through_real_grpc_parties(handlers):
+    config = DataFreeConfig(variant="dfmf", **TINY)
+    marks = {h.name: len(read_records(h.audit.path)) for h in handlers}
+    with serving(handlers[0]) as a0, serving(handlers[1]) as a1:
+        teachers = [RemoteTeacher("p0", a0), RemoteTeacher("p1", a1)]
+        result = PartySideFusion(teachers, config, rounds=2, progress=False).run(checkpoints=2)
+        for t in teachers:
+            t.close()
+    per_round = TINY["iterations"] // 2
+    pool = per_round * TINY["student_steps"] * (TINY["batch_size"] // 2)
+    generator_steps = TINY["warmup"] + TINY["iterations"]
+    for handler in handlers:
+        records = read_records(handler.audit.path)[marks[handler.name] :]
+        calls = [r for r in records if r["method"] == "Synthesize"]
+        assert [r["samples"] for r in calls] == [pool, pool]  # two round trips for generators
+        predicted = sum(r["samples"] for r in records if r["method"] == "Predict")
+        assert predicted == 2 * 2 * pool  # each round: both parties' images
+        expected = generator_steps * TINY["batch_size"] + predicted
+        assert result.queries[handler.name] == expected
+    assert len(result.history["student/kl"]) == TINY["iterations"] * TINY["student_steps"]
+    assert result.samples[0][0].shape == (16, 1, 8, 8)
+    assert "generator0/adversarial" in result.history
+
+
+def test_synthesize_is_denied_by_default_and_refuses_student_adversaries(handlers, tmp_path):
+    params = dataclasses.asdict(DataFreeConfig(variant="dfq", **TINY))
+    with pytest.raises(InvalidRequest, match="plays against the student"):
+        LocalTeacher(handlers[0]).synthesize(params, "s", 1, 4)
+    model = handlers[0].model
+    closed = PartyHandler(
+        "shut",
+        model,
+        DIGITS,
+        (1, 8, 8),
+        Policy(predict=PredictPolicy()),
+        AuditLog(tmp_path / "a.jsonl"),
+    )
+    params["variant"] = "dfmf"
+    with pytest.raises(PolicyDenied, match="Synthesize is not granted"):
+        LocalTeacher(closed).synthesize(params, "s", 1, 4)

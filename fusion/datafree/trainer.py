@@ -255,6 +255,7 @@ class DataFreeFusion:
         map_teachers: TeacherMap = _sequential,
         progress: bool = True,
         log: Callable[[str], None] = lambda message: None,
+        own_generators: bool = True,
     ) -> None:
         classes = {t.info.class_names for t in teachers}
         if len(classes) != 1:
@@ -267,9 +268,11 @@ class DataFreeFusion:
         torch.manual_seed(config.seed)
         self.rng = torch.Generator().manual_seed(config.seed)
         self.history = History(log)
-        self.trainers = [
-            GeneratorTrainer(t, config, k, self.history, self.rng) for k, t in enumerate(teachers)
-        ]
+        self.trainers = (
+            [GeneratorTrainer(t, config, k, self.history, self.rng) for k, t in enumerate(teachers)]
+            if own_generators
+            else []
+        )
         in_shape = tuple(teachers[0].info.input_shape)
         self.student = create_model(
             config.student_arch, in_shape=in_shape, num_classes=len(next(iter(classes)))
@@ -313,11 +316,11 @@ class DataFreeFusion:
         rng = torch.Generator().manual_seed(self.config.seed + 1)
         return [trainer.sample(count, rng) for trainer in self.trainers]
 
-    def result(self, samples: list[list[Tensor]]) -> DataFreeResult:
+    def result(self, samples: list[list[Tensor]], generator_queries: list[int]) -> DataFreeResult:
         self.student.eval()
         queries = {
-            t.info.name: trainer.queries + self.student_queries[t.info.name]
-            for t, trainer in zip(self.teachers, self.trainers)
+            t.info.name: q + self.student_queries[t.info.name]
+            for t, q in zip(self.teachers, generator_queries)
         }
         return DataFreeResult(
             student=self.student,
@@ -358,4 +361,4 @@ class DataFreeFusion:
             if (step + 1) % every == 0:
                 samples.append(self.snapshot())
         bar.close()
-        return self.result(samples)
+        return self.result(samples, [trainer.queries for trainer in self.trainers])

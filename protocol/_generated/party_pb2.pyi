@@ -124,3 +124,70 @@ class BatchNormFeedbackResponse(_message.Message):
     losses: _containers.ScalarMap[str, float]
     input_grad: Tensor
     def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., losses: _Optional[_Mapping[str, float]] = ..., input_grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SynthesisParams(_message.Message):
+    __slots__ = ("variant", "warmup", "iterations", "student_steps", "batch_size", "latent_dim", "generator_width", "alpha", "temperature", "lr_generator", "lr_student", "augment_shift", "seed", "student_arch")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_DIM_FIELD_NUMBER: _ClassVar[int]
+    GENERATOR_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    LR_GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    LR_STUDENT_FIELD_NUMBER: _ClassVar[int]
+    AUGMENT_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STUDENT_ARCH_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    warmup: int
+    iterations: int
+    student_steps: int
+    batch_size: int
+    latent_dim: int
+    generator_width: int
+    alpha: float
+    temperature: float
+    lr_generator: float
+    lr_student: float
+    augment_shift: int
+    seed: int
+    student_arch: str
+    def __init__(self, variant: _Optional[str] = ..., warmup: _Optional[int] = ..., iterations: _Optional[int] = ..., student_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., latent_dim: _Optional[int] = ..., generator_width: _Optional[int] = ..., alpha: _Optional[float] = ..., temperature: _Optional[float] = ..., lr_generator: _Optional[float] = ..., lr_student: _Optional[float] = ..., augment_shift: _Optional[int] = ..., seed: _Optional[int] = ..., student_arch: _Optional[str] = ...) -> None: ...
+
+class SynthesizeRequest(_message.Message):
+    __slots__ = ("request_id", "session", "params", "steps", "samples", "half")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HALF_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    session: str
+    params: SynthesisParams
+    steps: int
+    samples: int
+    half: bool
+    def __init__(self, request_id: _Optional[str] = ..., session: _Optional[str] = ..., params: _Optional[_Union[SynthesisParams, _Mapping]] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., half: _Optional[bool] = ...) -> None: ...
+
+class SynthesizeResponse(_message.Message):
+    __slots__ = ("request_id", "samples", "losses", "steps_done")
+    class LossesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_DONE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    samples: Tensor
+    losses: _containers.ScalarMap[str, float]
+    steps_done: int
+    def __init__(self, request_id: _Optional[str] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., losses: _Optional[_Mapping[str, float]] = ..., steps_done: _Optional[int] = ...) -> None: ...
