@@ -126,7 +126,9 @@ class DataFreeParams(_Strict):
     lr_generator: float = Field(1e-3, gt=0)
     lr_student: float = Field(0.05, gt=0)  # SGD, Nesterov, cosine (student and assistants)
     augment_shift: int = Field(2, ge=0)  # random translation of generated images, pixels
-    half: bool = False  # float16 tensors on the wire for BatchNormFeedback
+    half: bool = False  # float16 tensors on the wire
+    mode: Literal["coordinator", "party"] = "coordinator"  # where the generators train
+    rounds: int = Field(20, ge=1)  # party mode: Synthesize + Predict round trips per party
 
 
 class DataFreeMethod(_Strict):

@@ -44,6 +44,11 @@ def load_job(path: str | Path) -> JobSpec:
             f"{path}: method.params.variant: unknown variant {params.variant!r}"
             f" (known: {', '.join(VARIANTS)})"
         )
+    elif params.mode == "party" and VARIANTS[params.variant].adversary == "student":
+        raise ConfigError(
+            f"{path}: method.params.mode: {params.variant} plays against the student, which "
+            "stays at the coordinator; use mode coordinator"
+        )
     if spec.student.arch not in list_models():
         raise ConfigError(
             f"{path}: student.arch: unknown architecture {spec.student.arch!r}"

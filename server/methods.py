@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fusion.compose import CompositionConfig, compose, relabel
 from fusion.data import fit_to_shape, load_source
+from fusion.datafree.party_side import PartySideFusion
 from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
 from fusion.evaluate import evaluate
 from fusion.models import Classifier
@@ -66,16 +67,22 @@ def run_composition(spec, teachers, progress, log) -> Outcome:
 
 
 def datafree_config(spec: JobSpec) -> DataFreeConfig:
-    params = spec.method.params.model_dump(exclude={"half"})
+    params = spec.method.params.model_dump(exclude={"half", "mode", "rounds"})
     return DataFreeConfig(**params, student_arch=spec.student.arch, seed=spec.seed)
 
 
 def run_datafree(spec, teachers, progress, log) -> Outcome:
-    config = datafree_config(spec)
-    log(f"data-free fusion ({config.variant}) of {len(teachers)} teachers, no data")
-    result = DataFreeFusion(
-        teachers, config, map_teachers=fan_out, progress=progress, log=log
-    ).run()
+    config, params = datafree_config(spec), spec.method.params
+    log(
+        f"data-free fusion ({config.variant}, generators at the {params.mode}) of "
+        f"{len(teachers)} teachers, no data"
+    )
+    options = dict(map_teachers=fan_out, progress=progress, log=log)
+    if params.mode == "party":
+        fusion = PartySideFusion(teachers, config, rounds=params.rounds, **options)
+    else:
+        fusion = DataFreeFusion(teachers, config, **options)
+    result = fusion.run()
     classes = list(teachers[0].info.class_names)
     x, y = relabel(load_source(spec.data.test), classes)
     x = fit_to_shape(x, tuple(teachers[0].info.input_shape))

@@ -26,6 +26,8 @@ METHOD_NEEDS: dict[str, tuple[tuple[Need, ...], ...]] = {
     "data-free": ((Need("predict", ("logits",)), Need("bn_feedback", batchnorm=True)),),
     # DAFL and ZSKT train generators through input gradients alone, without BN statistics
     "data-free-no-bn": ((Need("predict", ("logits",)), Need("bn_feedback")),),
+    # generators and assistants trained at the parties: Synthesize + Predict only
+    "data-free-party": ((Need("predict", ("logits",)), Need("synthesize", batchnorm=True)),),
     "amalgamation": ((Need("predict", ("logits",)), Need("activations")),),
 }
 

@@ -152,12 +152,14 @@ def test_bad_configurations_are_refused(handlers):
         DataFreeFusion([LocalTeacher(handlers[0]), other], DataFreeConfig(**TINY))
 
 
-def test_datafree_job_writes_samples_losses_and_per_class_accuracy(handlers, tmp_path):
+@pytest.mark.parametrize("mode", ["coordinator", "party"])
+def test_datafree_job_writes_samples_losses_and_per_class_accuracy(handlers, tmp_path, mode):
     with serving(handlers[0]) as a0, serving(handlers[1]) as a1:
+        params = {**TINY, "half": True, "mode": mode, "rounds": 2}
         job = {
             "name": "df",
             "parties": [{"name": "p0", "address": a0}, {"name": "p1", "address": a1}],
-            "method": {"name": "datafree", "params": {**TINY, "half": True}},
+            "method": {"name": "datafree", "params": params},
             "data": {"test": "digits:test"},
             "output_dir": str(tmp_path / "runs"),
         }
@@ -184,6 +186,10 @@ def test_datafree_job_file_errors_name_the_field(tmp_path):
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     with pytest.raises(ConfigError, match=r"method\.params\.variant: unknown variant 'dfmx'"):
+        load_job(tmp_path / "job.yaml")
+    job["method"]["params"] = {"variant": "zskt", "mode": "party"}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    with pytest.raises(ConfigError, match=r"method\.params\.mode: zskt plays against"):
         load_job(tmp_path / "job.yaml")
     job["method"] = {"name": "composition"}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
