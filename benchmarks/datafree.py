@@ -24,20 +24,22 @@ import torch
 
 from fusion.compose import relabel
 from fusion.data import Dataset, SourceUnavailable, load_source
-from fusion.datafree.trainer import VARIANTS as METHODS
-from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
+from fusion.datafree.party_side import PartySideFusion
+from fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion
 from fusion.evaluate import evaluate
 from fusion.models import create_model
 from fusion.train import fit
 from party.audit import AuditLog
 from party.handler import PartyHandler
 from party.local import LocalTeacher
-from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
+from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
 from server.report import markdown_table, ordered_rows
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {  # name: (data set, imbalance ratio r; 1 = balanced)
+METHODS = [*VARIANTS, "dfmf_party_side"]  # the last: DFMF with generators at the parties
+PARTY_SIDE_ROUNDS = 20
+SPLITS = {  # name: (data set, imbalance ratio r; 1 = balanced)
     "mnist-bl": ("mnist", 1),
     "mnist-ibl3": ("mnist", 3),
     "fashion-bl": ("fashion_mnist", 1),
@@ -49,7 +51,7 @@ TEACHER = {"name": "small_cnn", "width": 16}
 def budget(args: argparse.Namespace) -> dict:
     if args.quick:
         return dict(
-            teacher_epochs=1, train=4000, warmup=5, iterations=10, student_steps=2, test=1000
+            teacher_epochs=3, train=4000, warmup=5, iterations=10, student_steps=2, test=1000
         )
     return dict(
         teacher_epochs=1,
@@ -99,7 +101,10 @@ def train_model(data: Dataset, epochs: int, seed: int, desc: str):
 
 def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
     policy = Policy(
-        predict=PredictPolicy(output="logits"), bn_feedback=BnFeedbackPolicy(), sample_budget=None
+        predict=PredictPolicy(output="logits"),
+        bn_feedback=BnFeedbackPolicy(),
+        synthesize=SynthesizePolicy(max_steps=10_000, max_samples=100_000),
+        sample_budget=None,
     )
     teachers = []
     for k, index in enumerate(split(train, ratio)):
@@ -117,7 +122,7 @@ def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
 
 
 def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
-    source, ratio = VARIANTS[name]
+    source, ratio = SPLITS[name]
     started = time.perf_counter()
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
     if b["train"]:
@@ -143,17 +148,28 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
         "results": results,
         "extra": {"per_class": per_class, "methods": {}},
     }
+    previous = out / f"datafree-{name}.json"
+    if previous.exists():  # add to an earlier run of the same budget instead of replacing it
+        earlier = json.loads(previous.read_text())
+        if earlier["budget"] == record["budget"] and earlier["data"] == record["data"]:
+            earlier["results"].update(record["results"])
+            earlier["extra"]["per_class"].update(record["extra"]["per_class"])
+            record = earlier
     for method in methods:
         method_started = time.perf_counter()
         config = DataFreeConfig(
-            variant=method,
+            variant=method.removesuffix("_party_side"),
             warmup=b["warmup"],
             iterations=b["iterations"],
             student_steps=b["student_steps"],
             generator_width=64,
             seed=SEED,
         )
-        result = DataFreeFusion(teachers, config).run()
+        if method.endswith("_party_side"):
+            fusion = PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS)
+        else:
+            fusion = DataFreeFusion(teachers, config)
+        result = fusion.run()
         rows, classes = evaluate(teachers, {method: result.student}, x, y)
         record["results"][method] = rows[method]
         record["extra"]["per_class"][method] = classes[method]
@@ -174,7 +190,7 @@ def write(record: dict, folder: Path) -> None:
     (folder / f"datafree-{record['variant']}.json").write_text(json.dumps(record, indent=2) + "\n")
     records = sorted(
         (json.loads(p.read_text()) for p in folder.glob("datafree-*.json")),
-        key=lambda r: list(VARIANTS).index(r["variant"]),
+        key=lambda r: list(SPLITS).index(r["variant"]),
     )
     rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
 
@@ -194,8 +210,8 @@ def write(record: dict, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=list(VARIANTS), action="append")
-    parser.add_argument("--method", choices=list(METHODS), action="append")
+    parser.add_argument("--variant", choices=list(SPLITS), action="append")
+    parser.add_argument("--method", choices=METHODS, action="append")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--student-steps", type=int, default=2)
@@ -203,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="datafree-quick-")) if args.quick else RESULTS
     done = 0
-    for name in args.variant or list(VARIANTS):
+    for name in args.variant or list(SPLITS):
         try:
-            run_variant(name, args.method or list(METHODS), budget(args), out)
+            run_variant(name, args.method or METHODS, budget(args), out)
             done += 1
         except SourceUnavailable as error:
             print(f"{name} skipped: {error}", file=sys.stderr)
