@@ -22,7 +22,6 @@ of the student architecture on the true labels of the same unlabeled images.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.results_io import write_results
 from fusion.compose import CompositionConfig, compose_predictions, gather, pseudo_label_stats
 from fusion.data import Dataset, SourceUnavailable, load_source, shared_data_dir
 from fusion.models import create_model
@@ -40,7 +40,6 @@ from party.audit import AuditLog
 from party.handler import PartyHandler
 from party.local import LocalTeacher
 from protocol.schemas import Policy, PredictPolicy
-from server.report import markdown_table, ordered_rows
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,34 +139,6 @@ def run_variant(name: str, quick: bool, cache: dict) -> dict:
     }
 
 
-def write(record: dict, folder: Path) -> str:
-    """Write one variant's JSON, then the markdown table of every variant in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"composition-{record['variant']}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    order = list(VARIANTS)
-    records = sorted(
-        (json.loads(p.read_text()) for p in folder.glob("composition-*.json")),
-        key=lambda r: order.index(r["variant"]),
-    )
-    rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
-
-    def cell(r: dict, row: str) -> str:
-        return f"{100 * r['results'][row]:.1f}" if row in r["results"] else ""
-
-    table = markdown_table(
-        ["row"] + [r["variant"] for r in records],
-        [[row] + [cell(r, row) for r in records] for row in rows],
-    )
-    notes = "\n".join(
-        f"- {r['variant']}: {r['data']}; {r['budget']}; seed {r['seed']}; {r['wall_seconds']}s"
-        for r in records
-    )
-    text = f"# composition (accuracy %)\n\n{table}\n\n{notes}\n"
-    (folder / "composition.md").write_text(text)
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=list(VARIANTS), action="append")
@@ -189,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         except SourceUnavailable as error:
             print(f"{name} skipped: {error}", file=sys.stderr)
             continue
-        text = write(record, folder)  # after every variant, so a long run keeps its results
+        text = write_results(
+            record, folder, list(VARIANTS)
+        )  # after every variant, so a long run keeps its results
     if not text:
         print(f"skipped: no variant's data under {shared_data_dir()}")
         return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.results_io import write_results
 from fusion.compose import relabel
 from fusion.data import Dataset, SourceUnavailable, load_source
 from fusion.datafree.party_side import PartySideFusion
@@ -33,7 +34,6 @@ from party.audit import AuditLog
 from party.handler import PartyHandler
 from party.local import LocalTeacher
 from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
-from server.report import markdown_table, ordered_rows
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -180,32 +180,11 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
             "final_losses": {k: v[-1] for k, v in result.history.items() if v},
         }
         record["wall_seconds"] = round(time.perf_counter() - started, 1)
-        write(record, out)  # after every method, so a long run keeps its results
+        write_results(
+            record, out, list(SPLITS), decimals=2
+        )  # after every method, so a long run keeps its results
         print(f"{name} {method}: {100 * rows[method]:.2f}%", flush=True)
     return record
-
-
-def write(record: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"datafree-{record['variant']}.json").write_text(json.dumps(record, indent=2) + "\n")
-    records = sorted(
-        (json.loads(p.read_text()) for p in folder.glob("datafree-*.json")),
-        key=lambda r: list(SPLITS).index(r["variant"]),
-    )
-    rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
-
-    def cell(r: dict, row: str) -> str:
-        return f"{100 * r['results'][row]:.2f}" if row in r["results"] else ""
-
-    table = markdown_table(
-        ["row"] + [r["variant"] for r in records],
-        [[row] + [cell(r, row) for r in records] for row in rows],
-    )
-    notes = "\n".join(
-        f"- {r['variant']}: {r['data']}; {r['budget']}; seed {r['seed']}; {r['wall_seconds']}s"
-        for r in records
-    )
-    (folder / "datafree.md").write_text(f"# datafree (accuracy %)\n\n{table}\n\n{notes}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,38 @@
+"""Writing benchmark results as ``../shared/BENCHMARKS.md`` asks: one JSON per variant and one
+markdown table over every variant in the folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from server.report import markdown_table, ordered_rows
+
+
+def write_results(record: dict, folder: Path, variants: list[str], decimals: int = 1) -> str:
+    """Write ``<benchmark>-<variant>.json``, then ``<benchmark>.md`` with a column per variant
+    found in ``folder`` (ordered as ``variants``); returns the markdown."""
+    name = record["benchmark"]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{record['variant']}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    records = sorted(
+        (json.loads(p.read_text()) for p in folder.glob(f"{name}-*.json")),
+        key=lambda r: variants.index(r["variant"]),
+    )
+    rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
+
+    def cell(r: dict, row: str) -> str:
+        return f"{100 * r['results'][row]:.{decimals}f}" if row in r["results"] else ""
+
+    table = markdown_table(
+        ["row"] + [r["variant"] for r in records],
+        [[row] + [cell(r, row) for r in records] for row in rows],
+    )
+    notes = "\n".join(
+        f"- {r['variant']}: {r['data']}; {r['budget']}; seed {r['seed']}; {r['wall_seconds']}s"
+        for r in records
+    )
+    text = f"# {name} (accuracy %)\n\n{table}\n\n{notes}\n"
+    (folder / f"{name}.md").write_text(text)
+    return text
