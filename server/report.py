@@ -16,9 +16,10 @@ ROW_ORDER = (
 )
 ROW_LABELS = {
     "best_teacher": "best single teacher",
-    "ensemble": "best ensemble rule",
+    "ensemble": "teachers' ensemble (the best rule, where several)",
     "vanilla_kd": "vanilla distillation (averaged soft labels)",
-    "student": "composed student",
+    "student": "fused student",
+    "gold": "trained on all the parties' data together",
     "supervised": "supervised upper bound (true labels)",
 }
 

@@ -86,5 +86,5 @@ def test_run_folder_holds_a_loadable_student(finished_job):
         accuracy = (student(test.x).argmax(dim=1) == y).float().mean().item()
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
     assert accuracy == pytest.approx(results["student"], abs=1e-6)
-    assert "| student | composed student |" in (run_dir / "report.md").read_text()
+    assert "| student | fused student |" in (run_dir / "report.md").read_text()
     assert (run_dir / "accuracy.png").read_bytes().startswith(b"\x89PNG")
