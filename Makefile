@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol clean
+.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,9 @@ bench-composition: $(STAMP)
 
 bench-protocol: $(STAMP)
 	$(BIN)/python -m benchmarks.protocol
+
+bench-datafree: $(STAMP)
+	$(BIN)/python -m benchmarks.datafree
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
