@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fusion.bn_loss import batchnorm_layers, bn_statistics_loss
+from fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
 from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
 from fusion.teacher import Feedback, Synthesis, TeacherInfo
 from party.audit import AuditLog

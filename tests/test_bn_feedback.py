@@ -9,7 +9,7 @@ import pytest
 import torch
 from parties import serving, tiny_handler
 
-from fusion.bn_loss import bn_statistics_loss, gaussian_kl
+from fusion.datafree.bn_loss import bn_statistics_loss, gaussian_kl
 from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
 from fusion.models import create_model
 from party.audit import read_records
