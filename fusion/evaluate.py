@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from fusion.composition import to_probs
 from fusion.data import fit_to_shape
 from fusion.teacher import Teacher
 from fusion.train import accuracy, predict_logits
@@ -20,15 +21,6 @@ def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) ->
         else float("nan")
         for c in range(num_classes)
     ]
-
-
-def released_probs(outputs: Tensor, form: str) -> Tensor:
-    """(B, K) probabilities from released logits or probabilities."""
-    if form == "logits":
-        return torch.softmax(outputs.float(), dim=1)
-    if form == "probs":
-        return outputs.float()
-    raise ValueError(f"needs logits or probs from the teachers, got {form!r}")
 
 
 def evaluate(
@@ -47,8 +39,8 @@ def evaluate(
     """
     num_classes = len(teachers[0].info.class_names)
     probs = map_teachers(
-        lambda t: released_probs(
-            t.predict(fit_to_shape(x, t.info.input_shape)), t.info.output_form
+        lambda t: to_probs(
+            t.predict(fit_to_shape(x, t.info.input_shape)), t.info.output_form, num_classes
         ),
         teachers,
     )
