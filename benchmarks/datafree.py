@@ -26,7 +26,7 @@ from benchmarks.results_io import write_results
 from fusion.compose import relabel
 from fusion.data import Dataset, SourceUnavailable, load_source
 from fusion.datafree.party_side import PartySideFusion
-from fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion
+from fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion, DataFreeResult
 from fusion.evaluate import evaluate
 from fusion.models import create_model
 from fusion.train import fit
@@ -34,10 +34,13 @@ from party.audit import AuditLog
 from party.handler import PartyHandler
 from party.local import LocalTeacher
 from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
+from server.report import plot_curves
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = [*VARIANTS, "dfmf_party_side"]  # the last: DFMF with generators at the parties
+# DFMF with generators at the parties, and a ceiling: the same student budget spent on the real
+# training images (unlabeled) instead of generated ones
+METHODS = [*VARIANTS, "dfmf_party_side", "kd_real"]
 PARTY_SIDE_ROUNDS = 20
 SPLITS = {  # name: (data set, imbalance ratio r; 1 = balanced)
     "mnist-bl": ("mnist", 1),
@@ -46,6 +49,7 @@ SPLITS = {  # name: (data set, imbalance ratio r; 1 = balanced)
     "fashion-ibl3": ("fashion_mnist", 3),
 }
 TEACHER = {"name": "small_cnn", "width": 16}
+GENERATOR_WIDTH = 32
 
 
 def budget(args: argparse.Namespace) -> dict:
@@ -121,7 +125,39 @@ def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
     return teachers
 
 
-def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
+def config_for(method: str, b: dict, seed: int) -> DataFreeConfig:
+    return DataFreeConfig(
+        variant=method.removesuffix("_party_side"),
+        warmup=b["warmup"],
+        iterations=b["iterations"],
+        student_steps=b["student_steps"],
+        generator_width=GENERATOR_WIDTH,
+        seed=seed,
+    )
+
+
+def run_method(method: str, teachers: list, train: Dataset, b: dict, seed: int):
+    """One student of ``method`` (a data-free variant, its party-side mode, or ``kd_real``)."""
+    if method == "kd_real":
+        return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b, seed))
+    config = config_for(method, b, seed)
+    if method.endswith("_party_side"):
+        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS).run()
+    return DataFreeFusion(teachers, config).run()
+
+
+def kd_on_real_images(teachers: list, train: Dataset, config: DataFreeConfig) -> DataFreeResult:
+    """The data-free student's optimiser, targets and number of steps, on batches of real
+    training images: what the student would reach if the generators drew the real data."""
+    fusion = DataFreeFusion(teachers, config, own_generators=False)
+    rng = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.iterations * config.student_steps):
+        x = train.x[torch.randint(0, len(train.x), (config.batch_size,), generator=rng)]
+        fusion.student_step(x, fusion.student_targets(x))
+    return fusion.result([], [0] * len(teachers))
+
+
+def run_variant(name: str, methods: list[str], b: dict, out: Path, seeds: list[int]) -> dict:
     source, ratio = SPLITS[name]
     started = time.perf_counter()
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
@@ -142,7 +178,8 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
         "seed": SEED,
         "budget": f"teachers and gold: {b['teacher_epochs']} epoch(s) of small_cnn width "
         f"{TEACHER['width']}; each method: {b['warmup']} warm-up + {b['iterations']} "
-        f"iterations x {b['student_steps']} student steps, batch 128",
+        f"iterations x {b['student_steps']} student steps, batch 128, generator width "
+        f"{GENERATOR_WIDTH}",
         "metric": "accuracy",
         "wall_seconds": 0.0,
         "results": results,
@@ -156,28 +193,35 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path) -> dict:
             earlier["extra"]["per_class"].update(record["extra"]["per_class"])
             record = earlier
     for method in methods:
-        method_started = time.perf_counter()
-        config = DataFreeConfig(
-            variant=method.removesuffix("_party_side"),
-            warmup=b["warmup"],
-            iterations=b["iterations"],
-            student_steps=b["student_steps"],
-            generator_width=64,
-            seed=SEED,
-        )
-        if method.endswith("_party_side"):
-            fusion = PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS)
-        else:
-            fusion = DataFreeFusion(teachers, config)
-        result = fusion.run()
-        rows, classes = evaluate(teachers, {method: result.student}, x, y)
-        record["results"][method] = rows[method]
-        record["extra"]["per_class"][method] = classes[method]
+        earlier_runs = record["extra"]["methods"].get(method, {}).get("runs", [])
+        runs = [r for r in earlier_runs if r["seed"] not in seeds]  # kept from an earlier run
+        for seed in seeds:
+            method_started = time.perf_counter()
+            result = run_method(method, teachers, train, b, seed)
+            rows, classes = evaluate(teachers, {method: result.student}, x, y)
+            history = result.history
+            runs.append(
+                {
+                    "seed": seed,
+                    "accuracy": rows[method],
+                    "per_class": classes[method],
+                    "seconds": round(time.perf_counter() - method_started, 1),
+                    "queries": result.queries,
+                    "warnings": result.warnings,
+                    "final_losses": {k: float(np.mean(v[-20:])) for k, v in history.items() if v},
+                }
+            )
+            plot_curves(history, out / f"datafree-{name}-{method}-seed{seed}-curves.png")
+        accuracies = [r["accuracy"] for r in runs]
+        record["results"][method] = float(np.mean(accuracies))
+        record["extra"]["per_class"][method] = np.mean(
+            [r["per_class"] for r in runs], axis=0
+        ).tolist()
+        runs.sort(key=lambda r: r["seed"])
         record["extra"]["methods"][method] = {
-            "seconds": round(time.perf_counter() - method_started, 1),
-            "queries": result.queries,
-            "warnings": result.warnings,
-            "final_losses": {k: v[-1] for k, v in result.history.items() if v},
+            "seeds": [r["seed"] for r in runs],
+            "accuracy_std": float(np.std(accuracies, ddof=1)) if len(runs) > 1 else None,
+            "runs": runs,
         }
         record["wall_seconds"] = round(time.perf_counter() - started, 1)
         write_results(
@@ -193,14 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=METHODS, action="append")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--iterations", type=int, default=1000)
-    parser.add_argument("--student-steps", type=int, default=2)
+    parser.add_argument("--student-steps", type=int, default=10)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[SEED], help="method seeds; rows are means"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
     args = parser.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="datafree-quick-")) if args.quick else RESULTS
     done = 0
     for name in args.variant or list(SPLITS):
         try:
-            run_variant(name, args.method or METHODS, budget(args), out)
+            run_variant(name, args.method or METHODS, budget(args), out, args.seeds)
             done += 1
         except SourceUnavailable as error:
             print(f"{name} skipped: {error}", file=sys.stderr)

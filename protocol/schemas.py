@@ -117,7 +117,7 @@ class DataFreeParams(_Strict):
     variant: str = "dfmf"  # dfmf | dfq | dfq_no_adv | dafl | zskt (fusion.datafree.VARIANTS)
     warmup: int = Field(200, ge=0)  # generator warm-up steps, fidelity loss only
     iterations: int = Field(1000, ge=1)  # main-loop iterations
-    student_steps: int = Field(2, ge=1)  # M_S: student updates per iteration
+    student_steps: int = Field(10, ge=1)  # M_S: student updates per iteration
     batch_size: int = Field(128, ge=2)  # B: samples per generator step
     latent_dim: int = Field(100, ge=1)
     generator_width: int = Field(32, ge=1)

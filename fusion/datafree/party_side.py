@@ -17,7 +17,7 @@ import uuid
 import torch
 from tqdm.auto import tqdm
 
-from fusion.datafree.trainer import DataFreeFusion, DataFreeResult
+from fusion.datafree.trainer import DataFreeFusion, DataFreeResult, warmup_steps
 
 
 class PartySideFusion(DataFreeFusion):
@@ -46,7 +46,7 @@ class PartySideFusion(DataFreeFusion):
             leave=False,
         )
         for r in range(self.rounds):
-            steps = (c.warmup if r == 0 else 0) + (0 if frozen else per_round)
+            steps = (warmup_steps(c) if r == 0 else 0) + (0 if frozen else per_round)
             made = self.map_teachers(
                 lambda t, n=steps: t.synthesize(params, self.session, n, pool), teachers
             )

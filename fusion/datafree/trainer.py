@@ -66,7 +66,7 @@ class DataFreeConfig:
     assistant_arch: str | None = None  # None: the student's architecture
     warmup: int = 100  # generator warm-up steps with the fidelity loss only (per generator)
     iterations: int = 300  # main-loop iterations (N x M)
-    student_steps: int = 2  # M_S: student updates per iteration
+    student_steps: int = 10  # M_S: student updates per iteration (the paper's 10)
     batch_size: int = 128  # B: samples per generator step; the student sees B // K per generator
     latent_dim: int = 100
     generator_width: int = 32
@@ -84,6 +84,15 @@ class DataFreeConfig:
             raise ValueError(
                 f"unknown data-free variant {self.variant!r}; known: {', '.join(VARIANTS)}"
             )
+
+
+def warmup_steps(config: DataFreeConfig) -> int:
+    """Fidelity-only steps per generator before the main loop. A variant whose generators are
+    frozen after warm-up warms up for the main loop's generator steps too, so that every
+    variant makes the same number of generator updates (paper Sec. 4, DFQ w/o ADV)."""
+    if VARIANTS[config.variant].freeze_after_warmup:
+        return config.warmup + config.iterations
+    return config.warmup
 
 
 @dataclass
@@ -104,6 +113,15 @@ def as_logits(outputs: Tensor, form: str) -> Tensor:
     if form == "probs":
         return outputs.float().clamp_min(1e-8).log()
     raise ValueError(f"data-free fusion needs logits or probs from the teachers, got {form!r}")
+
+
+def _agreement(votes: Tensor) -> float:
+    """Fraction of samples on which every row of ``votes`` (M, B) names the same class.
+
+    On real images the teachers of a data set mostly agree; a low teacher agreement on the
+    generated samples says that they lie off the data the teachers learnt from.
+    """
+    return (votes == votes[0]).all(dim=0).float().mean().item()
 
 
 def _sequential(fn: Callable[[Teacher], Tensor], teachers: Sequence[Teacher]) -> list[Tensor]:
@@ -295,6 +313,8 @@ class DataFreeFusion:
         )
         for teacher in self.teachers:
             self.student_queries[teacher.info.name] += len(x)
+        votes = torch.stack([z.argmax(dim=1) for z in logits])  # (K, B)
+        self.history.record("samples/teacher_agreement", _agreement(votes))
         tau = self.config.temperature
         return torch.stack([torch.softmax(z / tau, dim=1) for z in logits]).mean(dim=0)
 
@@ -310,6 +330,8 @@ class DataFreeFusion:
         self.student_opt.step()
         self.student_sched.step()
         self.history.record("student/kl", loss.item())
+        votes = torch.stack([student_logits.argmax(dim=1), target.argmax(dim=1)])
+        self.history.record("samples/student_ensemble_agreement", _agreement(votes))
 
     def snapshot(self, count: int = 16) -> list[Tensor]:
         """``count`` samples of every generator, (count, C, H, W) each."""
@@ -337,13 +359,13 @@ class DataFreeFusion:
         c = self.config
         samples = [self.snapshot()]
         bar = tqdm(
-            total=len(self.teachers) * c.warmup + c.iterations,
+            total=len(self.teachers) * warmup_steps(c) + c.iterations,
             desc=c.variant,
             disable=None if self.progress else True,
             leave=False,
         )
         for trainer in self.trainers:  # warm-up: fidelity only
-            for _ in range(c.warmup):
+            for _ in range(warmup_steps(c)):
                 trainer.step()
                 bar.update()
         every = max(1, c.iterations // max(1, checkpoints))
