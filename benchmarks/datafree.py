@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, nargs="+", default=[SEED], help="method seeds; rows are means"
     )
     parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
+    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
     args = parser.parse_args(argv)
-    out = Path(tempfile.mkdtemp(prefix="datafree-quick-")) if args.quick else RESULTS
+    out = args.out or (Path(tempfile.mkdtemp(prefix="datafree-quick-")) if args.quick else RESULTS)
     done = 0
     for name in args.variant or list(SPLITS):
         try:
