@@ -245,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
     args = parser.parse_args(argv)
     out = args.out or (Path(tempfile.mkdtemp(prefix="datafree-quick-")) if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
     done = 0
     for name in args.variant or list(SPLITS):
         try:
