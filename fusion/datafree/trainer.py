@@ -258,9 +258,17 @@ class GeneratorTrainer:
             )
 
     def sample(self, count: int, rng: torch.Generator | None = None) -> Tensor:
+        """``count`` images (count, C, H, W), drawn a batch at a time: a party-side pool of
+        thousands would otherwise hold the generator's widest feature map for all at once."""
         self.generator.eval()
+        step = self.config.batch_size
         with torch.no_grad():
-            return self.generator.sample(count, rng or self.rng)
+            return torch.cat(
+                [
+                    self.generator.sample(min(step, count - start), rng or self.rng)
+                    for start in range(0, count, step)
+                ]
+            )
 
 
 class DataFreeFusion:
