@@ -194,6 +194,7 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path, seeds: list[i
             earlier["results"].update(record["results"])
             earlier["extra"]["per_class"].update(record["extra"]["per_class"])
             record = earlier
+    earlier_seconds = record["wall_seconds"]  # of the runs this one adds to
     for method in methods:
         earlier_runs = record["extra"]["methods"].get(method, {}).get("runs", [])
         runs = [r for r in earlier_runs if r["seed"] not in seeds]  # kept from an earlier run
@@ -225,7 +226,7 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path, seeds: list[i
             "accuracy_std": float(np.std(accuracies, ddof=1)) if len(runs) > 1 else None,
             "runs": runs,
         }
-        record["wall_seconds"] = round(time.perf_counter() - started, 1)
+        record["wall_seconds"] = round(earlier_seconds + time.perf_counter() - started, 1)
         write_results(
             record, out, list(SPLITS), decimals=2
         )  # after every method, so a long run keeps its results
