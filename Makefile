@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree clean
+.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,9 @@ bench-protocol: $(STAMP)
 
 bench-datafree: $(STAMP)
 	$(BIN)/python -m benchmarks.datafree
+
+bench-otfusion: $(STAMP)
+	$(BIN)/python -m benchmarks.otfusion
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

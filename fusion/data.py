@@ -141,6 +141,47 @@ def _usps(part: str) -> Dataset:
     return Dataset(F.pad(x, (4, 4, 4, 4)), y, DIGIT_NAMES)  # (N, 1, 20, 20) -> (N, 1, 28, 28)
 
 
+def cache_dir() -> Path:
+    """``$AMALGAM_CACHE``, else ``~/.cache/amalgam``: derived files worth keeping."""
+    return Path(os.environ.get("AMALGAM_CACHE") or Path.home() / ".cache" / "amalgam")
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(N, 32, 32, 3) uint8 images from concatenated JPEG bytes."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = torch.from_numpy(blob)
+    images = [
+        decode_jpeg(data[offsets[i] : offsets[i + 1]], mode=ImageReadMode.RGB)
+        for i in range(len(offsets) - 1)
+    ]  # each (3, 32, 32)
+    return torch.stack(images).permute(0, 2, 3, 1).numpy()
+
+
+def _cifar10(part: str) -> Dataset:
+    """CIFAR-10 from ``cifar10/``: the test set decoded as shipped; the training set's JPEGs
+    decoded once (about a minute) and cached under :func:`cache_dir`."""
+    if part not in ("train", "test"):
+        raise ValueError(f"cifar10 has no part {part!r}; parts: train, test")
+    folder = shared_data_dir() / "cifar10"
+    with np.load(_require(folder / "cifar10_jpeg.npz")) as f:
+        names = [str(n) for n in f["classes"]]
+        labels = f[f"{part}_labels"].astype(np.int64)
+        if part == "test":
+            with np.load(_require(folder / "cifar10_test_uint8.npz")) as t:
+                pixels = t["x"]
+        else:
+            cached = cache_dir() / "cifar10_train_uint8.npy"
+            if cached.exists():
+                pixels = np.load(cached)
+            else:
+                pixels = _decode_jpegs(f["train_jpeg"], f["train_offsets"])
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cached, pixels)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)  # (N, 3, 32, 32)
+    return Dataset(x.contiguous(), torch.from_numpy(labels), names)
+
+
 SOURCES: dict[str, Callable[[str], Dataset]] = {
     "digits": _digits,
     "mnist": _idx_set("mnist", _MNIST_FILES, DIGIT_NAMES),
@@ -161,6 +202,7 @@ SOURCES: dict[str, Callable[[str], Dataset]] = {
         ],
     ),
     "usps": _usps,
+    "cifar10": _cifar10,
 }
 
 

@@ -7,7 +7,8 @@ Entry points take ``in_shape=(C, H, W)`` and ``num_classes`` plus their own keyw
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,20 +55,25 @@ class Classifier(nn.Module):
 
 
 class MLP(Classifier):
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, hidden: int = 256) -> None:
+    """Fully connected ReLU network with biases; ``hidden`` is one width per hidden layer
+    (an int means two hidden layers of that width)."""
+
+    def __init__(
+        self, in_shape: tuple[int, ...], num_classes: int, hidden: int | Sequence[int] = 256
+    ) -> None:
         super().__init__()
-        in_features = 1
-        for dim in in_shape:
-            in_features *= dim
-        self.body = nn.Sequential(
-            nn.Flatten(),  # (B, C, H, W) -> (B, C*H*W)
-            nn.Linear(in_features, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(inplace=True),
-        )
-        self.num_features = hidden
-        self.head = nn.Linear(hidden, num_classes)
+        widths = (hidden, hidden) if isinstance(hidden, int) else tuple(hidden)
+        if not widths:
+            raise ValueError("hidden: an MLP needs at least one hidden layer")
+        layers: list[nn.Module] = [nn.Flatten()]  # (B, C, H, W) -> (B, C*H*W)
+        previous = math.prod(in_shape)
+        for width in widths:
+            layers += [nn.Linear(previous, width), nn.ReLU(inplace=True)]
+            previous = width
+        self.body = nn.Sequential(*layers)
+        self.hidden = widths
+        self.num_features = previous
+        self.head = nn.Linear(previous, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -103,7 +109,65 @@ class SmallCNN(Classifier):
         return self.body(x)
 
 
-class _BasicBlock(nn.Module):
+class ConvBNReLU(nn.Sequential):
+    """``conv`` (3x3, bias) -> ``bn`` -> ``relu``: one VGG layer."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+
+
+class VGG(Classifier):
+    """VGG-style CNN (Simonyan & Zisserman 2015) with BatchNorm and biases.
+
+    ``stages`` holds the conv widths of each stage; every stage ends in a 2x2 max-pool.
+    ``fc`` holds the widths of the hidden fully connected layers before the head.
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        num_classes: int,
+        stages: Sequence[Sequence[int]] = ((32, 32), (64, 64), (128, 128)),
+        fc: Sequence[int] = (256,),
+    ) -> None:
+        super().__init__()
+        self.stage_widths = tuple(tuple(widths) for widths in stages)
+        if not self.stage_widths or not all(self.stage_widths):
+            raise ValueError("stages: every stage needs at least one conv layer")
+        self.stages = nn.ModuleList()
+        c_in, height, width = in_shape
+        for widths in self.stage_widths:
+            layers = []
+            for c_out in widths:
+                layers.append(ConvBNReLU(c_in, c_out))
+                c_in = c_out
+            self.stages.append(nn.Sequential(*layers))
+            height, width = height // 2, width // 2  # (B, C, H, W) -> (B, C, H/2, W/2)
+        if height < 1 or width < 1:
+            raise ValueError(f"stages: {len(self.stage_widths)} poolings need a larger input")
+        self.pool = nn.MaxPool2d(2)
+        self.fc_widths = tuple(fc)
+        head_in = c_in * height * width
+        layers = [nn.Flatten()]  # (B, C, h, w) -> (B, C*h*w)
+        for width_fc in self.fc_widths:
+            layers += [nn.Linear(head_in, width_fc), nn.ReLU(inplace=True)]
+            head_in = width_fc
+        self.fc = nn.Sequential(*layers)
+        self.num_features = head_in
+        self.head = nn.Linear(head_in, num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = self.pool(stage(x))
+        return self.fc(x)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers and a shortcut: identity, or 1x1 conv-BN when shape changes."""
+
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
@@ -122,29 +186,54 @@ class _BasicBlock(nn.Module):
 
 
 class ResNetCifar(Classifier):
-    """CIFAR-style ResNet (He et al. 2016): three stages of basic blocks, widths 16/32/64."""
+    """CIFAR-style ResNet (He et al. 2016): a stem and three stages of basic blocks, widths
+    16/32/64; ``blocks`` is the block count of every stage, or one count per stage."""
 
-    def __init__(self, in_shape: tuple[int, ...], num_classes: int, blocks: int = 1) -> None:
+    widths = (16, 32, 64)
+
+    def __init__(
+        self, in_shape: tuple[int, ...], num_classes: int, blocks: int | Sequence[int] = 1
+    ) -> None:
         super().__init__()
-        layers: list[nn.Module] = [_conv_bn(in_shape[0], 16)]
-        c_in = 16
-        for stage, width in enumerate((16, 32, 64)):
-            for block in range(blocks):
-                stride = 2 if stage > 0 and block == 0 else 1
-                layers.append(_BasicBlock(c_in, width, stride))
+        counts = (blocks,) * 3 if isinstance(blocks, int) else tuple(blocks)
+        if len(counts) != 3 or min(counts) < 1:
+            raise ValueError(f"blocks: need three stages of at least one block, got {counts}")
+        self.blocks = counts
+        self.stem = _conv_bn(in_shape[0], self.widths[0])
+        self.stages = nn.ModuleList()
+        c_in = self.widths[0]
+        for stage, (width, count) in enumerate(zip(self.widths, counts, strict=True)):
+            layers = []
+            for block in range(count):
+                layers.append(BasicBlock(c_in, width, 2 if stage > 0 and block == 0 else 1))
                 c_in = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]  # (B, 64, h, w) -> (B, 64)
-        self.body = nn.Sequential(*layers)
-        self.num_features = 64
-        self.head = nn.Linear(64, num_classes)
+            self.stages.append(nn.Sequential(*layers))
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 64, h, w) -> (B, 64)
+        self.num_features = c_in
+        self.head = nn.Linear(c_in, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.body(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.pool(x)
 
 
 @register_model
-def mlp(in_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, hidden: int = 256) -> MLP:
+def mlp(
+    in_shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 10, hidden: int | Sequence[int] = 256
+) -> MLP:
     return MLP(tuple(in_shape), num_classes, hidden)
+
+
+@register_model
+def vgg_cnn(
+    in_shape: tuple[int, ...] = (3, 32, 32),
+    num_classes: int = 10,
+    stages: Sequence[Sequence[int]] = ((32, 32), (64, 64), (128, 128)),
+    fc: Sequence[int] = (256,),
+) -> VGG:
+    return VGG(tuple(in_shape), num_classes, stages, fc)
 
 
 @register_model
@@ -157,6 +246,18 @@ def small_cnn(
 @register_model
 def resnet8_cifar(in_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10) -> ResNetCifar:
     return ResNetCifar(tuple(in_shape), num_classes, blocks=1)
+
+
+@register_model
+def resnet14_cifar(in_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10) -> ResNetCifar:
+    return ResNetCifar(tuple(in_shape), num_classes, blocks=2)
+
+
+@register_model
+def resnet_cifar(
+    in_shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, blocks: int | Sequence[int] = 1
+) -> ResNetCifar:
+    return ResNetCifar(tuple(in_shape), num_classes, blocks)
 
 
 @register_model

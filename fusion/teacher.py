@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from safetensors.torch import load as safetensors_load
 from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
+from fusion.models import Classifier, create_model
 
 OUTPUT_FORMS = ("logits", "probs", "topk", "label")
 
@@ -27,6 +29,9 @@ class TeacherInfo:
     capabilities : what the owner's policy grants, e.g. ``("predict", "bn_feedback")``.
     max_batch : the largest batch one call may carry (0: no limit known).
     batchnorm_layers : BatchNorm layers with running statistics in the teacher.
+    layers : layers whose activations or Gram matrices the policy releases.
+    mean, std : per-channel normalisation the party applies before its model; exported
+        weights expect inputs normalised so.
     """
 
     name: str
@@ -36,6 +41,9 @@ class TeacherInfo:
     capabilities: tuple[str, ...] = ("predict",)
     max_batch: int = 0
     batchnorm_layers: int = 0
+    layers: tuple[str, ...] = ()
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherInfo:
@@ -48,6 +56,9 @@ class TeacherInfo:
             capabilities=tuple(data.get("capabilities", ())),
             max_batch=int(data.get("max_batch", 0)),
             batchnorm_layers=int(data.get("batchnorm_layers", 0)),
+            layers=tuple(data.get("layers", ())),
+            mean=tuple(data.get("normalization", {}).get("mean", (0.0,))),
+            std=tuple(data.get("normalization", {}).get("std", (1.0,))),
         )
 
 
@@ -85,6 +96,30 @@ class Synthesis:
     steps_done: int
 
 
+@dataclass(frozen=True)
+class Weights:
+    """A party's model as it exported it (opt-in).
+
+    Attributes
+    ----------
+    architecture : ``{"name": <registered model>, "kwargs": {...}}``.
+    state_dict : the parameters and buffers.
+    """
+
+    architecture: dict
+    state_dict: dict[str, Tensor]
+
+    @classmethod
+    def from_safetensors(cls, architecture: dict, payload: bytes) -> Weights:
+        return cls(dict(architecture), safetensors_load(payload))
+
+    def build(self) -> Classifier:
+        """The model in eval mode; an unknown architecture raises ``ValueError``."""
+        model = create_model(self.architecture["name"], **self.architecture.get("kwargs", {}))
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """A private model behind its owner's policy."""
@@ -112,9 +147,31 @@ class Teacher(Protocol):
         hyper-parameters ``params``, then return ``samples`` generated images."""
         ...
 
+    def activations(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        """Outputs ``{layer: (t, ...)}`` of the named layers on ``x`` of shape (t, C, H, W)."""
+        ...
+
+    def gram(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        """Centered Gram matrices ``{layer: (t, t)}`` of the named layers' outputs on ``x``."""
+        ...
+
+    def weights(self) -> Weights:
+        """The architecture and state dict, where the owner opted in."""
+        ...
+
 
 def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
     """Apply ``fn`` to consecutive slices of at most ``chunk`` samples and concatenate."""
     if chunk <= 0 or len(x) <= chunk:
         return fn(x)
     return torch.cat([fn(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+
+def concat_chunks(
+    fn: Callable[[Tensor], dict[str, Tensor]], x: Tensor, chunk: int
+) -> dict[str, Tensor]:
+    """Like :func:`in_chunks` for functions that return named tensors."""
+    if chunk <= 0 or len(x) <= chunk:
+        return fn(x)
+    parts = [fn(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

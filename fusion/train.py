@@ -22,20 +22,32 @@ def fit(
     batch_size: int = 64,
     lr: float = 2e-3,
     weight_decay: float = 5e-4,
+    optimizer: str = "adam",
+    momentum: float = 0.5,
     seed: int = 0,
     desc: str = "train",
     progress: bool = True,
 ) -> list[float]:
     """Train ``model`` on (N, C, H, W) inputs against (N,) labels or (N, U) soft targets.
 
-    Adam with a cosine learning-rate schedule; returns the mean loss of each epoch.
+    ``optimizer="adam"``: Adam with a cosine learning-rate schedule; ``"sgd"``: SGD with
+    ``momentum`` at a constant rate (paper 002's MLP set-up: lr 0.01, momentum 0.5, no weight
+    decay). Returns the mean loss of each epoch.
     """
     if targets.ndim == 1:
         targets = F.one_hot(targets.long(), model.head.out_features).float()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-len(x) // batch_size))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    if optimizer == "adam":
+        step_rule = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(step_rule, epochs * steps_per_epoch)
+    elif optimizer == "sgd":
+        step_rule = torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.ConstantLR(step_rule, factor=1.0)
+    else:
+        raise ValueError(f"optimizer={optimizer!r}: choose adam or sgd")
     history: list[float] = []
     model.train()
     bar = tqdm(
@@ -49,9 +61,9 @@ def fit(
             if len(index) < 2:  # BatchNorm needs two samples
                 continue
             loss = soft_cross_entropy(model(x[index]), targets[index])
-            optimizer.zero_grad()
+            step_rule.zero_grad()
             loss.backward()
-            optimizer.step()
+            step_rule.step()
             schedule.step()
             total += loss.item() * len(index)
         history.append(total / len(x))

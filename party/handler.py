@@ -12,8 +12,10 @@ from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from fusion.activations import layer_grams, layer_names, layer_outputs
 from fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
 from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
 from fusion.teacher import Feedback, Synthesis, TeacherInfo
@@ -22,7 +24,7 @@ from party.config import PartyConfig
 from party.model import load_model
 from party.synthesis import OwnTeacher, SynthesisSessions
 from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
-from protocol.schemas import Normalization, PartyInfo, Policy, PredictPolicy
+from protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy, PredictPolicy
 
 __all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
 
@@ -78,6 +80,10 @@ class PartyHandler:
         parameter = next(self.model.parameters(), None)
         self._dtype = parameter.dtype if parameter is not None else torch.float32
         self._batchnorm_layers = len(batchnorm_layers(self.model))
+        self._layers = {
+            "Activations": self._released(policy.activations, "activations"),
+            "Gram": self._released(policy.gram, "gram"),
+        }
         self._used: dict[str, int] = defaultdict(int)
         own = OwnTeacher(TeacherInfo.from_dict(self.info.model_dump()), self.teacher_side)
         self._synthesis = SynthesisSessions(own)
@@ -95,17 +101,40 @@ class PartyHandler:
             normalization=config.normalization,
         )
 
+    def _released(self, rule: LayersPolicy | None, field: str) -> list[str]:
+        """The layers ``rule`` releases, in the model's order; a name the model lacks is a
+        configuration error."""
+        if rule is None:
+            return []
+        names = layer_names(self.model)
+        if "*" in rule.layers:
+            return names
+        unknown = [layer for layer in rule.layers if layer not in names]
+        if unknown:
+            raise ValueError(f"policy.{field}.layers: the model has no layer {unknown[0]!r}")
+        return [name for name in names if name in rule.layers]
+
+    @property
+    def exportable(self) -> bool:
+        """Whether the model has a registered architecture to export with its weights."""
+        return getattr(self.model, "arch", None) is not None
+
     @property
     def info(self) -> PartyInfo:
+        capabilities = self.policy.capabilities
+        if not self.exportable:
+            capabilities = [c for c in capabilities if c != "weights"]
+        released = set(self._layers["Activations"]) | set(self._layers["Gram"])
         return PartyInfo(
             name=self.name,
             class_names=self.class_names,
             input_shape=self.input_shape,
             normalization=self.normalization,
-            capabilities=self.policy.capabilities,
+            capabilities=capabilities,
             output_form=self.policy.predict.output if self.policy.predict else "",
             max_batch=self.policy.max_batch,
             batchnorm_layers=self._batchnorm_layers,
+            layers=[name for name in layer_names(self.model) if name in released],
         )
 
     def describe(self, caller: str, request_id: str = "") -> PartyInfo:
@@ -344,3 +373,70 @@ class PartyHandler:
             result = Synthesis(result.samples.half(), result.losses, result.steps_done)
         self._granted(method, caller, samples, request_id, result.samples)
         return result
+
+    def layers(
+        self,
+        x: Tensor,
+        layers: list[str],
+        caller: str,
+        *,
+        gram: bool = False,
+        half: bool = False,
+        request_id: str = "",
+    ) -> dict[str, Tensor]:
+        """Outputs of ``layers`` on (t, C, H, W) inputs in [0, 1] (Activations), or their
+        centered (t, t) Gram matrices (``gram=True``). Only layers the policy lists; charged
+        ``cost`` samples of budget per input; the batch is never split (a Gram matrix spans
+        it)."""
+        method = "Gram" if gram else "Activations"
+        rule = self.policy.gram if gram else self.policy.activations
+        samples = int(x.shape[0]) if x.ndim else 0
+        if rule is not None:
+            withheld = [layer for layer in layers if layer not in self._layers[method]]
+            error: Exception | None = None
+            if not layers:
+                error = InvalidRequest("layers", "name at least one layer")
+            elif withheld:
+                error = PolicyDenied(
+                    f"party {self.name}: {method} of layer {withheld[0]!r} is not released by "
+                    "its policy"
+                )
+            elif half and not rule.allow_half:
+                error = PolicyDenied(f"party {self.name}: float16 answers are not allowed")
+            if error is not None:
+                decision = "invalid" if isinstance(error, InvalidRequest) else "denied"
+                self._deny(error, method, caller, samples, request_id, decision)
+        samples = self._admit(
+            method, rule is not None, x, caller, request_id, rule.cost if rule else 1
+        )
+        compute = layer_grams if gram else layer_outputs
+        out = compute(self.model, self._normalize(x), list(dict.fromkeys(layers)))
+        if half:
+            out = {name: value.half() for name, value in out.items()}
+        self._granted(method, caller, samples, request_id, *out.values())
+        return out
+
+    def export_weights(self, caller: str, request_id: str = "") -> tuple[dict, bytes]:
+        """The architecture (``{"name", "kwargs"}`` of the model registry) and the state dict as
+        safetensors bytes; only where the owner opted in (``policy.weights``)."""
+        method = "ExportWeights"
+        if self.policy.weights is None:
+            error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
+            self._deny(error, method, caller, 0, request_id, "denied")
+        if not self.exportable:
+            error = PolicyDenied(
+                f"party {self.name}: its model has no registered architecture (TorchScript), "
+                "so its weights cannot be exported"
+            )
+            self._deny(error, method, caller, 0, request_id, "denied")
+        state = {name: t.detach().contiguous() for name, t in self.model.state_dict().items()}
+        payload = safetensors_bytes(state)
+        self.audit.append(
+            caller=caller,
+            method=method,
+            decision="granted",
+            samples=0,
+            bytes_out=len(payload),
+            request_id=request_id,
+        )
+        return dict(self.model.arch), payload

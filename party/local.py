@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
-from fusion.teacher import Feedback, Synthesis, TeacherInfo, in_chunks
+from fusion.teacher import Feedback, Synthesis, TeacherInfo, Weights, concat_chunks, in_chunks
 from party.handler import PartyHandler
 
 
@@ -34,3 +34,15 @@ class LocalTeacher:
 
     def synthesize(self, params: dict, session: str, steps: int, samples: int) -> Synthesis:
         return self.handler.synthesize(self.caller, session, params, steps, samples)
+
+    def activations(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        def call(chunk: Tensor) -> dict[str, Tensor]:
+            return self.handler.layers(chunk, layers, self.caller)
+
+        return concat_chunks(call, x, self.info.max_batch)
+
+    def gram(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        return self.handler.layers(x, layers, self.caller, gram=True)
+
+    def weights(self) -> Weights:
+        return Weights.from_safetensors(*self.handler.export_weights(self.caller))

@@ -7,6 +7,8 @@ RESOURCE_EXHAUSTED. The server also serves the standard ``grpc.health.v1`` servi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import sys
 import threading
@@ -27,6 +29,7 @@ from protocol.codec import (
     synthesis_params_from_proto,
     tensor_from_proto,
     tensor_to_proto,
+    tensors_to_proto,
 )
 from protocol.errors import PartyError, status_code
 
@@ -120,6 +123,53 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             losses=result.losses,
             steps_done=result.steps_done,
         )
+
+    def _layers(self, request, context, gram: bool):
+        caller = _caller(context)
+        method = "Gram" if gram else "Activations"
+        try:
+            try:
+                x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
+            except CodecError as error:
+                self.handler.reject_malformed(
+                    method, caller, request.request_id, error.field, error.problem
+                )
+            out = self.handler.layers(
+                x,
+                list(request.layers),
+                caller,
+                gram=gram,
+                half=request.half,
+                request_id=request.request_id,
+            )
+        except PartyError as error:
+            context.abort(status_code(error), str(error))
+        return party_pb2.LayersResponse(
+            request_id=request.request_id, outputs=tensors_to_proto(out)
+        )
+
+    def Activations(self, request, context):  # noqa: N802
+        return self._layers(request, context, gram=False)
+
+    def Gram(self, request, context):  # noqa: N802
+        return self._layers(request, context, gram=True)
+
+    def ExportWeights(self, request, context):  # noqa: N802
+        try:
+            arch, payload = self.handler.export_weights(_caller(context), request.request_id)
+        except PartyError as error:
+            context.abort(status_code(error), str(error))
+        chunk = request.chunk_bytes or self.handler.policy.weights.chunk_bytes
+        chunk = min(chunk, self.handler.policy.weights.chunk_bytes)
+        for start in range(0, max(len(payload), 1), chunk):
+            message = party_pb2.WeightsChunk(
+                request_id=request.request_id, data=payload[start : start + chunk]
+            )
+            if start == 0:
+                message.architecture = json.dumps(arch)
+                message.total_bytes = len(payload)
+                message.sha256 = hashlib.sha256(payload).hexdigest()
+            yield message
 
 
 def create_server(

@@ -98,6 +98,7 @@ def party_info_to_proto(info: PartyInfo) -> party_pb2.PartyInfo:
         output_form=info.output_form,
         max_batch=info.max_batch,
         batchnorm_layers=info.batchnorm_layers,
+        layers=info.layers,
     )
 
 
@@ -113,6 +114,7 @@ def party_info_from_proto(message: party_pb2.PartyInfo) -> PartyInfo:
         output_form=message.output_form,
         max_batch=message.max_batch,
         batchnorm_layers=message.batchnorm_layers,
+        layers=list(message.layers),
     )
 
 
@@ -170,3 +172,18 @@ def synthesis_params_to_proto(params: dict) -> party_pb2.SynthesisParams:
 
 def synthesis_params_from_proto(message: party_pb2.SynthesisParams) -> dict:
     return {k: getattr(message, k) for k in SYNTHESIS_FIELDS}
+
+
+def tensors_to_proto(tensors: dict[str, torch.Tensor]) -> dict[str, party_pb2.Tensor]:
+    """Named tensors (a ``map<string, Tensor>`` field)."""
+    return {name: tensor_to_proto(t) for name, t in tensors.items()}
+
+
+def tensors_from_proto(
+    messages, field: str, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> dict[str, torch.Tensor]:
+    """Decode a ``map<string, Tensor>`` field; errors name ``field[key]``."""
+    return {
+        name: tensor_from_proto(m, f"{field}[{name}]", max_elements=max_elements)
+        for name, m in messages.items()
+    }

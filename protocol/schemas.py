@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 OutputForm = Literal["logits", "probs", "topk", "label"]
-CAPABILITIES = ("predict", "bn_feedback", "synthesize")
+CAPABILITIES = ("predict", "bn_feedback", "synthesize", "activations", "gram", "weights")
 
 
 class _Strict(BaseModel):
@@ -44,6 +44,7 @@ class PartyInfo(_Strict):
     output_form: OutputForm | Literal[""] = ""
     max_batch: int = 0
     batchnorm_layers: int = 0
+    layers: list[str] = Field(default_factory=list)  # released by Activations / Gram
 
 
 # --- the owner's policy -------------------------------------------------------------------
@@ -74,12 +75,30 @@ class SynthesizePolicy(_Strict):
     max_samples: int = Field(4096, ge=1)  # images returned by one call
 
 
+class LayersPolicy(_Strict):
+    """Outputs of named layers on the caller's inputs (Activations), or only their centered
+    Gram matrices (Gram: enough for CKA, the activations stay home)."""
+
+    layers: list[str] = Field(min_length=1)  # module names of the model; ["*"]: every module
+    cost: int = Field(1, ge=1)  # budget charged per sample, in predictions
+    allow_half: bool = True  # may answer with float16 tensors when asked
+
+
+class WeightsPolicy(_Strict):
+    """Opt-in export of the model: architecture and safetensors weights, streamed in chunks."""
+
+    chunk_bytes: int = Field(1 << 20, ge=1024, le=32 << 20)  # bytes per streamed message
+
+
 class Policy(_Strict):
     """The owner's rules. Deny by default: a capability is granted only when it is written here."""
 
     predict: PredictPolicy | None = None  # None: Predict is denied
     bn_feedback: BnFeedbackPolicy | None = None  # None: BatchNormFeedback is denied
     synthesize: SynthesizePolicy | None = None  # None: Synthesize is denied
+    activations: LayersPolicy | None = None  # None: Activations is denied
+    gram: LayersPolicy | None = None  # None: Gram is denied
+    weights: WeightsPolicy | None = None  # None: ExportWeights is denied
     max_batch: int = Field(256, ge=1)  # samples in one request
     sample_budget: int | None = Field(100_000, ge=0)  # samples per caller; None: unlimited
 
@@ -136,6 +155,29 @@ class DataFreeMethod(_Strict):
     params: DataFreeParams = DataFreeParams()
 
 
+class WeightFusionParams(_Strict):
+    """Weight fusion (paper 002): ``ot`` fuses equally deep networks layer by layer;
+    ``clafusion`` first aligns and balances networks of different depths."""
+
+    ground_metric: Literal["weight", "activation"] = "weight"  # how neurons are compared
+    plan: Literal["emd", "sinkhorn"] = "emd"  # exact OT, or entropic with `reg`
+    reg: float = Field(0.05, gt=0)
+    weights: list[float] | None = None  # per party, in the order of `parties`; None: equal
+    base: str | None = None  # party whose network the others align to; None: the first
+    # party (ot), the shallowest network (clafusion)
+    mode: Literal["many_to_one", "iterative"] = "many_to_one"
+    balance: Literal["add", "merge"] = "add"  # clafusion: identity layers, or merge (MLPs)
+    sign: Literal["sum", "vote", "average"] = "sum"  # merge: which neurons fire
+    probe_size: int = Field(200, ge=2)  # images of data.unlabeled for CKA / activations
+    recompute_batchnorm: bool = True  # BN statistics re-estimated on data.unlabeled
+    finetune_epochs: int = Field(0, ge=0)  # on data.finetune, with the student's optimiser
+
+
+class WeightFusionMethod(_Strict):
+    name: Literal["ot", "clafusion"]
+    params: WeightFusionParams = WeightFusionParams()
+
+
 class StudentSpec(_Strict):
     """The student; data-free fusion uses ``arch`` and its own schedule (method params)."""
 
@@ -151,13 +193,14 @@ class DataSpec(_Strict):
 
     unlabeled: str | None = None  # e.g. digits:public, mnist:train; composition needs it
     test: str  # labelled, e.g. digits:test
+    finetune: str | None = None  # labelled, for fine-tuning a fused network
 
 
 class JobSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     parties: list[PartyRef] = Field(min_length=1)
-    method: CompositionMethod | DataFreeMethod = Field(discriminator="name")
+    method: CompositionMethod | DataFreeMethod | WeightFusionMethod = Field(discriminator="name")
     student: StudentSpec = StudentSpec()
     data: DataSpec
     output_dir: str = "runs"

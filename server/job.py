@@ -27,28 +27,66 @@ class PartyMismatch(ValueError):
     """The address of a party in the job answers with another party's name."""
 
 
+def _check_composition(spec: JobSpec) -> str | None:
+    if spec.method.params.rule not in RULES:
+        return (
+            f"method.params.rule: unknown rule {spec.method.params.rule!r}"
+            f" (known: {', '.join(RULES)})"
+        )
+    if spec.data.unlabeled is None:
+        return "data.unlabeled: composition needs unlabeled data"
+    return None
+
+
+def _check_datafree(spec: JobSpec) -> str | None:
+    params = spec.method.params
+    if params.variant not in VARIANTS:
+        return (
+            f"method.params.variant: unknown variant {params.variant!r}"
+            f" (known: {', '.join(VARIANTS)})"
+        )
+    if params.mode == "party" and VARIANTS[params.variant].adversary == "student":
+        return (
+            f"method.params.mode: {params.variant} plays against the student, which stays at "
+            "the coordinator; use mode coordinator"
+        )
+    return None
+
+
+def _check_weight_fusion(spec: JobSpec) -> str | None:
+    params, names = spec.method.params, [p.name for p in spec.parties]
+    if params.weights is not None and len(params.weights) != len(names):
+        return f"method.params.weights: {len(params.weights)} given for {len(names)} parties"
+    if params.weights is not None and (min(params.weights) < 0 or sum(params.weights) <= 0):
+        return "method.params.weights: must be non-negative with a positive sum"
+    if params.base is not None and params.base not in names:
+        return f"method.params.base: {params.base!r} is not one of the parties"
+    if spec.data.unlabeled is None:
+        if spec.method.name == "clafusion":
+            return "data.unlabeled: clafusion needs probe images for CKA"
+        if params.ground_metric == "activation":
+            return "data.unlabeled: ground_metric activation needs probe images"
+        if params.recompute_batchnorm:
+            return "data.unlabeled: recompute_batchnorm needs images (or set it to false)"
+    if params.finetune_epochs and spec.data.finetune is None:
+        return "data.finetune: finetune_epochs > 0 needs labelled images"
+    return None
+
+
+METHOD_CHECKS = {
+    "composition": _check_composition,
+    "datafree": _check_datafree,
+    "ot": _check_weight_fusion,
+    "clafusion": _check_weight_fusion,
+}
+
+
 def load_job(path: str | Path) -> JobSpec:
     """Validate a job file, including the names that only the algorithms know."""
     spec = load_yaml(path, JobSpec)
-    params = spec.method.params
-    if spec.method.name == "composition":
-        if params.rule not in RULES:
-            raise ConfigError(
-                f"{path}: method.params.rule: unknown rule {params.rule!r}"
-                f" (known: {', '.join(RULES)})"
-            )
-        if spec.data.unlabeled is None:
-            raise ConfigError(f"{path}: data.unlabeled: composition needs unlabeled data")
-    elif params.variant not in VARIANTS:
-        raise ConfigError(
-            f"{path}: method.params.variant: unknown variant {params.variant!r}"
-            f" (known: {', '.join(VARIANTS)})"
-        )
-    elif params.mode == "party" and VARIANTS[params.variant].adversary == "student":
-        raise ConfigError(
-            f"{path}: method.params.mode: {params.variant} plays against the student, which "
-            "stays at the coordinator; use mode coordinator"
-        )
+    problem = METHOD_CHECKS[spec.method.name](spec)
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
     if spec.student.arch not in list_models():
         raise ConfigError(
             f"{path}: student.arch: unknown architecture {spec.student.arch!r}"
@@ -98,6 +136,8 @@ def run_job(
         },
         "class_names": outcome.class_names,
     }
+    if "normalization" in outcome.extra:  # the inputs a fused party network expects
+        architecture["normalization"] = outcome.extra["normalization"]
     (run_dir / "student.json").write_text(json.dumps(architecture, indent=2))
     stats = {t.info.name: dataclasses.asdict(t.stats) for t in teachers if hasattr(t, "stats")}
     job = spec.model_dump(mode="json")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fusion.data import DIGIT_NAMES, load_source
+from fusion.data import DIGIT_NAMES, cache_dir, load_source
 from fusion.models import create_model
 from fusion.train import accuracy, fit, predict_logits
 
@@ -36,11 +35,6 @@ DEMO_PARTIES = (
 )
 DEMO_ARCH = {"name": "small_cnn", "kwargs": {"in_shape": [1, 8, 8], "width": 16}}
 TEACHER_EPOCHS = 40
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("AMALGAM_CACHE") or Path.home() / ".cache" / "amalgam"
-    return Path(root)
 
 
 def _key(party: DemoParty) -> str:

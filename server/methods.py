@@ -4,33 +4,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from fusion.compose import CompositionConfig, compose, relabel
 from fusion.data import fit_to_shape, load_source
 from fusion.datafree.party_side import PartySideFusion
 from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
 from fusion.evaluate import evaluate
-from fusion.models import Classifier
-from fusion.teacher import Teacher
 from protocol.schemas import JobSpec
 from server.fanout import fan_out
+from server.outcome import Outcome, Runner
 from server.report import plot_curves, plot_samples
-
-
-@dataclass
-class Outcome:
-    student: Classifier
-    class_names: list[str]
-    results: dict[str, float]  # row -> accuracy
-    extra: dict = field(default_factory=dict)  # goes to metrics.json
-    summary: list[str] = field(default_factory=list)  # method-specific lines of report.md
-    figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # PNG writers
-
-
-Runner = Callable[[JobSpec, Sequence[Teacher], bool, Callable[[str], None]], Outcome]
+from server.weightfusion import run_weight_fusion
 
 
 def composition_config(spec: JobSpec) -> CompositionConfig:
@@ -113,4 +97,9 @@ def run_datafree(spec, teachers, progress, log) -> Outcome:
     return Outcome(result.student, classes, rows, extra, summary, figures)
 
 
-RUNNERS: dict[str, Runner] = {"composition": run_composition, "datafree": run_datafree}
+RUNNERS: dict[str, Runner] = {
+    "composition": run_composition,
+    "datafree": run_datafree,
+    "ot": run_weight_fusion,
+    "clafusion": run_weight_fusion,
+}

@@ -22,7 +22,10 @@ METHOD_NEEDS: dict[str, tuple[tuple[Need, ...], ...]] = {
     # each method: a tuple of alternatives; each alternative: needs that must all hold
     "composition": ((Need("predict", ("probs", "logits", "topk", "label")),),),
     "consolidation": ((Need("predict", ("logits", "probs")),),),
-    "weight-fusion": ((Need("weights"), Need("activations")), (Need("weights"), Need("gram"))),
+    # ot / clafusion: CKA and activations are asked of parties that grant Gram / Activations,
+    # and otherwise computed by the coordinator from the exported weights
+    "ot": ((Need("weights"),),),
+    "clafusion": ((Need("weights"),),),
     "data-free": ((Need("predict", ("logits",)), Need("bn_feedback", batchnorm=True)),),
     # DAFL and ZSKT train generators through input gradients alone, without BN statistics
     "data-free-no-bn": ((Need("predict", ("logits",)), Need("bn_feedback")),),

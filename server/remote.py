@@ -8,6 +8,8 @@ domain errors an in-process teacher raises (:mod:`protocol.errors`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 import uuid
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
-from fusion.teacher import Feedback, Synthesis, TeacherInfo, in_chunks
+from fusion.teacher import Feedback, Synthesis, TeacherInfo, Weights, concat_chunks, in_chunks
 from protocol import CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import (
@@ -27,10 +29,12 @@ from protocol.codec import (
     synthesis_params_to_proto,
     tensor_from_proto,
     tensor_to_proto,
+    tensors_from_proto,
 )
 from protocol.errors import error_from_status
 
 SYNTHESIZE_DEADLINE_S = 900.0
+WEIGHTS_DEADLINE_S = 120.0
 
 
 class PartyUnavailable(ConnectionError):
@@ -102,7 +106,16 @@ class RemoteTeacher:
         self._lock = threading.Lock()
         self.stats = CallStats()
 
-    def _call(self, method: str, request, retry: bool = True, deadline_s: float | None = None):
+    def _call(
+        self,
+        method: str,
+        request,
+        retry: bool = True,
+        deadline_s: float | None = None,
+        stream: bool = False,
+    ):
+        """One RPC with retries on UNAVAILABLE; ``stream``: a server-streaming RPC whose
+        messages are collected into a list."""
         rpc = getattr(self._stub, method)
         retries = self.retries if retry else 0
         deadline_s = deadline_s or self.deadline_s
@@ -110,6 +123,8 @@ class RemoteTeacher:
             started = time.perf_counter()
             try:
                 response = rpc(request, timeout=deadline_s, metadata=self._metadata)
+                if stream:
+                    response = list(response)
             except grpc.RpcError as error:
                 code = error.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < retries:
@@ -131,7 +146,8 @@ class RemoteTeacher:
             with self._lock:
                 self.stats.calls += 1
                 self.stats.bytes_sent += request.ByteSize()
-                self.stats.bytes_received += response.ByteSize()
+                received = response if stream else [response]
+                self.stats.bytes_received += sum(m.ByteSize() for m in received)
                 self.stats.seconds += time.perf_counter() - started
             return response
         raise AssertionError("unreachable")
@@ -211,6 +227,55 @@ class RemoteTeacher:
         response = self._call("Synthesize", request, retry=False, deadline_s=deadline)
         images = tensor_from_proto(response.samples, "samples").float()
         return Synthesis(images, dict(response.losses), response.steps_done)
+
+    def _layers_once(self, x: Tensor, layers: list[str], gram: bool) -> dict[str, Tensor]:
+        request = party_pb2.LayersRequest(
+            request_id=_request_id(), inputs=tensor_to_proto(x), layers=layers, half=self.half
+        )
+        response = self._call("Gram" if gram else "Activations", request)
+        out = tensors_from_proto(response.outputs, "outputs")
+        with self._lock:
+            self.stats.samples += len(x)
+        return {name: t.float() for name, t in out.items()} if self.half else out
+
+    def activations(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        """Outputs of the named layers on (t, C, H, W), in as many calls as needed."""
+        return concat_chunks(
+            lambda chunk: self._layers_once(chunk, layers, gram=False),
+            x.contiguous(),
+            self._chunk_size(x),
+        )
+
+    def gram(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        """Centered (t, t) Gram matrices of the named layers; one call, since a Gram matrix
+        spans the whole batch (t must fit the party's ``max_batch``)."""
+        limit = self._chunk_size(x)
+        if len(x) > limit:
+            raise ValueError(
+                f"party {self.name}: a Gram matrix of {len(x)} samples exceeds one call's limit "
+                f"of {limit}; use a smaller probe"
+            )
+        return self._layers_once(x.contiguous(), layers, gram=True)
+
+    def weights(self) -> Weights:
+        """The architecture and the state dict, streamed as safetensors bytes and checked
+        against the announced length and SHA-256. Idempotent, so retried like Predict."""
+        request = party_pb2.ExportWeightsRequest(request_id=_request_id())
+        deadline = max(self.deadline_s, WEIGHTS_DEADLINE_S)
+        chunks = self._call("ExportWeights", request, deadline_s=deadline, stream=True)
+        if not chunks:
+            raise PartyCallError(
+                f"party {self.name}: ExportWeights sent nothing", grpc.StatusCode.DATA_LOSS
+            )
+        head = chunks[0]
+        payload = b"".join(c.data for c in chunks)
+        if len(payload) != head.total_bytes or hashlib.sha256(payload).hexdigest() != head.sha256:
+            raise PartyCallError(
+                f"party {self.name}: exported weights arrived damaged ({len(payload)} of "
+                f"{head.total_bytes} bytes, or a SHA-256 mismatch)",
+                grpc.StatusCode.DATA_LOSS,
+            )
+        return Weights.from_safetensors(json.loads(head.architecture), payload)
 
     def close(self) -> None:
         self._channel.close()

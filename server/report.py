@@ -172,3 +172,50 @@ def plot_curves(history: Mapping[str, list[float]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def plot_heatmap(
+    matrix, path: Path, *, title: str, marks: list[tuple[int, int]] | None = None
+) -> None:
+    """A (rows, cols) matrix such as linear CKA between two networks' layers, values printed;
+    ``marks`` outlines cells (row, col), e.g. a cross-layer alignment."""
+    plt = _pyplot()
+    rows, cols = len(matrix), len(matrix[0])
+    figure, axes = plt.subplots(figsize=(1.0 * cols + 2, 0.7 * rows + 1.2))
+    image = axes.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
+    for r in range(rows):
+        for c in range(cols):
+            axes.text(
+                c,
+                r,
+                f"{matrix[r][c]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if matrix[r][c] < 0.6 else "black",
+            )
+    for r, c in marks or []:
+        axes.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    axes.set_xticks(range(cols))
+    axes.set_yticks(range(rows))
+    axes.set_title(title, fontsize=8)
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_transport_costs(costs: list[Mapping[str, float]], names: list[str], path: Path) -> None:
+    """Transport cost <T, M> of each layer group, one line per network aligned to the base."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 3))
+    for name, per_group in zip(names, costs, strict=True):
+        if per_group and any(per_group.values()):
+            axes.plot(list(per_group), list(per_group.values()), marker="o", label=name)
+    axes.set_ylabel("transport cost")
+    axes.set_xlabel("layer group, input to output")
+    axes.tick_params(axis="x", labelrotation=45, labelsize=7)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -111,6 +111,7 @@ def test_example_files_in_deploy_validate():
     assert config.policy.predict.output == "probs"
     assert load_job(deploy / "job.example.yaml").method.params.rule == "restricted-fit"
     assert load_job(deploy / "job.datafree.example.yaml").method.params.variant == "dfmf"
+    assert load_job(deploy / "job.ot.example.yaml").method.params.balance == "merge"
 
 
 def test_a_party_answering_under_another_name_is_refused(tmp_path, capsys):

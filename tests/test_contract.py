@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from parties import CLASSES, INPUT_SHAPE, serving, tiny_handler
 
+from fusion.ot.cka import centered_gram
 from fusion.teacher import Teacher
 from party.audit import read_records, verify_chain
 from party.local import LocalTeacher
 from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
-from protocol.schemas import Policy, PredictPolicy
+from protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
 from server.remote import RemoteTeacher
 
 
@@ -82,6 +83,67 @@ class TeacherContract:
         assert [r["method"] for r in records] == ["Describe", "Predict"]
         assert records[-1]["bytes_out"] == 3 * len(CLASSES) * 4
         assert verify_chain(records)
+
+    # ---- Activations, Gram, ExportWeights (weight fusion, paper 002) ----------------------
+
+    def _layers_policy(self, **overrides):
+        grants = dict(
+            predict=PredictPolicy(),
+            activations=LayersPolicy(layers=["body.1", "body.3"]),
+            gram=LayersPolicy(layers=["*"]),
+            weights=WeightsPolicy(chunk_bytes=1024),
+            max_batch=16,
+        )
+        return Policy(**(grants | overrides))
+
+    def test_activations_match_the_model_across_chunks(self, tmp_path):
+        handler = tiny_handler(tmp_path, self._layers_policy())
+        x = torch.rand(20, *INPUT_SHAPE)  # two calls of at most 16
+        with self.make(handler) as teacher:
+            assert teacher.info.capabilities == ("predict", "activations", "gram", "weights")
+            assert "body.1" in teacher.info.layers and "head" in teacher.info.layers
+            out = teacher.activations(x, ["body.1"])
+        expected = handler.model.body[1](handler.model.body[0](x))  # pre-activation
+        torch.testing.assert_close(out["body.1"], expected)
+        granted = [r for r in read_records(handler.audit.path) if r["method"] == "Activations"]
+        assert [r["samples"] for r in granted] == [16, 4]
+
+    def test_gram_equals_the_centered_gram_of_the_activations(self, tmp_path):
+        handler = tiny_handler(tmp_path, self._layers_policy())
+        x = torch.rand(12, *INPUT_SHAPE)
+        with self.make(handler) as teacher:
+            grams = teacher.gram(x, ["body.3", "head"])
+            acts = teacher.activations(x, ["body.3"])
+        assert grams["body.3"].shape == (12, 12)
+        torch.testing.assert_close(grams["body.3"], centered_gram(acts["body.3"]))
+        torch.testing.assert_close(grams["head"].sum(dim=0), torch.zeros(12), atol=1e-5, rtol=0)
+
+    def test_layers_outside_the_policy_are_denied(self, tmp_path):
+        handler = tiny_handler(tmp_path, self._layers_policy())
+        with self.make(handler) as teacher:
+            with pytest.raises(PolicyDenied, match="'head' is not released"):
+                teacher.activations(torch.rand(2, *INPUT_SHAPE), ["head"])
+        with self.make(tiny_handler(tmp_path, Policy(predict=PredictPolicy()))) as teacher:
+            with pytest.raises(PolicyDenied, match="Gram is not granted"):
+                teacher.gram(torch.rand(2, *INPUT_SHAPE), ["body.1"])
+        assert read_records(handler.audit.path)[-1]["decision"] == "denied"
+
+    def test_weights_export_rebuilds_the_same_function(self, tmp_path):
+        handler = tiny_handler(tmp_path, self._layers_policy())
+        with self.make(handler) as teacher:
+            weights = teacher.weights()
+        assert weights.architecture["name"] == "mlp"
+        model = weights.build()
+        x = torch.rand(5, *INPUT_SHAPE)
+        torch.testing.assert_close(model(x), handler.model(x), rtol=0, atol=0)
+        record = read_records(handler.audit.path)[-1]
+        assert record["method"] == "ExportWeights" and record["decision"] == "granted"
+        assert record["bytes_out"] > 1024  # streamed in several 1 KiB chunks
+
+    def test_weights_are_denied_by_default(self, tmp_path):
+        handler = tiny_handler(tmp_path, self._layers_policy(weights=None))
+        with self.make(handler) as teacher, pytest.raises(PolicyDenied, match="ExportWeights"):
+            teacher.weights()
 
 
 class _Local:

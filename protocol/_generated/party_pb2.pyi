@@ -25,7 +25,7 @@ class Normalization(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PartyInfo(_message.Message):
-    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch", "batchnorm_layers")
+    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch", "batchnorm_layers", "layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class PartyInfo(_message.Message):
     OUTPUT_FORM_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCHNORM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -42,7 +43,8 @@ class PartyInfo(_message.Message):
     output_form: str
     max_batch: int
     batchnorm_layers: int
-    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ..., batchnorm_layers: _Optional[int] = ...) -> None: ...
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ..., batchnorm_layers: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -191,3 +193,52 @@ class SynthesizeResponse(_message.Message):
     losses: _containers.ScalarMap[str, float]
     steps_done: int
     def __init__(self, request_id: _Optional[str] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., losses: _Optional[_Mapping[str, float]] = ..., steps_done: _Optional[int] = ...) -> None: ...
+
+class LayersRequest(_message.Message):
+    __slots__ = ("request_id", "inputs", "layers", "half")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HALF_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    inputs: Tensor
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    half: bool
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., half: _Optional[bool] = ...) -> None: ...
+
+class LayersResponse(_message.Message):
+    __slots__ = ("request_id", "outputs")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    outputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class ExportWeightsRequest(_message.Message):
+    __slots__ = ("request_id", "chunk_bytes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chunk_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("request_id", "architecture", "total_bytes", "sha256", "data")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    architecture: str
+    total_bytes: int
+    sha256: str
+    data: bytes
+    def __init__(self, request_id: _Optional[str] = ..., architecture: _Optional[str] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...

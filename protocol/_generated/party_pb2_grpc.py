@@ -54,6 +54,21 @@ class PartyServiceStub:
                 request_serializer=protocol_dot___generated_dot_party__pb2.SynthesizeRequest.SerializeToString,
                 response_deserializer=protocol_dot___generated_dot_party__pb2.SynthesizeResponse.FromString,
                 _registered_method=True)
+        self.Activations = channel.unary_unary(
+                '/amalgam.party.v1.PartyService/Activations',
+                request_serializer=protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+                response_deserializer=protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+                _registered_method=True)
+        self.Gram = channel.unary_unary(
+                '/amalgam.party.v1.PartyService/Gram',
+                request_serializer=protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+                response_deserializer=protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+                _registered_method=True)
+        self.ExportWeights = channel.unary_stream(
+                '/amalgam.party.v1.PartyService/ExportWeights',
+                request_serializer=protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.SerializeToString,
+                response_deserializer=protocol_dot___generated_dot_party__pb2.WeightsChunk.FromString,
+                _registered_method=True)
 
 
 class PartyServiceServicer:
@@ -89,6 +104,27 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Activations(self, request, context):
+        """Raw outputs of named layers (for activation-based OT and feature distillation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Gram(self, request, context):
+        """Centered Gram matrices of named layers' outputs (for linear CKA).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportWeights(self, request, context):
+        """The weights, only where the owner opted in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +147,21 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.Synthesize,
                     request_deserializer=protocol_dot___generated_dot_party__pb2.SynthesizeRequest.FromString,
                     response_serializer=protocol_dot___generated_dot_party__pb2.SynthesizeResponse.SerializeToString,
+            ),
+            'Activations': grpc.unary_unary_rpc_method_handler(
+                    servicer.Activations,
+                    request_deserializer=protocol_dot___generated_dot_party__pb2.LayersRequest.FromString,
+                    response_serializer=protocol_dot___generated_dot_party__pb2.LayersResponse.SerializeToString,
+            ),
+            'Gram': grpc.unary_unary_rpc_method_handler(
+                    servicer.Gram,
+                    request_deserializer=protocol_dot___generated_dot_party__pb2.LayersRequest.FromString,
+                    response_serializer=protocol_dot___generated_dot_party__pb2.LayersResponse.SerializeToString,
+            ),
+            'ExportWeights': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportWeights,
+                    request_deserializer=protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.FromString,
+                    response_serializer=protocol_dot___generated_dot_party__pb2.WeightsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +272,87 @@ class PartyService:
             '/amalgam.party.v1.PartyService/Synthesize',
             protocol_dot___generated_dot_party__pb2.SynthesizeRequest.SerializeToString,
             protocol_dot___generated_dot_party__pb2.SynthesizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Activations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amalgam.party.v1.PartyService/Activations',
+            protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+            protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Gram(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/amalgam.party.v1.PartyService/Gram',
+            protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+            protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/amalgam.party.v1.PartyService/ExportWeights',
+            protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.SerializeToString,
+            protocol_dot___generated_dot_party__pb2.WeightsChunk.FromString,
             options,
             channel_credentials,
             insecure,

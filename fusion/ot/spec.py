@@ -1,0 +1,169 @@
+"""Which weights share a neuron space: the alignment structure of each supported network.
+
+OT fusion (paper 002, section 2.3 / OTFusion) aligns one *group* of neurons at a time: the
+output channels of a layer, which the layer's own weight, bias and BatchNorm carry on one axis
+and the next layer's weight carries on its input axis. In a ResNet every block of a stage adds
+into the same residual stream, so the stem (or the stage's projection shortcut) and each
+block's second convolution all write the stream's group. A :class:`FusionSpec` lists the
+groups in forward order and, for every parameter and buffer, the group of each axis.
+
+Cross-layer alignment (section 3.1) works on *units* inside *sections*: the hidden layers of
+an MLP; the conv layers of each VGG stage (between poolings) and its fully connected layers;
+the blocks of each ResNet stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fusion.models import MLP, VGG, ResNetCifar
+
+
+class UnsupportedNetwork(ValueError):
+    """A network, or one of its layers, that weight fusion cannot align."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """One hidden neuron space.
+
+    Attributes
+    ----------
+    name : unique within the network, identical for corresponding groups of two networks
+        of the same depth.
+    producers : weights whose axis 0 is this group and whose inputs are aligned before it.
+    probe : the module whose output carries this group on dim 1 (its activations give the
+        activation-based ground metric).
+    """
+
+    name: str
+    producers: tuple[str, ...]
+    probe: str
+
+
+@dataclass(frozen=True)
+class Section:
+    """Layers that cross-layer alignment may match to each other (same type, same stage).
+
+    ``units[k]`` names the module whose (pre-)activations represent unit k (paper 002 uses
+    the pre-activation matrix; for a ResNet block, that of its second convolution).
+    """
+
+    name: str
+    units: tuple[str, ...]
+
+
+@dataclass
+class FusionSpec:
+    groups: list[Group] = field(default_factory=list)
+    axes: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
+    sections: list[Section] = field(default_factory=list)
+
+    def group_sizes(self, model: nn.Module) -> dict[str, int]:
+        """Number of neurons of each group in ``model``."""
+        state = model.state_dict()
+        return {g.name: state[g.producers[0]].shape[0] for g in self.groups}
+
+
+def _linear(spec: FusionSpec, prefix: str, out: str | None, inp: str | None) -> None:
+    spec.axes[f"{prefix}.weight"] = (out, inp)
+    spec.axes[f"{prefix}.bias"] = (out,)
+
+
+def _batchnorm(spec: FusionSpec, prefix: str, group: str) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        spec.axes[f"{prefix}.{name}"] = (group,)
+    spec.axes[f"{prefix}.num_batches_tracked"] = ()
+
+
+def _mlp_spec(model: MLP) -> FusionSpec:
+    spec = FusionSpec()
+    previous: str | None = None
+    units = []
+    for k in range(len(model.hidden)):
+        prefix = f"body.{1 + 2 * k}"  # body = Flatten, (Linear, ReLU) * n
+        group = f"fc{k}"
+        spec.groups.append(Group(group, (f"{prefix}.weight",), prefix))
+        _linear(spec, prefix, group, previous)
+        units.append(prefix)
+        previous = group
+    _linear(spec, "head", None, previous)
+    spec.sections.append(Section("hidden", tuple(units)))
+    return spec
+
+
+def _vgg_spec(model: VGG) -> FusionSpec:
+    spec = FusionSpec()
+    previous: str | None = None
+    for s, widths in enumerate(model.stage_widths):
+        units = []
+        for k in range(len(widths)):
+            prefix = f"stages.{s}.{k}"
+            group = f"conv{s}.{k}"
+            spec.groups.append(Group(group, (f"{prefix}.conv.weight",), f"{prefix}.bn"))
+            spec.axes[f"{prefix}.conv.weight"] = (group, previous, None, None)
+            spec.axes[f"{prefix}.conv.bias"] = (group,)
+            _batchnorm(spec, f"{prefix}.bn", group)
+            units.append(f"{prefix}.bn")
+            previous = group
+        spec.sections.append(Section(f"stage{s}", tuple(units)))
+    units = []
+    for k in range(len(model.fc_widths)):
+        prefix = f"fc.{1 + 2 * k}"  # fc = Flatten, (Linear, ReLU) * n
+        group = f"fc{k}"
+        spec.groups.append(Group(group, (f"{prefix}.weight",), prefix))
+        _linear(spec, prefix, group, previous)  # the first one reads (C*h*w) flattened maps
+        units.append(prefix)
+        previous = group
+    if units:
+        spec.sections.append(Section("fc", tuple(units)))
+    _linear(spec, "head", None, previous)
+    return spec
+
+
+def _resnet_spec(model: ResNetCifar) -> FusionSpec:
+    spec = FusionSpec()
+    stream = "stem"
+    spec.groups.append(Group(stream, ("stem.0.weight",), "stem.1"))
+    spec.axes["stem.0.weight"] = (stream, None, None, None)
+    _batchnorm(spec, "stem.1", stream)
+    for s, count in enumerate(model.blocks):
+        units = []
+        for b in range(count):
+            prefix = f"stages.{s}.{b}"
+            block = model.stages[s][b]
+            inner = f"block{s}.{b}"
+            spec.groups.append(Group(inner, (f"{prefix}.conv1.weight",), f"{prefix}.bn1"))
+            spec.axes[f"{prefix}.conv1.weight"] = (inner, stream, None, None)
+            _batchnorm(spec, f"{prefix}.bn1", inner)
+            previous_stream = stream
+            if not isinstance(block.shortcut, nn.Identity):
+                stream = f"stream{s}" if b == 0 else f"stream{s}.{b}"
+                producers = (f"{prefix}.conv2.weight", f"{prefix}.shortcut.0.weight")
+                spec.groups.append(Group(stream, producers, prefix))
+                spec.axes[f"{prefix}.shortcut.0.weight"] = (stream, previous_stream, None, None)
+                _batchnorm(spec, f"{prefix}.shortcut.1", stream)
+            spec.axes[f"{prefix}.conv2.weight"] = (stream, inner, None, None)
+            _batchnorm(spec, f"{prefix}.bn2", stream)
+            units.append(f"{prefix}.bn2")
+        spec.sections.append(Section(f"stage{s}", tuple(units)))
+    _linear(spec, "head", None, stream)
+    return spec
+
+
+def fusion_spec(model: nn.Module) -> FusionSpec:
+    """The alignment structure of ``model``; raises :class:`UnsupportedNetwork` naming the
+    first layer that cannot be aligned."""
+    builders = {MLP: _mlp_spec, VGG: _vgg_spec, ResNetCifar: _resnet_spec}
+    builder = builders.get(type(model))
+    if builder is None:
+        supported = ", ".join(b.__name__ for b in builders)
+        raise UnsupportedNetwork(f"{type(model).__name__}: weight fusion supports {supported}")
+    spec = builder(model)
+    state = model.state_dict()
+    unknown = [name for name in state if name not in spec.axes]
+    if unknown:
+        raise UnsupportedNetwork(f"layer {unknown[0]!r}: not covered by the alignment structure")
+    return spec

@@ -1,0 +1,24 @@
+"""What a job method hands back to :func:`server.job.run_job`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fusion.models import Classifier
+from fusion.teacher import Teacher
+from protocol.schemas import JobSpec
+
+
+@dataclass
+class Outcome:
+    student: Classifier
+    class_names: list[str]
+    results: dict[str, float]  # row -> accuracy
+    extra: dict = field(default_factory=dict)  # goes to metrics.json
+    summary: list[str] = field(default_factory=list)  # method-specific lines of report.md
+    figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # PNG writers
+
+
+Runner = Callable[[JobSpec, Sequence[Teacher], bool, Callable[[str], None]], Outcome]

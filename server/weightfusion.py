@@ -1,0 +1,224 @@
+"""The ``ot`` and ``clafusion`` job methods: fuse the parties' exported weights into one
+network (paper 002), evaluate it against each party's network and their ensemble, and
+optionally fine-tune it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusion.compose import relabel
+from fusion.data import fit_to_shape, load_source
+from fusion.evaluate import per_class_accuracy
+from fusion.models import Classifier, create_model
+from fusion.ot.fuse import (
+    FusionResult,
+    OTFusionConfig,
+    clafusion,
+    ot_fuse,
+    recompute_batchnorm,
+    vanilla_average,
+)
+from fusion.ot.probe import Probe
+from fusion.ot.spec import UnsupportedNetwork, fusion_spec
+from fusion.teacher import Teacher, TeacherInfo
+from fusion.train import accuracy, fit, predict_logits
+from protocol.schemas import JobSpec
+from server.fanout import fan_out
+from server.outcome import Outcome
+from server.report import plot_heatmap, plot_transport_costs
+
+BATCHNORM_IMAGES = 10_000  # unlabeled images for re-estimating BatchNorm statistics
+
+
+class Incompatible(ValueError):
+    """Parties whose networks cannot be fused by weights."""
+
+
+def check_compatible(infos: Sequence[TeacherInfo]) -> None:
+    """Same classes in the same order, same input shape and normalisation, or a one-line
+    error naming the first party that differs."""
+    first = infos[0]
+    for k, info in enumerate(infos[1:], start=1):
+        for field in ("class_names", "input_shape", "mean", "std"):
+            if getattr(info, field) != getattr(first, field):
+                raise Incompatible(
+                    f"parties.{k} ({info.name}): {field} {list(getattr(info, field))} differs "
+                    f"from {first.name}'s {list(getattr(first, field))}; weight fusion needs "
+                    "identical outputs and inputs"
+                )
+
+
+class Normaliser:
+    """Inputs in [0, 1] -> what the exported networks expect (the parties' normalisation)."""
+
+    def __init__(self, info: TeacherInfo) -> None:
+        self.shape = tuple(info.input_shape)
+        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std).view(1, -1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (fit_to_shape(x, self.shape) - self.mean) / self.std
+
+
+def _supply_party_answers(
+    probe: Probe, raw: Tensor, teachers: Sequence[Teacher], models: list, spec: JobSpec
+) -> list[str]:
+    """Let parties that grant Gram (CKA) or Activations (activation-based OT) compute them
+    at home; returns which party supplied what."""
+    supplied = []
+    for teacher, model in zip(teachers, models, strict=True):
+        structure = fusion_spec(model)
+        info = teacher.info
+        if spec.method.name == "clafusion" and "gram" in info.capabilities:
+            units = [u for s in structure.sections for u in s.units]
+            if set(units) <= set(info.layers):
+                probe.supply(model, "grams", teacher.gram(raw, units))
+                supplied.append(f"{info.name}: Gram of {len(units)} layers")
+        if spec.method.params.ground_metric == "activation" and "activations" in info.capabilities:
+            layers = [g.probe for g in structure.groups]
+            if set(layers) <= set(info.layers):
+                probe.supply(model, "outputs", teacher.activations(raw, layers))
+                supplied.append(f"{info.name}: activations of {len(layers)} layers")
+    return supplied
+
+
+def _rows(models: dict[str, Classifier], x: Tensor, y: Tensor, classes: int):
+    """Accuracy and per-class accuracy of each network, plus their mean-probability ensemble
+    over the parties' networks (rows ``teacher:*``)."""
+    logits = {name: predict_logits(m, x) for name, m in models.items()}
+    predictions = {name: z.argmax(dim=1) for name, z in logits.items()}
+    parties = [z for name, z in logits.items() if name.startswith("teacher:")]
+    predictions["ensemble"] = torch.stack([F.softmax(z, 1) for z in parties]).mean(0).argmax(1)
+    rows = {name: accuracy(p, y) for name, p in predictions.items()}
+    rows["best_teacher"] = max(v for k, v in rows.items() if k.startswith("teacher:"))
+    per_class = {
+        name: [None if math.isnan(v) else v for v in per_class_accuracy(p, y, classes)]
+        for name, p in predictions.items()
+    }
+    return rows, per_class
+
+
+def _fine_tuned(model: Classifier, x: Tensor, y: Tensor, spec: JobSpec, progress: bool):
+    clone = create_model(model.arch["name"], **model.arch["kwargs"])
+    clone.load_state_dict(model.state_dict())
+    fit(
+        clone,
+        x,
+        y,
+        epochs=spec.method.params.finetune_epochs,
+        batch_size=spec.student.batch_size,
+        lr=spec.student.lr,
+        weight_decay=spec.student.weight_decay,
+        seed=spec.seed,
+        desc="fine-tune",
+        progress=progress,
+    )
+    return clone.eval()
+
+
+def _summary(result: FusionResult, names: list[str], supplied: list[str]) -> list[str]:
+    lines = [f"Base network: {names[result.base]}'s; fused architecture {result.model.arch}."]
+    for section, maps in result.alignments.items():
+        for k, mapping in maps.items():
+            lines.append(
+                f"Cross-layer map, {section}, {names[k]} and the base (the shallower "
+                f"network's layers -> the deeper's): {mapping}."
+            )
+    if supplied:
+        lines.append("Computed at the parties: " + "; ".join(supplied) + ".")
+    return lines
+
+
+def run_weight_fusion(spec: JobSpec, teachers, progress, log) -> Outcome:
+    params = spec.method.params
+    infos = [t.info for t in teachers]
+    check_compatible(infos)
+    names = [info.name for info in infos]
+    normalise = Normaliser(infos[0])
+    log(f"{spec.method.name}: exporting the weights of {len(teachers)} parties")
+    models = [w.build() for w in fan_out(lambda t: t.weights(), teachers)]
+    for k, (name, model) in enumerate(zip(names, models, strict=True)):
+        try:
+            fusion_spec(model)
+        except UnsupportedNetwork as error:
+            raise UnsupportedNetwork(f"parties.{k} ({name}): {error}") from None
+    unlabeled = load_source(spec.data.unlabeled) if spec.data.unlabeled else None
+    probe, supplied = None, []
+    if unlabeled is not None:
+        order = np.random.default_rng(spec.seed).permutation(len(unlabeled))
+        raw = fit_to_shape(
+            unlabeled.x[torch.from_numpy(order[: params.probe_size])], normalise.shape
+        )
+        probe = Probe(normalise(raw))
+        supplied = _supply_party_answers(probe, raw, teachers, models, spec)
+    config = OTFusionConfig(
+        ground_metric=params.ground_metric,
+        plan=params.plan,
+        reg=params.reg,
+        weights=params.weights,
+        base=names.index(params.base) if params.base else None,
+        mode=params.mode,
+        balance=params.balance,
+        sign=params.sign,
+    )
+    log(f"{spec.method.name}: fusing {', '.join(names)}")
+    if spec.method.name == "clafusion":
+        result = clafusion(models, probe, config)
+    else:
+        result = ot_fuse(models, config, probe)
+    fused = result.model
+    if params.recompute_batchnorm:
+        recompute_batchnorm(fused, normalise(unlabeled.x[:BATCHNORM_IMAGES]))
+    classes = list(infos[0].class_names)
+    x, y = relabel(load_source(spec.data.test), classes)
+    x = normalise(x)
+    networks = {f"teacher:{name}": m for name, m in zip(names, models, strict=True)}
+    structures = {tuple(g.name for g in fusion_spec(m).groups) for m in models}
+    shapes = {tuple(p.shape for p in m.parameters()) for m in models}
+    if spec.baselines and len(structures) == 1 and len(shapes) == 1:
+        networks["vanilla_avg"] = vanilla_average(models, params.weights)
+    student = fused
+    if params.finetune_epochs:
+        networks["fused_one_shot"] = fused
+        x_ft, y_ft = relabel(load_source(spec.data.finetune), classes)
+        student = _fine_tuned(fused, normalise(x_ft), y_ft, spec, progress)
+        if spec.baselines:
+            for name, model in zip(names, models, strict=True):
+                networks[f"finetuned:{name}"] = _fine_tuned(
+                    model, normalise(x_ft), y_ft, spec, progress
+                )
+    networks["student"] = student
+    rows, per_class = _rows(networks, x, y, len(classes))
+    figures = {
+        "transport-cost.png": lambda path: plot_transport_costs(result.transport_costs, names, path)
+    }
+    for section, matrices in result.cka.items():
+        for k, cka in matrices.items():
+            mapping = result.alignments[section][k]
+            figures[f"cka-{section}-{names[k]}.png"] = lambda path, c=cka, m=mapping, n=names[
+                k
+            ]: plot_heatmap(
+                c.numpy(),
+                path,
+                title=f"linear CKA, {n} and the base (rows: the deeper); red: cross-layer map",
+                marks=[(j, i) for i, j in enumerate(m)],
+            )
+    extra = {
+        "per_class": per_class,
+        "class_names": classes,
+        "base": names[result.base],
+        "alignments": {
+            s: {names[k]: m for k, m in maps.items()} for s, maps in result.alignments.items()
+        },
+        "transport_costs": {names[k]: c for k, c in enumerate(result.transport_costs)},
+        "fused_architecture": result.model.arch,
+        "normalization": {"mean": list(infos[0].mean), "std": list(infos[0].std)},
+    }
+    summary = [f"Test: {spec.data.test} ({len(y)} images).", *_summary(result, names, supplied)]
+    return Outcome(student, classes, rows, extra, summary, figures)

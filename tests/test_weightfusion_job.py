@@ -1,0 +1,171 @@
+"""The ``ot`` and ``clafusion`` job methods end to end through real gRPC parties on the
+digits, the planner, and the refusals a user can meet."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from parties import serving, tiny_handler
+
+from fusion.data import load_source
+from fusion.models import create_model
+from fusion.train import fit
+from party.audit import AuditLog, read_records
+from party.handler import PartyHandler
+from party.local import LocalTeacher
+from protocol.loading import ConfigError
+from protocol.schemas import LayersPolicy, Normalization, Policy, PredictPolicy, WeightsPolicy
+from server.job import connect, load_job, run_job
+from server.plan import plan
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+DIGITS = [str(d) for d in range(10)]
+SHARING = Policy(
+    predict=PredictPolicy(output="logits"),
+    gram=LayersPolicy(layers=["*"]),
+    activations=LayersPolicy(layers=["*"]),
+    weights=WeightsPolicy(),
+    sample_budget=None,
+)
+
+
+def _party(folder, name: str, hidden: tuple[int, ...], shard: int, policy=SHARING, **kwargs):
+    data = load_source(f"digits:private-{shard}")
+    torch.manual_seed(shard)
+    model = create_model("mlp", in_shape=(1, 8, 8), num_classes=10, hidden=hidden)
+    fit(model, data.x, data.y, epochs=40, batch_size=32, progress=False)
+    audit = AuditLog(folder / f"{name}.jsonl")
+    return PartyHandler(name, model, DIGITS, (1, 8, 8), policy, audit, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def parties(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weightfusion")
+    return {
+        "deep": _party(folder, "deep", (48, 32, 24), 0),
+        "shallow": _party(folder, "shallow", (48, 24), 1),
+        "twin": _party(folder, "twin", (48, 24), 2),
+    }
+
+
+def _job(tmp_path, addresses: dict[str, str], method: str, params: dict, data: dict) -> str:
+    job = {
+        "name": "wf",
+        "parties": [{"name": n, "address": a} for n, a in addresses.items()],
+        "method": {"name": method, "params": params},
+        "data": {"test": "digits:test", **data},
+        "output_dir": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def _run(tmp_path, handlers, method, params, data):
+    with serving(handlers[0]) as a0, serving(handlers[1]) as a1:
+        addresses = {handlers[0].name: a0, handlers[1].name: a1}
+        spec = load_job(_job(tmp_path, addresses, method, params, data))
+        return run_job(spec, connect(spec), progress=False, log=lambda message: None)
+
+
+def test_clafusion_job_over_grpc(parties, tmp_path):
+    handlers = [parties["deep"], parties["shallow"]]
+    marks = {h.name: len(read_records(h.audit.path)) for h in handlers}
+    run_dir = _run(
+        tmp_path, handlers, "clafusion", {"probe_size": 100}, {"unlabeled": "digits:public"}
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    results = metrics["results"]
+    assert {"teacher:deep", "teacher:shallow", "ensemble", "student"} <= set(results)
+    assert "vanilla_avg" not in results  # different depths: nothing to average directly
+    assert results["teacher:deep"] > 0.8 and results["teacher:shallow"] > 0.8
+    assert results["student"] > 0.3  # one shot, no fine-tuning: far above chance (0.1)
+    extra = metrics["extra"]
+    assert extra["base"] == "shallow"  # the shallower network, deepened with an identity layer
+    assert extra["alignments"]["hidden"]["deep"] == [0, 2]
+    assert extra["fused_architecture"]["kwargs"]["hidden"] == [48, 48, 24]
+    assert (run_dir / "cka-hidden-deep.png").read_bytes().startswith(b"\x89PNG")
+    assert (run_dir / "transport-cost.png").read_bytes().startswith(b"\x89PNG")
+    student = json.loads((run_dir / "student.json").read_text())
+    assert student["normalization"] == {"mean": [0.0], "std": [1.0]}
+    for handler in handlers:
+        methods = [r["method"] for r in read_records(handler.audit.path)[marks[handler.name] :]]
+        assert "ExportWeights" in methods and "Gram" in methods  # CKA computed at the party
+    report = (run_dir / "report.md").read_text()
+    assert (
+        "Cross-layer map, hidden, deep and the base (the shallower network's layers -> the "
+        "deeper's): [0, 2]." in report.replace("\n", " ")
+    )
+
+
+def test_ot_job_with_activation_metric_and_fine_tuning(parties, tmp_path):
+    handlers = [parties["shallow"], parties["twin"]]
+    params = {"ground_metric": "activation", "finetune_epochs": 3, "weights": [0.5, 0.5]}
+    data = {"unlabeled": "digits:public", "finetune": "digits:public"}
+    run_dir = _run(tmp_path, handlers, "ot", params, data)
+    results = json.loads((run_dir / "metrics.json").read_text())["results"]
+    assert {"vanilla_avg", "fused_one_shot", "student", "finetuned:shallow"} <= set(results)
+    assert results["student"] >= results["fused_one_shot"] - 0.02
+    audit = read_records(parties["twin"].audit.path)
+    assert any(r["method"] == "Activations" and r["decision"] == "granted" for r in audit)
+
+
+def test_ot_refuses_networks_of_different_depth(parties, tmp_path):
+    handlers = [parties["deep"], parties["shallow"]]
+    with pytest.raises(ValueError, match="use CLAFusion"):
+        _run(tmp_path, handlers, "ot", {"recompute_batchnorm": False}, {})
+
+
+def test_a_party_with_another_normalisation_is_named(parties, tmp_path):
+    other = _party(
+        tmp_path, "other", (48, 24), 2, normalization=Normalization(mean=[0.5], std=[0.5])
+    )
+    with pytest.raises(ValueError, match=r"parties.1 \(other\): mean \[0.5\] differs"):
+        _run(tmp_path, [parties["shallow"], other], "ot", {"recompute_batchnorm": False}, {})
+
+
+def test_planner_offers_weight_fusion_only_where_weights_are_granted(tmp_path):
+    granted = tiny_handler(tmp_path, Policy(predict=PredictPolicy(), weights=WeightsPolicy()))
+    refused = tiny_handler(tmp_path, Policy(predict=PredictPolicy()), name="globex")
+    verdicts = {p.method: p for p in plan([LocalTeacher(granted).info, LocalTeacher(refused).info])}
+    assert not verdicts["ot"].possible
+    assert verdicts["ot"].reasons == ("globex: weights is not granted",)
+    assert verdicts["clafusion"].reasons == ("globex: weights is not granted",)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
+def test_torchscript_models_do_not_advertise_weights(tmp_path):
+    model = create_model("mlp", in_shape=(1, 8, 8), num_classes=3, hidden=8).eval()
+    model = torch.jit.trace(model, torch.rand(2, 1, 8, 8))
+    handler = tiny_handler(
+        tmp_path, Policy(predict=PredictPolicy(), weights=WeightsPolicy()), model=model
+    )
+    assert "weights" not in handler.info.capabilities
+    with pytest.raises(PermissionError, match="no registered architecture"):
+        LocalTeacher(handler).weights()
+
+
+def test_policy_naming_an_unknown_layer_is_a_configuration_error(tmp_path):
+    policy = Policy(gram=LayersPolicy(layers=["body.1", "body.99"]))
+    with pytest.raises(ValueError, match=r"policy.gram.layers: the model has no layer 'body.99'"):
+        tiny_handler(tmp_path, policy)
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "data", "message"),
+    [
+        ("ot", {"weights": [1.0]}, {}, r"method.params.weights: 1 given for 2 parties"),
+        ("ot", {"base": "nobody"}, {}, r"method.params.base: 'nobody' is not one of the parties"),
+        ("clafusion", {}, {}, r"data.unlabeled: clafusion needs probe images"),
+        ("ot", {}, {}, r"data.unlabeled: recompute_batchnorm needs images"),
+        ("ot", {"finetune_epochs": 1, "recompute_batchnorm": False}, {}, r"data.finetune"),
+    ],
+)
+def test_job_file_errors_name_the_field(tmp_path, method, params, data, message):
+    path = _job(tmp_path, {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}, method, params, data)
+    with pytest.raises(ConfigError, match=message):
+        load_job(path)
