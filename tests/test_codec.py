@@ -18,6 +18,8 @@ from protocol.codec import (
     party_info_to_proto,
     tensor_from_proto,
     tensor_to_proto,
+    tensors_from_proto,
+    tensors_to_proto,
 )
 from protocol.schemas import Normalization, PartyInfo
 
@@ -188,9 +190,10 @@ def test_codec_error_is_a_value_error():
             input_shape=(3, 32, 32),
             # float32-exact values: the wire carries normalization as proto `float`
             normalization=Normalization(mean=[0.5, 0.25, 0.125], std=[0.5, 2.0, 0.75]),
-            capabilities=["predict"],
+            capabilities=["predict", "gram", "weights"],
             output_form="topk",
             max_batch=512,
+            layers=["body.1", "head"],
         ),
     ],
 )
@@ -209,3 +212,17 @@ def test_party_info_round_trip_keeps_normalization_exactly():
         normalization=Normalization(mean=[0.1307], std=[0.3081]),
     )
     assert party_info_from_proto(party_info_to_proto(info)) == info
+
+
+def test_named_tensors_round_trip_and_errors_name_the_key():
+    tensors = {"body.1": torch.randn(3, 4), "stages.0.bn": torch.randn(3, 2, 2, 2).half()}
+    response = party_pb2.LayersResponse(outputs=tensors_to_proto(tensors))
+    back = tensors_from_proto(
+        party_pb2.LayersResponse.FromString(response.SerializeToString()).outputs, "outputs"
+    )
+    assert back.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor)
+    response.outputs["bad"].dtype = "complex64"
+    with pytest.raises(CodecError, match=r"outputs\[bad\]"):
+        tensors_from_proto(response.outputs, "outputs")

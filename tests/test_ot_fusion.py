@@ -16,6 +16,7 @@ from fusion.ot.balance import add_identity_units, firing_estimate, merge_hidden_
 from fusion.ot.cka import centered_gram, cka_from_grams, linear_cka
 from fusion.ot.cla import cross_layer_alignment
 from fusion.ot.fuse import OTFusionConfig, clafusion, ot_fuse, recompute_batchnorm
+from fusion.ot.probe import Probe
 from fusion.ot.spec import UnsupportedNetwork, fusion_spec
 from fusion.ot.transport import apply_transport, transport_plan
 
@@ -427,3 +428,18 @@ def test_networks_with_other_inputs_are_refused_before_any_work():
         clafusion([a, b], torch.rand(4, 1, 8, 8))
     with pytest.raises(UnsupportedNetwork, match="SmallCNN"):
         clafusion([a, create_model("small_cnn", in_shape=(1, 8, 8))], torch.rand(4, 1, 8, 8))
+
+
+def test_probe_uses_supplied_answers_and_computes_the_rest():
+    model = _trained_like("mlp")
+    x = _inputs("mlp")
+    probe = Probe(x)
+    supplied = torch.eye(32)  # not what the model would give: proves it is used as is
+    probe.supply(model, "grams", {"body.1": supplied})
+    grams = probe.grams(model, ["body.1", "body.3"])
+    assert grams["body.1"] is supplied
+    torch.testing.assert_close(grams["body.3"], layer_grams(model, x, ["body.3"])["body.3"])
+    other = _trained_like("mlp", seed=1)  # another network: nothing supplied for it
+    assert not torch.equal(probe.grams(other, ["body.1"])["body.1"], supplied)
+    with pytest.raises(ValueError, match="kind='logits'"):
+        probe.supply(model, "logits", {})
