@@ -135,6 +135,72 @@ def _summary(result: FusionResult, names: list[str], supplied: list[str]) -> lis
     return lines
 
 
+def _probe(spec: JobSpec, normalise: Normaliser, teachers, models) -> tuple[Probe | None, list]:
+    """``probe_size`` images of ``data.unlabeled`` (seeded), with what the parties computed
+    on them; no probe without unlabeled data."""
+    if spec.data.unlabeled is None:
+        return None, []
+    unlabeled = load_source(spec.data.unlabeled)
+    order = np.random.default_rng(spec.seed).permutation(len(unlabeled))
+    chosen = torch.from_numpy(order[: spec.method.params.probe_size])
+    raw = fit_to_shape(unlabeled.x[chosen], normalise.shape)  # the parties normalise themselves
+    probe = Probe(normalise(raw))
+    return probe, _supply_party_answers(probe, raw, teachers, models, spec)
+
+
+def _config(spec: JobSpec, names: list[str]) -> OTFusionConfig:
+    params = spec.method.params
+    return OTFusionConfig(
+        ground_metric=params.ground_metric,
+        plan=params.plan,
+        reg=params.reg,
+        weights=params.weights,
+        base=names.index(params.base) if params.base else None,
+        mode=params.mode,
+        balance=params.balance,
+        sign=params.sign,
+    )
+
+
+def _networks(spec: JobSpec, names, models, fused, classes, normalise, progress) -> dict:
+    """Every network to evaluate: the parties', vanilla averaging (equal shapes), the fused
+    one, and with fine-tuning the fine-tuned fused one (``student``) and inputs alike."""
+    params = spec.method.params
+    networks = {f"teacher:{name}": m for name, m in zip(names, models, strict=True)}
+    shapes = {tuple((n, p.shape) for n, p in m.state_dict().items()) for m in models}
+    if spec.baselines and len(shapes) == 1:
+        networks["vanilla_avg"] = vanilla_average(models, params.weights)
+    if not params.finetune_epochs:
+        return networks | {"student": fused}
+    x, y = relabel(load_source(spec.data.finetune), classes)
+    x = normalise(x)
+    networks["fused_one_shot"] = fused
+    if spec.baselines:
+        for name, model in zip(names, models, strict=True):
+            networks[f"finetuned:{name}"] = _fine_tuned(model, x, y, spec, progress)
+    return networks | {"student": _fine_tuned(fused, x, y, spec, progress)}
+
+
+def _figures(result: FusionResult, names: list[str]) -> dict:
+    def transport(path):
+        plot_transport_costs(result.transport_costs, names, path)
+
+    def heatmap(section: str, k: int):
+        mapping = result.alignments[section][k]
+        return lambda path: plot_heatmap(
+            result.cka[section][k].numpy(),
+            path,
+            title=f"linear CKA, {names[k]} and the base (rows: the deeper); red: cross-layer map",
+            marks=[(j, i) for i, j in enumerate(mapping)],
+        )
+
+    figures = {"transport-cost.png": transport}
+    for section, matrices in result.cka.items():
+        for k in matrices:
+            figures[f"cka-{section}-{names[k]}.png"] = heatmap(section, k)
+    return figures
+
+
 def run_weight_fusion(spec: JobSpec, teachers, progress, log) -> Outcome:
     params = spec.method.params
     infos = [t.info for t in teachers]
@@ -148,67 +214,19 @@ def run_weight_fusion(spec: JobSpec, teachers, progress, log) -> Outcome:
             fusion_spec(model)
         except UnsupportedNetwork as error:
             raise UnsupportedNetwork(f"parties.{k} ({name}): {error}") from None
-    unlabeled = load_source(spec.data.unlabeled) if spec.data.unlabeled else None
-    probe, supplied = None, []
-    if unlabeled is not None:
-        order = np.random.default_rng(spec.seed).permutation(len(unlabeled))
-        raw = fit_to_shape(
-            unlabeled.x[torch.from_numpy(order[: params.probe_size])], normalise.shape
-        )
-        probe = Probe(normalise(raw))
-        supplied = _supply_party_answers(probe, raw, teachers, models, spec)
-    config = OTFusionConfig(
-        ground_metric=params.ground_metric,
-        plan=params.plan,
-        reg=params.reg,
-        weights=params.weights,
-        base=names.index(params.base) if params.base else None,
-        mode=params.mode,
-        balance=params.balance,
-        sign=params.sign,
-    )
+    probe, supplied = _probe(spec, normalise, teachers, models)
     log(f"{spec.method.name}: fusing {', '.join(names)}")
     if spec.method.name == "clafusion":
-        result = clafusion(models, probe, config)
+        result = clafusion(models, probe, _config(spec, names))
     else:
-        result = ot_fuse(models, config, probe)
-    fused = result.model
+        result = ot_fuse(models, _config(spec, names), probe)
     if params.recompute_batchnorm:
-        recompute_batchnorm(fused, normalise(unlabeled.x[:BATCHNORM_IMAGES]))
+        images = load_source(spec.data.unlabeled).x[:BATCHNORM_IMAGES]
+        recompute_batchnorm(result.model, normalise(images))
     classes = list(infos[0].class_names)
+    networks = _networks(spec, names, models, result.model, classes, normalise, progress)
     x, y = relabel(load_source(spec.data.test), classes)
-    x = normalise(x)
-    networks = {f"teacher:{name}": m for name, m in zip(names, models, strict=True)}
-    structures = {tuple(g.name for g in fusion_spec(m).groups) for m in models}
-    shapes = {tuple(p.shape for p in m.parameters()) for m in models}
-    if spec.baselines and len(structures) == 1 and len(shapes) == 1:
-        networks["vanilla_avg"] = vanilla_average(models, params.weights)
-    student = fused
-    if params.finetune_epochs:
-        networks["fused_one_shot"] = fused
-        x_ft, y_ft = relabel(load_source(spec.data.finetune), classes)
-        student = _fine_tuned(fused, normalise(x_ft), y_ft, spec, progress)
-        if spec.baselines:
-            for name, model in zip(names, models, strict=True):
-                networks[f"finetuned:{name}"] = _fine_tuned(
-                    model, normalise(x_ft), y_ft, spec, progress
-                )
-    networks["student"] = student
-    rows, per_class = _rows(networks, x, y, len(classes))
-    figures = {
-        "transport-cost.png": lambda path: plot_transport_costs(result.transport_costs, names, path)
-    }
-    for section, matrices in result.cka.items():
-        for k, cka in matrices.items():
-            mapping = result.alignments[section][k]
-            figures[f"cka-{section}-{names[k]}.png"] = lambda path, c=cka, m=mapping, n=names[
-                k
-            ]: plot_heatmap(
-                c.numpy(),
-                path,
-                title=f"linear CKA, {n} and the base (rows: the deeper); red: cross-layer map",
-                marks=[(j, i) for i, j in enumerate(m)],
-            )
+    rows, per_class = _rows(networks, normalise(x), y, len(classes))
     extra = {
         "per_class": per_class,
         "class_names": classes,
@@ -221,4 +239,4 @@ def run_weight_fusion(spec: JobSpec, teachers, progress, log) -> Outcome:
         "normalization": {"mean": list(infos[0].mean), "std": list(infos[0].std)},
     }
     summary = [f"Test: {spec.data.test} ({len(y)} images).", *_summary(result, names, supplied)]
-    return Outcome(student, classes, rows, extra, summary, figures)
+    return Outcome(networks["student"], classes, rows, extra, summary, _figures(result, names))
