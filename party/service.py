@@ -159,8 +159,8 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             arch, payload = self.handler.export_weights(_caller(context), request.request_id)
         except PartyError as error:
             context.abort(status_code(error), str(error))
-        chunk = request.chunk_bytes or self.handler.policy.weights.chunk_bytes
-        chunk = min(chunk, self.handler.policy.weights.chunk_bytes)
+        limit = self.handler.policy.weights.chunk_bytes
+        chunk = min(request.chunk_bytes, limit) if request.chunk_bytes > 0 else limit
         for start in range(0, max(len(payload), 1), chunk):
             message = party_pb2.WeightsChunk(
                 request_id=request.request_id, data=payload[start : start + chunk]
