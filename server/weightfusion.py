@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusion.compose import relabel
-from fusion.data import fit_to_shape, load_source
+from fusion.data import Dataset, fit_to_shape, load_source
 from fusion.evaluate import per_class_accuracy
 from fusion.models import Classifier, create_model
 from fusion.ot.fuse import (
@@ -135,12 +135,13 @@ def _summary(result: FusionResult, names: list[str], supplied: list[str]) -> lis
     return lines
 
 
-def _probe(spec: JobSpec, normalise: Normaliser, teachers, models) -> tuple[Probe | None, list]:
+def _probe(
+    spec: JobSpec, unlabeled: Dataset | None, normalise: Normaliser, teachers, models
+) -> tuple[Probe | None, list]:
     """``probe_size`` images of ``data.unlabeled`` (seeded), with what the parties computed
     on them; no probe without unlabeled data."""
-    if spec.data.unlabeled is None:
+    if unlabeled is None:
         return None, []
-    unlabeled = load_source(spec.data.unlabeled)
     order = np.random.default_rng(spec.seed).permutation(len(unlabeled))
     chosen = torch.from_numpy(order[: spec.method.params.probe_size])
     raw = fit_to_shape(unlabeled.x[chosen], normalise.shape)  # the parties normalise themselves
@@ -214,15 +215,15 @@ def run_weight_fusion(spec: JobSpec, teachers, progress, log) -> Outcome:
             fusion_spec(model)
         except UnsupportedNetwork as error:
             raise UnsupportedNetwork(f"parties.{k} ({name}): {error}") from None
-    probe, supplied = _probe(spec, normalise, teachers, models)
+    unlabeled = load_source(spec.data.unlabeled) if spec.data.unlabeled else None
+    probe, supplied = _probe(spec, unlabeled, normalise, teachers, models)
     log(f"{spec.method.name}: fusing {', '.join(names)}")
     if spec.method.name == "clafusion":
         result = clafusion(models, probe, _config(spec, names))
     else:
         result = ot_fuse(models, _config(spec, names), probe)
     if params.recompute_batchnorm:
-        images = load_source(spec.data.unlabeled).x[:BATCHNORM_IMAGES]
-        recompute_batchnorm(result.model, normalise(images))
+        recompute_batchnorm(result.model, normalise(unlabeled.x[:BATCHNORM_IMAGES]))
     classes = list(infos[0].class_names)
     networks = _networks(spec, names, models, result.model, classes, normalise, progress)
     x, y = relabel(load_source(spec.data.test), classes)
