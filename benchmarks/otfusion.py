@@ -9,13 +9,15 @@ fine-tuning, and after a short fine-tune next to each input fine-tuned for the s
 ``skill-transfer`` (Appendix D.1) — model A sees all of digit 4 and 10% of the rest, model B
 the rest (A: hidden 400-200-100, B: 400-200-100-50, as in the paper); CLAFusion for
 w_A = 0, 0.1, ..., 1. Training: SGD lr 0.01, momentum 0.5, batch 64, inputs normalised with
-MNIST's mean and standard deviation. The probe for CKA and merging: 200 training images (the
-paper's 200 samples). ``cifar-vgg`` (VGG-style with BatchNorm and biases, 2 vs 1 conv layers
+MNIST's mean and standard deviation. Neurons are aligned on their pre-activations over the
+probe (paper 002's choice; rows ``*_weight_metric`` align on weights instead). The probe for CKA,
+alignment and merging: 200 training images (the paper's 200 samples). ``cifar-vgg`` (VGG-style with BatchNorm and biases, 2 vs 1 conv layers
 per stage) and ``cifar-resnet`` (ResNet-14 vs ResNet-8): a few epochs each, CLAFusion, then a
 short fine-tune next to each input fine-tuned for the same budget (rows as ``mlp-hetero``;
 merging does not apply to convolutions).
 
-    python -m benchmarks.otfusion [--variant mlp-same] [--epochs 10] [--ft-epochs 2] [--quick]
+    python -m benchmarks.otfusion [--variant mlp-same] [--epochs 10] [--ft-epochs 2]
+        [--seeds 0 1 2] [--quick]
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from fusion.ot.fuse import (
 from fusion.train import accuracy, fit, predict_logits
 from server.report import plot_heatmap
 
-SEED = 0
+SEED = 0  # the first seed; --seeds runs more
 RESULTS = Path(__file__).resolve().parent / "results"
 SGD = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 64}
 DEEP, SHALLOW, SAME = (400, 200, 100, 50, 25), (400, 200, 100), (400, 200, 100)
@@ -67,11 +69,11 @@ def train_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: int, de
 
 
 def fine_tuned(
-    model: Classifier, data: Dataset, epochs: int, desc: str, optimiser: dict = SGD
+    model: Classifier, data: Dataset, epochs: int, seed: int, desc: str, optimiser: dict = SGD
 ) -> Classifier:
     clone = create_model(model.arch["name"], **model.arch["kwargs"])
     clone.load_state_dict(model.state_dict())
-    fit(clone, data.x, data.y, epochs=epochs, seed=SEED + 7, desc=desc, **optimiser)
+    fit(clone, data.x, data.y, epochs=epochs, seed=seed + 7, desc=desc, **optimiser)
     return clone.eval()
 
 
@@ -90,18 +92,21 @@ def timed(fn, *args, **kwargs):
     return value, round(time.perf_counter() - started, 2)
 
 
-def probe_inputs(train: Dataset) -> torch.Tensor:
-    index = np.random.default_rng(SEED).permutation(len(train))[:PROBE_SIZE]
+def probe_inputs(train: Dataset, seed: int) -> torch.Tensor:
+    index = np.random.default_rng(seed).permutation(len(train))[:PROBE_SIZE]
     return train.x[torch.from_numpy(index)]
 
 
 def mlp_same(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
-    a = train_mlp(train, SAME, b["epochs"], SEED, "model_a")
-    m_b = train_mlp(train, SAME, b["epochs"], SEED + 1, "model_b")
+    a = train_mlp(train, SAME, b["epochs"], b["seed"], "model_a")
+    m_b = train_mlp(train, SAME, b["epochs"], b["seed"] + 1, "model_b")
     vanilla, t_vanilla = timed(vanilla_average, [a, m_b])
-    fused, t_ot = timed(ot_fuse, [a, m_b], OTFusionConfig())
+    fused, t_ot = timed(ot_fuse, [a, m_b], OTFusionConfig(ground_metric="weight"))
     fused_act, t_act = timed(
-        ot_fuse, [a, m_b], OTFusionConfig(ground_metric="activation"), probe_inputs(train)
+        ot_fuse,
+        [a, m_b],
+        OTFusionConfig(ground_metric="activation"),
+        probe_inputs(train, b["seed"]),
     )
     results = {
         "model_a": test_accuracy(a, test),
@@ -139,15 +144,18 @@ def _cla_extra(result: FusionResult, out: Path, name: str) -> dict:
 
 
 def mlp_hetero(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
-    a = train_mlp(train, DEEP, b["epochs"], SEED, "model_a")
-    m_b = train_mlp(train, SHALLOW, b["epochs"], SEED + 1, "model_b")
-    probe = probe_inputs(train)
+    a = train_mlp(train, DEEP, b["epochs"], b["seed"], "model_a")
+    m_b = train_mlp(train, SHALLOW, b["epochs"], b["seed"] + 1, "model_b")
+    probe = probe_inputs(train, b["seed"])
     fused, seconds = {}, {}
     for row, config in {
         "cla_add": OTFusionConfig(balance="add"),
         "cla_add_base_a": OTFusionConfig(balance="add", base=0),  # the deeper network as base
         "cla_merge_sum": OTFusionConfig(balance="merge", sign="sum"),
         "cla_merge_avg": OTFusionConfig(balance="merge", sign="average"),
+        "cla_merge_sum_weight_metric": OTFusionConfig(
+            balance="merge", sign="sum", ground_metric="weight"
+        ),
     }.items():
         fused[row], seconds[row] = timed(clafusion, [a, m_b], probe, config)
     results = {
@@ -159,11 +167,13 @@ def mlp_hetero(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict,
     depth_aligned = {row: [test_accuracy(m, test) for m in r.balanced] for row, r in fused.items()}
     best = FINE_TUNED  # fixed in advance: choosing by test accuracy would leak the test set
     results["cla_ft"] = test_accuracy(
-        fine_tuned(fused[best].model, train, b["ft_epochs"], "cla_ft"), test
+        fine_tuned(fused[best].model, train, b["ft_epochs"], b["seed"], "cla_ft"), test
     )
-    results["model_a_ft"] = test_accuracy(fine_tuned(a, train, b["ft_epochs"], "model_a_ft"), test)
+    results["model_a_ft"] = test_accuracy(
+        fine_tuned(a, train, b["ft_epochs"], b["seed"], "model_a_ft"), test
+    )
     results["model_b_ft"] = test_accuracy(
-        fine_tuned(m_b, train, b["ft_epochs"], "model_b_ft"), test
+        fine_tuned(m_b, train, b["ft_epochs"], b["seed"], "model_b_ft"), test
     )
     extra = _cla_extra(fused["cla_add"], out, "mlp-hetero") | {
         "fusion_seconds": seconds,
@@ -174,9 +184,9 @@ def mlp_hetero(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict,
     return results, extra
 
 
-def skill_split(train: Dataset) -> tuple[Dataset, Dataset]:
+def skill_split(train: Dataset, seed: int) -> tuple[Dataset, Dataset]:
     """A: every image of digit 4 and 10% of the others; B: the remaining 90% of the others."""
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(seed)
     labels = train.y.numpy()
     others = np.flatnonzero(labels != SKILL_DIGIT)
     shared = rng.random(len(others)) < SKILL_SHARE
@@ -185,10 +195,10 @@ def skill_split(train: Dataset) -> tuple[Dataset, Dataset]:
 
 
 def skill_transfer(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
-    part_a, part_b = skill_split(train)
-    a = train_mlp(part_a, SKILL_A, b["epochs"], SEED, "model_a")
-    m_b = train_mlp(part_b, SKILL_B, b["epochs"], SEED + 1, "model_b")
-    probe = probe_inputs(train)
+    part_a, part_b = skill_split(train, b["seed"])
+    a = train_mlp(part_a, SKILL_A, b["epochs"], b["seed"], "model_a")
+    m_b = train_mlp(part_b, SKILL_B, b["epochs"], b["seed"] + 1, "model_b")
+    probe = probe_inputs(train, b["seed"])
     fours = test.subset(np.flatnonzero(test.y.numpy() == SKILL_DIGIT))
     results = {
         "model_a": test_accuracy(a, test),
@@ -226,24 +236,29 @@ def cnn_pair(arch_a: dict, arch_b: dict):
     fine-tune next to each input fine-tuned for the same budget."""
 
     def run(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
-        a = train_cnn(train, arch_a, b["cnn_epochs"], SEED, "model_a")
-        m_b = train_cnn(train, arch_b, b["cnn_epochs"], SEED + 1, "model_b")
-        fused, seconds = timed(clafusion, [a, m_b], probe_inputs(train), OTFusionConfig())
+        a = train_cnn(train, arch_a, b["cnn_epochs"], b["seed"], "model_a")
+        m_b = train_cnn(train, arch_b, b["cnn_epochs"], b["seed"] + 1, "model_b")
+        probe = probe_inputs(train, b["seed"])
+        fused, seconds = timed(clafusion, [a, m_b], probe, OTFusionConfig())
+        by_weights = clafusion([a, m_b], probe, OTFusionConfig(ground_metric="weight"))
         results = {
             "model_a": test_accuracy(a, test),
             "model_b": test_accuracy(m_b, test),
             "ensemble": ensemble_accuracy([a, m_b], test),
             "cla_add": test_accuracy(fused.model, test),
         }
-        recompute_batchnorm(fused.model, train.x[:BATCHNORM_IMAGES])
-        results["cla_add_bn"] = test_accuracy(fused.model, test)
+        for row, result in {"cla_add_bn": fused, "cla_add_bn_weight_metric": by_weights}.items():
+            recompute_batchnorm(result.model, train.x[:BATCHNORM_IMAGES])
+            results[row] = test_accuracy(result.model, test)
         ft = b["cnn_ft_epochs"]
         results["cla_ft"] = test_accuracy(
-            fine_tuned(fused.model, train, ft, "cla_ft", ADAM_FT), test
+            fine_tuned(fused.model, train, ft, b["seed"], "cla_ft", ADAM_FT), test
         )
-        results["model_a_ft"] = test_accuracy(fine_tuned(a, train, ft, "model_a_ft", ADAM_FT), test)
+        results["model_a_ft"] = test_accuracy(
+            fine_tuned(a, train, ft, b["seed"], "model_a_ft", ADAM_FT), test
+        )
         results["model_b_ft"] = test_accuracy(
-            fine_tuned(m_b, train, ft, "model_b_ft", ADAM_FT), test
+            fine_tuned(m_b, train, ft, b["seed"], "model_b_ft", ADAM_FT), test
         )
         extra = {
             "architectures": {"model_a": a.arch, "model_b": m_b.arch, "fused": fused.model.arch},
@@ -252,8 +267,9 @@ def cnn_pair(arch_a: dict, arch_b: dict):
             "transport_cost": fused.transport_costs,
             "fusion_seconds": seconds,
             "depth_aligned_accuracy": [test_accuracy(m, test) for m in fused.balanced],
-            "rows": "cla_add: BatchNorm statistics averaged with the weights; cla_add_bn: "
-            f"re-estimated on {BATCHNORM_IMAGES} training images; cla_ft fine-tunes cla_add_bn",
+            "rows": "cla_add: activation-based alignment, BatchNorm statistics averaged with "
+            f"the weights; cla_add_bn: re-estimated on {BATCHNORM_IMAGES} training images "
+            "(_weight_metric: weight-based alignment); cla_ft fine-tunes cla_add_bn",
         }
         return results, extra
 
@@ -280,7 +296,9 @@ def normalised(source: str, mean: tuple[float, ...], std: tuple[float, ...]) -> 
     return dataclasses.replace(data, x=x)
 
 
-def run_variant(name: str, b: dict, out: Path) -> dict:
+def run_variant(name: str, b: dict, out: Path, seeds: list[int]) -> dict:
+    """Run one variant once per seed; ``results`` are the means over seeds, each seed's rows
+    are kept in ``extra.per_seed`` and the first seed's figures in ``extra``."""
     started = time.perf_counter()
     cifar = name.startswith("cifar")
     stats = (CIFAR_MEAN, CIFAR_STD) if cifar else ((MNIST_MEAN,), (MNIST_STD,))
@@ -288,7 +306,14 @@ def run_variant(name: str, b: dict, out: Path) -> dict:
     train, test = (normalised(f"{source}:{part}", *stats) for part in ("train", "test"))
     if b["train"]:
         train = train.subset(np.random.default_rng(SEED).permutation(len(train))[: b["train"]])
-    results, extra = RUNNERS[name](train, test, b, out)
+    per_seed, extra = {}, {}
+    for seed in seeds:
+        results, seed_extra = RUNNERS[name](train, test, b | {"seed": seed}, out)
+        per_seed[seed] = results
+        extra = extra or seed_extra
+    results = {row: float(np.mean([r[row] for r in per_seed.values()])) for row in results}
+    if len(seeds) > 1:
+        extra["per_seed"] = per_seed
     if cifar:
         budget = (
             f"CNNs: {b['cnn_epochs']} epochs Adam lr 2e-3 cosine batch 64; fine-tuning: "
@@ -303,8 +328,8 @@ def run_variant(name: str, b: dict, out: Path) -> dict:
         "benchmark": "otfusion",
         "variant": name,
         "data": f"{source} train ({len(train)} images) / test {len(test)}, normalised, shared/data",
-        "seed": SEED,
-        "budget": budget,
+        "seed": seeds[0] if len(seeds) == 1 else seeds,
+        "budget": budget + ("" if len(seeds) == 1 else f"; mean over {len(seeds)} seeds"),
         "metric": "accuracy",
         "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
@@ -320,7 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--ft-epochs", type=int, default=2)
     parser.add_argument("--cnn-epochs", type=int, default=3)
-    parser.add_argument("--cnn-ft-epochs", type=int, default=1)
+    parser.add_argument("--cnn-ft-epochs", type=int, default=2)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[SEED], help="one run per seed; rows are means"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
     parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -337,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     try:
         for name in args.variant or VARIANTS:
-            record = run_variant(name, b, out)
+            record = run_variant(name, b, out, args.seeds)
             rows = ", ".join(f"{k} {100 * v:.2f}" for k, v in record["results"].items())
             print(f"{name}: {rows}", flush=True)
     except SourceUnavailable as error:

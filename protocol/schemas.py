@@ -159,7 +159,7 @@ class WeightFusionParams(_Strict):
     """Weight fusion (paper 002): ``ot`` fuses equally deep networks layer by layer;
     ``clafusion`` first aligns and balances networks of different depths."""
 
-    ground_metric: Literal["weight", "activation"] = "weight"  # how neurons are compared
+    ground_metric: Literal["weight", "activation"] = "activation"  # how neurons are compared
     plan: Literal["emd", "sinkhorn"] = "emd"  # exact OT, or entropic with `reg`
     reg: float = Field(0.05, gt=0)
     weights: list[float] | None = None  # per party, in the order of `parties`; None: equal

@@ -65,7 +65,10 @@ def _check_weight_fusion(spec: JobSpec) -> str | None:
         if spec.method.name == "clafusion":
             return "data.unlabeled: clafusion needs probe images for CKA"
         if params.ground_metric == "activation":
-            return "data.unlabeled: ground_metric activation needs probe images"
+            return (
+                "data.unlabeled: ground_metric activation (the default) needs probe images"
+                " (or set method.params.ground_metric: weight)"
+            )
         if params.recompute_batchnorm:
             return "data.unlabeled: recompute_batchnorm needs images (or set it to false)"
     if params.finetune_epochs and spec.data.finetune is None:

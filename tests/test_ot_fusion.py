@@ -101,7 +101,8 @@ def test_three_permuted_copies_fuse_back_to_the_model(mode):
     model = _trained_like("resnet")
     copies = [_permuted_copy(model, seed) for seed in (3, 4)]
     x = _inputs("resnet")
-    result = ot_fuse([model, *copies], OTFusionConfig(mode=mode, weights=[0.2, 0.5, 0.3]))
+    config = OTFusionConfig(mode=mode, weights=[0.2, 0.5, 0.3])
+    result = ot_fuse([model, *copies], config, probe=x)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), atol=1e-5, rtol=0)
 
@@ -109,7 +110,7 @@ def test_three_permuted_copies_fuse_back_to_the_model(mode):
 def test_fused_model_takes_the_base_widths_and_keeps_dtype():
     wide = create_model("mlp", in_shape=(1, 8, 8), num_classes=5, hidden=(20, 12)).double()
     narrow = create_model("mlp", in_shape=(1, 8, 8), num_classes=5, hidden=(10, 6)).double()
-    result = ot_fuse([wide, narrow], OTFusionConfig(base=1))
+    result = ot_fuse([wide, narrow], OTFusionConfig(base=1, ground_metric="weight"))
     assert result.model.arch["kwargs"]["hidden"] == (10, 6)
     assert all(p.dtype == torch.float64 for p in result.model.parameters())
     out = result.model(torch.randn(4, 1, 8, 8, dtype=torch.float64))
@@ -119,7 +120,7 @@ def test_fused_model_takes_the_base_widths_and_keeps_dtype():
 def test_fusion_weight_one_returns_that_model():
     a, b = _trained_like("vgg", seed=0), _trained_like("vgg", seed=1)
     x = _inputs("vgg")
-    result = ot_fuse([a, b], OTFusionConfig(weights=[0.0, 1.0], base=0))
+    result = ot_fuse([a, b], OTFusionConfig(weights=[0.0, 1.0], base=0), probe=x)
     # all mass on b, aligned onto a's neuron order: b's function
     torch.testing.assert_close(result.model(x), b(x), atol=1e-5, rtol=0)
 
@@ -128,7 +129,7 @@ def test_networks_of_different_depth_are_refused_by_plain_ot():
     a = create_model("mlp", in_shape=(1, 8, 8), hidden=(8, 8, 8))
     b = create_model("mlp", in_shape=(1, 8, 8), hidden=(8, 8))
     with pytest.raises(UnsupportedNetwork, match="use CLAFusion"):
-        ot_fuse([a, b])
+        ot_fuse([a, b], probe=torch.rand(4, 1, 8, 8))
 
 
 def test_unsupported_network_names_the_model():
@@ -398,7 +399,8 @@ def test_a_model_mapped_onto_a_wider_base_with_all_the_weight(kind):
         kwargs["stages"] = tuple(tuple(2 * w for w in s) for s in kwargs["stages"])
         kwargs["fc"] = tuple(2 * w for w in kwargs["fc"])
     wide = create_model(name, num_classes=5, **kwargs).eval()
-    result = ot_fuse([narrow, wide], OTFusionConfig(weights=[1.0, 0.0], base=1))
+    config = OTFusionConfig(weights=[1.0, 0.0], base=1, ground_metric="weight")
+    result = ot_fuse([narrow, wide], config)
     assert result.model.state_dict()[fusion_spec(wide).groups[0].producers[0]].shape[0] == (
         2 * narrow.state_dict()[fusion_spec(narrow).groups[0].producers[0]].shape[0]
     )

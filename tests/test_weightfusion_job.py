@@ -114,10 +114,13 @@ def test_ot_job_with_activation_metric_and_fine_tuning(parties, tmp_path):
     assert any(r["method"] == "Activations" and r["decision"] == "granted" for r in audit)
 
 
+WEIGHT_METRIC_ONLY = {"ground_metric": "weight", "recompute_batchnorm": False}  # no probe images
+
+
 def test_ot_refuses_networks_of_different_depth(parties, tmp_path):
     handlers = [parties["deep"], parties["shallow"]]
     with pytest.raises(ValueError, match="use CLAFusion"):
-        _run(tmp_path, handlers, "ot", {"recompute_batchnorm": False}, {})
+        _run(tmp_path, handlers, "ot", WEIGHT_METRIC_ONLY, {})
 
 
 def test_a_party_with_another_normalisation_is_named(parties, tmp_path):
@@ -125,7 +128,7 @@ def test_a_party_with_another_normalisation_is_named(parties, tmp_path):
         tmp_path, "other", (48, 24), 2, normalization=Normalization(mean=[0.5], std=[0.5])
     )
     with pytest.raises(ValueError, match=r"parties.1 \(other\): mean \[0.5\] differs"):
-        _run(tmp_path, [parties["shallow"], other], "ot", {"recompute_batchnorm": False}, {})
+        _run(tmp_path, [parties["shallow"], other], "ot", WEIGHT_METRIC_ONLY, {})
 
 
 def test_planner_offers_weight_fusion_only_where_weights_are_granted(tmp_path):
@@ -161,8 +164,9 @@ def test_policy_naming_an_unknown_layer_is_a_configuration_error(tmp_path):
         ("ot", {"weights": [1.0]}, {}, r"method.params.weights: 1 given for 2 parties"),
         ("ot", {"base": "nobody"}, {}, r"method.params.base: 'nobody' is not one of the parties"),
         ("clafusion", {}, {}, r"data.unlabeled: clafusion needs probe images"),
-        ("ot", {}, {}, r"data.unlabeled: recompute_batchnorm needs images"),
-        ("ot", {"finetune_epochs": 1, "recompute_batchnorm": False}, {}, r"data.finetune"),
+        ("ot", {}, {}, r"data.unlabeled: ground_metric activation \(the default\) needs probe"),
+        ("ot", {"ground_metric": "weight"}, {}, r"data.unlabeled: recompute_batchnorm needs"),
+        ("ot", {**WEIGHT_METRIC_ONLY, "finetune_epochs": 1}, {}, r"data.finetune"),
     ],
 )
 def test_job_file_errors_name_the_field(tmp_path, method, params, data, message):
