@@ -10,10 +10,16 @@ from torch import Tensor, nn
 
 from fusion.ot.cka import centered_gram
 
+PENULTIMATE = "penultimate"  # the input of the model's ``head``: its representation phi(x)
+
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Names of the modules whose outputs can be asked for (every named submodule)."""
-    return [name for name, _ in model.named_modules() if name]
+    """Names of the modules whose outputs can be asked for (every named submodule), then
+    :data:`PENULTIMATE` where the model has a ``head``."""
+    names = [name for name, _ in model.named_modules() if name]
+    if "head" in names and PENULTIMATE not in names:
+        names.append(PENULTIMATE)
+    return names
 
 
 @torch.no_grad()
@@ -24,16 +30,22 @@ def layer_outputs(
 
     Returns ``{name: (t, ...)}``; an unknown name raises ``KeyError`` naming it. In-place
     activations that follow a layer do not alter what is recorded (outputs are cloned).
+    :data:`PENULTIMATE` records the (t, D) input of the ``head``.
     """
     modules = dict(model.named_modules())
-    missing = [name for name in layers if name not in modules or not name]
+    known = set(layer_names(model))
+    missing = [name for name in layers if name not in known]
     if missing:
         raise KeyError(f"no layer named {missing[0]!r}")
     chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
+
+    def record(name: str, value: Tensor) -> None:
+        chunks[name].append(value.detach().clone())
+
     handles = [
-        modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: chunks[name].append(out.detach().clone())
-        )
+        modules["head"].register_forward_pre_hook(lambda _m, args: record(PENULTIMATE, args[0]))
+        if name == PENULTIMATE and name not in modules
+        else modules[name].register_forward_hook(lambda _m, _i, out, n=name: record(n, out))
         for name in dict.fromkeys(layers)
     ]
     was_training = model.training

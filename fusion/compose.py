@@ -85,7 +85,7 @@ def relabel(data: Dataset, union: Sequence[str]) -> tuple[Tensor, Tensor]:
 PREDICT_CHUNK = 2048  # images per progress step when collecting predictions
 
 
-def _predict_all(teacher: Teacher, x: Tensor, position: int, progress: bool) -> Tensor:
+def predict_all(teacher: Teacher, x: Tensor, position: int, progress: bool) -> Tensor:
     """``teacher.predict`` on all of ``x`` (fitted to its input shape), with a progress bar."""
     x = fit_to_shape(x, teacher.info.input_shape)
     outputs = []

@@ -178,6 +178,40 @@ class WeightFusionMethod(_Strict):
     params: WeightFusionParams = WeightFusionParams()
 
 
+class TransferTask(_Strict):
+    """A downstream task for judging a representation: labelled sources the coordinator owns."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    train: str  # the linear probe's training images (k per class are drawn)
+    test: str  # every image is scored
+    classes: list[str] | None = None  # only these classes of both sources; None: all
+    related: bool | None = None  # to a teacher's task (shown in the report); None: unknown
+
+
+class ConsolidationParams(_Strict):
+    """Representation consolidation (paper 001): the generalist and the task-specific
+    teachers distilled into one multi-head student on data.unlabeled (the proxy)."""
+
+    generalist: str  # the party whose network is the generalist: it must grant weights
+    generalist_weight: float = Field(1.0, ge=0)  # lambda_0 of Eq. 1; 0: plain distillation
+    teacher_weights: list[float] | None = None  # lambda_i per other party in order; None: 1/N
+    temperature: float = Field(2.0, gt=0)  # T of the KD loss
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=2)
+    backbone_lr: float = Field(1e-3, gt=0)  # SGD, momentum 0.9, decay x0.1 at 50% and 80%
+    head_lr: float = Field(1e-2, gt=0)
+    freeze_batchnorm: bool = True  # keep the generalist's BatchNorm statistics
+    shots: int = Field(5, ge=1)  # few-shot linear probe: images per class
+    draws: int = Field(20, ge=1)  # random few-shot training sets, averaged
+    full_probe: bool = False  # also a linear probe on every training image of each task
+    tasks: list[TransferTask] = Field(min_length=1)
+
+
+class ConsolidationMethod(_Strict):
+    name: Literal["consolidate"]
+    params: ConsolidationParams
+
+
 class StudentSpec(_Strict):
     """The student; data-free fusion uses ``arch`` and its own schedule (method params)."""
 
@@ -200,7 +234,9 @@ class JobSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     parties: list[PartyRef] = Field(min_length=1)
-    method: CompositionMethod | DataFreeMethod | WeightFusionMethod = Field(discriminator="name")
+    method: CompositionMethod | DataFreeMethod | WeightFusionMethod | ConsolidationMethod = Field(
+        discriminator="name"
+    )
     student: StudentSpec = StudentSpec()
     data: DataSpec
     output_dir: str = "runs"

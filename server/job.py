@@ -76,11 +76,37 @@ def _check_weight_fusion(spec: JobSpec) -> str | None:
     return None
 
 
+def _check_consolidation(spec: JobSpec) -> str | None:
+    params, names = spec.method.params, [p.name for p in spec.parties]
+    if params.generalist not in names:
+        return f"method.params.generalist: {params.generalist!r} is not one of the parties"
+    teachers = len(names) - 1
+    if not teachers:
+        return "parties: consolidation needs a task-specific teacher besides the generalist"
+    if params.teacher_weights is not None and len(params.teacher_weights) != teachers:
+        return (
+            f"method.params.teacher_weights: {len(params.teacher_weights)} given for "
+            f"{teachers} teachers (every party but the generalist)"
+        )
+    if params.teacher_weights is not None and min(params.teacher_weights) < 0:
+        return "method.params.teacher_weights: must be non-negative"
+    if params.generalist_weight == 0 and not sum(params.teacher_weights or [1.0]):
+        return "method.params: every loss weight is zero"
+    if spec.data.unlabeled is None:
+        return "data.unlabeled: consolidation needs proxy images"
+    tasks = [t.name for t in params.tasks]
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        return f"method.params.tasks: names must be unique, repeated: {', '.join(repeated)}"
+    return None
+
+
 METHOD_CHECKS = {
     "composition": _check_composition,
     "datafree": _check_datafree,
     "ot": _check_weight_fusion,
     "clafusion": _check_weight_fusion,
+    "consolidate": _check_consolidation,
 }
 
 
@@ -155,7 +181,7 @@ def run_job(
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     figures = {"accuracy.png": lambda path: plot_accuracy(outcome.results, path)}
     figures.update(outcome.figures)
-    for name, write in figures.items():
+    for name, write in {**figures, **outcome.files}.items():
         write(run_dir / name)
     report = report_markdown(
         job,

@@ -11,6 +11,7 @@ from fusion.datafree.party_side import PartySideFusion
 from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
 from fusion.evaluate import evaluate
 from protocol.schemas import JobSpec
+from server.consolidation import run_consolidation
 from server.fanout import fan_out
 from server.outcome import Outcome, Runner
 from server.report import plot_curves, plot_samples
@@ -102,4 +103,5 @@ RUNNERS: dict[str, Runner] = {
     "datafree": run_datafree,
     "ot": run_weight_fusion,
     "clafusion": run_weight_fusion,
+    "consolidate": run_consolidation,
 }

@@ -19,6 +19,7 @@ class Outcome:
     extra: dict = field(default_factory=dict)  # goes to metrics.json
     summary: list[str] = field(default_factory=list)  # method-specific lines of report.md
     figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # PNG writers
+    files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # other artefacts
 
 
 Runner = Callable[[JobSpec, Sequence[Teacher], bool, Callable[[str], None]], Outcome]

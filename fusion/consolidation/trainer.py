@@ -1,0 +1,134 @@
+"""Training the consolidated student on unlabeled proxy data (paper 001, section 2 and
+Appendix A): SGD with momentum, a learning rate for the heads and a lower one for the
+backbone, step decay at 50% and 80% of training, BatchNorm statistics frozen."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fusion.consolidation.loss import consolidation_loss
+from fusion.consolidation.student import MultiHeadStudent
+from fusion.models import Classifier
+from fusion.train import predict_logits
+
+
+@dataclass
+class ConsolidationConfig:
+    """Defaults are paper 001's (section 2, Appendix A) except the number of epochs.
+
+    Attributes
+    ----------
+    generalist_weight : lambda_0; 0 gives traditional multi-teacher distillation.
+    teacher_weights : lambda_1..lambda_N; None: 1/N each.
+    temperature : T of the KD loss.
+    backbone_lr, head_lr : SGD learning rates of phi_s and of every head h_s^i.
+    freeze_batchnorm : keep the BatchNorm running statistics of the generalist.
+    """
+
+    generalist_weight: float = 1.0
+    teacher_weights: list[float] | None = None
+    temperature: float = 2.0
+    epochs: int = 2
+    batch_size: int = 32
+    backbone_lr: float = 1e-3
+    head_lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    freeze_batchnorm: bool = True
+    seed: int = 0
+
+    def loss_weights(self, teachers: int) -> list[float]:
+        """``[lambda_0, lambda_1, ..., lambda_N]``; raises ``ValueError`` naming the field."""
+        weights = self.teacher_weights
+        if weights is None:
+            weights = [1.0 / teachers] * teachers
+        if len(weights) != teachers:
+            raise ValueError(f"teacher_weights: {len(weights)} given for {teachers} teachers")
+        every = [self.generalist_weight, *weights]
+        if min(every) < 0 or sum(every) <= 0:
+            raise ValueError("loss weights must be non-negative with a positive sum")
+        return every
+
+
+@dataclass
+class ConsolidationResult:
+    student: MultiHeadStudent
+    losses: list[float] = field(default_factory=list)  # mean loss of each epoch
+
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def consolidate(
+    generalist: Classifier,
+    proxy: Tensor,
+    teacher_logits: Sequence[Tensor],
+    config: ConsolidationConfig | None = None,
+    progress: bool = True,
+) -> ConsolidationResult:
+    """Distil the generalist and the task-specific teachers into one multi-head student.
+
+    Parameters
+    ----------
+    generalist : phi_t^0 with head h_t^0; the student's backbone and head 0 start from it.
+    proxy : (P, C, H, W) unlabeled proxy images, already in the generalist's input form.
+    teacher_logits : one (P, K_i) tensor per task-specific teacher on ``proxy`` (see
+        :func:`fusion.consolidation.loss.as_logits` for teachers that release probabilities).
+    """
+    config = config or ConsolidationConfig()
+    weights = config.loss_weights(len(teacher_logits))
+    for i, logits in enumerate(teacher_logits, start=1):
+        if logits.shape[0] != len(proxy):
+            raise ValueError(
+                f"teacher {i}: {logits.shape[0]} predictions for {len(proxy)} proxy images"
+            )
+    targets = [predict_logits(generalist, proxy), *teacher_logits]  # [(P, K_i)] * (N + 1)
+    student = MultiHeadStudent(generalist, [t.shape[1] for t in teacher_logits], config.seed)
+    optimiser = torch.optim.SGD(
+        [
+            {"params": student.backbone_parameters(), "lr": config.backbone_lr},
+            {"params": student.head_parameters(), "lr": config.head_lr},
+        ],
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    steps_per_epoch = -(-len(proxy) // config.batch_size)
+    total = config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.MultiStepLR(
+        optimiser, milestones=[int(0.5 * total), int(0.8 * total)], gamma=0.1
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    bar = tqdm(
+        range(config.epochs), desc="consolidate", unit="epoch", disable=None if progress else True
+    )
+    for _ in bar:
+        student.train()
+        if config.freeze_batchnorm:
+            _freeze_batchnorm(student)
+        order = torch.randperm(len(proxy), generator=generator)
+        running = 0.0
+        for start in range(0, len(proxy), config.batch_size):
+            index = order[start : start + config.batch_size]
+            if len(index) < 2 and not config.freeze_batchnorm:  # BatchNorm needs two samples
+                continue
+            loss = consolidation_loss(
+                student(proxy[index]), [t[index] for t in targets], weights, config.temperature
+            )
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            running += loss.item() * len(index)
+        losses.append(running / len(proxy))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    student.eval()
+    return ConsolidationResult(student, losses)
