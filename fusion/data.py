@@ -8,6 +8,8 @@ raises :class:`SourceUnavailable`.
 The embedded digits (scikit-learn's ``load_digits``, 1,797 8x8 images) are split once, with a
 fixed seed: 30% ``test``, and the rest into three private shards (``private-0..2``, what the
 demo's parties train on) and a ``public`` pool that the coordinator may use as unlabeled data.
+``notmnist`` (letters A-J) and ``kannada`` (the Kannada-MNIST test file; ``kannada:dig`` is
+Dig-MNIST) ship as one file each and are split the same way: 80% ``train``, 20% ``test``.
 """
 
 from __future__ import annotations
@@ -130,6 +132,28 @@ _MNIST_FILES = {
 }
 
 
+SPLIT_SEED = 0  # fixed: the train / test split of sets that ship as one file
+
+
+def _split_idx_set(folder: str, files: tuple[str, str], names: list[str], extra: dict):
+    """A set shipped as one IDX pair, split once with a fixed seed: 80% ``train``, 20%
+    ``test``; ``extra`` maps further part names to their own IDX pairs."""
+    whole = _idx_set(folder, {"all": files, **extra}, names)
+
+    def load(part: str) -> Dataset:
+        if part in extra:
+            return whole(part)
+        if part not in ("train", "test"):
+            parts = ", ".join(["train", "test", *extra])
+            raise ValueError(f"{folder} has no part {part!r}; parts: {parts}")
+        data = whole("all")
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(data))
+        cut = int(0.8 * len(data))
+        return data.subset(np.sort(order[:cut] if part == "train" else order[cut:]))
+
+    return load
+
+
 def _usps(part: str) -> Dataset:
     """USPS 16x16 digits placed like MNIST: scaled to 20x20 and padded to 28x28."""
     if part not in ("train", "test"):
@@ -203,6 +227,18 @@ SOURCES: dict[str, Callable[[str], Dataset]] = {
     ),
     "usps": _usps,
     "cifar10": _cifar10,
+    "notmnist": _split_idx_set(
+        "notmnist",
+        ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+        list("ABCDEFGHIJ"),
+        {},
+    ),
+    "kannada": _split_idx_set(
+        "kannada_mnist",
+        ("X_kannada_MNIST_test-idx3-ubyte.gz", "y_kannada_MNIST_test-idx1-ubyte.gz"),
+        DIGIT_NAMES,
+        {"dig": ("X_dig_MNIST-idx3-ubyte.gz", "y_dig_MNIST-idx1-ubyte.gz")},
+    ),
 }
 
 

@@ -1,0 +1,270 @@
+"""Representation-consolidation benchmark (paper 001's protocol at CPU scale).
+
+No downstream class is ever seen in training. The generalist (a BatchNorm CNN) learns a broad
+mixture: CIFAR-10 classes 0-4 in grayscale at 28x28 and the Fashion-MNIST t-split (classes
+0-4). Variant ``n1``: one task-specific teacher, fine-tuned from the generalist on the MNIST
+t-split (digits 0-4). Variant ``n5``: five teachers of a smaller width, trained from scratch,
+each on a different pair of t-split digits ({0,1}, {1,2}, ..., {4,0}: with five t-split
+classes, single-class teachers would have nothing to distil). Proxy data: the mixture's
+training images without labels (no digits). Representations: ``generalist``, ``teacher`` (n5:
+the best of the five on each task), ``kd`` (lambda_0 = 0: traditional multi-teacher
+distillation), ``consolidated`` (lambda_0 = 1, lambda_i = 1/N, T = 2, BatchNorm statistics
+frozen, backbone lr 1e-3 and heads 1e-2 as in the paper's Appendix A) and
+``consolidated_exp4`` (lambda_0 = 1/2, lambda_i = 3/(2N): the paper's Exp. 4). Downstream
+tasks, 5-shot linear probe (logistic regression, cross-validated L2) on frozen penultimate
+features averaged over 20 draws, scored on the task's whole test set: related ``mnist_d``
+(digits 5-9), ``usps`` (5-9), ``kannada`` (all ten Kannada digits); unrelated ``cifar_d``
+(CIFAR-10 5-9, grayscale), ``fashion_d`` (Fashion-MNIST 5-9), ``notmnist`` (letters A-J).
+Rows ``<representation>:<task>``, plus ``<network>:upstream_t`` (the teachers' task through
+the student's heads; n5: mean over the five) and ``<network>:upstream_g`` (the mixture
+through head 0).
+
+    python -m benchmarks.consolidation [--variant n1] [--epochs 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.results_io import write_results
+from fusion.consolidation.student import MultiHeadStudent
+from fusion.consolidation.trainer import ConsolidationConfig, consolidate
+from fusion.data import DIGIT_NAMES, Dataset, SourceUnavailable, fit_to_shape, load_source
+from fusion.models import Classifier, create_model
+from fusion.train import accuracy, fit, predict_logits
+from fusion.transfer import extract_features, transfer_score
+
+SEED = 0
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ["n1", "n5"]
+SHAPE = (1, 28, 28)
+T_SPLIT, D_SPLIT = DIGIT_NAMES[:5], DIGIT_NAMES[5:]
+PAIRS = [[T_SPLIT[k], T_SPLIT[(k + 1) % 5]] for k in range(5)]  # n5: one pair per teacher
+TASKS = {  # name: (source set, classes or None for all, related to the teachers' task)
+    "mnist_d": ("mnist", D_SPLIT, True),
+    "usps": ("usps", D_SPLIT, True),
+    "kannada": ("kannada", None, True),
+    "cifar_d": ("cifar10", "last5", False),
+    "fashion_d": ("fashion_mnist", "last5", False),
+    "notmnist": ("notmnist", None, False),
+}
+STUDENTS = {  # row: (lambda_0, lambda_i as a multiple of 1/N)
+    "kd": (0.0, 1.0),
+    "consolidated": (1.0, 1.0),
+    "consolidated_exp4": (0.5, 1.5),
+}
+
+
+def _gray(data: Dataset, classes: list[str]) -> Dataset:
+    data = data.restrict(classes)
+    return dataclasses.replace(data, x=fit_to_shape(data.x, SHAPE))
+
+
+def _concat(parts: list[Dataset]) -> Dataset:
+    offsets = np.cumsum([0] + [len(p.class_names) for p in parts[:-1]])
+    return Dataset(
+        torch.cat([p.x for p in parts]),
+        torch.cat([p.y + int(o) for p, o in zip(parts, offsets, strict=True)]),
+        [name for p in parts for name in p.class_names],
+    )
+
+
+def mixture(part: str) -> Dataset:
+    """The generalist's task: CIFAR-10 classes 0-4 (grayscale, 28x28) + Fashion-MNIST 0-4."""
+    cifar, fashion = load_source(f"cifar10:{part}"), load_source(f"fashion_mnist:{part}")
+    return _concat([_gray(cifar, cifar.class_names[:5]), _gray(fashion, fashion.class_names[:5])])
+
+
+def task_data(name: str, part: str) -> Dataset:
+    source, classes, _ = TASKS[name]
+    data = load_source(f"{source}:{part}")
+    if classes == "last5":
+        classes = data.class_names[5:]
+    return _gray(data, classes or data.class_names)
+
+
+def _subsample(data: Dataset, size: int, seed: int = SEED) -> Dataset:
+    if not size or len(data) <= size:
+        return data
+    return data.subset(np.sort(np.random.default_rng(seed).permutation(len(data))[:size]))
+
+
+def train_generalist(train: Dataset, b: dict) -> Classifier:
+    torch.manual_seed(SEED)
+    model = create_model("small_cnn", in_shape=SHAPE, num_classes=10, width=b["width"])
+    fit(model, train.x, train.y, epochs=b["generalist_epochs"], seed=SEED, desc="generalist")
+    return model.eval()
+
+
+def train_teachers(variant: str, generalist: Classifier, b: dict) -> list[tuple[list, Classifier]]:
+    """``[(classes, teacher)]``: n1 fine-tunes the generalist on the t-split; n5 trains five
+    narrower networks from scratch, one per pair of t-split digits."""
+    mnist = load_source("mnist:train")
+    teachers = []
+    for k, classes in enumerate([T_SPLIT] if variant == "n1" else PAIRS):
+        data = _subsample(mnist.restrict(classes), b["train"])
+        if variant == "n1":
+            teacher = create_model("small_cnn", in_shape=SHAPE, num_classes=5, width=b["width"])
+            body = {k: v for k, v in generalist.state_dict().items() if not k.startswith("head")}
+            teacher.load_state_dict(body, strict=False)
+            lr = 1e-3
+        else:
+            torch.manual_seed(SEED + 1 + k)
+            teacher = create_model(
+                "small_cnn", in_shape=SHAPE, num_classes=2, width=b["width"] // 2
+            )
+            lr = 2e-3
+        fit(teacher, data.x, data.y, epochs=b["teacher_epochs"], lr=lr, seed=SEED + k,
+            desc=f"teacher {k}")  # fmt: skip
+        teachers.append((classes, teacher.eval()))
+    return teachers
+
+
+def _heads_accuracy(network: Callable, data: Dataset) -> float:
+    with torch.no_grad():
+        logits = torch.cat([network(x) for x in data.x.split(512)])
+    return accuracy(logits.argmax(dim=1), data.y)
+
+
+def upstream_rows(name: str, student: MultiHeadStudent, teachers, mix_test: Dataset) -> dict:
+    mnist = load_source("mnist:test")
+    student.eval()
+    per_teacher = [
+        _heads_accuracy(lambda x, k=k: student(x)[k], mnist.restrict(classes))
+        for k, (classes, _) in enumerate(teachers, start=1)
+    ]
+    return {
+        f"{name}:upstream_t": float(np.mean(per_teacher)),
+        f"{name}:upstream_g": _heads_accuracy(lambda x: student(x)[0], mix_test),
+    }
+
+
+def run_variant(variant: str, b: dict, out: Path) -> dict:
+    started = time.perf_counter()
+    mix_train, mix_test = (_subsample(mixture(p), b["train"]) for p in ("train", "test"))
+    generalist = train_generalist(mix_train, b)
+    teachers = train_teachers(variant, generalist, b)
+    proxy = mix_train.x  # unlabeled: the labels are never read
+    teacher_logits = [predict_logits(t, proxy) for _, t in teachers]
+    students, losses, seconds = {}, {}, {}
+    for row, (lambda_0, share) in STUDENTS.items():
+        n = len(teachers)
+        config = ConsolidationConfig(
+            generalist_weight=lambda_0,
+            teacher_weights=[share / n] * n,
+            epochs=b["epochs"],
+            seed=SEED,
+        )
+        tic = time.perf_counter()
+        result = consolidate(generalist, proxy, teacher_logits, config)
+        seconds[row] = round(time.perf_counter() - tic, 1)
+        students[row], losses[row] = result.student, result.losses
+
+    results: dict[str, float] = {}
+    for row, student in students.items():
+        results |= upstream_rows(row, student, teachers, mix_test)
+    results["teacher:upstream_t"] = float(
+        np.mean([_heads_accuracy(t, load_source("mnist:test").restrict(c)) for c, t in teachers])
+    )
+    results["generalist:upstream_g"] = _heads_accuracy(generalist, mix_test)
+    networks = {"generalist": generalist} | {f"teacher{k}": t for k, (_, t) in enumerate(teachers)}
+    networks |= {row: s.model for row, s in students.items()}
+    per_teacher: dict[str, dict[str, float]] = {}
+    spread: dict[str, float] = {}
+    for task in TASKS:
+        train = _subsample(task_data(task, "train"), b["probe_pool"])
+        test = _subsample(task_data(task, "test"), b["test"])
+        for name, model in networks.items():
+            score = transfer_score(
+                lambda x, m=model: extract_features(m, x),
+                train,
+                test,
+                shots=5,
+                draws=b["draws"],
+                seed=SEED,
+            )
+            if name.startswith("teacher"):
+                per_teacher.setdefault(task, {})[name] = score.few_shot.mean
+            else:
+                results[f"{name}:{task}"] = score.few_shot.mean
+                spread[f"{name}:{task}"] = score.few_shot.std
+        results[f"teacher:{task}"] = max(per_teacher[task].values())  # n5: the best teacher
+        print(
+            f"{variant} {task}: "
+            + ", ".join(f"{k.split(':')[0]} {100 * v:.1f}" for k, v in results.items()
+                        if k.endswith(f":{task}")),
+            flush=True,
+        )  # fmt: skip
+    record = {
+        "benchmark": "consolidation",
+        "variant": variant,
+        "data": f"generalist: mixture (CIFAR-10 0-4 grayscale + Fashion-MNIST 0-4) train "
+        f"{len(mix_train)} / test {len(mix_test)}; teachers: MNIST 0-4; proxy: the mixture's "
+        "training images, unlabeled; downstream: " + ", ".join(TASKS) + "; shared/data",
+        "seed": SEED,
+        "budget": f"generalist small_cnn width {b['width']} {b['generalist_epochs']} epochs; "
+        f"teachers {b['teacher_epochs']} epochs; consolidation {b['epochs']} epochs on the "
+        f"proxy; 5-shot probe, {b['draws']} draws",
+        "metric": "accuracy",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+        "extra": {
+            "related": [t for t, (_, _, related) in TASKS.items() if related],
+            "std_over_draws": spread,
+            "teachers_per_task": per_teacher,
+            "teacher_classes": [c for c, _ in teachers],
+            "losses": losses,
+            "consolidation_seconds": seconds,
+        },
+    }
+    write_results(record, out, VARIANTS, decimals=1)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, action="append")
+    parser.add_argument("--generalist-epochs", type=int, default=3)
+    parser.add_argument("--teacher-epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2, help="consolidation epochs")
+    parser.add_argument("--width", type=int, default=32, help="generalist channels (32/64)")
+    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
+    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
+    args = parser.parse_args(argv)
+    b = {
+        "generalist_epochs": args.generalist_epochs,
+        "teacher_epochs": args.teacher_epochs,
+        "epochs": args.epochs,
+        "width": args.width,
+        "draws": args.draws,
+        "train": 0,
+        "probe_pool": 0,
+        "test": 0,
+    }
+    if args.quick:
+        b |= {"generalist_epochs": 1, "teacher_epochs": 1, "epochs": 1, "draws": 2}
+        b |= {"train": 2000, "probe_pool": 500, "test": 500}
+    out = args.out or (Path(tempfile.mkdtemp(prefix="consolidation-")) if args.quick else RESULTS)
+    try:
+        for variant in args.variant or VARIANTS:
+            run_variant(variant, b, out)
+    except SourceUnavailable as error:
+        print(f"skipped: {error}", file=sys.stderr)
+        return 0
+    print((out / "consolidation.md").read_text())
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
