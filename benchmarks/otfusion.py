@@ -5,19 +5,22 @@ Variants (paper 002, Appendix B-D): ``mlp-same`` — two MLPs 784-400-200-100-10
 seeds: each model, the prediction ensemble, vanilla weight averaging and one-shot OT fusion;
 ``mlp-hetero`` — MLPs with hidden layers 400-200-100-50-25 and 400-200-100 (Table 10): the
 cross-layer map, CLAFusion with add / merge (sign of sum) / merge (average of sign) before
-fine-tuning, and after a short fine-tune next to each input fine-tuned for the same budget;
+fine-tuning, and after a short fine-tune (``--ft-epochs``) next to each input fine-tuned for
+the same budget, with the test accuracy after every epoch of a longer one (``--ft-curve-epochs``,
+rows ``*_ft_<n>ep``; SGD's constant rate makes epoch k of it a k-epoch fine-tune);
 ``skill-transfer`` (Appendix D.1) — model A sees all of digit 4 and 10% of the rest, model B
 the rest (A: hidden 400-200-100, B: 400-200-100-50, as in the paper); CLAFusion for
 w_A = 0, 0.1, ..., 1. Training: SGD lr 0.01, momentum 0.5, batch 64, inputs normalised with
 MNIST's mean and standard deviation. Neurons are aligned on their pre-activations over the
-probe (paper 002's choice; rows ``*_weight_metric`` align on weights instead). The probe for CKA,
-alignment and merging: 200 training images (the paper's 200 samples). ``cifar-vgg`` (VGG-style with BatchNorm and biases, 2 vs 1 conv layers
-per stage) and ``cifar-resnet`` (ResNet-14 vs ResNet-8): a few epochs each, CLAFusion, then a
-short fine-tune next to each input fine-tuned for the same budget (rows as ``mlp-hetero``;
-merging does not apply to convolutions).
+probe (paper 002's choice; rows ``*_weight_metric`` align on weights instead). The probe for
+CKA, alignment and merging: 200 training images (the paper's 200 samples). ``cifar-vgg``
+(VGG-style with BatchNorm and biases, 2 vs 1 conv layers per stage) and ``cifar-resnet``
+(ResNet-14 vs ResNet-8): a few epochs each, CLAFusion, then a short fine-tune next to each
+input fine-tuned for the same budget (rows as ``mlp-hetero``; merging does not apply to
+convolutions).
 
     python -m benchmarks.otfusion [--variant mlp-same] [--epochs 10] [--ft-epochs 2]
-        [--seeds 0 1 2] [--quick]
+        [--ft-curve-epochs 10] [--cnn-ft-epochs 2] [--seeds 0 1 2] [--tag ft5] [--quick]
 """
 
 from __future__ import annotations
@@ -68,13 +71,31 @@ def train_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: int, de
     return model.eval()
 
 
+def _copy(model: Classifier) -> Classifier:
+    clone = create_model(model.arch["name"], **model.arch["kwargs"])
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
 def fine_tuned(
     model: Classifier, data: Dataset, epochs: int, seed: int, desc: str, optimiser: dict = SGD
 ) -> Classifier:
-    clone = create_model(model.arch["name"], **model.arch["kwargs"])
-    clone.load_state_dict(model.state_dict())
+    clone = _copy(model)
     fit(clone, data.x, data.y, epochs=epochs, seed=seed + 7, desc=desc, **optimiser)
     return clone.eval()
+
+
+def fine_tuning_curve(
+    model: Classifier, train: Dataset, test: Dataset, epochs: int, seed: int, desc: str
+) -> list[float]:
+    """Test accuracy after each epoch of one ``epochs``-epoch fine-tune with the MLPs' SGD:
+    at its constant rate the value after epoch k is that of :func:`fine_tuned` for k epochs."""
+    clone, curve = _copy(model), []
+    fit(
+        clone, train.x, train.y, epochs=epochs, seed=seed + 7, desc=desc,
+        on_epoch=lambda _: curve.append(test_accuracy(clone, test)), **SGD,
+    )  # fmt: skip
+    return curve
 
 
 def test_accuracy(model: Classifier, test: Dataset) -> float:
@@ -127,12 +148,12 @@ def mlp_same(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, d
     return results, extra
 
 
-def _cla_extra(result: FusionResult, out: Path, name: str) -> dict:
+def _cla_extra(result: FusionResult, out: Path, name: str, seed: int) -> dict:
     other = 1 - result.base
     cka, mapping = result.cka["hidden"][other], result.alignments["hidden"][other]
     plot_heatmap(
         cka.numpy(),
-        out / f"otfusion-{name}-cka.png",
+        out / f"otfusion-{name}-cka-seed{seed}.png",
         title="linear CKA: rows deeper model's hidden layers, columns shallower's; red: CLA map",
         marks=[(j, i) for i, j in enumerate(mapping)],
     )
@@ -166,18 +187,19 @@ def mlp_hetero(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict,
     results |= {row: test_accuracy(r.model, test) for row, r in fused.items()}
     depth_aligned = {row: [test_accuracy(m, test) for m in r.balanced] for row, r in fused.items()}
     best = FINE_TUNED  # fixed in advance: choosing by test accuracy would leak the test set
-    results["cla_ft"] = test_accuracy(
-        fine_tuned(fused[best].model, train, b["ft_epochs"], b["seed"], "cla_ft"), test
-    )
-    results["model_a_ft"] = test_accuracy(
-        fine_tuned(a, train, b["ft_epochs"], b["seed"], "model_a_ft"), test
-    )
-    results["model_b_ft"] = test_accuracy(
-        fine_tuned(m_b, train, b["ft_epochs"], b["seed"], "model_b_ft"), test
-    )
-    extra = _cla_extra(fused["cla_add"], out, "mlp-hetero") | {
+    short, long = b["ft_epochs"], max(b["ft_epochs"], b["ft_curve_epochs"])
+    curves = {
+        row: fine_tuning_curve(model, train, test, long, b["seed"], row)
+        for row, model in {"cla_ft": fused[best].model, "model_a_ft": a, "model_b_ft": m_b}.items()
+    }
+    for row, curve in curves.items():
+        results[row] = curve[short - 1]
+        if long > short:
+            results[f"{row}_{long}ep"] = curve[-1]
+    extra = _cla_extra(fused["cla_add"], out, "mlp-hetero", b["seed"]) | {
         "fusion_seconds": seconds,
         "fine_tuned_from": best,
+        "fine_tuning_curve": curves,
         "depth_aligned_accuracy": depth_aligned,
         "fused_architecture": {row: list(r.model.hidden) for row, r in fused.items()},
     }
@@ -296,7 +318,7 @@ def normalised(source: str, mean: tuple[float, ...], std: tuple[float, ...]) -> 
     return dataclasses.replace(data, x=x)
 
 
-def run_variant(name: str, b: dict, out: Path, seeds: list[int]) -> dict:
+def run_variant(name: str, b: dict, out: Path, seeds: list[int], tag: str | None = None) -> dict:
     """Run one variant once per seed; ``results`` are the means over seeds, each seed's rows
     are kept in ``extra.per_seed`` and the first seed's figures in ``extra``."""
     started = time.perf_counter()
@@ -322,11 +344,13 @@ def run_variant(name: str, b: dict, out: Path, seeds: list[int]) -> dict:
     else:
         budget = (
             f"MLPs: {b['epochs']} epochs SGD lr 0.01 momentum 0.5 batch 64; fine-tuning: "
-            f"{b['ft_epochs']} epoch(s), same optimiser; probe: {PROBE_SIZE} training images"
+            f"{b['ft_epochs']} epoch(s), same optimiser (mlp-hetero: also "
+            f"{max(b['ft_epochs'], b['ft_curve_epochs'])}, rows *_ft_<n>ep); probe: "
+            f"{PROBE_SIZE} training images"
         )
     record = {
         "benchmark": "otfusion",
-        "variant": name,
+        "variant": f"{name}-{tag}" if tag else name,
         "data": f"{source} train ({len(train)} images) / test {len(test)}, normalised, shared/data",
         "seed": seeds[0] if len(seeds) == 1 else seeds,
         "budget": budget + ("" if len(seeds) == 1 else f"; mean over {len(seeds)} seeds"),
@@ -344,28 +368,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=VARIANTS, action="append")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--ft-epochs", type=int, default=2)
+    parser.add_argument(
+        "--ft-curve-epochs", type=int, default=10, help="mlp-hetero: longest fine-tune recorded"
+    )
     parser.add_argument("--cnn-epochs", type=int, default=3)
     parser.add_argument("--cnn-ft-epochs", type=int, default=2)
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[SEED], help="one run per seed; rows are means"
     )
     parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
+    parser.add_argument("--tag", help="a run with another budget: results as <variant>-<tag>")
     parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
     args = parser.parse_args(argv)
     b = {
         "epochs": args.epochs,
         "ft_epochs": args.ft_epochs,
+        "ft_curve_epochs": args.ft_curve_epochs,
         "cnn_epochs": args.cnn_epochs,
         "cnn_ft_epochs": args.cnn_ft_epochs,
         "train": 0,
     }
     if args.quick:
-        b = {"epochs": 1, "ft_epochs": 1, "cnn_epochs": 1, "cnn_ft_epochs": 1, "train": 1000}
+        b = {"epochs": 1, "ft_epochs": 1, "ft_curve_epochs": 2, "cnn_epochs": 1, "cnn_ft_epochs": 1}
+        b["train"] = 1000
     out = args.out or (Path(tempfile.mkdtemp(prefix="otfusion-quick-")) if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     try:
         for name in args.variant or VARIANTS:
-            record = run_variant(name, b, out, args.seeds)
+            record = run_variant(name, b, out, args.seeds, args.tag)
             rows = ", ".join(f"{k} {100 * v:.2f}" for k, v in record["results"].items())
             print(f"{name}: {rows}", flush=True)
     except SourceUnavailable as error:

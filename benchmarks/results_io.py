@@ -11,14 +11,18 @@ from server.report import markdown_table, ordered_rows
 
 def write_results(record: dict, folder: Path, variants: list[str], decimals: int = 1) -> str:
     """Write ``<benchmark>-<variant>.json``, then ``<benchmark>.md`` with a column per variant
-    found in ``folder`` (ordered as ``variants``); returns the markdown."""
+    found in ``folder`` (ordered as ``variants``, then any other by name); returns the
+    markdown."""
     name = record["benchmark"]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{record['variant']}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     records = sorted(
         (json.loads(p.read_text()) for p in folder.glob(f"{name}-*.json")),
-        key=lambda r: variants.index(r["variant"]),
+        key=lambda r: (
+            variants.index(r["variant"]) if r["variant"] in variants else len(variants),
+            r["variant"],
+        ),  # named variants first, then others (e.g. ``n1-width64``) by name
     )
     rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
 

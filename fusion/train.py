@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,12 +29,14 @@ def fit(
     seed: int = 0,
     desc: str = "train",
     progress: bool = True,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train ``model`` on (N, C, H, W) inputs against (N,) labels or (N, U) soft targets.
 
     ``optimizer="adam"``: Adam with a cosine learning-rate schedule; ``"sgd"``: SGD with
     ``momentum`` at a constant rate (paper 002's MLP set-up: lr 0.01, momentum 0.5, no weight
-    decay). Returns the mean loss of each epoch.
+    decay). ``on_epoch(k)`` runs after epoch k (1-based) with the model in eval mode, e.g. to
+    record a learning curve. Returns the mean loss of each epoch.
     """
     if targets.ndim == 1:
         targets = F.one_hot(targets.long(), model.head.out_features).float()
@@ -49,11 +53,11 @@ def fit(
     else:
         raise ValueError(f"optimizer={optimizer!r}: choose adam or sgd")
     history: list[float] = []
-    model.train()
     bar = tqdm(
         range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False
     )
-    for _ in bar:
+    for epoch in bar:
+        model.train()
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
         for start in range(0, len(x), batch_size):
@@ -68,6 +72,9 @@ def fit(
             total += loss.item() * len(index)
         history.append(total / len(x))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(epoch + 1)
     model.eval()
     return history
 
