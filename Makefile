@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion clean
+.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,9 @@ bench-datafree: $(STAMP)
 
 bench-otfusion: $(STAMP)
 	$(BIN)/python -m benchmarks.otfusion
+
+bench-consolidation: $(STAMP)
+	$(BIN)/python -m benchmarks.consolidation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

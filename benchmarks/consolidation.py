@@ -37,7 +37,7 @@ import torch
 
 from benchmarks.results_io import write_results
 from fusion.consolidation.student import MultiHeadStudent
-from fusion.consolidation.trainer import ConsolidationConfig, consolidate
+from fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
 from fusion.data import DIGIT_NAMES, Dataset, SourceUnavailable, fit_to_shape, load_source
 from fusion.models import Classifier, create_model
 from fusion.train import accuracy, fit, predict_logits
@@ -61,7 +61,15 @@ STUDENTS = {  # row: (lambda_0, lambda_i as a multiple of 1/N)
     "kd": (0.0, 1.0),
     "consolidated": (1.0, 1.0),
     "consolidated_exp4": (0.5, 1.5),
+    "mtl_oracle": (1.0, 1.0),  # labelled mixture + the teachers' labelled data, no proxy
 }
+
+
+@dataclasses.dataclass
+class Teacher:
+    classes: list[str]  # the t-split digits it knows
+    model: Classifier
+    data: Dataset  # its private training data: only the multi-task oracle sees it
 
 
 def _gray(data: Dataset, classes: list[str]) -> Dataset:
@@ -105,9 +113,9 @@ def train_generalist(train: Dataset, b: dict) -> Classifier:
     return model.eval()
 
 
-def train_teachers(variant: str, generalist: Classifier, b: dict) -> list[tuple[list, Classifier]]:
-    """``[(classes, teacher)]``: n1 fine-tunes the generalist on the t-split; n5 trains five
-    narrower networks from scratch, one per pair of t-split digits."""
+def train_teachers(variant: str, generalist: Classifier, b: dict) -> list[Teacher]:
+    """n1 fine-tunes the generalist on the t-split; n5 trains five narrower networks from
+    scratch, one per pair of t-split digits."""
     mnist = load_source("mnist:train")
     teachers = []
     for k, classes in enumerate([T_SPLIT] if variant == "n1" else PAIRS):
@@ -125,8 +133,44 @@ def train_teachers(variant: str, generalist: Classifier, b: dict) -> list[tuple[
             lr = 2e-3
         fit(teacher, data.x, data.y, epochs=b["teacher_epochs"], lr=lr, seed=SEED + k,
             desc=f"teacher {k}")  # fmt: skip
-        teachers.append((classes, teacher.eval()))
+        teachers.append(Teacher(classes, teacher.eval(), data))
     return teachers
+
+
+def proxy_images(mix_train: Dataset, b: dict) -> torch.Tensor:
+    """The mixture's training images without labels, plus, with ``proxy_usps``, USPS digits
+    0-4: a public digit set of the teachers' classes (no downstream class; the ``usps`` task
+    uses USPS 5-9)."""
+    if not b["proxy_usps"]:
+        return mix_train.x
+    usps = _subsample(_gray(load_source("usps:train"), T_SPLIT), b["train"])
+    return torch.cat([mix_train.x, usps.x])
+
+
+def train_students(generalist, teachers, mix_train: Dataset, b: dict) -> tuple[dict, dict, dict]:
+    """Every row of ``b["students"]``, in the same code path (lambda_0 = 0 for ``kd``); the
+    oracle learns from labels with the same optimiser and epochs."""
+    proxy = proxy_images(mix_train, b)  # unlabeled: no label is ever read
+    teacher_logits = [predict_logits(t.model, proxy) for t in teachers]
+    students, losses, seconds = {}, {}, {}
+    for row in b["students"]:
+        lambda_0, share = STUDENTS[row]
+        n = len(teachers)
+        config = ConsolidationConfig(
+            generalist_weight=lambda_0,
+            teacher_weights=[share / n] * n,
+            epochs=b["epochs"],
+            seed=SEED,
+        )
+        tic = time.perf_counter()
+        if row == "mtl_oracle":
+            tasks = [(mix_train.x, mix_train.y), *((t.data.x, t.data.y) for t in teachers)]
+            result = multitask_oracle(generalist, tasks, config)
+        else:
+            result = consolidate(generalist, proxy, teacher_logits, config)
+        seconds[row] = round(time.perf_counter() - tic, 1)
+        students[row], losses[row] = result.student, result.losses
+    return students, losses, seconds
 
 
 def _heads_accuracy(network: Callable, data: Dataset) -> float:
@@ -139,8 +183,8 @@ def upstream_rows(name: str, student: MultiHeadStudent, teachers, mix_test: Data
     mnist = load_source("mnist:test")
     student.eval()
     per_teacher = [
-        _heads_accuracy(lambda x, k=k: student(x)[k], mnist.restrict(classes))
-        for k, (classes, _) in enumerate(teachers, start=1)
+        _heads_accuracy(lambda x, k=k: student(x)[k], mnist.restrict(t.classes))
+        for k, t in enumerate(teachers, start=1)
     ]
     return {
         f"{name}:upstream_t": float(np.mean(per_teacher)),
@@ -148,35 +192,22 @@ def upstream_rows(name: str, student: MultiHeadStudent, teachers, mix_test: Data
     }
 
 
-def run_variant(variant: str, b: dict, out: Path) -> dict:
+def run_variant(variant: str, b: dict, out: Path, tag: str | None = None) -> dict:
     started = time.perf_counter()
     mix_train, mix_test = (_subsample(mixture(p), b["train"]) for p in ("train", "test"))
     generalist = train_generalist(mix_train, b)
     teachers = train_teachers(variant, generalist, b)
-    proxy = mix_train.x  # unlabeled: the labels are never read
-    teacher_logits = [predict_logits(t, proxy) for _, t in teachers]
-    students, losses, seconds = {}, {}, {}
-    for row, (lambda_0, share) in STUDENTS.items():
-        n = len(teachers)
-        config = ConsolidationConfig(
-            generalist_weight=lambda_0,
-            teacher_weights=[share / n] * n,
-            epochs=b["epochs"],
-            seed=SEED,
-        )
-        tic = time.perf_counter()
-        result = consolidate(generalist, proxy, teacher_logits, config)
-        seconds[row] = round(time.perf_counter() - tic, 1)
-        students[row], losses[row] = result.student, result.losses
+    students, losses, seconds = train_students(generalist, teachers, mix_train, b)
 
     results: dict[str, float] = {}
     for row, student in students.items():
         results |= upstream_rows(row, student, teachers, mix_test)
     results["teacher:upstream_t"] = float(
-        np.mean([_heads_accuracy(t, load_source("mnist:test").restrict(c)) for c, t in teachers])
-    )
+        np.mean([_heads_accuracy(t.model, load_source("mnist:test").restrict(t.classes))
+                 for t in teachers])
+    )  # fmt: skip
     results["generalist:upstream_g"] = _heads_accuracy(generalist, mix_test)
-    networks = {"generalist": generalist} | {f"teacher{k}": t for k, (_, t) in enumerate(teachers)}
+    networks = {"generalist": generalist} | {f"teacher{k}": t.model for k, t in enumerate(teachers)}
     networks |= {row: s.model for row, s in students.items()}
     per_teacher: dict[str, dict[str, float]] = {}
     spread: dict[str, float] = {}
@@ -206,10 +237,11 @@ def run_variant(variant: str, b: dict, out: Path) -> dict:
         )  # fmt: skip
     record = {
         "benchmark": "consolidation",
-        "variant": variant,
+        "variant": f"{variant}-{tag}" if tag else variant,
         "data": f"generalist: mixture (CIFAR-10 0-4 grayscale + Fashion-MNIST 0-4) train "
         f"{len(mix_train)} / test {len(mix_test)}; teachers: MNIST 0-4; proxy: the mixture's "
-        "training images, unlabeled; downstream: " + ", ".join(TASKS) + "; shared/data",
+        "training images" + (" + USPS 0-4" if b["proxy_usps"] else "") + ", unlabeled; "
+        "downstream: " + ", ".join(TASKS) + "; shared/data",
         "seed": SEED,
         "budget": f"generalist small_cnn width {b['width']} {b['generalist_epochs']} epochs; "
         f"teachers {b['teacher_epochs']} epochs; consolidation {b['epochs']} epochs on the "
@@ -221,7 +253,7 @@ def run_variant(variant: str, b: dict, out: Path) -> dict:
             "related": [t for t, (_, _, related) in TASKS.items() if related],
             "std_over_draws": spread,
             "teachers_per_task": per_teacher,
-            "teacher_classes": [c for c, _ in teachers],
+            "teacher_classes": [t.classes for t in teachers],
             "losses": losses,
             "consolidation_seconds": seconds,
         },
@@ -238,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="consolidation epochs")
     parser.add_argument("--width", type=int, default=32, help="generalist channels (32/64)")
     parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument(
+        "--student", choices=list(STUDENTS), action="append", help="rows to train (default all)"
+    )
+    parser.add_argument(
+        "--proxy-usps", action="store_true", help="add USPS digits 0-4, unlabeled, to the proxy"
+    )
+    parser.add_argument("--tag", help="a run with another budget: results as <variant>-<tag>")
     parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
     parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
     args = parser.parse_args(argv)
@@ -247,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "width": args.width,
         "draws": args.draws,
+        "students": args.student or list(STUDENTS),
+        "proxy_usps": args.proxy_usps,
         "train": 0,
         "probe_pool": 0,
         "test": 0,
@@ -257,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.mkdtemp(prefix="consolidation-")) if args.quick else RESULTS)
     try:
         for variant in args.variant or VARIANTS:
-            run_variant(variant, b, out)
+            run_variant(variant, b, out, args.tag)
     except SourceUnavailable as error:
         print(f"skipped: {error}", file=sys.stderr)
         return 0

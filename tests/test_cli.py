@@ -112,6 +112,8 @@ def test_example_files_in_deploy_validate():
     assert load_job(deploy / "job.example.yaml").method.params.rule == "restricted-fit"
     assert load_job(deploy / "job.datafree.example.yaml").method.params.variant == "dfmf"
     assert load_job(deploy / "job.ot.example.yaml").method.params.balance == "merge"
+    consolidate = load_job(deploy / "job.consolidate.example.yaml").method.params
+    assert consolidate.generalist == "generalist-lab" and len(consolidate.tasks) == 2
 
 
 def test_a_party_answering_under_another_name_is_refused(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fusion.consolidation.loss import as_logits, consolidation_loss, kd_loss
 from fusion.consolidation.student import MultiHeadStudent
-from fusion.consolidation.trainer import ConsolidationConfig, consolidate
+from fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
 from fusion.data import Dataset
 from fusion.models import create_model
 from fusion.transfer import (
@@ -138,6 +138,26 @@ def test_teacher_predictions_must_cover_the_proxy():
     generalist, proxy = _generalist(), _proxy(10)
     with pytest.raises(ValueError, match="teacher 2: 9 predictions for 10 proxy images"):
         consolidate(generalist, proxy, [torch.randn(10, 3), torch.randn(9, 3)], progress=False)
+
+
+def test_multitask_oracle_learns_every_head_from_its_own_labels():
+    generalist = _generalist()
+    # task 1: dark (0) or bright (1) images; task 0 gets zero weight and stays untouched
+    y1 = torch.arange(64) % 2
+    x1 = 0.5 * _proxy(64, seed=3) + 0.5 * y1.view(-1, 1, 1, 1)
+    x0, y0 = _proxy(64, seed=4), torch.randint(0, 4, (64,))
+    config = ConsolidationConfig(
+        generalist_weight=0.0, epochs=30, batch_size=16, backbone_lr=0.05, head_lr=0.2
+    )
+    before = MultiHeadStudent(generalist, [2], config.seed).eval()
+    result = multitask_oracle(generalist, [(x0, y0), (x1, y1)], config, progress=False)
+    student = result.student
+    torch.testing.assert_close(student.model.head.weight, generalist.head.weight, rtol=0, atol=0)
+    accuracy = lambda model: (model(x1)[1].argmax(dim=1) == y1).float().mean().item()  # noqa: E731
+    assert accuracy(student) >= 0.9 > accuracy(before)
+    assert result.losses[-1] < result.losses[0]
+    before_bn, after_bn = _batchnorm_state(generalist), _batchnorm_state(student.model)
+    assert all(torch.equal(before_bn[k], after_bn[k]) for k in before_bn)
 
 
 def test_few_shot_sampler_draws_k_per_class_and_all_of_small_classes():

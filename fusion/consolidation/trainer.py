@@ -4,10 +4,11 @@ backbone, step decay at 50% and 80% of training, BatchNorm statistics frozen."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -67,6 +68,60 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
+def _optimiser(student: MultiHeadStudent, config: ConsolidationConfig, steps_per_epoch: int):
+    """SGD with the backbone and head learning rates, decayed by 10 at 50% and 80% of the
+    steps (paper 001, Appendix A)."""
+    optimiser = torch.optim.SGD(
+        [
+            {"params": student.backbone_parameters(), "lr": config.backbone_lr},
+            {"params": student.head_parameters(), "lr": config.head_lr},
+        ],
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    total = config.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.MultiStepLR(
+        optimiser, milestones=[int(0.5 * total), int(0.8 * total)], gamma=0.1
+    )
+    return optimiser, schedule
+
+
+def _train(
+    student: MultiHeadStudent,
+    config: ConsolidationConfig,
+    size: int,
+    batch_loss: Callable[[Tensor], Tensor],
+    desc: str,
+    progress: bool,
+) -> list[float]:
+    """``config.epochs`` passes over ``size`` samples in seeded random batches of indices;
+    ``batch_loss(index)`` gives the loss of one batch. Returns the mean loss of each epoch."""
+    optimiser, schedule = _optimiser(student, config, -(-size // config.batch_size))
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=None if progress else True)
+    for _ in bar:
+        student.train()
+        if config.freeze_batchnorm:
+            _freeze_batchnorm(student)
+        order = torch.randperm(size, generator=generator)
+        running = 0.0
+        for start in range(0, size, config.batch_size):
+            index = order[start : start + config.batch_size]
+            if len(index) < 2 and not config.freeze_batchnorm:  # BatchNorm needs two samples
+                continue
+            loss = batch_loss(index)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            running += loss.item() * len(index)
+        losses.append(running / size)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    student.eval()
+    return losses
+
+
 def consolidate(
     generalist: Classifier,
     proxy: Tensor,
@@ -92,43 +147,55 @@ def consolidate(
             )
     targets = [predict_logits(generalist, proxy), *teacher_logits]  # [(P, K_i)] * (N + 1)
     student = MultiHeadStudent(generalist, [t.shape[1] for t in teacher_logits], config.seed)
-    optimiser = torch.optim.SGD(
-        [
-            {"params": student.backbone_parameters(), "lr": config.backbone_lr},
-            {"params": student.head_parameters(), "lr": config.head_lr},
-        ],
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
-    steps_per_epoch = -(-len(proxy) // config.batch_size)
-    total = config.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.MultiStepLR(
-        optimiser, milestones=[int(0.5 * total), int(0.8 * total)], gamma=0.1
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    bar = tqdm(
-        range(config.epochs), desc="consolidate", unit="epoch", disable=None if progress else True
-    )
-    for _ in bar:
-        student.train()
-        if config.freeze_batchnorm:
-            _freeze_batchnorm(student)
-        order = torch.randperm(len(proxy), generator=generator)
-        running = 0.0
-        for start in range(0, len(proxy), config.batch_size):
-            index = order[start : start + config.batch_size]
-            if len(index) < 2 and not config.freeze_batchnorm:  # BatchNorm needs two samples
-                continue
-            loss = consolidation_loss(
-                student(proxy[index]), [t[index] for t in targets], weights, config.temperature
-            )
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            running += loss.item() * len(index)
-        losses.append(running / len(proxy))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    student.eval()
+
+    def batch_loss(index: Tensor) -> Tensor:
+        outputs = student(proxy[index])
+        return consolidation_loss(outputs, [t[index] for t in targets], weights, config.temperature)
+
+    losses = _train(student, config, len(proxy), batch_loss, "consolidate", progress)
+    return ConsolidationResult(student, losses)
+
+
+def multitask_oracle(
+    generalist: Classifier,
+    tasks: Sequence[tuple[Tensor, Tensor]],
+    config: ConsolidationConfig | None = None,
+    progress: bool = True,
+) -> ConsolidationResult:
+    """The multi-task learning oracle of paper 001 (section 3, baseline 6): the same student,
+    initialised from the generalist, trained with the same optimiser on labelled data instead
+    of proxy distillation — it sees the teachers' training data, which consolidation never
+    does, and so bounds what consolidation can reach.
+
+    Parameters
+    ----------
+    tasks : ``[(x_0, y_0), (x_1, y_1), ...]``: the generalist's labelled data for head 0, then
+        each teacher's for head i; (N_i, C, H, W) images and (N_i,) class indices. An epoch is a
+        pass over task 0; every step also draws a batch of each other task, cycling through it.
+    """
+    config = config or ConsolidationConfig()
+    weights = config.loss_weights(len(tasks) - 1)
+    classes = [int(y.max()) + 1 for _, y in tasks[1:]]
+    student = MultiHeadStudent(generalist, classes, config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    orders = [torch.randperm(len(y), generator=generator) for _, y in tasks]
+    cursor = [0] * len(tasks)
+
+    def next_batch(i: int, size: int) -> Tensor:
+        """The next ``size`` indices of task i's shuffled order, wrapping around."""
+        picked = orders[i][(cursor[i] + torch.arange(size)) % len(orders[i])]
+        cursor[i] = (cursor[i] + size) % len(orders[i])
+        return picked
+
+    def batch_loss(index: Tensor) -> Tensor:
+        indices = [index, *(next_batch(i, len(index)) for i in range(1, len(tasks)))]
+        heads = [student(tasks[i][0][idx])[i] for i, idx in enumerate(indices)]
+        terms = [
+            w * F.cross_entropy(h, tasks[i][1][idx])
+            for i, (h, idx, w) in enumerate(zip(heads, indices, weights))
+            if w
+        ]
+        return torch.stack(terms).sum()
+
+    losses = _train(student, config, len(tasks[0][1]), batch_loss, "multi-task oracle", progress)
     return ConsolidationResult(student, losses)
