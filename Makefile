@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation clean
+.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,9 @@ bench-otfusion: $(STAMP)
 
 bench-consolidation: $(STAMP)
 	$(BIN)/python -m benchmarks.consolidation
+
+bench-privacy: $(STAMP)
+	$(BIN)/python -m benchmarks.privacy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

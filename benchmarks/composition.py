@@ -68,23 +68,33 @@ def split_mnist(train: Dataset, b: dict) -> tuple[list[np.ndarray], np.ndarray]:
     return shards, rest[: b["unlabeled"]]
 
 
-def train_teachers(train: Dataset, shards, class_sets, epochs: int, folder: Path):
-    teachers = []
+def train_teacher_models(train: Dataset, shards, class_sets, epochs: int) -> list:
+    """One small BN-CNN per shard, on that shard's images of its class set."""
+    models = []
     for i, (shard, classes) in enumerate(zip(shards, class_sets)):
         data = train.subset(shard).restrict(list(classes))
         torch.manual_seed(SEED + i)
         model = create_model("small_cnn", in_shape=(1, 28, 28), num_classes=len(classes))
         fit(model, data.x, data.y, epochs=epochs, batch_size=64, seed=SEED + i, desc=f"teacher-{i}")
-        handler = PartyHandler(
-            f"party-{i}",
-            model,
-            list(classes),
-            (1, 28, 28),
-            Policy(predict=PredictPolicy(output="probs"), sample_budget=None),
-            AuditLog(folder / f"party-{i}.jsonl"),
+        models.append(model.eval())
+    return models
+
+
+def local_teachers(models, class_sets, rule: PredictPolicy, folder: Path) -> list[LocalTeacher]:
+    """The models behind party handlers that release predictions as ``rule`` says."""
+    return [
+        LocalTeacher(
+            PartyHandler(
+                f"party-{i}",
+                model,
+                list(classes),
+                (1, 28, 28),
+                Policy(predict=rule, sample_budget=None),
+                AuditLog(folder / f"party-{i}.jsonl"),
+            )
         )
-        teachers.append(LocalTeacher(handler))
-    return teachers
+        for i, (model, classes) in enumerate(zip(models, class_sets))
+    ]
 
 
 def run_variant(name: str, quick: bool, cache: dict) -> dict:
@@ -94,8 +104,9 @@ def run_variant(name: str, quick: bool, cache: dict) -> dict:
     train, test = load_source("mnist:train"), load_source("mnist:test")
     shards, unlabeled_index = split_mnist(train, b)
     if class_sets not in cache:
-        cache[class_sets] = train_teachers(
-            train, shards, class_sets, b["teacher_epochs"], Path(tempfile.mkdtemp())
+        models = train_teacher_models(train, shards, class_sets, b["teacher_epochs"])
+        cache[class_sets] = local_teachers(
+            models, class_sets, PredictPolicy(output="probs"), Path(tempfile.mkdtemp())
         )
     teachers = cache[class_sets]
     if unlabeled_source == "mnist:train":

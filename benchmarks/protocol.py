@@ -86,13 +86,13 @@ def build_handler(
 @contextmanager
 def served(handler: PartyHandler) -> Iterator[RemoteTeacher]:
     """Serve ``handler`` on ``127.0.0.1`` (free port) and yield a client; stop both on exit."""
-    server, port = create_server(handler, "127.0.0.1:0")
+    server = create_server(handler, "127.0.0.1:0")
     server.start()
     try:
-        with RemoteTeacher(handler.name, f"127.0.0.1:{port}") as teacher:
+        with RemoteTeacher(handler.name, f"127.0.0.1:{server.port}") as teacher:
             yield teacher
     finally:
-        server.stop(0).wait()
+        server.stop(0)
 
 
 def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:

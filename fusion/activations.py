@@ -51,7 +51,7 @@ def layer_outputs(
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(x), batch_size):
+        for start in range(0, max(len(x), 1), batch_size):  # an empty batch runs once
             model(x[start : start + batch_size])
     finally:
         for handle in handles:

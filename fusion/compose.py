@@ -17,12 +17,14 @@ from fusion.composition import RULES, aggregate, collect_union_probs, union_clas
 from fusion.data import Dataset, fit_to_shape
 from fusion.models import Classifier, create_model
 from fusion.teacher import Teacher
-from fusion.train import accuracy, fit, predict_logits
+from fusion.train import Checkpoint, accuracy, fit, predict_logits
 
-TeacherMap = Callable[[Callable[[Teacher], Tensor], Sequence[Teacher]], list[Tensor]]
+# ``map_teachers(fn, teachers)``: ``[fn(t) for t in teachers]``, where the coordinator may
+# answer ``None`` for a teacher that dropped out of the job (its party became unreachable).
+TeacherMap = Callable[[Callable[[Teacher], object], Sequence[Teacher]], list]
 
 
-def sequential_map(fn: Callable[[Teacher], Tensor], teachers: Sequence[Teacher]) -> list[Tensor]:
+def sequential_map(fn: Callable[[Teacher], object], teachers: Sequence[Teacher]) -> list:
     return [fn(t) for t in teachers]
 
 
@@ -50,11 +52,12 @@ class CompositionConfig:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Every teacher's union-space predictions on the unlabeled and the test images."""
+    """Every answering teacher's union-space predictions on the unlabeled and the test
+    images."""
 
     union: list[str]
     known: Tensor  # (T, U) bool
-    names: list[str]  # teacher names, in the order of the T axis
+    names: list[str]  # names of the teachers that answered, in the order of the T axis
     unlabeled: Tensor  # (T, N, U) probabilities
     test: Tensor  # (T, M, U) probabilities
     x_unlabeled: Tensor  # (N, C, H, W), fitted to the student's input shape
@@ -112,32 +115,47 @@ def gather(
 ) -> Predictions:
     """Ask every teacher for its predictions on the unlabeled and the test images.
 
-    Test samples of classes that no teacher knows are left out. Each teacher receives the
-    images fitted to its own input shape; the student takes the first teacher's.
+    Each teacher answers both in one mapped call, so that one that drops out (``None`` from
+    ``map_teachers``) leaves no half-collected state: the union is that of the teachers that
+    answered. Test samples of classes that none of them knows are left out. Each teacher
+    receives the images fitted to its own input shape; the student takes the first one's.
     """
-    union = union_classes([t.info.class_names for t in teachers])
-    in_shape = tuple(teachers[0].info.input_shape)
-    x_test, y_test = relabel(test, union)
     started = time.perf_counter()
 
-    def probs_on(x: Tensor) -> tuple[Tensor, Tensor]:
-        outputs = map_teachers(lambda t: t.predict(fit_to_shape(x, t.info.input_shape)), teachers)
+    def both(teacher: Teacher) -> tuple[Tensor, Tensor]:
+        position = list(teachers).index(teacher)
+        return (
+            predict_all(teacher, unlabeled.x, position, progress),
+            predict_all(teacher, test.x, position, progress),
+        )
+
+    outputs = map_teachers(both, teachers)
+    answered = [(t, o) for t, o in zip(teachers, outputs) if o is not None]
+    if not answered:
+        raise ValueError("no teacher answered")
+    alive = [t for t, _ in answered]
+    union = union_classes([t.info.class_names for t in alive])
+    in_shape = tuple(alive[0].info.input_shape)
+    in_union = torch.tensor([name in union for name in test.class_names])[test.y]
+    x_test, y_test = relabel(test, union)
+
+    def union_probs(index: int, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return collect_union_probs(
-            outputs,
-            [t.info.output_form for t in teachers],
-            [t.info.class_names for t in teachers],
+            [o[index] if keep is None else o[index][keep] for _, o in answered],
+            [t.info.output_form for t in alive],
+            [t.info.class_names for t in alive],
             union,
         )
 
-    probs, known = probs_on(unlabeled.x)
-    test_probs, _ = probs_on(x_test)
+    probs, known = union_probs(0)
+    test_probs, _ = union_probs(1, in_union)
     y_unlabeled = None
     if unlabeled.y is not None and all(n in union for n in unlabeled.class_names):
         y_unlabeled = relabel(unlabeled, union)[1]
     return Predictions(
         union=union,
         known=known,
-        names=[t.info.name for t in teachers],
+        names=[t.info.name for t in alive],
         unlabeled=probs,
         test=test_probs,
         x_unlabeled=fit_to_shape(unlabeled.x, in_shape),
@@ -180,6 +198,7 @@ def train_student(
     targets: Tensor,
     desc: str,
     progress: bool = True,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[Classifier, list[float]]:
     """A fresh ``config.arch`` over the union classes, trained on ``targets``."""
     torch.manual_seed(config.seed)
@@ -195,6 +214,7 @@ def train_student(
         seed=config.seed,
         desc=desc,
         progress=progress,
+        checkpoint=checkpoint,
     )
     return model, curve
 
@@ -209,9 +229,16 @@ def compose_predictions(
     *,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    checkpoints: Callable[[str], Checkpoint] | None = None,
 ) -> CompositionResult:
     """Aggregate pseudo-labels with ``config.rule``, train the student, and evaluate it with
-    the teachers, the ensembles and (``config.baselines``) vanilla KD and the supervised bound."""
+    the teachers, the ensembles and (``config.baselines``) vanilla KD and the supervised bound.
+    ``checkpoints(name)``, where given, keeps each training run's progress (see
+    :func:`fusion.train.fit`)."""
+
+    def checkpoint(name: str) -> Checkpoint | None:
+        return checkpoints(name) if checkpoints is not None else None
+
     results = teacher_rows(p)
     pseudo = aggregate(p.unlabeled, p.known, config.rule, config.entropy_threshold)
     keep = pseudo.keep
@@ -232,20 +259,23 @@ def compose_predictions(
     targets = pseudo.targets if config.targets == "soft" else pseudo.labels
     log(f"training the student on {int(keep.sum())} of {len(keep)} pseudo-labelled images")
     student, extra["student_loss"] = train_student(
-        config, p, p.x_unlabeled[keep], targets[keep], "student", progress
+        config, p, p.x_unlabeled[keep], targets[keep], "student", progress, checkpoint("student")
     )
     if config.finetune_fraction > 0:
-        extra["finetune_samples"] = _finetune(student, p, config, progress)
+        extra["finetune_samples"] = _finetune(student, p, config, progress, checkpoint("fine-tune"))
     results["student"] = test_accuracy(student, p)
     if config.baselines:
         log("training the baselines: vanilla distillation and the supervised bound")
         mean = aggregate(p.unlabeled, p.known, "mean").targets
-        vanilla, _ = train_student(config, p, p.x_unlabeled, mean, "vanilla_kd", progress)
+        vanilla, _ = train_student(
+            config, p, p.x_unlabeled, mean, "vanilla_kd", progress, checkpoint("vanilla_kd")
+        )
         results["vanilla_kd"] = test_accuracy(vanilla, p)
         if p.y_unlabeled is not None:
             supervised, _ = train_student(
-                config, p, p.x_unlabeled, p.y_unlabeled, "supervised", progress
-            )
+                config, p, p.x_unlabeled, p.y_unlabeled, "supervised", progress,
+                checkpoint("supervised"),
+            )  # fmt: skip
             results["supervised"] = test_accuracy(supervised, p)
     return CompositionResult(student, p.union, results, extra)
 
@@ -259,6 +289,7 @@ def compose(
     map_teachers: TeacherMap = sequential_map,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
+    checkpoints: Callable[[str], Checkpoint] | None = None,
 ) -> CompositionResult:
     """Compose ``teachers`` into one student over the union of their classes.
 
@@ -275,11 +306,17 @@ def compose(
         f"and {len(test)} test images"
     )
     predictions = gather(teachers, unlabeled, test, map_teachers, progress)
-    return compose_predictions(predictions, config, progress=progress, log=log)
+    return compose_predictions(
+        predictions, config, progress=progress, log=log, checkpoints=checkpoints
+    )
 
 
 def _finetune(
-    student: Classifier, p: Predictions, config: CompositionConfig, progress: bool
+    student: Classifier,
+    p: Predictions,
+    config: CompositionConfig,
+    progress: bool,
+    checkpoint: Checkpoint | None = None,
 ) -> int:
     """Fine-tune on a labelled fraction of the unlabeled set (paper Sec. 3, last step);
     returns the number of labelled samples used."""
@@ -299,5 +336,6 @@ def _finetune(
         seed=config.seed,
         desc="fine-tune",
         progress=progress,
+        checkpoint=checkpoint,
     )
     return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,15 @@ from tqdm.auto import tqdm
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """``-sum_u q_u log softmax(z)_u`` averaged over the batch; (B, U) logits and targets."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class Checkpoint(Protocol):
+    """Where one training run keeps its progress: ``load`` gives the last saved state or
+    ``None``; ``save`` replaces it (atomically, so that a crash leaves the previous one)."""
+
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict) -> None: ...
 
 
 def fit(
@@ -30,13 +40,16 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     on_epoch: Callable[[int], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> list[float]:
     """Train ``model`` on (N, C, H, W) inputs against (N,) labels or (N, U) soft targets.
 
     ``optimizer="adam"``: Adam with a cosine learning-rate schedule; ``"sgd"``: SGD with
     ``momentum`` at a constant rate (paper 002's MLP set-up: lr 0.01, momentum 0.5, no weight
     decay). ``on_epoch(k)`` runs after epoch k (1-based) with the model in eval mode, e.g. to
-    record a learning curve. Returns the mean loss of each epoch.
+    record a learning curve. With ``checkpoint``, the model, optimiser, schedule, data order
+    and random state are saved after every epoch, and a run that finds a saved state goes on
+    from it: the result is that of an uninterrupted run. Returns the mean loss of each epoch.
     """
     if targets.ndim == 1:
         targets = F.one_hot(targets.long(), model.head.out_features).float()
@@ -53,8 +66,20 @@ def fit(
     else:
         raise ValueError(f"optimizer={optimizer!r}: choose adam or sgd")
     history: list[float] = []
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        step_rule.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = list(state["history"])
     bar = tqdm(
-        range(epochs), desc=desc, unit="epoch", disable=None if progress else True, leave=False
+        range(len(history), epochs),
+        desc=desc,
+        unit="epoch",
+        disable=None if progress else True,
+        leave=False,
     )
     for epoch in bar:
         model.train()
@@ -72,6 +97,17 @@ def fit(
             total += loss.item() * len(index)
         history.append(total / len(x))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
+        if checkpoint is not None:
+            checkpoint.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": step_rule.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                }
+            )
         if on_epoch is not None:
             model.eval()
             on_epoch(epoch + 1)

@@ -8,7 +8,8 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from protocol.loading import load_yaml
-from protocol.schemas import Normalization, Policy, _Strict
+from protocol.schemas import Normalization, Policy, TlsFiles, _Strict
+from protocol.tls import resolve_tls
 
 
 class ModelSource(_Strict):
@@ -38,11 +39,32 @@ class PartyConfig(_Strict):
     policy: Policy = Policy()  # deny by default
     audit_log: str = "audit.jsonl"  # relative to the config file's folder
     max_message_mb: int = Field(64, ge=1)
+    max_concurrent_rpcs: int = Field(16, ge=1)  # further calls are refused, not queued
+    tls: TlsFiles | None = None  # mutual TLS; None needs `amalgam party serve --insecure`
+    # identity -> "sha256:<hex digest of its bearer token>"; a caller must then present one
+    tokens: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_classes(self) -> PartyConfig:
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names must be unique")
+        return self
+
+    @model_validator(mode="after")
+    def _identities_named(self) -> PartyConfig:
+        if self.tls is not None and self.policy.callers is None:
+            raise ValueError(
+                "policy.callers: with tls, list the identities that may call and what each "
+                "may use (deny by default)"
+            )
+        for identity, digest in self.tokens.items():
+            algorithm, _, hex_digest = digest.partition(":")
+            if algorithm != "sha256" or len(hex_digest) != 64:
+                raise ValueError(f"tokens.{identity}: expected sha256:<64 hex digits>")
+            try:
+                bytes.fromhex(hex_digest)
+            except ValueError:
+                raise ValueError(f"tokens.{identity}: expected sha256:<64 hex digits>") from None
         return self
 
 
@@ -60,4 +82,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
             "weights": resolve(config.model.weights),
         }
     )
-    return config.model_copy(update={"model": model, "audit_log": resolve(config.audit_log)})
+    update = {"model": model, "audit_log": resolve(config.audit_log)}
+    if config.tls is not None:
+        update["tls"] = resolve_tls(config.tls, Path(path))
+    return config.model_copy(update=update)

@@ -6,6 +6,7 @@ servicer; every call, granted or denied, is appended to the audit log.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 from typing import NoReturn
@@ -22,6 +23,7 @@ from fusion.teacher import Feedback, Synthesis, TeacherInfo
 from party.audit import AuditLog
 from party.config import PartyConfig
 from party.model import load_model
+from party.ratelimit import TokenBuckets
 from party.synthesis import OwnTeacher, SynthesisSessions
 from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
 from protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy, PredictPolicy
@@ -85,6 +87,8 @@ class PartyHandler:
             "Gram": self._released(policy.gram, "gram"),
         }
         self._used: dict[str, int] = defaultdict(int)
+        rate = policy.rate_limit
+        self._rates = TokenBuckets(rate.samples_per_s, rate.burst) if rate else None
         own = OwnTeacher(TeacherInfo.from_dict(self.info.model_dump()), self.teacher_side)
         self._synthesis = SynthesisSessions(own)
         self._lock = threading.Lock()
@@ -138,6 +142,7 @@ class PartyHandler:
         )
 
     def describe(self, caller: str, request_id: str = "") -> PartyInfo:
+        self._authorize("Describe", None, caller, 0, request_id)
         info = self.info
         self.audit.append(
             caller=caller, method="Describe", decision="granted", request_id=request_id
@@ -166,6 +171,29 @@ class PartyHandler:
             reason=str(error),
         )
         raise error
+
+    def admit(self, caller: str, method: str, request_id: str = "") -> None:
+        """Refuse (audited) a caller that the policy does not list, before any work."""
+        if self.policy.callers is not None and caller not in self.policy.callers:
+            error = PolicyDenied(
+                f"party {self.name}: caller {caller!r} is not admitted by its policy"
+            )
+            self._deny(error, method, caller, 0, request_id, "denied")
+
+    def _authorize(
+        self, method: str, capability: str | None, caller: str, samples: int, request_id: str
+    ) -> None:
+        """Deny (audited) unless the policy grants ``capability`` and lets ``caller`` use it
+        (``None``: Describe, open to every caller the policy admits)."""
+        if capability is not None and getattr(self.policy, capability) is None:
+            error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
+        elif not self.policy.allows(caller, capability):
+            error = PolicyDenied(
+                f"party {self.name}: caller {caller!r} may not call {method} under its policy"
+            )
+        else:
+            return
+        self._deny(error, method, caller, samples, request_id, "denied")
 
     def reject_malformed(
         self, method: str, caller: str, request_id: str, field: str, problem: str
@@ -200,6 +228,8 @@ class PartyHandler:
                 raise InvalidRequest(f"{name}.data", "must be finite floating values")
 
     def _reserve(self, caller: str, samples: int) -> None:
+        """Charge ``samples`` to the caller's budget and rate limit, or raise
+        :class:`BudgetExceeded` with what is left; nothing is charged on a refusal."""
         budget = self.policy.sample_budget
         with self._lock:
             if budget is not None and self._used[caller] + samples > budget:
@@ -208,12 +238,25 @@ class PartyHandler:
                     f"party {self.name}: sample budget of {budget} for {caller!r} would be "
                     f"exceeded ({left} left, {samples} asked)"
                 )
+            if self._rates is not None:
+                wait = self._rates.take(caller, samples)
+                if wait is not None:
+                    rule = self.policy.rate_limit
+                    advice = (
+                        "more than one burst: send smaller requests"
+                        if math.isinf(wait)
+                        else f"retry in {wait:.2f}s"
+                    )
+                    raise BudgetExceeded(
+                        f"party {self.name}: rate limit of {rule.samples_per_s:g} samples/s "
+                        f"(burst {rule.burst}) for {caller!r}: {samples} asked, {advice}"
+                    )
             self._used[caller] += samples
 
     def _admit(
         self,
         method: str,
-        granted: bool,
+        capability: str,
         x: Tensor,
         caller: str,
         request_id: str,
@@ -223,9 +266,7 @@ class PartyHandler:
         """Policy, then validity, then budget (``cost`` per sample); each refusal audited.
         Returns the number of samples."""
         samples = int(x.shape[0]) if x.ndim else 0
-        if not granted:
-            error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
-            self._deny(error, method, caller, samples, request_id, "denied")
+        self._authorize(method, capability, caller, samples, request_id)
         try:
             self._validate(x, extra_logits or {})
         except InvalidRequest as error:
@@ -261,7 +302,7 @@ class PartyHandler:
             Each after the denial is audited.
         """
         rule = self.policy.predict
-        samples = self._admit("Predict", rule is not None, x, caller, request_id)
+        samples = self._admit("Predict", "predict", x, caller, request_id)
         with torch.no_grad():
             logits = self.model(self._normalize(x))  # (B, K)
         out = release(logits, rule)
@@ -290,7 +331,7 @@ class PartyHandler:
         method = "BatchNormFeedback"
         extra = {"objective.adversary_logits": adversary_logits, "grad_logits": grad_logits}
         cost = rule.cost if rule else 1
-        samples = self._admit(method, rule is not None, x, caller, request_id, cost, extra)
+        samples = self._admit(method, "bn_feedback", x, caller, request_id, cost, extra)
         if half and not rule.allow_half:
             error = PolicyDenied(f"party {self.name}: float16 answers are not allowed")
             self._deny(error, method, caller, samples, request_id, "denied")
@@ -341,9 +382,7 @@ class PartyHandler:
         """
         rule, method = self.policy.synthesize, "Synthesize"
         batch = int(params.get("batch_size", 0))
-        if rule is None:
-            error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
-            self._deny(error, method, caller, samples, request_id, "denied")
+        self._authorize(method, "synthesize", caller, samples, request_id)
         try:
             if not 0 <= steps <= rule.max_steps:
                 raise InvalidRequest("steps", f"{steps} is outside 0..{rule.max_steps}")
@@ -388,27 +427,29 @@ class PartyHandler:
         centered (t, t) Gram matrices (``gram=True``). Only layers the policy lists; charged
         ``cost`` samples of budget per input; the batch is never split (a Gram matrix spans
         it)."""
-        method = "Gram" if gram else "Activations"
-        rule = self.policy.gram if gram else self.policy.activations
+        method, capability = ("Gram", "gram") if gram else ("Activations", "activations")
+        rule = getattr(self.policy, capability)
         samples = int(x.shape[0]) if x.ndim else 0
-        if rule is not None:
-            withheld = [layer for layer in layers if layer not in self._layers[method]]
-            error: Exception | None = None
-            if not layers:
-                error = InvalidRequest("layers", "name at least one layer")
-            elif withheld:
-                error = PolicyDenied(
-                    f"party {self.name}: {method} of layer {withheld[0]!r} is not released by "
-                    "its policy"
-                )
-            elif half and not rule.allow_half:
-                error = PolicyDenied(f"party {self.name}: float16 answers are not allowed")
-            if error is not None:
-                decision = "invalid" if isinstance(error, InvalidRequest) else "denied"
-                self._deny(error, method, caller, samples, request_id, decision)
-        samples = self._admit(
-            method, rule is not None, x, caller, request_id, rule.cost if rule else 1
-        )
+        self._authorize(method, capability, caller, samples, request_id)
+        withheld = [layer for layer in layers if layer not in self._layers[method]]
+        error: Exception | None = None
+        if not layers:
+            error = InvalidRequest("layers", "name at least one layer")
+        elif withheld and self._layers[method] == layer_names(self.model):  # all released
+            error = InvalidRequest("layers", f"the model has no layer {withheld[0]!r}")
+        elif withheld:
+            error = PolicyDenied(
+                f"party {self.name}: {method} of layer {withheld[0]!r} is not released by "
+                "its policy"
+            )
+        elif half and not rule.allow_half:
+            error = PolicyDenied(f"party {self.name}: float16 answers are not allowed")
+        elif gram and samples < 2:
+            error = InvalidRequest("inputs.shape", "a Gram matrix needs at least 2 samples")
+        if error is not None:
+            decision = "invalid" if isinstance(error, InvalidRequest) else "denied"
+            self._deny(error, method, caller, samples, request_id, decision)
+        samples = self._admit(method, capability, x, caller, request_id, rule.cost)
         compute = layer_grams if gram else layer_outputs
         out = compute(self.model, self._normalize(x), list(dict.fromkeys(layers)))
         if half:
@@ -420,9 +461,7 @@ class PartyHandler:
         """The architecture (``{"name", "kwargs"}`` of the model registry) and the state dict as
         safetensors bytes; only where the owner opted in (``policy.weights``)."""
         method = "ExportWeights"
-        if self.policy.weights is None:
-            error = PolicyDenied(f"party {self.name}: {method} is not granted by its policy")
-            self._deny(error, method, caller, 0, request_id, "denied")
+        self._authorize(method, "weights", caller, 0, request_id)
         if not self.exportable:
             error = PolicyDenied(
                 f"party {self.name}: its model has no registered architecture (TorchScript), "

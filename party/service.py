@@ -1,26 +1,31 @@
 """The gRPC face of a party: a thin servicer over :class:`party.handler.PartyHandler`.
 
-Decode -> handler -> encode; domain errors map to status codes: a bad tensor or request ->
-INVALID_ARGUMENT, a denied capability -> PERMISSION_DENIED, an exhausted budget ->
-RESOURCE_EXHAUSTED. The server also serves the standard ``grpc.health.v1`` service.
+Authenticate -> decode -> handler -> encode; domain errors map to status codes: a bad tensor or
+request -> INVALID_ARGUMENT, a denied capability or caller -> PERMISSION_DENIED, an exhausted
+budget or rate -> RESOURCE_EXHAUSTED, a missing or unknown bearer token -> UNAUTHENTICATED.
+The server also serves the standard ``grpc.health.v1`` service, which turns NOT_SERVING as
+soon as the server starts to stop.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from concurrent import futures
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fusion.datafree.losses import GeneratorObjective
+from party.config import PartyConfig
 from party.handler import PartyHandler
-from protocol import CALLER_METADATA_KEY
+from protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import (
     CodecError,
@@ -31,31 +36,84 @@ from protocol.codec import (
     tensor_to_proto,
     tensors_to_proto,
 )
-from protocol.errors import PartyError, status_code
+from protocol.errors import PartyError, Unauthenticated, status_code
+from protocol.tls import peer_identity, server_credentials, token_digest
 
 SERVICE_NAME = "amalgam.party.v1.PartyService"
 
 
-def _caller(context: grpc.ServicerContext) -> str:
-    for key, value in context.invocation_metadata():
-        if key == CALLER_METADATA_KEY:
-            return value
-    return "anonymous"
+@dataclass(frozen=True)
+class Authenticator:
+    """Who is calling. With TLS, the verified client certificate's common name; without it,
+    the identity the caller names in ``x-amalgam-caller`` metadata (trusted only on a private
+    loopback, hence ``--insecure``). With ``tokens`` (identity -> :func:`token_digest`), a
+    call must also carry ``authorization: Bearer <token>`` of that identity, compared in
+    constant time."""
+
+    tls: bool = False
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def identity(self, context: grpc.ServicerContext) -> str:
+        metadata = dict(context.invocation_metadata())
+        if self.tls:
+            claimed = peer_identity(context)
+            if claimed is None:  # require_client_auth makes this unreachable; fail closed
+                raise Unauthenticated("no verified client certificate")
+        else:
+            claimed = metadata.get(CALLER_METADATA_KEY, "anonymous")
+        if not self.tokens:
+            return claimed
+        scheme, _, token = metadata.get(AUTHORIZATION_METADATA_KEY, "").partition(" ")
+        presented = token_digest(token) if scheme.lower() == "bearer" and token else ""
+        expected = self.tokens.get(claimed, "")
+        # compare against a digest of the same length even for an unknown identity
+        if not hmac.compare_digest(presented.encode(), (expected or token_digest("")).encode()):
+            raise Unauthenticated(f"caller {claimed!r}: missing or unknown bearer token")
+        if not expected:
+            raise Unauthenticated(f"caller {claimed!r}: no token is registered for it")
+        return claimed
 
 
 class PartyServicer(party_pb2_grpc.PartyServiceServicer):
-    def __init__(self, handler: PartyHandler, max_elements: int) -> None:
+    def __init__(
+        self, handler: PartyHandler, max_elements: int, authenticator: Authenticator
+    ) -> None:
         self.handler = handler
         self.max_elements = max_elements
+        self.authenticator = authenticator
+
+    def _caller(self, context: grpc.ServicerContext, method: str, request_id: str) -> str:
+        """The authenticated caller, admitted by the policy; anyone else is audited and
+        aborted before the request is even decoded."""
+        try:
+            caller = self.authenticator.identity(context)
+        except Unauthenticated as error:
+            self.handler.audit.append(
+                caller="unauthenticated",
+                method=method,
+                decision="unauthenticated",
+                request_id=request_id,
+                reason=str(error),
+            )
+            context.abort(status_code(error), f"party {self.handler.name}: {error}")
+        try:
+            self.handler.admit(caller, method, request_id)
+        except PartyError as error:
+            context.abort(status_code(error), str(error))
+        return caller
 
     def Describe(self, request, context):  # noqa: N802 (gRPC method name)
-        info = self.handler.describe(_caller(context), request.request_id)
+        caller = self._caller(context, "Describe", request.request_id)
+        try:
+            info = self.handler.describe(caller, request.request_id)
+        except PartyError as error:
+            context.abort(status_code(error), str(error))
         return party_pb2.DescribeResponse(
             request_id=request.request_id, info=party_info_to_proto(info)
         )
 
     def Predict(self, request, context):  # noqa: N802
-        caller = _caller(context)
+        caller = self._caller(context, "Predict", request.request_id)
         try:
             try:
                 x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
@@ -73,8 +131,8 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         )
 
     def BatchNormFeedback(self, request, context):  # noqa: N802
-        caller = _caller(context)
         method = "BatchNormFeedback"
+        caller = self._caller(context, method, request.request_id)
         try:
             try:
                 x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
@@ -104,7 +162,7 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         )
 
     def Synthesize(self, request, context):  # noqa: N802
-        caller = _caller(context)
+        caller = self._caller(context, "Synthesize", request.request_id)
         try:
             result = self.handler.synthesize(
                 caller,
@@ -125,8 +183,8 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         )
 
     def _layers(self, request, context, gram: bool):
-        caller = _caller(context)
         method = "Gram" if gram else "Activations"
+        caller = self._caller(context, method, request.request_id)
         try:
             try:
                 x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
@@ -155,8 +213,9 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         return self._layers(request, context, gram=True)
 
     def ExportWeights(self, request, context):  # noqa: N802
+        caller = self._caller(context, "ExportWeights", request.request_id)
         try:
-            arch, payload = self.handler.export_weights(_caller(context), request.request_id)
+            arch, payload = self.handler.export_weights(caller, request.request_id)
         except PartyError as error:
             context.abort(status_code(error), str(error))
         limit = self.handler.policy.weights.chunk_bytes
@@ -172,19 +231,41 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             yield message
 
 
+@dataclass
+class PartyServer:
+    """A built party server: ``start`` it; ``stop`` turns health NOT_SERVING first, then lets
+    in-flight calls finish within the grace period while refusing new ones."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        self.server.stop(grace_s).wait()
+
+
 def create_server(
     handler: PartyHandler,
     address: str = "127.0.0.1:0",
     *,
     max_message_mb: int = 64,
     max_workers: int = 4,
+    max_concurrent_rpcs: int | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    authenticator: Authenticator | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-) -> tuple[grpc.Server, int]:
-    """Build (not start) a server for ``handler``; returns it and the bound port.
+) -> PartyServer:
+    """Build (not start) a server for ``handler`` on ``address`` (port 0: a free one).
 
     Message limits are raised deliberately to ``max_message_mb`` in both directions, and the
-    element cap of decoded tensors follows from it.
+    element cap of decoded tensors follows from it. ``credentials``: TLS (see
+    :func:`protocol.tls.server_credentials`); ``None`` serves plaintext, for loopback tests
+    and ``--insecure``. Calls beyond ``max_concurrent_rpcs`` are refused with
+    RESOURCE_EXHAUSTED.
     """
     limit = max_message_mb * 1024 * 1024
     server = grpc.server(
@@ -194,9 +275,11 @@ def create_server(
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ],
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
+    authenticator = authenticator or Authenticator(tls=credentials is not None)
     party_pb2_grpc.add_PartyServiceServicer_to_server(
-        PartyServicer(handler, max_elements=limit // 2), server
+        PartyServicer(handler, max_elements=limit // 2, authenticator=authenticator), server
     )
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -208,15 +291,36 @@ def create_server(
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    return server, port
+    return PartyServer(server, port, health_servicer)
 
 
-def serve(handler: PartyHandler, address: str, max_message_mb: int = 64, grace_s: float = 5.0):
-    """Serve until SIGTERM or SIGINT, then stop gracefully (in-flight calls get ``grace_s``)."""
-    server, port = create_server(handler, address, max_message_mb=max_message_mb)
-    server.start()
-    host = address.rsplit(":", 1)[0]
-    print(f"party {handler.name} serving on {host}:{port}", flush=True)
+def serve(config: PartyConfig, handler: PartyHandler, insecure: bool = False, grace_s: float = 5.0):
+    """Serve until SIGTERM or SIGINT, then stop gracefully: health turns NOT_SERVING and
+    in-flight calls get ``grace_s``. Without ``config.tls`` the server speaks plaintext only
+    when ``insecure`` says so, with a warning."""
+    if config.tls is None and not insecure:
+        raise ValueError(
+            f"party {config.name}: no tls: section; make certificates with `amalgam certs` "
+            "or pass --insecure for a plaintext agent on a private network"
+        )
+    if config.tls is None:
+        print(
+            f"WARNING: party {config.name} serves without TLS: callers are not authenticated "
+            "and name themselves",
+            file=sys.stderr,
+            flush=True,
+        )
+    party = create_server(
+        handler,
+        config.address,
+        max_message_mb=config.max_message_mb,
+        max_concurrent_rpcs=config.max_concurrent_rpcs,
+        credentials=server_credentials(config.tls) if config.tls else None,
+        authenticator=Authenticator(tls=config.tls is not None, tokens=config.tokens),
+    )
+    party.start()
+    host = config.address.rsplit(":", 1)[0]
+    print(f"party {handler.name} serving on {host}:{party.port}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -225,5 +329,5 @@ def serve(handler: PartyHandler, address: str, max_message_mb: int = 64, grace_s
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     stop.wait()
-    server.stop(grace_s).wait()
+    party.stop(grace_s)
     print(f"party {handler.name} stopped", file=sys.stderr, flush=True)

@@ -22,6 +22,10 @@ class BudgetExceeded(PartyError):
     """The caller's sample budget would be exceeded."""
 
 
+class Unauthenticated(PartyError):
+    """The caller did not prove an identity the party accepts (a bearer token it lacks)."""
+
+
 class InvalidRequest(PartyError, ValueError):
     """A request that is malformed for this party; ``field`` names the offending field."""
 
@@ -34,6 +38,7 @@ STATUS_CODES: dict[type[PartyError], grpc.StatusCode] = {
     PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 

@@ -90,8 +90,16 @@ class WeightsPolicy(_Strict):
     chunk_bytes: int = Field(1 << 20, ge=1024, le=32 << 20)  # bytes per streamed message
 
 
+class RateLimit(_Strict):
+    """A token bucket per caller, in the units of the sample budget (``cost`` per sample)."""
+
+    samples_per_s: float = Field(gt=0)  # refill rate
+    burst: int = Field(ge=1)  # bucket size: the most one caller may spend at once
+
+
 class Policy(_Strict):
-    """The owner's rules. Deny by default: a capability is granted only when it is written here."""
+    """The owner's rules. Deny by default: a capability is granted only when it is written
+    here, and, where ``callers`` is written, only to the identities it lists."""
 
     predict: PredictPolicy | None = None  # None: Predict is denied
     bn_feedback: BnFeedbackPolicy | None = None  # None: BatchNormFeedback is denied
@@ -101,10 +109,48 @@ class Policy(_Strict):
     weights: WeightsPolicy | None = None  # None: ExportWeights is denied
     max_batch: int = Field(256, ge=1)  # samples in one request
     sample_budget: int | None = Field(100_000, ge=0)  # samples per caller; None: unlimited
+    rate_limit: RateLimit | None = None  # None: no rate limit
+    # identity (certificate common name) -> the granted capabilities it may use; None: every
+    # caller may use every granted capability (only allowed without TLS)
+    callers: dict[str, list[str]] | None = None
 
     @property
     def capabilities(self) -> list[str]:
         return [name for name in CAPABILITIES if getattr(self, name) is not None]
+
+    @model_validator(mode="after")
+    def _callers_use_granted_capabilities(self) -> Policy:
+        for identity, capabilities in (self.callers or {}).items():
+            for capability in capabilities:
+                if capability not in CAPABILITIES:
+                    raise ValueError(
+                        f"callers.{identity}: unknown capability {capability!r} "
+                        f"(known: {', '.join(CAPABILITIES)})"
+                    )
+                if getattr(self, capability) is None:
+                    raise ValueError(
+                        f"callers.{identity}: {capability} is not granted (add a "
+                        f"{capability}: section to grant it)"
+                    )
+        return self
+
+    def allows(self, caller: str, capability: str | None) -> bool:
+        """Whether ``caller`` may use ``capability`` (``None``: Describe, for any listed
+        caller); the capability must also be granted."""
+        if capability is not None and getattr(self, capability) is None:
+            return False
+        if self.callers is None:
+            return True
+        return caller in self.callers and (capability is None or capability in self.callers[caller])
+
+
+class TlsFiles(_Strict):
+    """PEM files for mutual TLS (``amalgam certs`` makes them); paths are relative to the
+    YAML file that names them."""
+
+    cert: str  # this side's certificate: its subject common name is its identity
+    key: str  # its private key
+    ca: str  # the federation CA that signed every peer's certificate
 
 
 # --- jobs ---------------------------------------------------------------------------------
@@ -113,6 +159,7 @@ class Policy(_Strict):
 class PartyRef(_Strict):
     name: str = Field(min_length=1)
     address: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")  # host:port
+    token_env: str | None = None  # environment variable holding a bearer token for it
 
 
 class CompositionParams(_Strict):
@@ -241,6 +288,8 @@ class JobSpec(_Strict):
     data: DataSpec
     output_dir: str = "runs"
     deadline_s: float = Field(30.0, gt=0)  # per gRPC call
+    tls: TlsFiles | None = None  # mutual TLS with every party; None needs --insecure
+    min_parties: int | None = Field(None, ge=1)  # parties a job may drop to; None: all
     baselines: bool = True  # also train vanilla distillation and the supervised bound
 
     @field_validator("parties")
@@ -251,3 +300,11 @@ class JobSpec(_Strict):
         if duplicates:
             raise ValueError(f"party names must be unique, repeated: {', '.join(duplicates)}")
         return parties
+
+    @model_validator(mode="after")
+    def _enough_parties(self) -> JobSpec:
+        if self.min_parties is not None and self.min_parties > len(self.parties):
+            raise ValueError(
+                f"min_parties: {self.min_parties} exceeds the {len(self.parties)} parties listed"
+            )
+        return self

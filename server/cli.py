@@ -1,8 +1,11 @@
 """The ``amalgam`` command line.
 
-    amalgam party serve --config party.yaml   run a party agent
+    amalgam party serve --config party.yaml   run a party agent (TLS, or --insecure)
     amalgam plan job.yaml                     which methods the parties' policies allow
     amalgam fuse job.yaml                     run a fusion job, write runs/<job-id>/
+    amalgam fuse --resume JOB_ID              go on with an interrupted job
+    amalgam certs --out certs --party NAME... a federation CA and mTLS certificates
+    amalgam audit verify audit.jsonl          check an audit log's hash chain
     amalgam demo                              the simulated marketplace on loopback
 
 Bad input ends with one line on stderr and exit code 2; an unreachable or refusing party
@@ -28,26 +31,42 @@ def _party_serve(args: argparse.Namespace) -> int:
     from party.service import serve
 
     config = load_party_config(args.config)
+    if config.tls is None and not args.insecure:
+        raise _Failure(
+            f"{args.config}: tls: no certificates (make them with `amalgam certs`), or pass "
+            "--insecure to serve plaintext on a private network",
+            USAGE_ERROR,
+        )
     try:
         handler = PartyHandler.from_config(config)
     except (OSError, RuntimeError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise _Failure(f"{args.config}: model: cannot load: {first_line}", USAGE_ERROR) from None
-    serve(handler, config.address, max_message_mb=config.max_message_mb)
+    serve(config, handler, insecure=args.insecure)
     return 0
+
+
+def _connect_options(args: argparse.Namespace, spec) -> None:
+    """Refuse a job without TLS unless ``--insecure`` says so; warn when it does."""
+    if spec.tls is None and not args.insecure:
+        raise _Failure(
+            f"{args.job}: tls: no certificates for the coordinator (make them with `amalgam "
+            "certs`), or pass --insecure to call the parties in plaintext",
+            USAGE_ERROR,
+        )
+    if spec.tls is None:
+        print("WARNING: calling the parties without TLS", file=sys.stderr, flush=True)
 
 
 def _plan(args: argparse.Namespace) -> int:
     from server.fanout import fan_out
-    from server.job import load_job
+    from server.job import clients, load_job
     from server.plan import plan
     from server.remote import PartyUnavailable, RemoteTeacher
 
     spec = load_job(args.job)
-    teachers = [
-        RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s, retries=1)
-        for p in spec.parties
-    ]
+    _connect_options(args, spec)
+    teachers = clients(spec, retries=1)
 
     def describe(teacher: RemoteTeacher):
         try:
@@ -72,14 +91,59 @@ def _plan(args: argparse.Namespace) -> int:
 def _fuse(args: argparse.Namespace) -> int:
     from server.job import connect, load_job, run_job
     from server.report import results_table
+    from server.store import JobStore, UnknownJob
 
-    spec = load_job(args.job)
-    run_dir = run_job(spec, connect(spec), progress=not args.quiet)
+    if (args.job is None) == (args.resume is None):
+        raise _Failure("give a job file, or --resume <job-id>", USAGE_ERROR)
+    if args.resume is not None:
+        store = JobStore.beside(args.runs)
+        try:
+            job = store.get(args.resume)
+        except UnknownJob as error:
+            raise _Failure(str(error), USAGE_ERROR) from None
+        if job.status == "done":
+            raise _Failure(f"job {job.id} has finished: see {job.run_dir}", USAGE_ERROR)
+        spec = job.spec
+        store.set_status(job.id, "running")
+        args.job = f"job {job.id}"  # what _connect_options names
+        print(f"resuming job {job.id} in {job.run_dir}", flush=True)
+    else:
+        spec = load_job(args.job)
+        store = JobStore.beside(spec.output_dir)
+    _connect_options(args, spec)
+    teachers = connect(spec)
+    if args.resume is None:
+        job = store.create(spec)
+        print(f"job {job.id} in {job.run_dir} (if interrupted: amalgam fuse --resume {job.id}"
+              f" --runs {spec.output_dir})", flush=True)  # fmt: skip
+    run_dir = run_job(spec, teachers, progress=not args.quiet, store=store, job=job)
     import json
 
     print(results_table(json.loads((run_dir / "metrics.json").read_text())["results"]))
     print(f"wrote {run_dir}")
     return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from protocol.tls import write_federation
+
+    try:
+        written = write_federation(
+            args.out, args.party, args.coordinator, args.host, args.days, args.key_type
+        )
+    except ValueError as error:
+        raise _Failure(str(error), USAGE_ERROR) from None
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from party.audit import verify_file
+
+    report = verify_file(args.log)
+    print(report.message)
+    return 0 if report.intact else RUNTIME_ERROR
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -103,16 +167,47 @@ def build_parser() -> argparse.ArgumentParser:
     party_commands = party.add_subparsers(dest="party_command", required=True)
     serve = party_commands.add_parser("serve", help="serve the party's model under its policy")
     serve.add_argument("--config", required=True, help="the party's YAML configuration")
+    serve.add_argument(
+        "--insecure", action="store_true", help="serve plaintext without a tls: section"
+    )
     serve.set_defaults(run=_party_serve)
 
     plan = commands.add_parser("plan", help="which methods the parties' policies allow")
     plan.add_argument("job", help="job YAML")
+    plan.add_argument("--insecure", action="store_true", help="plaintext, for a job without tls")
     plan.set_defaults(run=_plan)
 
     fuse = commands.add_parser("fuse", help="run a fusion job")
-    fuse.add_argument("job", help="job YAML")
+    fuse.add_argument("job", nargs="?", help="job YAML")
+    fuse.add_argument("--resume", metavar="JOB_ID", help="go on with an interrupted job")
+    fuse.add_argument(
+        "--runs", default="runs", help="with --resume: the folder of the job store (runs)"
+    )
     fuse.add_argument("--quiet", action="store_true", help="no progress bars")
+    fuse.add_argument("--insecure", action="store_true", help="plaintext, for a job without tls")
     fuse.set_defaults(run=_fuse)
+
+    certs = commands.add_parser("certs", help="make a federation CA and mTLS certificates")
+    certs.add_argument("--out", required=True, help="folder for the PEM files")
+    certs.add_argument("--party", action="append", default=[], help="a party identity (repeatable)")
+    certs.add_argument(
+        "--coordinator", action="append", default=[], help="a coordinator identity (repeatable)"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP the parties serve on (repeatable; default localhost, 127.0.0.1)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity, at most 365")
+    certs.add_argument("--key-type", choices=["ec", "rsa"], default="ec", help="P-256 or RSA-3072")
+    certs.set_defaults(run=_certs)
+
+    audit = commands.add_parser("audit", help="party audit logs")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="check a log's hash chain")
+    verify.add_argument("log", help="the party's audit.jsonl")
+    verify.set_defaults(run=_audit_verify)
 
     demo = commands.add_parser("demo", help="simulated marketplace of three parties on loopback")
     demo.add_argument("--output-dir", default="runs")
@@ -126,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from fusion.data import SourceUnavailable
     from protocol.errors import PartyError
     from protocol.loading import ConfigError
-    from server.remote import PartyCallError, PartyUnavailable
+    from server.remote import MalformedResponse, PartyCallError, PartyUnavailable
+    from server.roster import TooFewParties
 
     try:
         return args.run(args)
@@ -134,7 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         code, message = USAGE_ERROR, str(error)
     except _Failure as error:
         code, message = error.code, str(error)
-    except (PartyUnavailable, PartyCallError, PartyError, SourceUnavailable) as error:
+    except (
+        PartyUnavailable,
+        PartyCallError,
+        PartyError,
+        MalformedResponse,
+        TooFewParties,
+        SourceUnavailable,
+    ) as error:
         code, message = RUNTIME_ERROR, str(error)
     except ValueError as error:  # e.g. no pseudo-label passed the filter
         code, message = USAGE_ERROR, str(error)

@@ -107,7 +107,7 @@ def _heads_writer(student: MultiHeadStudent, experts: Sequence[Teacher]):
     return write
 
 
-def run_consolidation(spec: JobSpec, teachers, progress, log) -> Outcome:
+def run_consolidation(spec: JobSpec, teachers, progress, log, checkpoints=None) -> Outcome:
     params = spec.method.params
     generalist_party = next(t for t in teachers if t.info.name == params.generalist)
     experts = [t for t in teachers if t.info.name != params.generalist]

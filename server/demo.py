@@ -1,8 +1,9 @@
 """``amalgam demo``: a simulated marketplace on loopback.
 
 Three party agents run as separate processes, each serving a teacher trained on a private,
-overlapping subset of the digits classes; the coordinator composes them over gRPC into one
-student and prints how it compares with each teacher, the ensembles and the baselines.
+overlapping subset of the digits classes over mutual TLS (a fresh federation CA signs the
+parties' and the coordinator's certificates); the coordinator composes them over gRPC into
+one student and prints how it compares with each teacher, the ensembles and the baselines.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from party.audit import read_records, verify_chain
+from protocol.tls import write_federation
 from server.job import connect, load_job, run_job
-from server.marketplace import DEMO_PARTIES, demo_job, demo_party_config
+from server.marketplace import COORDINATOR, DEMO_PARTIES, demo_job, demo_party_config
 from server.report import party_table, results_table
 
 STARTUP_TIMEOUT_S = 120.0
@@ -30,10 +32,11 @@ class PartyProcess:
     """``amalgam party serve`` in a child process; the bound address is read from its first
     line of output."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, insecure: bool = False) -> None:
         self.config = config
+        command = [sys.executable, "-m", "server.cli", "party", "serve", "--config", str(config)]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "party", "serve", "--config", str(config)],
+            command + (["--insecure"] if insecure else []),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -67,7 +70,9 @@ def run_demo(output_dir: str = "runs", progress: bool = True) -> Path:
     with tempfile.TemporaryDirectory(prefix="amalgam-demo-") as tmp, ExitStack() as stack:
         folder = Path(tmp)
         print("preparing the parties' private teachers (trained once, then cached)")
-        configs = [demo_party_config(p, folder) for p in DEMO_PARTIES]
+        certs = folder / "certs"
+        write_federation(certs, [p.name for p in DEMO_PARTIES], [COORDINATOR])
+        configs = [demo_party_config(p, folder, certs) for p in DEMO_PARTIES]
         parties = []
         for config in configs:
             party = PartyProcess(config)
@@ -76,9 +81,9 @@ def run_demo(output_dir: str = "runs", progress: bool = True) -> Path:
         addresses = {p.name: party.address for p, party in zip(DEMO_PARTIES, parties)}
         for name, address in addresses.items():
             classes = next(p.classes for p in DEMO_PARTIES if p.name == name)
-            print(f"party {name} serving on {address}, classes {','.join(classes)}")
+            print(f"party {name} serving mTLS on {address}, classes {','.join(classes)}")
         job_path = folder / "job.yaml"
-        job_path.write_text(yaml.safe_dump(demo_job(addresses, output_dir), sort_keys=False))
+        job_path.write_text(yaml.safe_dump(demo_job(addresses, output_dir, certs), sort_keys=False))
         spec = load_job(job_path)
         run_dir = run_job(spec, connect(spec), progress=progress)
         for party in parties:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from fusion.models import list_models
 from fusion.teacher import Teacher
 from protocol.loading import ConfigError, load_yaml
 from protocol.schemas import JobSpec
-from server.fanout import fan_out
+from protocol.tls import channel_credentials, resolve_tls
 from server.methods import RUNNERS
 from server.remote import RemoteTeacher
 from server.report import plot_accuracy, report_markdown
+from server.roster import Roster
+from server.store import Checkpoints, JobRecord, JobStore, ReplayTeacher, new_job_id
 
 
 class PartyMismatch(ValueError):
@@ -111,11 +114,14 @@ METHOD_CHECKS = {
 
 
 def load_job(path: str | Path) -> JobSpec:
-    """Validate a job file, including the names that only the algorithms know."""
+    """Validate a job file, including the names that only the algorithms know; TLS files
+    are taken from the job file's folder."""
     spec = load_yaml(path, JobSpec)
     problem = METHOD_CHECKS[spec.method.name](spec)
     if problem:
         raise ConfigError(f"{path}: {problem}")
+    if spec.tls is not None:
+        spec = spec.model_copy(update={"tls": resolve_tls(spec.tls, Path(path))})
     if spec.student.arch not in list_models():
         raise ConfigError(
             f"{path}: student.arch: unknown architecture {spec.student.arch!r}"
@@ -124,22 +130,46 @@ def load_job(path: str | Path) -> JobSpec:
     return spec
 
 
-def connect(spec: JobSpec) -> list[RemoteTeacher]:
-    """One client per party; each asks its party's Describe so that an unreachable party
-    fails here, before any work is done."""
+def clients(spec: JobSpec, **options) -> list[RemoteTeacher]:
+    """One client per party, over mutual TLS when the job names certificates, with the
+    party's bearer token when it names one; ``options`` go to :class:`RemoteTeacher`."""
+    credentials = channel_credentials(spec.tls) if spec.tls is not None else None
     half = spec.method.name == "datafree" and spec.method.params.half
-    teachers = [
-        RemoteTeacher(p.name, p.address, deadline_s=spec.deadline_s, half=half)
-        for p in spec.parties
+    return [
+        RemoteTeacher(
+            p.name,
+            p.address,
+            deadline_s=spec.deadline_s,
+            credentials=credentials,
+            token=_token(p.token_env, index) if p.token_env else None,
+            half=half,
+            **options,
+        )
+        for index, p in enumerate(spec.parties)
     ]
-    infos = fan_out(lambda t: t.info, teachers)
+
+
+def _token(variable: str, index: int) -> str:
+    if variable not in os.environ:
+        raise ConfigError(
+            f"parties.{index}.token_env: the environment variable {variable} is not set"
+        )
+    return os.environ[variable]
+
+
+def connect(spec: JobSpec, log: Callable[[str], None] = print) -> list[RemoteTeacher]:
+    """:func:`clients`, each asking its party's Describe so that an unreachable party is
+    found here, before any work is done: it is left out while ``min_parties`` remain (the
+    report says so), else the job stops naming it."""
+    teachers = clients(spec)
+    infos = Roster(spec.min_parties or len(teachers), log).map(lambda t: t.info, teachers)
     for index, (teacher, info) in enumerate(zip(teachers, infos)):
-        if info.name != teacher.name:
+        if info is not None and info.name != teacher.name:
             raise PartyMismatch(
                 f"parties.{index}: the party at {teacher.address} is {info.name!r}, "
                 f"not {teacher.name!r}"
             )
-    return teachers
+    return [teacher for teacher, info in zip(teachers, infos) if info is not None]
 
 
 def run_job(
@@ -148,14 +178,38 @@ def run_job(
     *,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    store: JobStore | None = None,
+    job: JobRecord | None = None,
 ) -> Path:
     """Fuse ``teachers`` as ``spec`` says; returns the run folder with the student,
-    ``metrics.json``, ``report.md`` and its figures."""
+    ``metrics.json``, ``report.md`` and its figures.
+
+    With ``store`` the job is recorded there (``job``: one of its jobs to resume, else a new
+    one): every party answer is kept and replayed on a resume, and training runs keep
+    checkpoints in ``<run folder>/checkpoints`` (removed once the job is done).
+    """
     started = time.perf_counter()
-    outcome = RUNNERS[spec.method.name](spec, teachers, progress, log)
-    job_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    run_dir = Path(spec.output_dir) / job_id
-    run_dir.mkdir(parents=True, exist_ok=False)
+    checkpoints = None
+    if store is not None:
+        job = job or store.create(spec)
+        job_id, run_dir = job.id, job.run_dir
+        teachers = [ReplayTeacher(t, store, job_id) for t in teachers]
+        checkpoints = Checkpoints(run_dir / "checkpoints")
+    else:
+        job_id = new_job_id(spec)
+        run_dir = Path(spec.output_dir) / job_id
+        run_dir.mkdir(parents=True, exist_ok=False)
+    try:
+        outcome = RUNNERS[spec.method.name](spec, teachers, progress, log, checkpoints)
+    except Exception as error:
+        if store is not None:
+            store.set_status(job_id, "failed", str(error))
+        raise
+    reached = {t.info.name for t in teachers}
+    unreached = [p.name for p in spec.parties if p.name not in reached]
+    outcome.summary += [
+        f"DEGRADED: party {name} was not reached at the start" for name in unreached
+    ]
     save_file(outcome.student.state_dict(), str(run_dir / "student.safetensors"))
     architecture = {
         "arch": outcome.student.arch["name"],
@@ -169,10 +223,10 @@ def run_job(
         architecture["normalization"] = outcome.extra["normalization"]
     (run_dir / "student.json").write_text(json.dumps(architecture, indent=2))
     stats = {t.info.name: dataclasses.asdict(t.stats) for t in teachers if hasattr(t, "stats")}
-    job = spec.model_dump(mode="json")
+    described = spec.model_dump(mode="json")
     metrics = {
         "job_id": job_id,
-        "job": job,
+        "job": described,
         "results": outcome.results,
         "extra": outcome.extra,
         "parties": stats,
@@ -184,7 +238,7 @@ def run_job(
     for name, write in {**figures, **outcome.files}.items():
         write(run_dir / name)
     report = report_markdown(
-        job,
+        described,
         outcome.results,
         outcome.summary,
         stats,
@@ -193,4 +247,7 @@ def run_job(
         outcome.class_names,
     )
     (run_dir / "report.md").write_text(report)
+    if store is not None:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        store.set_status(job_id, "done")
     return run_dir

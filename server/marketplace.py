@@ -62,9 +62,13 @@ def train_demo_teacher(party: DemoParty, seed: int = 0) -> tuple[torch.nn.Module
     return model, accuracy(predict_logits(model, test.x).argmax(dim=1), test.y)
 
 
-def demo_party_config(party: DemoParty, folder: Path) -> Path:
+COORDINATOR = "coordinator"
+
+
+def demo_party_config(party: DemoParty, folder: Path, certs: Path | None = None) -> Path:
     """Write (and train, once) the party's weights and config into ``folder``; returns the
-    config path."""
+    config path. With ``certs`` (a folder made by :func:`protocol.tls.write_federation`) the
+    party serves mutual TLS and admits only the demo's coordinator."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = cache_dir() / "demo" / f"{party.name}-{_key(party)}.safetensors"
     if not weights.exists():
@@ -88,14 +92,28 @@ def demo_party_config(party: DemoParty, folder: Path) -> Path:
         },
         "audit_log": f"{party.name}-audit.jsonl",
     }
+    if certs is not None:
+        config["tls"] = _tls_files(certs, party.name)
+        config["policy"]["callers"] = {COORDINATOR: ["predict"]}
     path = folder / f"{party.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def demo_job(addresses: dict[str, str], output_dir: str = "runs") -> dict:
-    """The demo's job, as a YAML-able mapping: composition over the three parties."""
+def _tls_files(certs: Path, identity: str) -> dict[str, str]:
     return {
+        "cert": str(certs / f"{identity}.pem"),
+        "key": str(certs / f"{identity}.key"),
+        "ca": str(certs / "ca.pem"),
+    }
+
+
+def demo_job(
+    addresses: dict[str, str], output_dir: str = "runs", certs: Path | None = None
+) -> dict:
+    """The demo's job, as a YAML-able mapping: composition over the three parties (over
+    mutual TLS as the coordinator identity, with ``certs``)."""
+    job = {
         "name": "digits-marketplace",
         "seed": 0,
         "parties": [{"name": n, "address": a} for n, a in addresses.items()],
@@ -104,6 +122,9 @@ def demo_job(addresses: dict[str, str], output_dir: str = "runs") -> dict:
         "data": {"unlabeled": "digits:public", "test": "digits:test"},
         "output_dir": output_dir,
     }
+    if certs is not None:
+        job["tls"] = _tls_files(certs, COORDINATOR)
+    return job
 
 
 assert set(DIGIT_NAMES) == {c for p in DEMO_PARTIES for c in p.classes}

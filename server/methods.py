@@ -15,6 +15,7 @@ from server.consolidation import run_consolidation
 from server.fanout import fan_out
 from server.outcome import Outcome, Runner
 from server.report import plot_curves, plot_samples
+from server.roster import Roster
 from server.weightfusion import run_weight_fusion
 
 
@@ -28,18 +29,21 @@ def composition_config(spec: JobSpec) -> CompositionConfig:
     )
 
 
-def run_composition(spec, teachers, progress, log) -> Outcome:
+def run_composition(spec, teachers, progress, log, checkpoints=None) -> Outcome:
     unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
+    roster = Roster(spec.min_parties or len(spec.parties), log)
     result = compose(
         teachers,
         unlabeled,
         test,
         composition_config(spec),
-        map_teachers=fan_out,
+        map_teachers=roster.map,
         progress=progress,
         log=log,
+        checkpoints=checkpoints,
     )
     extra = result.extra
+    extra["dropped_parties"] = {name: d.reason for name, d in roster.dropped.items()}
     kept = f"Pseudo-labels kept: {100 * extra['retention']:.1f}%"
     if "pseudo_label_accuracy" in extra:
         kept += f", of which correct: {100 * extra['pseudo_label_accuracy']:.1f}%"
@@ -47,6 +51,7 @@ def run_composition(spec, teachers, progress, log) -> Outcome:
         f"Data: unlabeled {spec.data.unlabeled} ({extra['unlabeled']} images), test "
         f"{spec.data.test} ({extra['test']} images of the union classes).",
         kept + ".",
+        *roster.summary(),
     ]
     return Outcome(result.student, result.class_names, result.results, extra, summary)
 
@@ -56,7 +61,7 @@ def datafree_config(spec: JobSpec) -> DataFreeConfig:
     return DataFreeConfig(**params, student_arch=spec.student.arch, seed=spec.seed)
 
 
-def run_datafree(spec, teachers, progress, log) -> Outcome:
+def run_datafree(spec, teachers, progress, log, checkpoints=None) -> Outcome:
     config, params = datafree_config(spec), spec.method.params
     log(
         f"data-free fusion ({config.variant}, generators at the {params.mode}) of "

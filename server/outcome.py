@@ -22,4 +22,9 @@ class Outcome:
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # other artefacts
 
 
-Runner = Callable[[JobSpec, Sequence[Teacher], bool, Callable[[str], None]], Outcome]
+# runner(spec, teachers, progress, log, checkpoints): ``checkpoints(name)`` gives a
+# :class:`fusion.train.Checkpoint` per training run (or is None); a runner that does not use
+# it restarts its training when a job is resumed (the parties' answers are replayed anyway).
+Runner = Callable[
+    [JobSpec, Sequence[Teacher], bool, Callable[[str], None], Callable | None], Outcome
+]

@@ -1,9 +1,11 @@
 """``RemoteTeacher``: a :class:`fusion.teacher.Teacher` that is a gRPC client of a party agent.
 
 Every call carries a deadline; large batches are split on the client so that no message
-exceeds the limit or the party's ``max_batch``; only UNAVAILABLE is retried (Describe and
-Predict are idempotent), with exponential back-off. A party's refusals come back as the same
-domain errors an in-process teacher raises (:mod:`protocol.errors`).
+exceeds the limit or the party's ``max_batch``; only UNAVAILABLE is retried, and only for
+idempotent calls, with exponential back-off (at most 5 attempts by default). A party's
+refusals come back as the same domain errors an in-process teacher raises
+(:mod:`protocol.errors`); predictions that are not what the party advertised (wrong shape,
+NaN or infinite values) raise :class:`MalformedResponse` and are never used.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
 from fusion.teacher import Feedback, Synthesis, TeacherInfo, Weights, concat_chunks, in_chunks
-from protocol import CALLER_METADATA_KEY
+from protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import (
+    CodecError,
     objective_to_proto,
     party_info_from_proto,
     synthesis_params_to_proto,
@@ -39,6 +42,10 @@ WEIGHTS_DEADLINE_S = 120.0
 
 class PartyUnavailable(ConnectionError):
     """The party could not be reached within its deadline and retries."""
+
+
+class MalformedResponse(RuntimeError):
+    """The party answered with data that cannot be what it advertised; quarantine it."""
 
 
 class PartyCallError(RuntimeError):
@@ -66,9 +73,12 @@ class RemoteTeacher:
     name : the party's name in the job (used in every error message).
     address : ``host:port``.
     deadline_s : deadline of each call.
-    caller : the identity sent as ``x-amalgam-caller`` metadata.
+    caller : the identity sent as ``x-amalgam-caller`` metadata (a party without TLS reads
+        it; with TLS the certificate in ``credentials`` is the identity).
     max_message_mb : the client's message limit; batches are split to stay under it.
     retries : attempts after the first one, on UNAVAILABLE only.
+    credentials : TLS, see :func:`protocol.tls.channel_credentials`; None: plaintext.
+    token : a bearer token sent with every call, for parties that require one.
     half : send and receive BatchNormFeedback tensors as float16 (halves the bytes).
     """
 
@@ -80,9 +90,10 @@ class RemoteTeacher:
         deadline_s: float = 30.0,
         caller: str = "coordinator",
         max_message_mb: int = 64,
-        retries: int = 3,
+        retries: int = 4,
         backoff_s: float = 0.2,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         half: bool = False,
     ) -> None:
         self.name = name
@@ -102,6 +113,8 @@ class RemoteTeacher:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
         self._metadata = ((CALLER_METADATA_KEY, caller),)
+        if token is not None:
+            self._metadata += ((AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),)
         self._info: TeacherInfo | None = None
         self._lock = threading.Lock()
         self.stats = CallStats()
@@ -170,9 +183,28 @@ class RemoteTeacher:
     def _predict_once(self, x: Tensor) -> Tensor:
         request = party_pb2.PredictRequest(request_id=_request_id(), inputs=tensor_to_proto(x))
         response = self._call("Predict", request)
-        out = tensor_from_proto(response.outputs, "outputs")
+        out = self._checked_predictions(response, len(x))
         with self._lock:
             self.stats.samples += len(x)
+        return out
+
+    def _checked_predictions(self, response, batch: int) -> Tensor:
+        """(B, K) finite values, or (B,) labels in 0..K-1 for ``label``; anything else is
+        quarantined."""
+        classes = len(self.info.class_names)
+        try:
+            out = tensor_from_proto(response.outputs, "outputs", require_finite=True)
+        except CodecError as error:
+            raise MalformedResponse(f"party {self.name}: Predict answered {error}") from None
+        labels = response.output_form == "label"
+        expected = (batch,) if labels else (batch, classes)
+        if tuple(out.shape) != expected:
+            raise MalformedResponse(
+                f"party {self.name}: Predict answered shape {list(out.shape)}, expected "
+                f"{list(expected)}"
+            )
+        if labels and len(out) and (out.min() < 0 or out.max() >= classes):
+            raise MalformedResponse(f"party {self.name}: Predict answered labels outside 0..K-1")
         return out
 
     def predict(self, x: Tensor) -> Tensor:

@@ -202,7 +202,7 @@ def _figures(result: FusionResult, names: list[str]) -> dict:
     return figures
 
 
-def run_weight_fusion(spec: JobSpec, teachers, progress, log) -> Outcome:
+def run_weight_fusion(spec: JobSpec, teachers, progress, log, checkpoints=None) -> Outcome:
     params = spec.method.params
     infos = [t.info for t in teachers]
     check_compatible(infos)

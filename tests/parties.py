@@ -40,9 +40,9 @@ def tiny_handler(
 @contextlib.contextmanager
 def serving(handler: PartyHandler) -> Iterator[str]:
     """Serve ``handler`` on 127.0.0.1 port 0; yields ``host:port``."""
-    server, port = create_server(handler, "127.0.0.1:0")
+    server = create_server(handler, "127.0.0.1:0")
     server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{server.port}"
     finally:
         server.stop(None)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from party.audit import GENESIS, AuditLog, _digest, read_records, verify_chain
+from server.cli import main
 
 FIELDS = {"time", "caller", "method", "samples", "bytes_out", "decision"}
 
@@ -174,3 +179,80 @@ def test_concurrent_appends_keep_a_valid_chain(log):
     for t in range(threads):
         mine = [r["samples"] for r in records if r["caller"] == f"t{t}"]
         assert mine == list(range(per_thread))  # each thread's records, all of them, in order
+
+
+# --- amalgam audit verify --------------------------------------------------------------------
+
+
+def _verify(path, capsys) -> tuple[int, str]:
+    code = main(["audit", "verify", str(path)])
+    return code, capsys.readouterr().out.strip()
+
+
+def test_verify_reports_an_intact_log_with_its_head(log, capsys):
+    _fill(log, 4)
+    code, out = _verify(log.path, capsys)
+    assert code == 0
+    assert (
+        out
+        == f"{log.path}: 4 records, hash chain intact, head {read_records(log.path)[-1]['hash']}"
+    )
+
+
+def _edit(lines):
+    lines[2] = lines[2].replace('"samples": 2', '"samples": 0')
+
+
+def _remove_second(lines):
+    del lines[1]
+
+
+def _remove_first(lines):
+    del lines[0]
+
+
+def _move_second_down(lines):
+    lines.insert(3, lines.pop(1))
+
+
+def _garble_fifth(lines):
+    lines[4] = "{not json"
+
+
+@pytest.mark.parametrize(
+    ("tamper", "line", "what"),
+    [
+        (_edit, 3, "edited: its hash does not match its content"),
+        (_remove_second, 2, "does not follow line 1: a line was removed"),
+        (_remove_first, 1, "does not follow the start"),
+        (_move_second_down, 2, "removed or lines reordered"),
+        (_garble_fifth, 5, "not a JSON record"),
+    ],
+    ids=["edited", "removed", "first-removed", "reordered", "garbled"],
+)
+def test_verify_names_the_first_tampered_line(log, capsys, tamper, line, what):
+    _fill(log, 6)
+    lines = log.path.read_text().splitlines()
+    tamper(lines)
+    log.path.write_text("\n".join(lines) + "\n")
+    code, out = _verify(log.path, capsys)
+    assert code == 1
+    assert out.startswith(f"{log.path}: line {line}: ") and what in out
+
+
+def test_a_killed_agent_leaves_every_answered_call_in_its_log(tmp_path):
+    """Each record is on disk before its call returns: a SIGKILL right after loses none."""
+    path = tmp_path / "audit.jsonl"
+    script = (
+        "import os, signal, sys\n"
+        "from party.audit import AuditLog\n"
+        f"log = AuditLog({str(path)!r})\n"
+        "for i in range(25):\n"
+        "    log.append(caller='c', method='Predict', decision='granted', samples=i)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    process = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
+    assert process.returncode == -signal.SIGKILL
+    records = read_records(path)
+    assert [r["samples"] for r in records] == list(range(25))
+    assert verify_chain(records)

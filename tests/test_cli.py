@@ -28,7 +28,8 @@ def _job(tmp_path, party_addresses, **overrides):
 
 
 def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = [line for line in err if not line.startswith("WARNING: calling the parties")]
     assert len(err) == 1, err
     assert err[0].startswith("amalgam: error: ")
     return err[0]
@@ -59,6 +60,27 @@ def test_bad_party_file_is_one_line(tmp_path, capsys):
     assert str(path) in line and "model" in line and "weights" in line
 
 
+@pytest.mark.parametrize("command", ["fuse", "plan"])
+def test_a_job_without_tls_needs_insecure(tmp_path, capsys, command):
+    path = _job(tmp_path, {"a": "127.0.0.1:1"})
+    assert main([command, str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and "tls: no certificates" in line and "--insecure" in line
+
+
+def test_a_party_without_tls_needs_insecure(tmp_path, capsys):
+    path = tmp_path / "party.yaml"
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    path.write_text(
+        "name: p\nmodel: {arch: mlp, weights: w.safetensors}\nclass_names: [a]\n"
+        "input_shape: [1, 8, 8]\n"
+    )
+    assert main(["party", "serve", "--config", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(path) in line and "tls: no certificates" in line and "--insecure" in line
+
+
 def test_invalid_yaml_names_the_file(tmp_path, capsys):
     path = tmp_path / "job.yaml"
     path.write_text("name: [unclosed\n")
@@ -74,14 +96,14 @@ def _closed_port() -> int:
 
 def test_unreachable_party_is_named_with_its_address(tmp_path, capsys):
     address = f"127.0.0.1:{_closed_port()}"
-    assert main(["fuse", str(_job(tmp_path, {"ghost": address}))]) == 1
+    assert main(["fuse", "--insecure", str(_job(tmp_path, {"ghost": address}))]) == 1
     line = _one_error_line(capsys)
     assert "party ghost" in line and address in line and "unreachable" in line
 
 
 def test_denied_party_stops_the_job_with_one_line(tmp_path, capsys):
     with serving(tiny_handler(tmp_path, Policy(), classes=[str(d) for d in range(10)])) as a:
-        assert main(["fuse", str(_job(tmp_path, {"acme": a}))]) == 1
+        assert main(["fuse", "--insecure", str(_job(tmp_path, {"acme": a}))]) == 1
     assert "party acme: Predict is not granted" in _one_error_line(capsys)
 
 
@@ -92,7 +114,7 @@ def test_plan_says_which_methods_are_possible_and_why_not(tmp_path, capsys):
         serving(tiny_handler(tmp_path, logits, name="acme")) as a,
         serving(tiny_handler(tmp_path, labels, name="globex")) as b,
     ):
-        assert main(["plan", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
+        assert main(["plan", "--insecure", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
     out = capsys.readouterr().out
     assert "composition      possible" in out
     assert "consolidation    not possible\n    - globex: predict releases label" in out
@@ -100,16 +122,24 @@ def test_plan_says_which_methods_are_possible_and_why_not(tmp_path, capsys):
     assert "party globex: classes cat,dog,eel; grants predict (predict releases label)" in out
 
 
-def test_example_files_in_deploy_validate():
+def test_example_files_in_deploy_validate(tmp_path):
+    import shutil
     from pathlib import Path
 
     from party.config import load_party_config
+    from protocol.tls import write_federation
     from server.job import load_job
 
     deploy = Path(__file__).resolve().parent.parent / "deploy"
-    config = load_party_config(deploy / "party.example.yaml")
+    for example in deploy.glob("*.yaml"):
+        shutil.copy(example, tmp_path)
+    write_federation(tmp_path / "certs", ["northwind"], ["coordinator"])  # as the files say
+    config = load_party_config(tmp_path / "party.example.yaml")
     assert config.policy.predict.output == "probs"
-    assert load_job(deploy / "job.example.yaml").method.params.rule == "restricted-fit"
+    assert config.tls.cert == str(tmp_path / "certs" / "northwind.pem")
+    assert config.policy.allows("coordinator", "predict")
+    job = load_job(tmp_path / "job.example.yaml")
+    assert job.method.params.rule == "restricted-fit" and job.tls.ca.endswith("ca.pem")
     assert load_job(deploy / "job.datafree.example.yaml").method.params.variant == "dfmf"
     assert load_job(deploy / "job.ot.example.yaml").method.params.balance == "merge"
     consolidate = load_job(deploy / "job.consolidate.example.yaml").method.params
@@ -118,6 +148,6 @@ def test_example_files_in_deploy_validate():
 
 def test_a_party_answering_under_another_name_is_refused(tmp_path, capsys):
     with serving(tiny_handler(tmp_path, name="globex")) as address:
-        assert main(["fuse", str(_job(tmp_path, {"acme": address}))]) == 2
+        assert main(["fuse", "--insecure", str(_job(tmp_path, {"acme": address}))]) == 2
     line = _one_error_line(capsys)
     assert f"parties.0: the party at {address} is 'globex', not 'acme'" in line

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from fusion.models import create_model
 from party.audit import AuditLog, read_records, verify_chain
 from party.handler import BudgetExceeded, InvalidRequest, PartyHandler, PolicyDenied, release
-from protocol.schemas import Normalization, Policy, PredictPolicy
+from party.ratelimit import TokenBuckets
+from protocol.schemas import LayersPolicy, Normalization, Policy, PredictPolicy, RateLimit
 
 IN_SHAPE = (1, 8, 8)
 CLASSES = ["a", "b", "c", "d"]
@@ -281,6 +282,55 @@ def test_zero_budget_refuses_everything_and_none_is_unlimited(make_handler, x):
     assert unlimited.samples_used("bob") == 120
 
 
+# --- rate limits ----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_spends_a_burst_then_refills_at_its_rate():
+    clock = Clock()
+    buckets = TokenBuckets(rate=2.0, burst=10, clock=clock)
+    assert buckets.take("alice", 10) is None  # a full bucket at first
+    assert buckets.take("alice", 1) == pytest.approx(0.5)  # one token takes 1 / rate
+    assert buckets.take("bob", 10) is None  # every caller has a bucket of its own
+    clock.now = 2.0  # 4 tokens back
+    assert buckets.take("alice", 5) == pytest.approx(0.5)
+    assert buckets.take("alice", 4) is None
+    clock.now = 100.0  # never more than the burst
+    assert buckets.take("alice", 10) is None
+    assert buckets.take("alice", 11) == float("inf")
+
+
+def test_rate_limit_refuses_without_charging_the_budget(make_handler, x):
+    limit = RateLimit(samples_per_s=0.001, burst=10)  # the bucket barely refills in a test
+    handler = make_handler(Policy(predict=PredictPolicy(), rate_limit=limit, sample_budget=100))
+    handler.predict(x[:6], caller="alice")
+    with pytest.raises(BudgetExceeded, match=r"rate limit of 0.001 samples/s \(burst 10\) for "
+                       r"'alice': 6 asked, retry in"):  # fmt: skip
+        handler.predict(x[:6], caller="alice")
+    assert handler.samples_used("alice") == 6
+    assert records(handler)[-1]["decision"] == "budget_exceeded"
+    with pytest.raises(BudgetExceeded, match="more than one burst: send smaller requests"):
+        make_handler(Policy(predict=PredictPolicy(), rate_limit=RateLimit(samples_per_s=1, burst=5))
+                     ).predict(x, caller="bob")  # fmt: skip
+
+
+def test_costlier_capabilities_spend_more_of_the_budget(make_handler, x):
+    policy = Policy(
+        predict=PredictPolicy(), gram=LayersPolicy(layers=["*"], cost=3), sample_budget=30
+    )
+    handler = make_handler(policy)
+    handler.predict(x, caller="alice")  # 6 samples at cost 1
+    handler.layers(x, ["body.1"], "alice", gram=True)  # 6 samples at cost 3
+    assert handler.samples_used("alice") == 6 + 18
+
+
 # --- audit of granted calls -----------------------------------------------------------------
 
 
@@ -372,3 +422,14 @@ def test_normalization_with_the_wrong_channel_count_is_refused(model, tmp_path):
             AuditLog(tmp_path / "a.jsonl"),
             Normalization(mean=[0.5, 0.5], std=[1.0, 1.0]),
         )
+
+
+def test_empty_activations_and_one_sample_grams(make_handler, x):
+    policy = Policy(activations=LayersPolicy(layers=["*"]), gram=LayersPolicy(layers=["*"]))
+    handler = make_handler(policy)
+    assert handler.layers(x[:0], ["penultimate"], "alice")["penultimate"].shape[0] == 0
+    with pytest.raises(InvalidRequest, match="inputs.shape: a Gram matrix needs at least 2"):
+        handler.layers(x[:1], ["penultimate"], "alice", gram=True)
+    with pytest.raises(InvalidRequest, match="layers: the model has no layer 'nope'"):
+        handler.layers(x, ["nope"], "alice")
+    assert [r["decision"] for r in records(handler)] == ["granted", "invalid", "invalid"]

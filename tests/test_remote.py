@@ -34,32 +34,34 @@ class UnavailableFirst(grpc.ServerInterceptor):
 
 
 def _serve(handler, interceptor=None):
-    server, port = create_server(
+    server = create_server(
         handler, "127.0.0.1:0", interceptors=[interceptor] if interceptor else []
     )
     server.start()
-    return server, f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{server.port}"
 
 
 def test_unavailable_is_retried_until_the_party_answers(tmp_path):
-    interceptor = UnavailableFirst(2)
+    interceptor = UnavailableFirst(3)  # three failures, then answers: within the 5 attempts
     server, address = _serve(tiny_handler(tmp_path), interceptor)
     try:
-        with RemoteTeacher("acme", address, retries=3, backoff_s=0.01) as teacher:
+        with RemoteTeacher("acme", address, backoff_s=0.01) as teacher:  # default retries
             out = teacher.predict(torch.rand(4, *INPUT_SHAPE))
         assert out.shape == (4, 3)
-        assert interceptor.refused == 2
+        assert interceptor.refused == 3
         assert teacher.stats.calls == 2  # Describe and Predict, each answered once
     finally:
         server.stop(None)
 
 
-def test_retries_give_up_with_the_party_named(tmp_path):
-    server, address = _serve(tiny_handler(tmp_path), UnavailableFirst(10))
+def test_retries_give_up_after_five_attempts_with_the_party_named(tmp_path):
+    interceptor = UnavailableFirst(10)
+    server, address = _serve(tiny_handler(tmp_path), interceptor)
     try:
-        teacher = RemoteTeacher("acme", address, retries=2, backoff_s=0.01)
+        teacher = RemoteTeacher("acme", address, backoff_s=0.01)
         with pytest.raises(PartyUnavailable, match=f"party acme at {address} is unreachable"):
             teacher.info  # noqa: B018
+        assert interceptor.refused == 5
     finally:
         server.stop(None)
 

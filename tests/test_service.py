@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import grpc
 import pytest
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 
 from fusion.models import create_model
 from party.audit import read_records
+from party.service import create_server
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import tensor_to_proto
 
@@ -92,6 +95,7 @@ def test_party_serve_stops_gracefully_on_sigterm(tmp_path):
             "serve",
             "--config",
             str(tmp_path / "party.yaml"),
+            "--insecure",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -112,3 +116,71 @@ def test_party_serve_stops_gracefully_on_sigterm(tmp_path):
         process.kill()
     records = read_records(tmp_path / "audit.jsonl")
     assert [r["decision"] for r in records] == ["granted"]
+
+
+def _blocking_predict(handler) -> tuple[threading.Event, threading.Event]:
+    """Make ``handler.predict`` signal ``entered`` and wait for ``release``."""
+    entered, release = threading.Event(), threading.Event()
+    predict = handler.predict
+
+    def slow_predict(*args, **kwargs):
+        entered.set()
+        assert release.wait(timeout=30)
+        return predict(*args, **kwargs)
+
+    handler.predict = slow_predict
+    return entered, release
+
+
+def _becomes_not_serving(health_servicer, timeout_s: float) -> bool:
+    """Poll the health servicer until the party reports NOT_SERVING, or give up."""
+    request = health_pb2.HealthCheckRequest(service="")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = health_servicer.Check(request, None).status
+        if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_stopping_turns_health_not_serving_and_lets_in_flight_calls_finish(tmp_path):
+    handler = tiny_handler(tmp_path)
+    entered, release = _blocking_predict(handler)
+    server = create_server(handler, "127.0.0.1:0")
+    server.start()
+    address = f"127.0.0.1:{server.port}"
+    replies: list = []
+    with grpc.insecure_channel(address) as channel:
+        stub = party_pb2_grpc.PartyServiceStub(channel)
+        in_flight = threading.Thread(target=lambda: replies.append(_predict(stub, _good())))
+        in_flight.start()
+        assert entered.wait(timeout=30)
+        stopper = threading.Thread(target=server.stop, args=(30,))
+        stopper.start()
+        assert _becomes_not_serving(server.health, timeout_s=10)
+        release.set()
+        in_flight.join(timeout=30)
+        stopper.join(timeout=30)
+    assert list(replies[0].outputs.shape) == [2, 3]  # the in-flight call finished
+
+
+def test_calls_beyond_max_concurrent_rpcs_are_refused_not_queued(tmp_path):
+    handler = tiny_handler(tmp_path)
+    entered, release = _blocking_predict(handler)
+    server = create_server(handler, "127.0.0.1:0", max_concurrent_rpcs=1)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = party_pb2_grpc.PartyServiceStub(channel)
+            first = threading.Thread(target=lambda: _predict(stub, _good()))
+            first.start()
+            assert entered.wait(timeout=30)
+            with pytest.raises(grpc.RpcError) as refused:
+                _predict(stub, _good())
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            first.join(timeout=30)
+    finally:
+        release.set()
+        server.stop(None)

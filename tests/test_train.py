@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -57,3 +59,42 @@ def test_curve_point_equals_a_shorter_run_at_constant_rate():
     fit(short, x, y, epochs=2, seed=3, progress=False, **SGD)
     for name, tensor in short.state_dict().items():
         torch.testing.assert_close(at_two[name], tensor, rtol=0, atol=0)
+
+
+class MemoryCheckpoint:
+    """Keeps the saved state; ``stop_after`` epochs ends the run as a crash would."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.state, self.saves, self.stop_after = None, 0, stop_after
+
+    def load(self):
+        return self.state
+
+    def save(self, state):
+        buffer = io.BytesIO()  # through bytes, as a file on disk would be
+        torch.save(state, buffer)
+        buffer.seek(0)
+        self.state = torch.load(buffer, weights_only=True)
+        self.saves += 1
+        if self.saves == self.stop_after:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_an_interrupted_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(optimizer):
+    x, y = _data()
+    options = dict(SGD, optimizer=optimizer, lr=0.01)
+    whole = _model()
+    losses = fit(whole, x, y, epochs=5, seed=2, progress=False, **options)
+
+    checkpoint = MemoryCheckpoint(stop_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), x, y, epochs=5, seed=2, progress=False, checkpoint=checkpoint, **options)
+    checkpoint.stop_after = None
+    resumed = create_model("small_cnn", in_shape=(1, 8, 8), num_classes=3, width=4)  # other init
+    resumed_losses = fit(resumed, x, y, epochs=5, seed=2, progress=False, checkpoint=checkpoint,
+                         **options)  # fmt: skip
+    assert resumed_losses == losses
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=0)
+    assert checkpoint.saves == 5

@@ -1,0 +1,237 @@
+"""The coordinator's job store: one SQLite file beside the run folders (``<output_dir>/
+jobs.sqlite``) with every job's spec and status, and every party answer it paid for.
+
+A job killed part-way is resumed with ``amalgam fuse --resume <job-id>``: the answers already
+recorded are replayed instead of asked again (no party charges a sample twice), and training
+goes on from its last checkpoint in ``runs/<job-id>/checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+from fusion.teacher import Feedback, Synthesis, Teacher, TeacherInfo, Weights
+from protocol.schemas import JobSpec
+
+STORE_NAME = "jobs.sqlite"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,          -- running | done | failed
+    run_dir TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS answers (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    party TEXT NOT NULL,
+    request TEXT NOT NULL,         -- SHA-256 of the call and its inputs
+    payload BLOB NOT NULL,         -- safetensors bytes
+    PRIMARY KEY (job_id, party, request)
+);
+"""
+
+
+def new_job_id(spec: JobSpec) -> str:
+    """``<job name>-<date>-<time>-<6 hex digits>``: sortable, and unique in practice."""
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+class UnknownJob(LookupError):
+    """No job of that id in the store."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    spec: JobSpec
+    status: str
+    run_dir: Path
+    error: str
+
+
+class JobStore:
+    """Thread-safe access to one ``jobs.sqlite`` (parties are called from several threads)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def beside(cls, output_dir: str | Path) -> JobStore:
+        return cls(Path(output_dir) / STORE_NAME)
+
+    def create(self, spec: JobSpec) -> JobRecord:
+        """A new job, status ``running``, with its (empty) run folder."""
+        job_id = new_job_id(spec)
+        run_dir = Path(spec.output_dir) / job_id
+        run_dir.mkdir(parents=True, exist_ok=False)
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, 'running', ?, ?, ?, '')",
+                (job_id, spec.name, spec.model_dump_json(), str(run_dir), now, now),
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, spec, status, run_dir, error FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job {job_id!r} in {self.path}")
+        return JobRecord(row[0], JobSpec.model_validate_json(row[1]), row[2], Path(row[3]), row[4])
+
+    def set_status(self, job_id: str, status: str, error: str = "") -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, error = ?, updated = ? WHERE id = ?",
+                (status, error, time.time(), job_id),
+            )
+
+    def answer(self, job_id: str, party: str, request: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload FROM answers WHERE job_id = ? AND party = ? AND request = ?",
+                (job_id, party, request),
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def record(self, job_id: str, party: str, request: str, payload: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)",
+                (job_id, party, request, payload),
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _request_key(method: str, *parts: object) -> str:
+    digest = hashlib.sha256(method.encode())
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().contiguous().cpu()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class ReplayTeacher:
+    """A :class:`fusion.teacher.Teacher` that records each answer of ``teacher`` in the job
+    store and replays it when the same call comes again (a resumed job asks what it asked
+    before). Predict, Activations, Gram and ExportWeights are recorded; BatchNormFeedback and
+    Synthesize are passed through (generator training sends too much, and Synthesize changes
+    the party's state)."""
+
+    def __init__(self, teacher: Teacher, store: JobStore, job_id: str) -> None:
+        self.teacher, self.store, self.job_id = teacher, store, job_id
+
+    @property
+    def info(self) -> TeacherInfo:
+        return self.teacher.info
+
+    @property
+    def stats(self):
+        return self.teacher.stats
+
+    def _replayed(self, key: str, ask) -> dict[str, Tensor]:
+        party = self.info.name
+        payload = self.store.answer(self.job_id, party, key)
+        if payload is None:
+            payload = safetensors_save({k: v.contiguous() for k, v in ask().items()})
+            self.store.record(self.job_id, party, key, payload)
+        return safetensors_load(payload)
+
+    def predict(self, x: Tensor) -> Tensor:
+        key = _request_key("Predict", x)
+        return self._replayed(key, lambda: {"outputs": self.teacher.predict(x)})["outputs"]
+
+    def activations(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        key = _request_key("Activations", x, layers)
+        return self._replayed(key, lambda: self.teacher.activations(x, layers))
+
+    def gram(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        key = _request_key("Gram", x, layers)
+        return self._replayed(key, lambda: self.teacher.gram(x, layers))
+
+    def weights(self) -> Weights:
+        party, key = self.info.name, _request_key("ExportWeights")
+        payload = self.store.answer(self.job_id, party, key)
+        if payload is None:
+            weights = self.teacher.weights()
+            state = {k: v.contiguous() for k, v in weights.state_dict.items()}
+            payload = safetensors_save(
+                state, metadata={"architecture": json.dumps(weights.architecture)}
+            )
+            self.store.record(self.job_id, party, key, payload)
+        architecture = json.loads(_metadata(payload)["architecture"])
+        return Weights.from_safetensors(architecture, payload)
+
+    def bn_feedback(self, *args, **kwargs) -> Feedback:
+        return self.teacher.bn_feedback(*args, **kwargs)
+
+    def synthesize(self, *args, **kwargs) -> Synthesis:
+        return self.teacher.synthesize(*args, **kwargs)
+
+
+def _metadata(payload: bytes) -> dict[str, str]:
+    """The metadata of safetensors bytes: an 8-byte little-endian header length, then JSON."""
+    size = int.from_bytes(payload[:8], "little")
+    return json.loads(payload[8 : 8 + size]).get("__metadata__", {})
+
+
+class FileCheckpoint:
+    """A :class:`fusion.train.Checkpoint` in one file, replaced atomically on save (written
+    beside it, then renamed), read with ``weights_only`` (tensors and plain values only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, weights_only=True)
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        partial = self.path.with_suffix(".partial")
+        partial.write_bytes(buffer.getvalue())
+        os.replace(partial, self.path)
+
+
+class Checkpoints:
+    """One :class:`FileCheckpoint` per training run of a job, by name."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, name: str) -> FileCheckpoint:
+        return FileCheckpoint(self.folder / f"{name}.pt")
