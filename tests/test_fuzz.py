@@ -91,7 +91,7 @@ def party(tmp_path_factory):
         activations=LayersPolicy(layers=["*"]),
         gram=LayersPolicy(layers=["*"]),
         max_batch=16,
-        sample_budget=50_000,  # runs out part-way: RESOURCE_EXHAUSTED is among the answers
+        sample_budget=600,  # runs out part-way: RESOURCE_EXHAUSTED is among the answers
     )
     torch.set_num_threads(1)
     handler = tiny_handler(tmp_path_factory.mktemp("fuzz"), policy)
@@ -120,7 +120,9 @@ def test_ten_thousand_malformed_requests_get_only_the_expected_codes(party):
             assert code in EXPECTED, (method, code)
 
     check()
+    print(f"status codes of {sum(codes.values())} requests: {dict(codes)}")
     assert sum(codes.values()) >= 10_000
     assert codes[grpc.StatusCode.INVALID_ARGUMENT] > 0
+    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0 and codes[grpc.StatusCode.OK] > 0
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.SERVING

@@ -148,7 +148,9 @@ def test_a_party_killed_mid_job_is_dropped_and_the_job_finishes_degraded(teacher
     assert metrics["results"]["student"] > 0.8
     assert "DEGRADED: party org3 was dropped" in (run_dir / "report.md").read_text()
     # the job gave up on the dead party within one call deadline + 10%
-    assert log.first("party org3 dropped") - killed["at"] <= 1.1 * DEADLINE_S
+    delay = log.first("party org3 dropped") - killed["at"]
+    print(f"party dropped {delay:.2f}s after it was killed (deadline {DEADLINE_S}s)")
+    assert delay <= 1.1 * DEADLINE_S
 
 
 def test_below_min_parties_the_job_stops_naming_the_lost_party(teachers, tmp_path):
