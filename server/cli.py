@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         MalformedResponse,
         TooFewParties,
         SourceUnavailable,
+        FloatingPointError,  # training diverged
     ) as error:
         code, message = RUNTIME_ERROR, str(error)
     except ValueError as error:  # e.g. no pseudo-label passed the filter

@@ -213,3 +213,10 @@ def test_transfer_score_represents_only_the_drawn_images():
     assert score.full is None and score.few_shot.draws == 3 and score.few_shot.mean > 0.6
     full = transfer_score(represent, train, test, shots=2, draws=3, seed=0, full=True)
     assert seen[2] == 400 and full.few_shot == score.few_shot and full.full > 0.9
+
+
+def test_a_diverging_consolidation_stops_with_the_reason():
+    generalist, proxy = _generalist(), _proxy()
+    config = ConsolidationConfig(epochs=3, batch_size=16, backbone_lr=1e6, head_lr=1e6)
+    with pytest.raises(FloatingPointError, match="consolidate: the loss became .* lower the"):
+        consolidate(generalist, proxy, [torch.randn(len(proxy), 3) * 50], config, progress=False)

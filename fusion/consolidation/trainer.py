@@ -100,7 +100,7 @@ def _train(
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=None if progress else True)
-    for _ in bar:
+    for epoch in bar:
         student.train()
         if config.freeze_batchnorm:
             _freeze_batchnorm(student)
@@ -111,6 +111,11 @@ def _train(
             if len(index) < 2 and not config.freeze_batchnorm:  # BatchNorm needs two samples
                 continue
             loss = batch_loss(index)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{desc}: the loss became {loss.item()} in epoch {epoch + 1}; lower the "
+                    "learning rates (backbone_lr, head_lr)"
+                )
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
