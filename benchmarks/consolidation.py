@@ -160,6 +160,7 @@ def train_students(generalist, teachers, mix_train: Dataset, b: dict) -> tuple[d
             generalist_weight=lambda_0,
             teacher_weights=[share / n] * n,
             epochs=b["epochs"],
+            backbone_lr=b["backbone_lr"],
             seed=SEED,
         )
         tic = time.perf_counter()
@@ -245,7 +246,7 @@ def run_variant(variant: str, b: dict, out: Path, tag: str | None = None) -> dic
         "seed": SEED,
         "budget": f"generalist small_cnn width {b['width']} {b['generalist_epochs']} epochs; "
         f"teachers {b['teacher_epochs']} epochs; consolidation {b['epochs']} epochs on the "
-        f"proxy; 5-shot probe, {b['draws']} draws",
+        f"proxy, backbone lr {b['backbone_lr']:g}; 5-shot probe, {b['draws']} draws",
         "metric": "accuracy",
         "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generalist-epochs", type=int, default=3)
     parser.add_argument("--teacher-epochs", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2, help="consolidation epochs")
+    parser.add_argument("--backbone-lr", type=float, default=1e-3, help="SGD rate of phi_s")
     parser.add_argument("--width", type=int, default=32, help="generalist channels (32/64)")
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument(
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_epochs": args.teacher_epochs,
         "epochs": args.epochs,
         "width": args.width,
+        "backbone_lr": args.backbone_lr,
         "draws": args.draws,
         "students": args.student or list(STUDENTS),
         "proxy_usps": args.proxy_usps,
