@@ -228,8 +228,11 @@ def skill_transfer(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[d
         "ensemble": ensemble_accuracy([a, m_b], test),
     }
     digit, merge = {"model_a": test_accuracy(a, fours), "model_b": test_accuracy(m_b, fours)}, {}
+    seconds = {}
     for w_a in np.round(np.linspace(0, 1, 11), 1):
-        add = clafusion([a, m_b], probe, OTFusionConfig(weights=[w_a, 1 - w_a]))
+        add, seconds[f"fused_wA_{w_a:.1f}"] = timed(
+            clafusion, [a, m_b], probe, OTFusionConfig(weights=[w_a, 1 - w_a])
+        )
         merged = clafusion([a, m_b], probe, OTFusionConfig(balance="merge", weights=[w_a, 1 - w_a]))
         results[f"fused_wA_{w_a:.1f}"] = test_accuracy(add.model, test)
         digit[f"fused_wA_{w_a:.1f}"] = test_accuracy(add.model, fours)
@@ -240,6 +243,7 @@ def skill_transfer(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[d
         "balance": "add (rows); merge (sign of sum) in merge_accuracy",
         f"accuracy_on_digit_{SKILL_DIGIT}": digit,
         "merge_accuracy": merge,
+        "fusion_seconds": seconds,
     }
     return results, extra
 
