@@ -9,9 +9,7 @@ soon as the server starts to stop.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import json
 import signal
 import sys
 import threading
@@ -22,24 +20,14 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fusion.datafree.losses import GeneratorObjective
 from party.config import PartyConfig
+from party.endpoint import PartyEndpoint
 from party.handler import PartyHandler
 from protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
-from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import (
-    CodecError,
-    objective_from_proto,
-    party_info_to_proto,
-    synthesis_params_from_proto,
-    tensor_from_proto,
-    tensor_to_proto,
-    tensors_to_proto,
-)
+from protocol._generated import party_pb2_grpc
 from protocol.errors import PartyError, Unauthenticated, status_code
+from protocol.rpcs import SERVICE_NAME
 from protocol.tls import peer_identity, server_credentials, token_digest
-
-SERVICE_NAME = "amalgam.party.v1.PartyService"
 
 
 @dataclass(frozen=True)
@@ -79,7 +67,7 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         self, handler: PartyHandler, max_elements: int, authenticator: Authenticator
     ) -> None:
         self.handler = handler
-        self.max_elements = max_elements
+        self.endpoint = PartyEndpoint(handler, max_elements)
         self.authenticator = authenticator
 
     def _caller(self, context: grpc.ServicerContext, method: str, request_id: str) -> str:
@@ -102,133 +90,33 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             context.abort(status_code(error), str(error))
         return caller
 
-    def Describe(self, request, context):  # noqa: N802 (gRPC method name)
-        caller = self._caller(context, "Describe", request.request_id)
+    def _serve(self, method: str, request, context):
+        caller = self._caller(context, method, request.request_id)
         try:
-            info = self.handler.describe(caller, request.request_id)
+            return self.endpoint.answer(method, request, caller)
         except PartyError as error:
             context.abort(status_code(error), str(error))
-        return party_pb2.DescribeResponse(
-            request_id=request.request_id, info=party_info_to_proto(info)
-        )
+
+    def Describe(self, request, context):  # noqa: N802 (gRPC method name)
+        return self._serve("Describe", request, context)
 
     def Predict(self, request, context):  # noqa: N802
-        caller = self._caller(context, "Predict", request.request_id)
-        try:
-            try:
-                x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
-            except CodecError as error:
-                self.handler.reject_malformed(
-                    "Predict", caller, request.request_id, error.field, error.problem
-                )
-            out = self.handler.predict(x, caller, request.request_id)
-        except PartyError as error:
-            context.abort(status_code(error), str(error))
-        return party_pb2.PredictResponse(
-            request_id=request.request_id,
-            outputs=tensor_to_proto(out),
-            output_form=self.handler.policy.predict.output,
-        )
+        return self._serve("Predict", request, context)
 
     def BatchNormFeedback(self, request, context):  # noqa: N802
-        method = "BatchNormFeedback"
-        caller = self._caller(context, method, request.request_id)
-        try:
-            try:
-                x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
-                grad_logits = None
-                if request.HasField("grad_logits"):
-                    grad_logits = tensor_from_proto(
-                        request.grad_logits, "grad_logits", max_elements=self.max_elements
-                    )
-                weights, adversary = objective_from_proto(
-                    request.objective, max_elements=self.max_elements
-                )
-                objective = GeneratorObjective(**weights)
-            except (CodecError, ValueError) as error:
-                field = getattr(error, "field", "objective")
-                problem = getattr(error, "problem", str(error))
-                self.handler.reject_malformed(method, caller, request.request_id, field, problem)
-            feedback = self.handler.bn_feedback(
-                x, caller, objective, adversary, grad_logits, request.half, request.request_id
-            )
-        except PartyError as error:
-            context.abort(status_code(error), str(error))
-        return party_pb2.BatchNormFeedbackResponse(
-            request_id=request.request_id,
-            logits=tensor_to_proto(feedback.logits),
-            losses=feedback.losses,
-            input_grad=tensor_to_proto(feedback.input_grad),
-        )
+        return self._serve("BatchNormFeedback", request, context)
 
     def Synthesize(self, request, context):  # noqa: N802
-        caller = self._caller(context, "Synthesize", request.request_id)
-        try:
-            result = self.handler.synthesize(
-                caller,
-                request.session,
-                synthesis_params_from_proto(request.params),
-                request.steps,
-                request.samples,
-                request.half,
-                request.request_id,
-            )
-        except PartyError as error:
-            context.abort(status_code(error), str(error))
-        return party_pb2.SynthesizeResponse(
-            request_id=request.request_id,
-            samples=tensor_to_proto(result.samples),
-            losses=result.losses,
-            steps_done=result.steps_done,
-        )
-
-    def _layers(self, request, context, gram: bool):
-        method = "Gram" if gram else "Activations"
-        caller = self._caller(context, method, request.request_id)
-        try:
-            try:
-                x = tensor_from_proto(request.inputs, "inputs", max_elements=self.max_elements)
-            except CodecError as error:
-                self.handler.reject_malformed(
-                    method, caller, request.request_id, error.field, error.problem
-                )
-            out = self.handler.layers(
-                x,
-                list(request.layers),
-                caller,
-                gram=gram,
-                half=request.half,
-                request_id=request.request_id,
-            )
-        except PartyError as error:
-            context.abort(status_code(error), str(error))
-        return party_pb2.LayersResponse(
-            request_id=request.request_id, outputs=tensors_to_proto(out)
-        )
+        return self._serve("Synthesize", request, context)
 
     def Activations(self, request, context):  # noqa: N802
-        return self._layers(request, context, gram=False)
+        return self._serve("Activations", request, context)
 
     def Gram(self, request, context):  # noqa: N802
-        return self._layers(request, context, gram=True)
+        return self._serve("Gram", request, context)
 
     def ExportWeights(self, request, context):  # noqa: N802
-        caller = self._caller(context, "ExportWeights", request.request_id)
-        try:
-            arch, payload = self.handler.export_weights(caller, request.request_id)
-        except PartyError as error:
-            context.abort(status_code(error), str(error))
-        limit = self.handler.policy.weights.chunk_bytes
-        chunk = min(request.chunk_bytes, limit) if request.chunk_bytes > 0 else limit
-        for start in range(0, max(len(payload), 1), chunk):
-            message = party_pb2.WeightsChunk(
-                request_id=request.request_id, data=payload[start : start + chunk]
-            )
-            if start == 0:
-                message.architecture = json.dumps(arch)
-                message.total_bytes = len(payload)
-                message.sha256 = hashlib.sha256(payload).hexdigest()
-            yield message
+        yield from self._serve("ExportWeights", request, context)
 
 
 @dataclass

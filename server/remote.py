@@ -80,6 +80,9 @@ class RemoteTeacher:
     credentials : TLS, see :func:`protocol.tls.channel_credentials`; None: plaintext.
     token : a bearer token sent with every call, for parties that require one.
     half : send and receive BatchNormFeedback tensors as float16 (halves the bytes).
+    stub : instead of a gRPC channel to ``address``, any object whose attributes ``Describe``,
+        ``Predict``, ... are called like a gRPC stub's methods and raise ``grpc.RpcError``
+        (:class:`server.flower.FlowerStub` carries the calls over a Flower Grid).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class RemoteTeacher:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         half: bool = False,
+        stub=None,
     ) -> None:
         self.name = name
         self.address = address
@@ -107,11 +111,15 @@ class RemoteTeacher:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
         ]
-        if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = None
+        if stub is not None:  # another transport with the stub's call signature (Flower)
+            self._stub = stub
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
-        self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
+            if credentials is None:
+                self._channel = grpc.insecure_channel(address, options=options)
+            else:
+                self._channel = grpc.secure_channel(address, credentials, options=options)
+            self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
         self._metadata = ((CALLER_METADATA_KEY, caller),)
         if token is not None:
             self._metadata += ((AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),)
@@ -310,7 +318,8 @@ class RemoteTeacher:
         return Weights.from_safetensors(json.loads(head.architecture), payload)
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def __enter__(self) -> RemoteTeacher:
         return self

@@ -1,0 +1,225 @@
+"""Amalgam jobs on Flower: the coordinator as a ServerApp that reaches the parties through a
+Flower Grid (SuperLink and SuperNodes in deployment, virtual nodes in simulation).
+
+Each party RPC travels as one query message carrying the serialized protobuf request (see
+:mod:`party.flower_app`, the bridge on the other side); :class:`FlowerStub` gives
+:class:`server.remote.RemoteTeacher` the same call signature as a gRPC stub, so deadlines,
+retries, chunking, answer checks and the job runner are the ones of direct gRPC.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from protocol._generated import party_pb2
+from protocol.rpcs import RESPONSES, STREAMING, query_type
+from protocol.schemas import JobSpec
+from server.fanout import fan_out
+from server.job import load_job, run_job
+from server.remote import RemoteTeacher
+
+NODES_TIMEOUT_S = 120.0  # how long a run waits for the SuperNodes it needs to register
+FIRST_CONTACT_S = 60.0  # deadline of the first message to a node (it may start its ClientApp)
+POLL_S = 0.1
+
+
+class FlowerRpcError(grpc.RpcError):
+    """A failed call over Flower, in the shape of a gRPC error (``code()``, ``details()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class GridMailbox:
+    """Request and reply over one Grid from many threads at once: each caller pushes its
+    message and waits for its own reply, while whoever polls pulls every pending reply (one
+    lock around the Grid). Unlike ``Grid.send_and_receive`` this lets the calls to several
+    parties share each polling round."""
+
+    def __init__(self, grid: Grid, poll_s: float = POLL_S) -> None:
+        self.grid, self.poll_s = grid, poll_s
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
+        self._replies: dict[str, Message] = {}
+        self.rounds = 0  # pulls made
+
+    def request(self, message: Message, timeout_s: float) -> Message | None:
+        """The reply to ``message``, or ``None`` when none came within ``timeout_s``."""
+        with self._lock:
+            (message_id,) = self.grid.push_messages([message])
+            self._pending.add(message_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if message_id not in self._replies and self._pending:
+                    self.rounds += 1
+                    for reply in self.grid.pull_messages(set(self._pending)):
+                        self._replies[reply.metadata.reply_to_message_id] = reply
+                        self._pending.discard(reply.metadata.reply_to_message_id)
+                if message_id in self._replies:
+                    return self._replies.pop(message_id)
+                if time.monotonic() >= deadline:
+                    self._pending.discard(message_id)
+                    return None
+            time.sleep(self.poll_s)
+
+
+class FlowerStub:
+    """The PartyService stub of one SuperNode: ``stub.Predict(request, timeout=...,
+    metadata=...)`` sends a query message through ``mailbox`` and decodes the answer."""
+
+    def __init__(self, mailbox: GridMailbox, node_id: int, caller: str) -> None:
+        self.mailbox, self.node_id, self.caller = mailbox, node_id, caller
+
+    def __getattr__(self, method: str) -> Callable:
+        if method not in RESPONSES:
+            raise AttributeError(method)
+
+        def call(request, timeout: float | None = None, metadata=None):
+            return self._call(method, request, timeout or 30.0)
+
+        return call
+
+    def _call(self, method: str, request, timeout_s: float):
+        query = ConfigRecord(
+            {
+                "request": request.SerializeToString(),
+                "caller": self.caller,
+                "deadline_s": float(timeout_s),
+            }
+        )
+        message = Message(
+            RecordDict({"query": query}),
+            dst_node_id=self.node_id,
+            message_type=query_type(method),
+        )
+        reply = self.mailbox.request(message, timeout_s)
+        if reply is None:
+            raise FlowerRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"node {self.node_id}: no reply in {timeout_s}s"
+            )
+        if reply.has_error():
+            raise FlowerRpcError(
+                grpc.StatusCode.UNAVAILABLE, f"node {self.node_id}: {reply.error.reason}"
+            )
+        answer = reply.content["answer"]
+        if "code" in answer:
+            raise FlowerRpcError(CODES[int(answer["code"])], str(answer["details"]))
+        if method in STREAMING:
+            return [RESPONSES[method].FromString(chunk) for chunk in answer["chunks"]]
+        return RESPONSES[method].FromString(answer["response"])
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float = NODES_TIMEOUT_S) -> list[int]:
+    """The ids of at least ``count`` registered SuperNodes (the Grid lists a node only once
+    it has registered), or ``TimeoutError``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{len(nodes)} of {count} SuperNodes registered in {timeout_s}s")
+        time.sleep(POLL_S)
+
+
+def flower_teachers(grid: Grid, spec: JobSpec, caller: str = "coordinator") -> list:
+    """One :class:`RemoteTeacher` per party of ``spec``, reached through the SuperNode whose
+    agent answers Describe with that party's name; parties no node serves are left out (the
+    job's ``min_parties`` decides whether it may go on)."""
+    mailbox = GridMailbox(grid)
+    nodes = wait_for_nodes(grid, spec.min_parties or len(spec.parties))
+    stubs = [FlowerStub(mailbox, node, caller) for node in nodes]
+
+    def name_of(stub: FlowerStub) -> str | None:
+        try:  # a node's first message also starts its ClientApp: allow for that
+            reply = stub.Describe(
+                party_pb2.DescribeRequest(), timeout=max(spec.deadline_s, FIRST_CONTACT_S)
+            )
+        except grpc.RpcError:
+            return None  # its agent does not answer: it serves no party of this job
+        return reply.info.name
+
+    by_name = {name: stub for stub, name in zip(stubs, fan_out(name_of, stubs)) if name}
+    teachers = []
+    for party in spec.parties:
+        if party.name in by_name:
+            teachers.append(
+                RemoteTeacher(
+                    party.name,
+                    f"flower node {by_name[party.name].node_id}",
+                    deadline_s=spec.deadline_s,
+                    caller=caller,
+                    stub=by_name[party.name],
+                )
+            )
+    return teachers
+
+
+def _run(grid: Grid, spec: JobSpec) -> tuple[Path, list]:
+    teachers = flower_teachers(grid, spec)
+    return run_job(spec, teachers, progress=False), teachers
+
+
+def job_server_app(spec: JobSpec, outcome: list) -> ServerApp:
+    """A ServerApp that runs ``spec`` over the Grid it is given and appends to ``outcome``
+    either ``(run_dir, teachers)`` or the exception that stopped the job."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome.append(_run(grid, spec))
+        except Exception as error:  # handed to the caller, whom Flower's log would not reach
+            outcome.append(error)
+
+    return app
+
+
+def simulate(spec: JobSpec, agents: list[str], cpus_per_node: float = 1.0) -> tuple[Path, list]:
+    """Run ``spec`` on Flower's simulation engine: one virtual SuperNode per party agent in
+    ``agents`` (``host:port``), each bridging to its agent as a deployed one would. Returns
+    the run folder and the teachers (with their call statistics); a job that fails raises
+    its error here."""
+    from flwr.simulation import run_simulation
+
+    from party.flower_app import bridge_app
+
+    outcome: list = []
+    run_simulation(
+        server_app=job_server_app(spec, outcome),
+        client_app=bridge_app(agents),
+        num_supernodes=len(agents),
+        backend_config={"client_resources": {"num_cpus": cpus_per_node}},
+    )
+    if not outcome:
+        raise RuntimeError("the Flower run ended without a result (see its log above)")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+app = ServerApp()  # a deployed run: `flwr run` with run config job="<path to job.yaml>"
+
+
+@app.main()
+def deployed_main(grid: Grid, context: Context) -> None:
+    run_dir, _ = _run(grid, load_job(str(context.run_config["job"])))
+    print(f"wrote {run_dir}", flush=True)
