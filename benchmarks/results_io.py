@@ -9,10 +9,17 @@ from pathlib import Path
 from server.report import markdown_table, ordered_rows
 
 
-def write_results(record: dict, folder: Path, variants: list[str], decimals: int = 1) -> str:
+def write_results(
+    record: dict,
+    folder: Path,
+    variants: list[str],
+    decimals: int = 1,
+    raw_rows: tuple[str, ...] = (),
+) -> str:
     """Write ``<benchmark>-<variant>.json``, then ``<benchmark>.md`` with a column per variant
     found in ``folder`` (ordered as ``variants``, then any other by name); returns the
-    markdown."""
+    markdown. Rows are fractions shown as percentages, except those starting with one of
+    ``raw_rows`` (seconds, bytes), shown as they are."""
     name = record["benchmark"]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{record['variant']}.json"
@@ -27,7 +34,11 @@ def write_results(record: dict, folder: Path, variants: list[str], decimals: int
     rows = ordered_rows({row: 0.0 for r in records for row in r["results"]})
 
     def cell(r: dict, row: str) -> str:
-        return f"{100 * r['results'][row]:.{decimals}f}" if row in r["results"] else ""
+        if row not in r["results"]:
+            return ""
+        if row.startswith(raw_rows) and raw_rows:
+            return f"{r['results'][row]:g}"
+        return f"{100 * r['results'][row]:.{decimals}f}"
 
     table = markdown_table(
         ["row"] + [r["variant"] for r in records],
@@ -37,6 +48,7 @@ def write_results(record: dict, folder: Path, variants: list[str], decimals: int
         f"- {r['variant']}: {r['data']}; {r['budget']}; seed {r['seed']}; {r['wall_seconds']}s"
         for r in records
     )
-    text = f"# {name} (accuracy %)\n\n{table}\n\n{notes}\n"
+    units = f"; {', '.join(raw_rows)} rows in their own units" if raw_rows else ""
+    text = f"# {name} (accuracy %{units})\n\n{table}\n\n{notes}\n"
     (folder / f"{name}.md").write_text(text)
     return text

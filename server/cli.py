@@ -1,11 +1,13 @@
 """The ``amalgam`` command line.
 
     amalgam party serve --config party.yaml   run a party agent (TLS, or --insecure)
+    amalgam party check --address H:P ...     is an agent up, and what does it grant?
     amalgam plan job.yaml                     which methods the parties' policies allow
     amalgam fuse job.yaml                     run a fusion job, write runs/<job-id>/
     amalgam fuse --resume JOB_ID              go on with an interrupted job
     amalgam certs --out certs --party NAME... a federation CA and mTLS certificates
     amalgam audit verify audit.jsonl          check an audit log's hash chain
+    amalgam market --parties N --engine flower  N local parties composed over gRPC or Flower
     amalgam demo                              the simulated marketplace on loopback
 
 Bad input ends with one line on stderr and exit code 2; an unreachable or refusing party
@@ -44,6 +46,49 @@ def _party_serve(args: argparse.Namespace) -> int:
         raise _Failure(f"{args.config}: model: cannot load: {first_line}", USAGE_ERROR) from None
     serve(config, handler, insecure=args.insecure)
     return 0
+
+
+def _party_check(args: argparse.Namespace) -> int:
+    """Health, then Describe, of a running agent, as the identity of ``--cert``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protocol.schemas import TlsFiles
+    from protocol.tls import channel_credentials
+    from server.remote import RemoteTeacher
+
+    files = [args.cert, args.key, args.ca]
+    if any(files) and not all(files):
+        raise _Failure("give --cert, --key and --ca together", USAGE_ERROR)
+    if not any(files) and not args.insecure:
+        raise _Failure("give --cert, --key and --ca (mTLS), or --insecure", USAGE_ERROR)
+    tls = TlsFiles(cert=args.cert, key=args.key, ca=args.ca) if all(files) else None
+    credentials = channel_credentials(tls) if tls else None
+    channel = (
+        grpc.secure_channel(args.address, credentials)
+        if credentials
+        else grpc.insecure_channel(args.address)
+    )
+    with channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=args.deadline
+            )
+        except grpc.RpcError as error:
+            raise _Failure(
+                f"party at {args.address}: health check failed: {error.code().name}: "
+                f"{error.details()}",
+                RUNTIME_ERROR,
+            ) from None
+    serving = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+    with RemoteTeacher("agent", args.address, deadline_s=args.deadline, retries=0,
+                       credentials=credentials) as teacher:  # fmt: skip
+        info = teacher.info
+    print(f"party {info.name} at {args.address}: {serving}")
+    print(f"  classes {','.join(info.class_names)}; input {list(info.input_shape)}")
+    print(f"  admits this caller; its policy grants {', '.join(info.capabilities) or 'nothing'}"
+          + (f" (predict releases {info.output_form})" if info.output_form else ""))  # fmt: skip
+    return 0 if serving == "SERVING" else RUNTIME_ERROR
 
 
 def _connect_options(args: argparse.Namespace, spec) -> None:
@@ -146,6 +191,22 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 0 if report.intact else RUNTIME_ERROR
 
 
+def _market(args: argparse.Namespace) -> int:
+    from server.market import run_market
+
+    metrics = run_market(
+        args.parties, args.engine, args.data, args.seed, args.output_dir, args.epochs
+    )
+    results = metrics["results"]
+    teachers = [v for k, v in results.items() if k.startswith("teacher:")]
+    print(f"\n{args.parties} parties over {args.engine}, composition in {metrics['seconds']:.1f}s")
+    print(f"mean teacher {100 * sum(teachers) / len(teachers):.1f}%, best teacher "
+          f"{100 * results['best_teacher']:.1f}%, ensemble {100 * results['ensemble']:.1f}%, "
+          f"student {100 * results['student']:.1f}%")  # fmt: skip
+    print(f"wrote {metrics['run_dir']}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
@@ -171,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="serve plaintext without a tls: section"
     )
     serve.set_defaults(run=_party_serve)
+    check = party_commands.add_parser("check", help="is an agent up, and what does it grant?")
+    check.add_argument("--address", required=True, help="host:port of the agent")
+    check.add_argument("--cert", help="this caller's certificate (amalgam certs)")
+    check.add_argument("--key", help="its private key")
+    check.add_argument("--ca", help="the federation CA")
+    check.add_argument("--insecure", action="store_true", help="plaintext, for --insecure agents")
+    check.add_argument("--deadline", type=float, default=10.0, help="seconds per call")
+    check.set_defaults(run=_party_check)
 
     plan = commands.add_parser("plan", help="which methods the parties' policies allow")
     plan.add_argument("job", help="job YAML")
@@ -208,6 +277,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_commands.add_parser("verify", help="check a log's hash chain")
     verify.add_argument("log", help="the party's audit.jsonl")
     verify.set_defaults(run=_audit_verify)
+
+    market = commands.add_parser("market", help="a simulated marketplace of N local parties")
+    market.add_argument("--parties", type=int, default=10, help="how many (default 10)")
+    market.add_argument("--engine", choices=["grpc", "flower"], default="grpc")
+    market.add_argument(
+        "--data", choices=["digits", "mnist", "fashion_mnist"], default="digits",
+        help="digits (embedded) or a set from the shared data folder",
+    )  # fmt: skip
+    market.add_argument("--seed", type=int, default=0)
+    market.add_argument("--epochs", type=int, default=20, help="student epochs")
+    market.add_argument("--output-dir", default="runs")
+    market.set_defaults(run=_market)
 
     demo = commands.add_parser("demo", help="simulated marketplace of three parties on loopback")
     demo.add_argument("--output-dir", default="runs")

@@ -151,3 +151,14 @@ def test_a_party_answering_under_another_name_is_refused(tmp_path, capsys):
         assert main(["fuse", "--insecure", str(_job(tmp_path, {"acme": address}))]) == 2
     line = _one_error_line(capsys)
     assert f"parties.0: the party at {address} is 'globex', not 'acme'" in line
+
+
+def test_market_composes_local_parties(tmp_path, capsys):
+    args = ["market", "--parties", "3", "--engine", "grpc", "--epochs", "20"]
+    assert main([*args, "--output-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "3 parties over grpc" in out
+    student = float(out.split("student ")[1].split("%")[0])
+    best = float(out.split("best teacher ")[1].split("%")[0])
+    assert student > best + 20  # each party knows half the classes
+    assert len(list((tmp_path / "runs").glob("market-3-grpc-*/metrics.json"))) == 1

@@ -278,3 +278,18 @@ def test_amalgam_certs_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert main(["certs", "--out", str(tmp_path / "c"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_party_check_reports_health_and_grants_or_the_refusal(tls_party, certs, capsys):
+    _, _, address = tls_party
+
+    def check(stem):
+        files = ["--cert", str(certs / f"{stem}.pem"), "--key", str(certs / f"{stem}.key")]
+        return main(["party", "check", "--address", address, *files, "--ca", str(certs / "ca.pem")])
+
+    assert check("coordinator") == 0
+    out = capsys.readouterr().out
+    assert f"party acme at {address}: SERVING" in out and "policy grants predict" in out
+    assert check("mallory") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "caller 'mallory' is not admitted" in err[0]
