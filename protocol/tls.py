@@ -73,10 +73,15 @@ class Issued:
         folder.mkdir(parents=True, exist_ok=True)
         cert, key = folder / f"{stem}.pem", folder / f"{stem}.key"
         cert.write_bytes(self.cert_pem)
-        descriptor = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as f:
-            f.write(self.key_pem)
+        write_private(key, self.key_pem)
         return cert, key
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(data)
 
 
 def _pem_key(key) -> bytes:
@@ -106,6 +111,7 @@ def make_ca(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -160,6 +166,11 @@ def issue(
             critical=False,
         )
         .add_extension(_san(hosts or [identity]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
+            critical=False,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
@@ -224,6 +235,22 @@ def resolve_tls(tls: TlsFiles, config_path: Path) -> TlsFiles:
 DEFAULT_HOSTS = ["localhost", "127.0.0.1"]
 
 
+def supernode_keys() -> tuple[bytes, bytes]:
+    """An EC P-256 key pair in OpenSSH form (private, public), as Flower's SuperNode
+    authentication takes it: the SuperLink's operator registers the public key
+    (``flwr supernode register``), the SuperNode signs with the private one."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public
+
+
 def write_federation(
     folder: str | Path,
     parties: list[str],
@@ -231,14 +258,16 @@ def write_federation(
     hosts: list[str] | None = None,
     days: int = MAX_VALIDITY_DAYS,
     key_type: str = "ec",
+    supernodes: list[str] = (),
 ) -> list[Path]:
     """Certificates for a federation in ``folder``: ``ca.pem`` / ``ca.key`` (made once and
     reused, so that identities can be added later) and ``<identity>.pem`` / ``.key`` for each
-    party and coordinator. Returns the files written."""
+    party, coordinator and SuperNode; a SuperNode also gets its authentication key pair
+    ``<identity>.ssh`` / ``<identity>.ssh.pub``. Returns the files written."""
     folder = Path(folder)
-    identities = [*parties, *coordinators]
+    identities = [*parties, *coordinators, *supernodes]
     if not identities:
-        raise ValueError("name at least one --party or --coordinator")
+        raise ValueError("name at least one --party, --coordinator or --supernode")
     repeated = sorted({i for i in identities if identities.count(i) > 1})
     if repeated or "ca" in identities:
         raise ValueError(f"identities must be unique and not 'ca': {', '.join(repeated or ['ca'])}")
@@ -253,4 +282,9 @@ def write_federation(
         written += issue(ca, identity, hosts or DEFAULT_HOSTS, days=days, key_type=key_type).write(
             folder, identity
         )
+    for identity in supernodes:
+        private, public = supernode_keys()
+        (folder / f"{identity}.ssh.pub").write_bytes(public + b"\n")
+        write_private(folder / f"{identity}.ssh", private)
+        written += [folder / f"{identity}.ssh.pub", folder / f"{identity}.ssh"]
     return written

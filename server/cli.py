@@ -174,8 +174,9 @@ def _certs(args: argparse.Namespace) -> int:
 
     try:
         written = write_federation(
-            args.out, args.party, args.coordinator, args.host, args.days, args.key_type
-        )
+            args.out, args.party, args.coordinator, args.host, args.days, args.key_type,
+            args.supernode,
+        )  # fmt: skip
     except ValueError as error:
         raise _Failure(str(error), USAGE_ERROR) from None
     for path in written:
@@ -261,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--party", action="append", default=[], help="a party identity (repeatable)")
     certs.add_argument(
         "--coordinator", action="append", default=[], help="a coordinator identity (repeatable)"
+    )
+    certs.add_argument(
+        "--supernode",
+        action="append",
+        default=[],
+        help="a Flower SuperNode: a certificate for its bridge and an authentication key pair",
     )
     certs.add_argument(
         "--host",

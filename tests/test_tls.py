@@ -270,7 +270,7 @@ def test_amalgam_certs_rsa_keys_are_3072_bits(tmp_path):
     [
         (["--party", "acme", "--days", "400"], "days=400: a certificate is valid for 1 to 365"),
         (["--party", "a/b"], "identity 'a/b'"),
-        ([], "name at least one --party or --coordinator"),
+        ([], "name at least one --party, --coordinator or --supernode"),
         (["--party", "acme", "--coordinator", "acme"], "must be unique"),
     ],
 )
