@@ -8,12 +8,21 @@ test images; student 10 epochs; seed 0) over Flower's simulation engine for N = 
 100. Rows ``student:n<N>`` (accuracy) and ``wall_seconds:n<N>`` (the composition, the
 parties' training excluded); ``extra`` has the best teacher and the ensemble per N.
 
+Variant ``grpc-vs-flower``: the same composition job of 3 such parties (agents on loopback
+over mutual TLS) run by the coordinator over direct gRPC, and submitted with ``flwr run`` to a
+Flower deployment on loopback (:class:`server.loopback.LoopbackFederation`: SuperLink with
+TLS and SuperNode authentication, a SuperNode bridging to each agent). Rows
+``student:<engine>``, ``wall_seconds:<engine>`` (the job as the coordinator timed it;
+``extra.flower_submit_to_end_s`` adds Flower's start of the run), ``bytes:<engine>`` (request
+and reply bytes of the party calls, all parties) and ``rounds:<engine>`` (calls per party).
+
     python -m benchmarks.flower [--variant marketplace] [--parties 3 10] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +68,69 @@ def marketplace(sizes: list[int], data: str, epochs: int, out: Path) -> dict:
     }
 
 
+def grpc_vs_flower(data: str, epochs: int, out: Path) -> dict:
+    from contextlib import ExitStack
+
+    from server.job import connect, load_job, run_job
+    from server.loopback import LoopbackFederation
+    from server.market import market_data, market_job, market_parties, start_agents
+
+    started = time.perf_counter()
+    market = market_data(data)
+    parties = market_parties(3, market, SEED)
+    names = [p[0] for p in parties]
+    results, extra = {}, {"units": {"wall_seconds": "s", "bytes": "bytes", "rounds": "calls"}}
+    with tempfile.TemporaryDirectory(prefix="grpc-vs-flower-") as tmp, ExitStack() as stack:
+        folder = Path(tmp)
+        federation = LoopbackFederation(folder)
+        federation.certificates(names, ["coordinator"])
+        addresses = start_agents(parties, market, SEED, folder, stack, federation.certs)
+        student = {"arch": "small_cnn", "epochs": epochs, "batch_size": 64}
+        certs = federation.certs
+        tls = {"cert": str(certs / "coordinator.pem"), "key": str(certs / "coordinator.key"),
+               "ca": str(certs / "ca.pem")}  # fmt: skip
+        runs = {}
+        spec = load_job(
+            market_job(parties, addresses, market, folder, "grpc", seed=SEED, student=student,
+                       output_dir=str(folder / "grpc"), tls=tls)
+        )  # fmt: skip
+        runs["grpc"] = run_job(spec, connect(spec, log=lambda m: None), progress=False,
+                               log=lambda m: None)  # fmt: skip
+        flower_job = market_job(parties, addresses, market, folder, "flower", seed=SEED,
+                                student=student, output_dir=str(folder / "flower"))  # fmt: skip
+        stack.enter_context(federation)
+        federation.start_superlink()
+        for name, address in zip(names, addresses):
+            federation.register(f"{name}-node")
+            federation.start_supernode(f"{name}-node", address)
+        federation.wait_online(len(names))
+        submitted = time.perf_counter()
+        status = federation.run(flower_job)
+        extra["flower_submit_to_end_s"] = round(time.perf_counter() - submitted, 1)
+        extra["flower_status"] = status
+        if not status["status"].startswith("finished:completed"):
+            raise RuntimeError(f"the Flower run ended {status['status']}")
+        (runs["flower"],) = (folder / "flower").glob("flower-*")
+        for engine, run_dir in runs.items():
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            stats = metrics["parties"].values()
+            results[f"student:{engine}"] = metrics["results"]["student"]
+            results[f"wall_seconds:{engine}"] = round(metrics["wall_seconds"], 1)
+            results[f"bytes:{engine}"] = sum(p["bytes_sent"] + p["bytes_received"] for p in stats)
+            results[f"rounds:{engine}"] = max(p["calls"] for p in stats)
+    return {
+        "benchmark": "flower",
+        "variant": "grpc-vs-flower",
+        "data": f"{data}: 3 parties as in the marketplace variant; 5,000 unlabeled; test 2,000",
+        "seed": SEED,
+        "budget": f"student {epochs} epochs; loopback, 2 cores",
+        "metric": "accuracy",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+        "extra": extra,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=VARIANTS, action="append")
@@ -71,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variant or ["marketplace"]:
             if variant == "marketplace":
                 record = marketplace(sizes, data, epochs, out)
+            else:
+                record = grpc_vs_flower(data, epochs, out)
             print(write_results(record, out, VARIANTS, raw_rows=RAW_ROWS))
     except SourceUnavailable as error:
         print(f"skipped: {error}")

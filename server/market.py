@@ -26,7 +26,8 @@ from fusion.train import fit
 from party.audit import AuditLog
 from party.handler import PartyHandler
 from party.service import create_server
-from protocol.schemas import Policy, PredictPolicy
+from protocol.schemas import Policy, PredictPolicy, TlsFiles
+from protocol.tls import server_credentials
 from server.job import connect, load_job, run_job
 
 ENGINES = ("grpc", "flower")
@@ -85,6 +86,55 @@ def train_party(classes: list[str], shard: Dataset, data: MarketData, seed: int)
     return model.eval()
 
 
+def start_agents(
+    parties, data: MarketData, seed: int, folder: Path, stack: ExitStack, certs: Path | None = None
+) -> list[str]:
+    """Train each party's teacher and serve it from its own agent on loopback (stopped with
+    ``stack``); with ``certs`` (see :class:`server.loopback.LoopbackFederation`) over mutual
+    TLS, admitting the coordinator and the party's SuperNode bridge. Returns the addresses."""
+    addresses = []
+    for k, (name, classes, shard) in enumerate(parties):
+        model = train_party(classes, shard, data, seed + k)
+        callers = None
+        credentials = None
+        if certs is not None:
+            callers = {"coordinator": ["predict"], f"{name}-node": ["predict"]}
+            tls = TlsFiles(cert=str(certs / f"{name}.pem"), key=str(certs / f"{name}.key"),
+                           ca=str(certs / "ca.pem"))  # fmt: skip
+            credentials = server_credentials(tls)
+        policy = Policy(
+            predict=PredictPolicy(output="probs"), max_batch=256, sample_budget=None,
+            callers=callers,
+        )  # fmt: skip
+        handler = PartyHandler(name, model, classes, tuple(shard.x.shape[1:]), policy,
+                               AuditLog(folder / f"{name}-audit.jsonl"))  # fmt: skip
+        server = create_server(handler, "127.0.0.1:0", max_workers=2, credentials=credentials)
+        server.start()
+        stack.callback(server.stop, None)
+        addresses.append(f"127.0.0.1:{server.port}")
+    return addresses
+
+
+def market_job(
+    parties, addresses: list[str], data: MarketData, folder: Path, name: str, **fields
+) -> Path:
+    """The composition job over every party, its data written beside it; returns its path."""
+    for part, dataset in {"unlabeled": data.unlabeled, "test": data.test}.items():
+        np.savez(folder / f"{part}.npz", x=dataset.x.numpy(), y=dataset.y.numpy(),
+                 class_names=np.array(dataset.class_names))  # fmt: skip
+    job = {
+        "name": name,
+        "parties": [{"name": p[0], "address": a} for p, a in zip(parties, addresses)],
+        "method": {"name": "composition"},
+        "data": {"unlabeled": str(folder / "unlabeled.npz"), "test": str(folder / "test.npz")},
+        "baselines": False,
+        **fields,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
 def run_market(
     n: int,
     engine: str = "grpc",
@@ -103,33 +153,10 @@ def run_market(
     log(f"training {n} parties' teachers on {data_name} shards")
     with tempfile.TemporaryDirectory(prefix="amalgam-market-") as tmp, ExitStack() as stack:
         folder = Path(tmp)
-        addresses = []
-        for k, (name, classes, shard) in enumerate(parties):
-            model = train_party(classes, shard, data, seed + k)
-            handler = PartyHandler(
-                name, model, classes, tuple(shard.x.shape[1:]),
-                Policy(predict=PredictPolicy(output="probs"), sample_budget=None),
-                AuditLog(folder / f"{name}-audit.jsonl"),
-            )  # fmt: skip
-            server = create_server(handler, "127.0.0.1:0", max_workers=2)
-            server.start()
-            stack.callback(server.stop, None)
-            addresses.append(f"127.0.0.1:{server.port}")
-        for part, dataset in {"unlabeled": data.unlabeled, "test": data.test}.items():
-            np.savez(folder / f"{part}.npz", x=dataset.x.numpy(), y=dataset.y.numpy(),
-                     class_names=np.array(dataset.class_names))  # fmt: skip
-        job = {
-            "name": f"market-{n}-{engine}",
-            "seed": seed,
-            "parties": [{"name": p[0], "address": a} for p, a in zip(parties, addresses)],
-            "method": {"name": "composition"},
-            "student": {"arch": "small_cnn", "epochs": student_epochs, "batch_size": 64},
-            "data": {"unlabeled": str(folder / "unlabeled.npz"), "test": str(folder / "test.npz")},
-            "output_dir": output_dir,
-            "baselines": False,
-        }
-        (folder / "job.yaml").write_text(yaml.safe_dump(job))
-        spec = load_job(folder / "job.yaml")
+        addresses = start_agents(parties, data, seed, folder, stack)
+        student = {"arch": "small_cnn", "epochs": student_epochs, "batch_size": 64}
+        spec = load_job(market_job(parties, addresses, data, folder, f"market-{n}-{engine}",
+                                   seed=seed, student=student, output_dir=output_dir))  # fmt: skip
         log(f"composing {n} parties over {engine}")
         started = time.perf_counter()
         if engine == "grpc":
