@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -81,6 +82,9 @@ def _party_check(args: argparse.Namespace) -> int:
                 RUNTIME_ERROR,
             ) from None
     serving = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+    if args.health_only:
+        print(f"party at {args.address}: {serving}")
+        return 0 if serving == "SERVING" else RUNTIME_ERROR
     with RemoteTeacher("agent", args.address, deadline_s=args.deadline, retries=0,
                        credentials=credentials) as teacher:  # fmt: skip
         info = teacher.info
@@ -211,6 +215,12 @@ def _market(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from server.demo import run_demo
 
+    if args.prepare:
+        from server.marketplace import prepare_federation
+
+        for path in prepare_federation(Path(args.prepare)):
+            print(f"wrote {path}")
+        return 0
     run_demo(args.output_dir, progress=not args.quiet)
     return 0
 
@@ -240,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--ca", help="the federation CA")
     check.add_argument("--insecure", action="store_true", help="plaintext, for --insecure agents")
     check.add_argument("--deadline", type=float, default=10.0, help="seconds per call")
+    check.add_argument(
+        "--health-only",
+        action="store_true",
+        help="only the health service (any certificate of the CA will do; for probes)",
+    )
     check.set_defaults(run=_party_check)
 
     plan = commands.add_parser("plan", help="which methods the parties' policies allow")
@@ -299,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="simulated marketplace of three parties on loopback")
     demo.add_argument("--output-dir", default="runs")
+    demo.add_argument(
+        "--prepare",
+        metavar="DIR",
+        help="only write the configs, certificates and job of deploy/compose.yaml's federation",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(run=_demo)
     return parser

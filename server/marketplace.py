@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from fusion.data import DIGIT_NAMES, cache_dir, load_source
 from fusion.models import create_model
 from fusion.train import accuracy, fit, predict_logits
+from protocol.tls import write_federation
 
 
 @dataclass(frozen=True)
@@ -65,23 +67,36 @@ def train_demo_teacher(party: DemoParty, seed: int = 0) -> tuple[torch.nn.Module
 COORDINATOR = "coordinator"
 
 
-def demo_party_config(party: DemoParty, folder: Path, certs: Path | None = None) -> Path:
-    """Write (and train, once) the party's weights and config into ``folder``; returns the
-    config path. With ``certs`` (a folder made by :func:`protocol.tls.write_federation`) the
-    party serves mutual TLS and admits only the demo's coordinator."""
-    folder.mkdir(parents=True, exist_ok=True)
+def demo_weights(party: DemoParty) -> Path:
+    """The party's trained weights, trained on first use and cached."""
     weights = cache_dir() / "demo" / f"{party.name}-{_key(party)}.safetensors"
     if not weights.exists():
         weights.parent.mkdir(parents=True, exist_ok=True)
         model, _ = train_demo_teacher(party)
         save_file(model.state_dict(), str(weights))
+    return weights
+
+
+def demo_party_config(
+    party: DemoParty,
+    folder: Path,
+    certs: Path | None = None,
+    address: str = "127.0.0.1:0",
+    weights: Path | None = None,
+    bridge: bool = False,
+) -> Path:
+    """Write the party's config (and train its weights, once) into ``folder``; returns the
+    config path. With ``certs`` (a folder made by :func:`protocol.tls.write_federation`) the
+    party serves mutual TLS and admits the demo's coordinator, and with ``bridge`` also its
+    Flower SuperNode ``<party>-node``."""
+    folder.mkdir(parents=True, exist_ok=True)
     config = {
         "name": party.name,
-        "address": "127.0.0.1:0",
+        "address": address,
         "model": {
             "arch": DEMO_ARCH["name"],
             "kwargs": dict(DEMO_ARCH["kwargs"], num_classes=len(party.classes)),
-            "weights": str(weights),
+            "weights": str(weights or demo_weights(party)),
         },
         "class_names": list(party.classes),
         "input_shape": [1, 8, 8],
@@ -95,6 +110,8 @@ def demo_party_config(party: DemoParty, folder: Path, certs: Path | None = None)
     if certs is not None:
         config["tls"] = _tls_files(certs, party.name)
         config["policy"]["callers"] = {COORDINATOR: ["predict"]}
+        if bridge:
+            config["policy"]["callers"][f"{party.name}-node"] = ["predict"]
     path = folder / f"{party.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -128,3 +145,29 @@ def demo_job(
 
 
 assert set(DIGIT_NAMES) == {c for p in DEMO_PARTIES for c in p.classes}
+
+
+PARTY_PORT = 50051
+
+
+def prepare_federation(folder: Path) -> list[Path]:
+    """Everything the three-party Flower deployment of ``deploy/compose.yaml`` reads, with
+    the services' host names: certificates for the parties, their SuperNodes, the SuperLink
+    and the coordinator; each party's weights and config; the job. Returns the files."""
+    names = [p.name for p in DEMO_PARTIES]
+    certs = folder / "certs"
+    hosts = ["localhost", "127.0.0.1", "superlink", *names]
+    written = write_federation(
+        certs, names, [COORDINATOR, "superlink"], hosts, supernodes=[f"{n}-node" for n in names]
+    )
+    addresses = {}
+    for party in DEMO_PARTIES:
+        weights = folder / f"{party.name}.safetensors"
+        shutil.copy(demo_weights(party), weights)
+        written += [weights, demo_party_config(
+            party, folder, certs, f"0.0.0.0:{PARTY_PORT}", weights, bridge=True
+        )]  # fmt: skip
+        addresses[party.name] = f"{party.name}:{PARTY_PORT}"
+    job = demo_job(addresses, str(folder / "runs"), certs)
+    (folder / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
+    return [*written, folder / "job.yaml"]
