@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy clean
+.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy bench-flower clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,9 @@ bench-consolidation: $(STAMP)
 
 bench-privacy: $(STAMP)
 	$(BIN)/python -m benchmarks.privacy
+
+bench-flower: $(STAMP)
+	$(BIN)/python -m benchmarks.flower --variant marketplace --variant grpc-vs-flower
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -3,10 +3,11 @@ what a Flower deployment costs against direct gRPC for the same job.
 
 Variant ``marketplace``: ``amalgam market`` on MNIST from ``../shared/data`` (the first 50,000
 training images split among N parties, each a seeded half of the classes, small BN-CNN 5
-epochs; the coordinator's 5,000 next training images unlabeled; test: the first 2,000 MNIST
-test images; student 10 epochs; seed 0) over Flower's simulation engine for N = 3, 10, 50,
-100. Rows ``student:n<N>`` (accuracy) and ``wall_seconds:n<N>`` (the composition, the
-parties' training excluded); ``extra`` has the best teacher and the ensemble per N.
+epochs and at least 200 steps; the coordinator's 5,000 next training images unlabeled; test:
+the first 2,000 MNIST test images; student 10 epochs; seed 0) over Flower's simulation
+engine for N = 3, 10, 50, 100. Rows ``student:n<N>`` (accuracy) and ``wall_seconds:n<N>``
+(the composition, the parties' training excluded); ``extra`` has the best teacher, the
+ensemble and the pseudo-label retention per N.
 
 Variant ``grpc-vs-flower``: the same composition job of 3 such parties (agents on loopback
 over mutual TLS) run by the coordinator over direct gRPC, and submitted with ``flwr run`` to a
@@ -43,8 +44,10 @@ def marketplace(sizes: list[int], data: str, epochs: int, out: Path) -> dict:
     results, extra = {}, {"best_teacher": {}, "ensemble": {}, "engine": "flower simulation"}
     for n in sizes:
         print(f"{n} parties ...", flush=True)
-        metrics = run_market(n, "flower", data, SEED, str(out / "runs"), epochs, log=lambda m: None)
+        with tempfile.TemporaryDirectory(prefix="flower-market-") as runs:
+            metrics = run_market(n, "flower", data, SEED, runs, epochs, log=lambda m: None)
         results[f"student:n{n}"] = metrics["results"]["student"]
+        extra.setdefault("retention", {})[f"n{n}"] = metrics["extra"]["retention"]
         results[f"wall_seconds:n{n}"] = round(metrics["seconds"], 1)
         extra["best_teacher"][f"n{n}"] = metrics["results"]["best_teacher"]
         extra["ensemble"][f"n{n}"] = metrics["results"]["ensemble"]
@@ -60,7 +63,8 @@ def marketplace(sizes: list[int], data: str, epochs: int, out: Path) -> dict:
             "images; shared/data"
         ),
         "seed": SEED,
-        "budget": f"teachers small BN-CNN 5 epochs; student {epochs} epochs; 2 cores",
+        "budget": f"teachers small BN-CNN 5 epochs, at least 200 steps; student {epochs} "
+        "epochs; 2 cores",
         "metric": "accuracy",
         "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,

@@ -77,11 +77,19 @@ def market_parties(n: int, data: MarketData, seed: int = 0) -> list[tuple[str, l
     return parties
 
 
+MIN_TEACHER_STEPS = 200  # however small its shard, a party trains its teacher this long
+TEACHER_BATCH = 32
+
+
 def train_party(classes: list[str], shard: Dataset, data: MarketData, seed: int):
+    """The party's small CNN: ``data.teacher_epochs`` epochs, more where the shard is so small
+    that they would be fewer than ``MIN_TEACHER_STEPS`` optimiser steps."""
     torch.manual_seed(seed)
     shape = tuple(shard.x.shape[1:])
     model = create_model("small_cnn", in_shape=shape, num_classes=len(classes), width=data.width)
-    fit(model, shard.x, shard.y, epochs=data.teacher_epochs, batch_size=32, seed=seed,
+    steps_per_epoch = -(-len(shard) // TEACHER_BATCH)
+    epochs = max(data.teacher_epochs, -(-MIN_TEACHER_STEPS // steps_per_epoch))
+    fit(model, shard.x, shard.y, epochs=epochs, batch_size=TEACHER_BATCH, seed=seed,
         progress=False)  # fmt: skip
     return model.eval()
 
