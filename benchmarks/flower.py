@@ -72,7 +72,7 @@ def marketplace(sizes: list[int], data: str, epochs: int, out: Path) -> dict:
     }
 
 
-def grpc_vs_flower(data: str, epochs: int, out: Path) -> dict:
+def grpc_vs_flower(data: str, epochs: int) -> dict:
     from contextlib import ExitStack
 
     from server.job import connect, load_job, run_job
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "marketplace":
                 record = marketplace(sizes, data, epochs, out)
             else:
-                record = grpc_vs_flower(data, epochs, out)
+                record = grpc_vs_flower(data, epochs)
             print(write_results(record, out, VARIANTS, raw_rows=RAW_ROWS))
     except SourceUnavailable as error:
         print(f"skipped: {error}")

@@ -1,11 +1,14 @@
 """A real Flower deployment on loopback: a SuperLink with TLS and SuperNode authentication, two
 registered SuperNodes each bridging over mutual TLS to its party's agent, and an Amalgam
-composition job submitted with ``flwr run``. An unregistered SuperNode is refused. Every
-process is stopped by pid at the end (LoopbackFederation)."""
+composition job submitted with ``flwr run``. An unregistered SuperNode is refused; a SuperNode
+killed during a job leaves it to finish degraded. Every process is stopped by pid at the end
+(LoopbackFederation)."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from contextlib import ExitStack
 
 import pytest
@@ -68,9 +71,10 @@ def test_a_job_runs_over_an_authenticated_flower_deployment(tmp_path):
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
         stack.enter_context(federation)
         federation.start_superlink()
+        nodes = []
         for party, address in zip(PARTIES, addresses):
             federation.register(f"{party}-node")
-            federation.start_supernode(f"{party}-node", address)
+            nodes.append(federation.start_supernode(f"{party}-node", address))
         write_federation(certs, [], [], supernodes=["intruder-node"])  # nobody registered it
         intruder = federation.start_supernode("intruder-node", addresses[0], max_retries=1)
         assert intruder.wait(timeout=120) != 0
@@ -92,6 +96,21 @@ def test_a_job_runs_over_an_authenticated_flower_deployment(tmp_path):
         marks = [len(read_records(h.audit.path)) for h in handlers]
         direct = run_job(direct_spec, connect(direct_spec, log=lambda m: None), progress=False,
                          log=lambda m: None)  # fmt: skip
+        # a second job, during which org1's SuperNode is killed while it answers Predict
+        job.update(name="degraded", min_parties=1, deadline_s=10)
+        (tmp_path / "degraded.yaml").write_text(yaml.safe_dump(job))
+        killer = threading.Thread(
+            target=_kill_at_first_predict, args=(nodes[1], handlers[1].audit.path), daemon=True
+        )
+        killer.start()
+        degraded_status = federation.run(tmp_path / "degraded.yaml")
+        killer.join(timeout=5)
+    assert nodes[1].returncode == -9  # it was killed during the job
+    assert degraded_status["status"].startswith("finished:completed"), degraded_status
+    (degraded,) = (tmp_path / "runs").glob("degraded-*/")
+    assert "teacher:org0" in json.loads((degraded / "metrics.json").read_text())["results"]
+    assert "teacher:org1" not in json.loads((degraded / "metrics.json").read_text())["results"]
+    assert "DEGRADED: party org1 was dropped" in (degraded / "report.md").read_text()
     (deployed,) = (tmp_path / "runs").glob("deployed-*/metrics.json")
     results = json.loads(deployed.read_text())["results"]
     reference = json.loads((direct / "metrics.json").read_text())["results"]
@@ -102,3 +121,17 @@ def test_a_job_runs_over_an_authenticated_flower_deployment(tmp_path):
         flower_calls = read_records(handler.audit.path)[:mark]
         assert {r["caller"] for r in flower_calls} == {f"{party}-node"}  # the bridge's identity
         assert sum(r["samples"] for r in flower_calls if r["method"] == "Predict") == 854
+
+
+def _kill_at_first_predict(node, audit_path, timeout_s: float = 300.0) -> None:
+    """SIGKILL ``node`` as soon as its agent audits a new Predict call: the job has found the
+    party and is collecting its predictions."""
+    seen = len(read_records(audit_path))
+
+    def predicted() -> bool:
+        return any(r["method"] == "Predict" for r in read_records(audit_path)[seen:])
+
+    deadline = time.monotonic() + timeout_s
+    while not predicted() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    node.kill()
