@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy bench-flower clean
+.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy bench-flower bench-detection clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,9 @@ bench-privacy: $(STAMP)
 
 bench-flower: $(STAMP)
 	$(BIN)/python -m benchmarks.flower --variant marketplace --variant grpc-vs-flower
+
+bench-detection: $(STAMP)
+	$(BIN)/python -m benchmarks.detection
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

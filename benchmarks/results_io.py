@@ -49,6 +49,7 @@ def write_results(
         for r in records
     )
     units = f"; {', '.join(raw_rows)} rows in their own units" if raw_rows else ""
-    text = f"# {name} (accuracy %{units})\n\n{table}\n\n{notes}\n"
+    metric = records[0].get("metric", "accuracy")
+    text = f"# {name} ({metric} %{units})\n\n{table}\n\n{notes}\n"
     (folder / f"{name}.md").write_text(text)
     return text

@@ -32,6 +32,7 @@ class TeacherInfo:
     layers : layers whose activations or Gram matrices the policy releases.
     mean, std : per-channel normalisation the party applies before its model; exported
         weights expect inputs normalised so.
+    task : classification | detection (Predict answers with boxes).
     """
 
     name: str
@@ -44,6 +45,7 @@ class TeacherInfo:
     layers: tuple[str, ...] = ()
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    task: str = "classification"
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherInfo:
@@ -59,6 +61,7 @@ class TeacherInfo:
             layers=tuple(data.get("layers", ())),
             mean=tuple(data.get("normalization", {}).get("mean", (0.0,))),
             std=tuple(data.get("normalization", {}).get("std", (1.0,))),
+            task=data.get("task", "classification"),
         )
 
 

@@ -13,6 +13,7 @@ from party.handler import PartyHandler
 from protocol._generated import party_pb2
 from protocol.codec import (
     CodecError,
+    detections_to_proto,
     objective_from_proto,
     party_info_to_proto,
     synthesis_params_from_proto,
@@ -50,6 +51,13 @@ class PartyEndpoint:
 
     def _Predict(self, request, caller):  # noqa: N802
         x = self._decoded(request.inputs, "inputs", "Predict", caller, request.request_id)
+        if self.handler.task == "detection":
+            rows = self.handler.detect(x, caller, request.request_id)
+            return party_pb2.PredictResponse(
+                request_id=request.request_id,
+                output_form="detections",
+                detections=detections_to_proto(*rows),
+            )
         out = self.handler.predict(x, caller, request.request_id)
         return party_pb2.PredictResponse(
             request_id=request.request_id,

@@ -53,6 +53,29 @@ def release(logits: Tensor, rule: PredictPolicy) -> Tensor:
     return out.float()
 
 
+def release_detections(
+    found: list[dict[str, Tensor]], rule: PredictPolicy, label_offset: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Apply the policy to a detector's per-image outputs (torchvision's ``boxes``,
+    ``scores``, ``labels``): no box below ``score_threshold``, the ``max_detections`` most
+    confident per image, optional rounding of boxes and scores. Returns the batch as rows:
+    (M, 4) boxes, (M,) scores, (M,) labels (category indices), (B,) counts per image."""
+    boxes, scores, labels, counts = [], [], [], []
+    for image in found:
+        confident = torch.nonzero(image["scores"] >= rule.score_threshold).flatten()
+        order = confident[image["scores"][confident].argsort(descending=True)]
+        order = order[: rule.max_detections]
+        boxes.append(image["boxes"][order].float())
+        scores.append(image["scores"][order].float())
+        labels.append(image["labels"][order].long() - label_offset)
+        counts.append(len(order))
+    rows = [torch.cat(boxes).reshape(-1, 4), torch.cat(scores), torch.cat(labels)]
+    if rule.round_decimals is not None:
+        rows[0] = torch.round(rows[0], decimals=rule.round_decimals)
+        rows[1] = torch.round(rows[1], decimals=rule.round_decimals)
+    return rows[0], rows[1], rows[2], torch.tensor(counts, dtype=torch.long)
+
+
 class PartyHandler:
     """Answers Describe and Predict for one private model under one policy."""
 
@@ -68,6 +91,7 @@ class PartyHandler:
     ) -> None:
         self.name = name
         self.model = model.eval()
+        self.task = getattr(model, "task", "classification")
         self.class_names = list(class_names)
         self.input_shape = tuple(input_shape)
         self.policy = policy
@@ -135,11 +159,19 @@ class PartyHandler:
             input_shape=self.input_shape,
             normalization=self.normalization,
             capabilities=capabilities,
-            output_form=self.policy.predict.output if self.policy.predict else "",
+            output_form=self.output_form,
             max_batch=self.policy.max_batch,
             batchnorm_layers=self._batchnorm_layers,
             layers=[name for name in layer_names(self.model) if name in released],
+            task=self.task,
         )
+
+    @property
+    def output_form(self) -> str:
+        """How Predict answers: the policy's form, ``detections`` for a detector."""
+        if self.policy.predict is None:
+            return ""
+        return "detections" if self.task == "detection" else self.policy.predict.output
 
     def describe(self, caller: str, request_id: str = "") -> PartyInfo:
         self._authorize("Describe", None, caller, 0, request_id)
@@ -307,6 +339,20 @@ class PartyHandler:
             logits = self.model(self._normalize(x))  # (B, K)
         out = release(logits, rule)
         self._granted("Predict", caller, samples, request_id, out)
+        return out
+
+    def detect(
+        self, x: Tensor, caller: str, request_id: str = ""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """A detection party's Predict: the boxes on (B, C, H, W) inputs in [0, 1] as rows
+        (see :func:`release_detections`), under the same grant, budget and audit as
+        :meth:`predict`."""
+        samples = self._admit("Predict", "predict", x, caller, request_id)
+        with torch.no_grad():
+            found = self.model(list(self._normalize(x)))  # B x {boxes, scores, labels}
+        offset = getattr(self.model, "label_offset", 0)
+        out = release_detections(found, self.policy.predict, offset)
+        self._granted("Predict", caller, samples, request_id, *out)
         return out
 
     def bn_feedback(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
+from fusion.detection.canvas import Detections
 from fusion.teacher import Feedback, Synthesis, TeacherInfo, Weights, concat_chunks, in_chunks
 from party.handler import PartyHandler
 
@@ -22,6 +23,15 @@ class LocalTeacher:
             return self.handler.predict(chunk, caller=self.caller)
 
         return in_chunks(call, x, self.info.max_batch)
+
+    def detect(self, x: Tensor) -> list[Detections]:
+        """A detection party's boxes on (B, C, H, W) inputs, one entry per image."""
+        found: list[Detections] = []
+        chunk = self.info.max_batch or len(x)
+        for start in range(0, len(x), chunk):
+            rows = self.handler.detect(x[start : start + chunk], caller=self.caller)
+            found += Detections.split(*rows)
+        return found
 
     def bn_feedback(
         self,

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fusion.detection.models import DETECTORS, create_detector
 from fusion.models import create_model
 from party.config import ModelSource
 
@@ -25,7 +26,8 @@ def load_model(source: ModelSource) -> nn.Module:
     if source.torchscript is not None:
         model = torch.jit.load(source.torchscript, map_location="cpu")
     else:
-        model = create_model(source.arch, **source.kwargs)
+        build = create_detector if source.arch in DETECTORS else create_model
+        model = build(source.arch, **source.kwargs)
         model.load_state_dict(load_state_dict(source.weights))
     model.eval()
     for parameter in model.parameters():

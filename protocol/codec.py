@@ -99,6 +99,7 @@ def party_info_to_proto(info: PartyInfo) -> party_pb2.PartyInfo:
         max_batch=info.max_batch,
         batchnorm_layers=info.batchnorm_layers,
         layers=info.layers,
+        task=info.task,
     )
 
 
@@ -115,7 +116,43 @@ def party_info_from_proto(message: party_pb2.PartyInfo) -> PartyInfo:
         max_batch=message.max_batch,
         batchnorm_layers=message.batchnorm_layers,
         layers=list(message.layers),
+        task=message.task or "classification",
     )
+
+
+def detections_to_proto(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor
+) -> party_pb2.Detections:
+    """A batch's detections: (M, 4) boxes, (M,) scores and labels, (B,) counts per image."""
+    return party_pb2.Detections(
+        boxes=tensor_to_proto(boxes.float()),
+        scores=tensor_to_proto(scores.float()),
+        labels=tensor_to_proto(labels.long()),
+        counts=tensor_to_proto(counts.long()),
+    )
+
+
+def detections_from_proto(
+    message: party_pb2.Detections, batch: int, classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(boxes, scores, labels, counts)`` of :func:`detections_to_proto`, checked: finite
+    boxes and scores, ``counts`` of ``batch`` images summing to the rows, labels in
+    0..classes-1."""
+    field = "detections"
+    boxes = tensor_from_proto(message.boxes, f"{field}.boxes", require_finite=True)
+    scores = tensor_from_proto(message.scores, f"{field}.scores", require_finite=True)
+    labels = tensor_from_proto(message.labels, f"{field}.labels")
+    counts = tensor_from_proto(message.counts, f"{field}.counts")
+    rows = boxes.shape[0] if boxes.ndim == 2 else -1
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise CodecError(f"{field}.boxes", f"shape {list(boxes.shape)}, expected (M, 4)")
+    if tuple(scores.shape) != (rows,) or tuple(labels.shape) != (rows,):
+        raise CodecError(f"{field}.scores", f"scores and labels must have {rows} rows")
+    if tuple(counts.shape) != (batch,) or (counts < 0).any() or int(counts.sum()) != rows:
+        raise CodecError(f"{field}.counts", f"must be {batch} counts summing to {rows}")
+    if rows and (labels.min() < 0 or labels.max() >= classes):
+        raise CodecError(f"{field}.labels", f"outside 0..{classes - 1}")
+    return boxes.float(), scores.float(), labels.long(), counts.long()
 
 
 OBJECTIVE_FIELDS = ("bn", "instance_entropy", "batch_entropy", "adversarial", "temperature")

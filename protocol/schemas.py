@@ -41,10 +41,11 @@ class PartyInfo(_Strict):
     input_shape: tuple[int, ...]
     normalization: Normalization = Normalization()
     capabilities: list[str] = Field(default_factory=list)
-    output_form: OutputForm | Literal[""] = ""
+    output_form: OutputForm | Literal["detections", ""] = ""
     max_batch: int = 0
     batchnorm_layers: int = 0
     layers: list[str] = Field(default_factory=list)  # released by Activations / Gram
+    task: Literal["classification", "detection"] = "classification"
 
 
 # --- the owner's policy -------------------------------------------------------------------
@@ -57,6 +58,9 @@ class PredictPolicy(_Strict):
     temperature: float = Field(1.0, gt=0)  # softmax temperature before probs/topk
     top_k: int = Field(1, ge=1)  # with output: topk
     round_decimals: int | None = Field(None, ge=0, le=8)  # round released values
+    # detection parties: the boxes released per image
+    score_threshold: float = Field(0.05, ge=0, le=1)  # none below this confidence
+    max_detections: int = Field(20, ge=1)  # the most confident ones, at most this many
 
 
 class BnFeedbackPolicy(_Strict):
@@ -170,6 +174,11 @@ class CompositionParams(_Strict):
     targets: Literal["hard", "soft"] = "soft"  # train on labels or on the aggregated distribution
     finetune_fraction: float = Field(0.0, ge=0, lt=1)  # labelled fraction for fine-tuning
     finetune_epochs: int = Field(5, ge=1)
+    # detection parties (paper 000, Algorithm 2): the vote per object, then Soft-NMS
+    detection_rule: Literal["unanimous", "consensus", "affirmative"] = "consensus"
+    iou_threshold: float = Field(0.5, gt=0, lt=1)  # same category and IoU above: one object
+    score_threshold: float = Field(0.5, ge=0, le=1)  # confidence filter before the vote
+    soft_nms_sigma: float = Field(0.5, gt=0)
 
 
 class CompositionMethod(_Strict):
@@ -272,7 +281,9 @@ class StudentSpec(_Strict):
 class DataSpec(_Strict):
     """Where the coordinator's own data comes from: a source name or an ``.npz`` path."""
 
-    unlabeled: str | None = None  # e.g. digits:public, mnist:train; composition needs it
+    # e.g. digits:public, mnist:train; composition needs it. Detection parties: canvases of
+    # digits, e.g. canvases:digits:public (fusion.detection.canvas.load_canvases)
+    unlabeled: str | None = None
     test: str  # labelled, e.g. digits:test
     finetune: str | None = None  # labelled, for fine-tuning a fused network
 

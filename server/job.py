@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from fusion.composition import RULES
 from fusion.datafree.trainer import VARIANTS
+from fusion.detection.models import DETECTORS
 from fusion.models import list_models
 from fusion.teacher import Teacher
 from protocol.loading import ConfigError, load_yaml
@@ -122,10 +123,11 @@ def load_job(path: str | Path) -> JobSpec:
         raise ConfigError(f"{path}: {problem}")
     if spec.tls is not None:
         spec = spec.model_copy(update={"tls": resolve_tls(spec.tls, Path(path))})
-    if spec.student.arch not in list_models():
+    known = [*list_models(), *DETECTORS]  # detectors: for detection parties
+    if spec.student.arch not in known:
         raise ConfigError(
             f"{path}: student.arch: unknown architecture {spec.student.arch!r}"
-            f" (registered: {', '.join(list_models())})"
+            f" (registered: {', '.join(known)})"
         )
     return spec
 
@@ -233,7 +235,7 @@ def run_job(
         "wall_seconds": time.perf_counter() - started,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    figures = {"accuracy.png": lambda path: plot_accuracy(outcome.results, path)}
+    figures = {"accuracy.png": lambda path: plot_accuracy(outcome.results, path, outcome.metric)}
     figures.update(outcome.figures)
     for name, write in {**figures, **outcome.files}.items():
         write(run_dir / name)
@@ -245,6 +247,7 @@ def run_job(
         list(figures),
         outcome.extra.get("per_class"),
         outcome.class_names,
+        outcome.metric,
     )
     (run_dir / "report.md").write_text(report)
     if store is not None:

@@ -12,17 +12,20 @@ from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
 from fusion.evaluate import evaluate
 from protocol.schemas import JobSpec
 from server.consolidation import run_consolidation
+from server.detection import run_detection_composition
 from server.fanout import fan_out
 from server.outcome import Outcome, Runner
 from server.report import plot_curves, plot_samples
 from server.roster import Roster
 from server.weightfusion import run_weight_fusion
 
+DETECTION_PARAMS = {"detection_rule", "iou_threshold", "score_threshold", "soft_nms_sigma"}
+
 
 def composition_config(spec: JobSpec) -> CompositionConfig:
     """The method's parameters and the student spec share the config's field names."""
     return CompositionConfig(
-        **spec.method.params.model_dump(),
+        **spec.method.params.model_dump(exclude=DETECTION_PARAMS),
         **spec.student.model_dump(),
         seed=spec.seed,
         baselines=spec.baselines,
@@ -30,6 +33,13 @@ def composition_config(spec: JobSpec) -> CompositionConfig:
 
 
 def run_composition(spec, teachers, progress, log, checkpoints=None) -> Outcome:
+    tasks = {t.info.task for t in teachers}
+    if tasks == {"detection"}:
+        return run_detection_composition(spec, teachers, progress, log, checkpoints)
+    if len(tasks) > 1:
+        detectors = [t.info.name for t in teachers if t.info.task == "detection"]
+        raise ValueError(f"parties: {', '.join(detectors)} detect and the others classify; "
+                         "a composition job takes one kind")  # fmt: skip
     unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
     roster = Roster(spec.min_parties or len(spec.parties), log)
     result = compose(

@@ -13,13 +13,14 @@ from protocol.schemas import JobSpec
 
 @dataclass
 class Outcome:
-    student: Classifier
+    student: Classifier  # or a detector (fusion.detection.models)
     class_names: list[str]
     results: dict[str, float]  # row -> accuracy
     extra: dict = field(default_factory=dict)  # goes to metrics.json
     summary: list[str] = field(default_factory=list)  # method-specific lines of report.md
     figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # PNG writers
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # other artefacts
+    metric: str = "accuracy"  # what the results rows measure (detection: mAP)
 
 
 # runner(spec, teachers, progress, log, checkpoints): ``checkpoints(name)`` gives a

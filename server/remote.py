@@ -22,11 +22,13 @@ import torch
 from torch import Tensor
 
 from fusion.datafree.losses import GeneratorObjective
+from fusion.detection.canvas import Detections
 from fusion.teacher import Feedback, Synthesis, TeacherInfo, Weights, concat_chunks, in_chunks
 from protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
 from protocol._generated import party_pb2, party_pb2_grpc
 from protocol.codec import (
     CodecError,
+    detections_from_proto,
     objective_to_proto,
     party_info_from_proto,
     synthesis_params_to_proto,
@@ -218,6 +220,34 @@ class RemoteTeacher:
     def predict(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> the party's released predictions, in as many calls as needed."""
         return in_chunks(self._predict_once, x.contiguous(), self._chunk_size(x))
+
+    def detect(self, x: Tensor) -> list[Detections]:
+        """A detection party's boxes on (B, C, H, W) inputs, one entry per image, in as many
+        calls as needed; rows that do not add up, labels outside the party's categories or
+        non-finite boxes are quarantined as malformed."""
+        found: list[Detections] = []
+        chunk = self._chunk_size(x)
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk].contiguous()
+            request = party_pb2.PredictRequest(
+                request_id=_request_id(), inputs=tensor_to_proto(part)
+            )
+            response = self._call("Predict", request)
+            if response.output_form != "detections":
+                raise MalformedResponse(
+                    f"party {self.name}: Predict answered {response.output_form!r}, expected "
+                    "detections"
+                )
+            try:
+                rows = detections_from_proto(
+                    response.detections, len(part), len(self.info.class_names)
+                )
+            except CodecError as error:
+                raise MalformedResponse(f"party {self.name}: Predict answered {error}") from None
+            found += Detections.split(*rows)
+            with self._lock:
+                self.stats.samples += len(part)
+        return found
 
     def bn_feedback(
         self,

@@ -51,10 +51,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def results_table(results: Mapping[str, float]) -> str:
+def results_table(results: Mapping[str, float], metric: str = "accuracy") -> str:
     """Rows in a fixed order, with what each means, as percentages."""
     rows = [[row, row_label(row), f"{100 * results[row]:.1f}"] for row in ordered_rows(results)]
-    return markdown_table(["row", "what", "accuracy %"], rows)
+    return markdown_table(["row", "what", f"{metric} %"], rows)
 
 
 def party_table(stats: Mapping[str, Mapping[str, float]]) -> str:
@@ -90,6 +90,7 @@ def report_markdown(
     figures: list[str],
     per_class: Mapping[str, list] | None = None,
     class_names: list[str] | None = None,
+    metric: str = "accuracy",
 ) -> str:
     params = ", ".join(f"{k} {v}" for k, v in job["method"]["params"].items())
     lines = [
@@ -99,9 +100,9 @@ def report_markdown(
         f"seed {job['seed']}.",
         *summary,
         "",
-        "## Accuracy",
+        f"## {metric.capitalize() if metric.islower() else metric}",
         "",
-        results_table(results),
+        results_table(results, metric),
         "",
     ]
     if per_class:
@@ -111,7 +112,7 @@ def report_markdown(
     return "\n".join(lines)
 
 
-def plot_accuracy(results: Mapping[str, float], path: Path) -> None:
+def plot_accuracy(results: Mapping[str, float], path: Path, metric: str = "accuracy") -> None:
     """A horizontal bar per row (teachers, ensembles, baselines, student), as a PNG."""
     plt = _pyplot()
     rows = [r for r in ordered_rows(results) if r not in ("best_teacher", "ensemble")]
@@ -122,7 +123,7 @@ def plot_accuracy(results: Mapping[str, float], path: Path) -> None:
     )
     axes.invert_yaxis()
     axes.set_xlim(0, 100)
-    axes.set_xlabel("accuracy on the union classes, %")
+    axes.set_xlabel(f"{metric} on the union classes, %")
     for y, row in enumerate(rows):
         axes.text(100 * results[row] + 0.5, y, f"{100 * results[row]:.1f}", va="center", fontsize=8)
     figure.tight_layout()

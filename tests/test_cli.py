@@ -142,6 +142,9 @@ def test_example_files_in_deploy_validate(tmp_path):
     assert job.method.params.rule == "restricted-fit" and job.tls.ca.endswith("ca.pem")
     assert load_job(deploy / "job.datafree.example.yaml").method.params.variant == "dfmf"
     assert load_job(deploy / "job.ot.example.yaml").method.params.balance == "merge"
+    detection = load_job(deploy / "job.detection.example.yaml")
+    assert detection.method.params.detection_rule == "consensus"
+    assert detection.student.arch == "fcos"
     consolidate = load_job(deploy / "job.consolidate.example.yaml").method.params
     assert consolidate.generalist == "generalist-lab" and len(consolidate.tasks) == 2
 

@@ -25,7 +25,7 @@ class Normalization(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PartyInfo(_message.Message):
-    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch", "batchnorm_layers", "layers")
+    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch", "batchnorm_layers", "layers", "task")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class PartyInfo(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCHNORM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
     name: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -44,7 +45,8 @@ class PartyInfo(_message.Message):
     max_batch: int
     batchnorm_layers: int
     layers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ..., batchnorm_layers: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ...) -> None: ...
+    task: str
+    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ..., batchnorm_layers: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -69,14 +71,28 @@ class PredictRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("request_id", "outputs", "output_form")
+    __slots__ = ("request_id", "outputs", "output_form", "detections")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORM_FIELD_NUMBER: _ClassVar[int]
+    DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     outputs: Tensor
     output_form: str
-    def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., output_form: _Optional[str] = ...) -> None: ...
+    detections: Detections
+    def __init__(self, request_id: _Optional[str] = ..., outputs: _Optional[_Union[Tensor, _Mapping]] = ..., output_form: _Optional[str] = ..., detections: _Optional[_Union[Detections, _Mapping]] = ...) -> None: ...
+
+class Detections(_message.Message):
+    __slots__ = ("boxes", "scores", "labels", "counts")
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    counts: Tensor
+    def __init__(self, boxes: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., counts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GeneratorObjective(_message.Message):
     __slots__ = ("bn", "instance_entropy", "batch_entropy", "adversarial", "adversary_logits", "temperature")

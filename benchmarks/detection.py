@@ -1,0 +1,254 @@
+"""Model composition for object detection (paper 000, Scenarios 1 and 4) at CPU scale, on
+canvases of real digits (:mod:`fusion.detection.canvas`, 64 x 64, 1-5 digits each).
+
+Scenario 1 (variants ``same-dist``, ``other-dist``): three detector parties with overlapping
+skills, like Table 2's transportation / sports / home: ``low`` knows 0-4, ``mid`` 0, 1, 4, 5,
+6, ``high`` 0, 1, 6-9 (0 and 1 in all three, 4 and 6 in two, the rest in one). Each is a
+Faster R-CNN trained on 2,000 canvases of its own 12,000 MNIST training digits, annotated
+with its categories only. Each party answers through its agent's policy (``PartyHandler``:
+boxes with confidence >= 0.05, at most 20 per image). The student is an FCOS (a different
+architecture) trained on 2,000 unlabeled canvases: of MNIST digits 36,000-47,999
+(``same-dist``) or of USPS training digits (``other-dist``, the paper's unlabeled OID).
+Test: 500 canvases of the first 5,000 MNIST test digits, all ten categories.
+
+Scenario 4 (``ten-parties``): ten parties on disjoint 3,600-digit shards (600 canvases each),
+each knowing a seeded random 3-6 of the categories (redrawn until all ten are covered).
+
+Rows (mAP@[.5:.95], COCO, pycocotools): ``supervised`` (the student trained on the same
+unlabeled canvases with all their true labels: the upper bound), ``student_0pct`` (composed,
+consensus vote + Soft-NMS, no labels), ``no_filtering`` (no confidence filter before the
+vote), ``no_aggregation`` (every confident detection of every party is a training box: no
+vote, no Soft-NMS), ``teacher:<party>`` (each party on the categories it knows) and, for
+``same-dist``, ``student_ft_<p>pct`` (the composed student fine-tuned on the labels of the
+first p% of the unlabeled canvases, 300 steps) against ``supervised_<p>pct`` (the student
+architecture trained on those labelled canvases alone, as many steps as the student).
+``extra``: mAP@.5 of every row, the student's AP per category, the pseudo-labels' own mAP on
+the test canvases, and how many boxes each stage and rule kept.
+
+    python -m benchmarks.detection [--variant same-dist] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.results_io import write_results
+from fusion.data import Dataset, SourceUnavailable, load_source
+from fusion.detection.aggregate import AggregationConfig, aggregate
+from fusion.detection.canvas import DetectionSet, make_canvases
+from fusion.detection.coco import evaluate_map
+from fusion.detection.compose import (
+    DetectionCompositionConfig,
+    compose_detection,
+    detection_map,
+    gather_detections,
+)
+from fusion.detection.figures import pseudo_label_grid
+from fusion.detection.models import create_detector
+from fusion.detection.train import fit_detector
+from party.audit import AuditLog
+from party.handler import PartyHandler
+from party.local import LocalTeacher
+from protocol.schemas import Policy, PredictPolicy
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ["same-dist", "other-dist", "ten-parties"]
+SEED = 0
+SIZE = 64
+SKILLS = {
+    "low": ["0", "1", "2", "3", "4"],
+    "mid": ["0", "1", "4", "5", "6"],
+    "high": ["0", "1", "6", "7", "8", "9"],
+}
+FULL = dict(party_canvases=2000, party_epochs=10, unlabeled=2000, test=500, student_epochs=12,
+            ten_canvases=600, ten_epochs=10, finetune_steps=300)  # fmt: skip
+QUICK = dict(party_canvases=200, party_epochs=2, unlabeled=200, test=100, student_epochs=2,
+             ten_canvases=60, ten_epochs=2, finetune_steps=20)  # fmt: skip
+LABEL_FRACTIONS = (1, 5, 10)
+UPPER_BOUND: dict[str, dict] = {}
+BATCH = 16
+
+
+def _glyphs(source: str, start: int, stop: int) -> Dataset:
+    data = load_source(source)
+    return data.subset(np.arange(start, min(stop, len(data))))
+
+
+def _party(name: str, classes: list[str], canvases: DetectionSet, epochs: int, seed: int,
+           folder: Path) -> LocalTeacher:  # fmt: skip
+    """A detector party: Faster R-CNN trained on ``canvases`` annotated with ``classes``,
+    answering through its agent's policy."""
+    torch.manual_seed(seed)
+    model = create_detector("frcnn", len(classes), size=SIZE)
+    fit_detector(model, canvases.restrict(classes), epochs=epochs, batch_size=BATCH, seed=seed,
+                 desc=f"party {name}")  # fmt: skip
+    policy = Policy(predict=PredictPolicy(score_threshold=0.05, max_detections=20),
+                    max_batch=256)  # fmt: skip
+    audit = AuditLog(folder / f"{name}-audit.jsonl")
+    handler = PartyHandler(name, model, classes, (1, SIZE, SIZE), policy, audit)
+    return LocalTeacher(handler, caller="coordinator")
+
+
+def scenario_one_parties(budget: dict, folder: Path) -> list[LocalTeacher]:
+    parties = []
+    for k, (name, classes) in enumerate(SKILLS.items()):
+        glyphs = _glyphs("mnist:train", 12000 * k, 12000 * (k + 1))
+        canvases = make_canvases(glyphs, budget["party_canvases"], size=SIZE, seed=100 + k)
+        parties.append(_party(name, classes, canvases, budget["party_epochs"], k, folder))
+    return parties
+
+
+def ten_parties(budget: dict, folder: Path) -> list[LocalTeacher]:
+    rng = np.random.default_rng(SEED)
+    names = [str(d) for d in range(10)]
+    while True:
+        skills = [sorted(rng.choice(names, int(rng.integers(3, 7)), replace=False).tolist())
+                  for _ in range(10)]  # fmt: skip
+        if {c for s in skills for c in s} == set(names):
+            break
+    parties = []
+    for k, classes in enumerate(skills):
+        glyphs = _glyphs("mnist:train", 3600 * k, 3600 * (k + 1))
+        canvases = make_canvases(glyphs, budget["ten_canvases"], size=SIZE, seed=200 + k)
+        parties.append(_party(f"p{k}", classes, canvases, budget["ten_epochs"], k, folder))
+    return parties
+
+
+def _steps_as_epochs(steps: int, images: int) -> int:
+    return max(1, math.ceil(steps * BATCH / images))
+
+
+def run_variant(variant: str, parties: list[LocalTeacher], budget: dict, out: Path) -> dict:
+    started = time.perf_counter()
+    same = make_canvases(_glyphs("mnist:train", 36000, 48000), budget["unlabeled"], size=SIZE,
+                         seed=1)  # fmt: skip
+    if variant == "other-dist":
+        unlabeled = make_canvases(_glyphs("usps:train", 0, 10**6), len(same), size=SIZE, seed=1)
+    else:
+        unlabeled = same
+    labelled_pool = same  # the same canvases with their true labels
+    test = make_canvases(_glyphs("mnist:test", 0, 5000), budget["test"], size=SIZE, seed=2)
+    names = test.class_names
+    config = DetectionCompositionConfig(epochs=budget["student_epochs"], batch_size=BATCH,
+                                        seed=SEED)  # fmt: skip
+    results, extra = {}, {"map50": {}, "aggregation": {}}
+
+    def record(row: str, metrics: dict) -> None:
+        results[row] = metrics["map"]
+        extra["map50"][row] = metrics["map50"]
+
+    for party in parties:  # each on the categories it knows, in its own label order
+        known = list(party.info.class_names)
+        found = party.detect(test.images)
+        record(f"teacher:{party.info.name}", evaluate_map(test.restrict(known).targets, found,
+                                                          known, SIZE))  # fmt: skip
+    raw_test, union, knows = gather_detections(parties, test.images)
+    if set(union) != set(names):
+        raise RuntimeError(f"the parties cover {union}, the test canvases {names}")
+    student_test = test.restrict(union)  # labels in the students' (union) order
+    pseudo_test, _ = aggregate(raw_test, knows, config.aggregation)
+    extra["pseudo_labels_on_test"] = evaluate_map(student_test.targets, pseudo_test, union, SIZE)
+
+    def supervised(labelled: DetectionSet, epochs: int, desc: str) -> dict:
+        torch.manual_seed(SEED)
+        model = create_detector(config.student_arch, len(names), size=SIZE)
+        fit_detector(model, labelled, epochs=epochs, batch_size=BATCH, seed=SEED, desc=desc)
+        return detection_map(model, test)
+
+    if "supervised" not in UPPER_BOUND:  # the same canvases, labels and test in every variant
+        UPPER_BOUND["supervised"] = supervised(labelled_pool, config.epochs, "supervised")
+    record("supervised", UPPER_BOUND["supervised"])
+    ablations = {
+        "student_0pct": config.aggregation,
+        "no_filtering": AggregationConfig(score_threshold=0.0),
+        "no_aggregation": AggregationConfig(rule="affirmative", soft_nms=False),
+    }
+    for row, aggregation in ablations.items():
+        run_config = DetectionCompositionConfig(**{**config.__dict__, "aggregation": aggregation})
+        composed = compose_detection(parties, unlabeled.images, run_config)
+        metrics = detection_map(composed.student, student_test)
+        record(row, metrics)
+        extra["aggregation"][row] = composed.stats.as_dict()
+        if row == "student_0pct":
+            extra["student_per_category"] = metrics["per_category"]
+            pseudo_label_grid(unlabeled.images, composed.raw, composed.pseudo_labels, union,
+                              out / f"detection-{variant}-pseudo-labels.png")  # fmt: skip
+            state = {k: v.clone() for k, v in composed.student.state_dict().items()}
+    if variant == "same-dist":
+        steps = budget["finetune_steps"]
+        for pct in LABEL_FRACTIONS:
+            labelled = labelled_pool.subset(range(max(1, len(labelled_pool) * pct // 100)))
+            student_labelled = labelled.restrict(union)
+            student = composed.student
+            student.load_state_dict(state)
+            epochs = _steps_as_epochs(steps, len(labelled))
+            fit_detector(student, student_labelled, epochs=epochs, batch_size=BATCH,
+                         lr=config.lr / 2, seed=SEED, desc=f"fine-tune {pct}%")  # fmt: skip
+            record(f"student_ft_{pct}pct", detection_map(student, student_test))
+            same_steps = _steps_as_epochs(config.epochs * math.ceil(len(unlabeled) / BATCH),
+                                          len(labelled))  # fmt: skip
+            record(f"supervised_{pct}pct", supervised(labelled, same_steps, f"supervised {pct}%"))
+    data = {
+        "same-dist": "unlabeled: canvases of MNIST train digits 36,000-47,999",
+        "other-dist": "unlabeled: canvases of USPS train digits",
+        "ten-parties": "unlabeled: canvases of MNIST train digits 36,000-47,999",
+    }[variant]
+    return {
+        "benchmark": "detection",
+        "variant": variant,
+        "data": f"{data}; test: {len(test)} canvases of MNIST test digits 0-4,999; "
+        "64x64 canvases, 1-5 digits; shared/data",
+        "seed": SEED,
+        "budget": (
+            f"parties Faster R-CNN {budget['party_epochs']} epochs on "
+            f"{budget['party_canvases']} canvases"
+            if variant != "ten-parties"
+            else f"10 parties Faster R-CNN {budget['ten_epochs']} epochs on "
+            f"{budget['ten_canvases']} canvases"
+        )
+        + f"; student FCOS {config.epochs} epochs on {len(unlabeled)} canvases, batch {BATCH};"
+        " 2 cores",
+        "metric": "mAP@[.5:.95]",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+        "extra": extra,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=VARIANTS, action="append")
+    parser.add_argument("--quick", action="store_true", help="a tiny budget, to a temp dir")
+    args = parser.parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    out = Path(tempfile.mkdtemp(prefix="detection-quick-")) if args.quick else RESULTS
+    torch.set_num_threads(2)
+    try:
+        with tempfile.TemporaryDirectory(prefix="detection-audit-") as audit:
+            scenario_one = None
+            for variant in args.variant or VARIANTS:
+                started = time.perf_counter()
+                if variant == "ten-parties":
+                    parties = ten_parties(budget, Path(audit))
+                else:
+                    scenario_one = scenario_one or scenario_one_parties(budget, Path(audit))
+                    parties = scenario_one
+                record = run_variant(variant, parties, budget, out)
+                record["extra"]["with_party_training_s"] = round(time.perf_counter() - started, 1)
+                print(write_results(record, out, VARIANTS), flush=True)
+    except SourceUnavailable as error:
+        print(f"skipped: {error}")
+        return 0
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

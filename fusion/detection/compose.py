@@ -1,0 +1,124 @@
+"""Model composition for detection (paper 000, Algorithm 1 with Algorithm 2 as the
+aggregation): every party's detections on the unlabeled canvases, mapped to the union of the
+categories, voted and thinned into pseudo-labels, on which one student detector of any
+architecture is trained; optionally fine-tuned on a few labelled canvases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fusion.composition import union_classes
+from fusion.detection.aggregate import AggregationConfig, AggregationStats, aggregate
+from fusion.detection.canvas import Detections, DetectionSet
+from fusion.detection.coco import evaluate_map
+from fusion.detection.models import create_detector
+from fusion.detection.train import detect, fit_detector
+from fusion.teacher import TeacherInfo
+
+
+class DetectorTeacher(Protocol):
+    """A party whose model detects: ``detect`` returns, per image, boxes whose labels index
+    ``info.class_names``."""
+
+    info: TeacherInfo
+
+    def detect(self, x: Tensor) -> list[Detections]: ...
+
+
+@dataclass(frozen=True)
+class DetectionCompositionConfig:
+    """Parameters
+    ----------
+    aggregation : the vote, filter and Soft-NMS settings (Algorithm 2).
+    student_arch : ``frcnn`` | ``fcos`` | ``retinanet`` (:func:`create_detector`).
+    width : the student backbone's channels.
+    epochs, batch_size, lr : student training on the pseudo-labels.
+    finetune_epochs : on the labelled canvases, when there are any.
+    seed : student initialisation and data order.
+    """
+
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    student_arch: str = "fcos"
+    width: int = 32
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 2e-3
+    finetune_epochs: int = 6
+    seed: int = 0
+
+
+@dataclass
+class DetectionComposition:
+    """What one composition produced: the student, the pseudo-labels, every party's raw
+    detections (labels in the union), the aggregation counts and the union of categories."""
+
+    student: nn.Module
+    pseudo_labels: list[Detections]
+    raw: list[list[Detections]]
+    stats: AggregationStats
+    union: list[str]
+
+
+def to_union_labels(found: Sequence[Detections], classes: Sequence[str], union: Sequence[str]):
+    """Relabel one party's detections from its own category order to the union's."""
+    mapping = torch.tensor([list(union).index(c) for c in classes], dtype=torch.long)
+    return [Detections(d.boxes, mapping[d.labels], d.scores) for d in found]
+
+
+def knows_matrix(class_sets: Sequence[Sequence[str]], union: Sequence[str]) -> Tensor:
+    """(models, categories) bool: category c is in model m's label set."""
+    return torch.tensor([[c in set(s) for c in union] for s in class_sets], dtype=torch.bool)
+
+
+def gather_detections(
+    teachers: Sequence[DetectorTeacher],
+    images: Tensor,
+    map_teachers: Callable | None = None,
+) -> tuple[list[list[Detections]], list[str], Tensor]:
+    """Every teacher's detections on (N, 1, S, S) ``images`` in union labels, the union and
+    the (models, categories) knowledge matrix. ``map_teachers(fn, teachers)`` runs the calls
+    (the job's roster, which fans out and drops unreachable parties); a teacher answered
+    with ``None`` is left out."""
+    run = map_teachers or (lambda fn, ts: [fn(t) for t in ts])
+    answers = run(lambda t: t.detect(images), teachers)
+    alive = [(t, a) for t, a in zip(teachers, answers) if a is not None]
+    union = union_classes([t.info.class_names for t, _ in alive])
+    raw = [to_union_labels(a, t.info.class_names, union) for t, a in alive]
+    return raw, union, knows_matrix([t.info.class_names for t, _ in alive], union)
+
+
+def compose_detection(
+    teachers: Sequence[DetectorTeacher],
+    unlabeled: Tensor,
+    config: DetectionCompositionConfig,
+    labelled: DetectionSet | None = None,
+    map_teachers: Callable | None = None,
+    progress: bool = True,
+) -> DetectionComposition:
+    """Algorithm 1 for detection: gather, aggregate (Algorithm 2), train the student on the
+    pseudo-labels, then fine-tune on ``labelled`` canvases (categories in the union's order)
+    when given."""
+    raw, union, knows = gather_detections(teachers, unlabeled, map_teachers)
+    pseudo, stats = aggregate(raw, knows, config.aggregation)
+    torch.manual_seed(config.seed)
+    student = create_detector(config.student_arch, len(union), size=unlabeled.shape[-1],
+                              width=config.width)  # fmt: skip
+    fit_detector(student, DetectionSet(unlabeled, pseudo, union), epochs=config.epochs,
+                 batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                 desc="student on pseudo-labels", progress=progress)  # fmt: skip
+    if labelled is not None and len(labelled):
+        fit_detector(student, labelled, epochs=config.finetune_epochs,
+                     batch_size=config.batch_size, lr=config.lr / 2, seed=config.seed,
+                     desc="fine-tune on labels", progress=progress)  # fmt: skip
+    return DetectionComposition(student, pseudo, raw, stats, union)
+
+
+def detection_map(model: nn.Module, test: DetectionSet) -> dict:
+    """mAP@[.5:.95], mAP@.5 and per-category AP of ``model`` on labelled test canvases."""
+    return evaluate_map(test.targets, detect(model, test.images), test.class_names,
+                        size=test.images.shape[-1])  # fmt: skip
