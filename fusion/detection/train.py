@@ -29,7 +29,8 @@ def fit_detector(
 ) -> list[float]:
     """Train on ``data`` (labelled canvases) with Adam, a 5% linear warm-up and a cosine
     decay; gradients are clipped at norm 10 (from-scratch detectors spike early). Returns
-    each epoch's mean of the summed detection losses."""
+    each epoch's mean of the summed detection losses; a non-finite loss stops the run with
+    ``FloatingPointError`` naming the step and the loss terms."""
     if data.targets is None:
         raise ValueError("fit_detector needs labelled canvases")
     generator = torch.Generator().manual_seed(seed)
@@ -55,6 +56,9 @@ def fit_detector(
             images = list(data.images[index])  # B x (1, S, S)
             losses = model(images, _targets([data.targets[i] for i in index], offset))
             loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                parts = ", ".join(f"{k} {float(v):.3g}" for k, v in losses.items())
+                raise FloatingPointError(f"{desc}: non-finite loss at step {bar.n} ({parts})")
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 10.0)
