@@ -4,6 +4,8 @@ of the categories, scored by COCO mAP."""
 
 from __future__ import annotations
 
+import torch
+
 from fusion.detection.aggregate import AggregationConfig, aggregate
 from fusion.detection.canvas import load_canvases
 from fusion.detection.coco import evaluate_map
@@ -56,17 +58,14 @@ def run_detection_composition(spec, teachers, progress, log, checkpoints=None) -
     log(f"collecting detections of {len(teachers)} parties on {len(unlabeled)} canvases")
     composed = compose_detection(teachers, unlabeled.images, config, map_teachers=roster.map,
                                  progress=progress)  # fmt: skip
-    union = composed.union
-    scored = test.restrict(union)
     alive = [t for t in teachers if t.info.name not in roster.dropped]
+    raw_test, union, knows = gather_detections(alive, test.images)  # one call per party
+    scored = test.restrict(union)
     results = {}
-    for teacher in alive:
-        known = list(teacher.info.class_names)
-        found = teacher.detect(test.images)
-        results[f"teacher:{teacher.info.name}"] = evaluate_map(
-            test.restrict(known).targets, found, known, size
-        )["map"]
-    raw_test, _, knows = gather_detections(alive, test.images)
+    for teacher, found in zip(alive, raw_test):  # each on the categories it knows
+        known = torch.tensor([union.index(c) for c in teacher.info.class_names])
+        truth = [d.select(torch.isin(d.labels, known)) for d in scored.targets]
+        results[f"teacher:{teacher.info.name}"] = evaluate_map(truth, found, union, size)["map"]
     pseudo_test, _ = aggregate(raw_test, knows, config.aggregation)
     pseudo_metrics = evaluate_map(scored.targets, pseudo_test, union, size)
     student = detection_map(composed.student, scored)
@@ -102,7 +101,7 @@ def run_detection_composition(spec, teachers, progress, log, checkpoints=None) -
     ]
     figures = {
         "pseudo-labels.png": lambda path: pseudo_label_grid(
-            unlabeled.images, composed.raw, composed.pseudo_labels, union, path
+            unlabeled.images, composed.raw, composed.pseudo_labels, composed.union, path
         )
     }
-    return Outcome(composed.student, union, results, extra, summary, figures, metric="mAP")
+    return Outcome(composed.student, composed.union, results, extra, summary, figures, metric="mAP")
