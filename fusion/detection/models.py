@@ -81,6 +81,10 @@ def create_detector(
                 raise ValueError(f"width: {width}; fcos needs a multiple of 32 (its GroupNorm)")
             anchors = AnchorGenerator(sizes=((16,), (32,)), aspect_ratios=((1.0,), (1.0,)))
             model = FCOS(backbone, num_classes, anchor_generator=anchors, **heads)
+            # torchvision's FCOS regresses ReLU(conv) with a zero bias: trained from scratch,
+            # the distances can all go negative early and the ReLU never lets them back
+            # (every box shrinks to a point). A bias of one anchor size starts them alive.
+            nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.0)
         else:
             anchors = AnchorGenerator(
                 sizes=((12, 20), (28, 40)), aspect_ratios=((1.0, 1.5, 2.0),) * 2
