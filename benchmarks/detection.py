@@ -68,7 +68,7 @@ SKILLS = {
     "high": ["0", "1", "6", "7", "8", "9"],
 }
 FULL = dict(party_canvases=2000, party_epochs=10, unlabeled=2000, test=500, student_epochs=12,
-            ten_canvases=600, ten_epochs=10, finetune_steps=300)  # fmt: skip
+            ten_canvases=600, ten_epochs=30, finetune_steps=300)  # fmt: skip
 QUICK = dict(party_canvases=200, party_epochs=2, unlabeled=200, test=100, student_epochs=2,
              ten_canvases=60, ten_epochs=2, finetune_steps=20)  # fmt: skip
 LABEL_FRACTIONS = (1, 5, 10)
