@@ -109,13 +109,26 @@ class SmallCNN(Classifier):
         return self.body(x)
 
 
-class ConvBNReLU(nn.Sequential):
-    """``conv`` (3x3, bias) -> ``bn`` -> ``relu``: one VGG layer."""
+def identity_adapter(width: int, spatial: bool) -> nn.Module:
+    """A 1x1 convolution (``spatial``) or a linear map on ``width`` channels that starts as
+    the identity: the feature adaptation module of knowledge amalgamation (paper 004, Eq. 3)."""
+    adapter = nn.Conv2d(width, width, 1) if spatial else nn.Linear(width, width)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.eye(width).view_as(adapter.weight))
+        adapter.bias.zero_()
+    return adapter
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+
+class ConvBNReLU(nn.Sequential):
+    """``conv`` (3x3, bias) -> ``bn`` -> ``relu``: one VGG layer; with ``adapt``, a 1x1
+    ``adapt`` convolution sits between ``bn`` and ``relu`` (paper 004, Eq. 3)."""
+
+    def __init__(self, c_in: int, c_out: int, adapt: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.bn = nn.BatchNorm2d(c_out)
+        if adapt:
+            self.adapt = identity_adapter(c_out, spatial=True)
         self.relu = nn.ReLU(inplace=True)
 
 
@@ -124,6 +137,8 @@ class VGG(Classifier):
 
     ``stages`` holds the conv widths of each stage; every stage ends in a 2x2 max-pool.
     ``fc`` holds the widths of the hidden fully connected layers before the head.
+    ``adapt`` puts a feature adaptation module (paper 004, Eq. 3) before every ReLU: the
+    architecture of an amalgamated student (:mod:`fusion.amalgamation`).
     """
 
     def __init__(
@@ -132,8 +147,10 @@ class VGG(Classifier):
         num_classes: int,
         stages: Sequence[Sequence[int]] = ((32, 32), (64, 64), (128, 128)),
         fc: Sequence[int] = (256,),
+        adapt: bool = False,
     ) -> None:
         super().__init__()
+        self.adapt = adapt
         self.stage_widths = tuple(tuple(widths) for widths in stages)
         if not self.stage_widths or not all(self.stage_widths):
             raise ValueError("stages: every stage needs at least one conv layer")
@@ -142,7 +159,7 @@ class VGG(Classifier):
         for widths in self.stage_widths:
             layers = []
             for c_out in widths:
-                layers.append(ConvBNReLU(c_in, c_out))
+                layers.append(ConvBNReLU(c_in, c_out, adapt))
                 c_in = c_out
             self.stages.append(nn.Sequential(*layers))
             height, width = height // 2, width // 2  # (B, C, H, W) -> (B, C, H/2, W/2)
@@ -153,7 +170,10 @@ class VGG(Classifier):
         head_in = c_in * height * width
         layers = [nn.Flatten()]  # (B, C, h, w) -> (B, C*h*w)
         for width_fc in self.fc_widths:
-            layers += [nn.Linear(head_in, width_fc), nn.ReLU(inplace=True)]
+            layers.append(nn.Linear(head_in, width_fc))
+            if adapt:
+                layers.append(identity_adapter(width_fc, spatial=False))
+            layers.append(nn.ReLU(inplace=True))
             head_in = width_fc
         self.fc = nn.Sequential(*layers)
         self.num_features = head_in
@@ -232,8 +252,9 @@ def vgg_cnn(
     num_classes: int = 10,
     stages: Sequence[Sequence[int]] = ((32, 32), (64, 64), (128, 128)),
     fc: Sequence[int] = (256,),
+    adapt: bool = False,
 ) -> VGG:
-    return VGG(tuple(in_shape), num_classes, stages, fc)
+    return VGG(tuple(in_shape), num_classes, stages, fc, adapt)
 
 
 @register_model

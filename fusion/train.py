@@ -41,6 +41,7 @@ def fit(
     progress: bool = True,
     on_epoch: Callable[[int], None] | None = None,
     checkpoint: Checkpoint | None = None,
+    loss: Callable[[Tensor, Tensor], Tensor] = soft_cross_entropy,
 ) -> list[float]:
     """Train ``model`` on (N, C, H, W) inputs against (N,) labels or (N, U) soft targets.
 
@@ -89,12 +90,12 @@ def fit(
             index = order[start : start + batch_size]
             if len(index) < 2:  # BatchNorm needs two samples
                 continue
-            loss = soft_cross_entropy(model(x[index]), targets[index])
+            value = loss(model(x[index]), targets[index])
             step_rule.zero_grad()
-            loss.backward()
+            value.backward()
             step_rule.step()
             schedule.step()
-            total += loss.item() * len(index)
+            total += value.item() * len(index)
         history.append(total / len(x))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
         if checkpoint is not None:

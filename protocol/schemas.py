@@ -268,6 +268,28 @@ class ConsolidationMethod(_Strict):
     params: ConsolidationParams
 
 
+class AmalgamationParams(_Strict):
+    """Knowledge amalgamation (paper 004, Algorithm 1): the teachers' features amalgamated
+    layer by layer into a ``vgg_cnn`` student, then joint learning on their score vectors
+    (the student's ``epochs``, ``batch_size``, ``lr`` and ``weight_decay``)."""
+
+    scheme: Literal["dfa", "ifa"] = "dfa"  # all teachers' features at once, or two at a time
+    # per_teacher: each teacher's softmax, concatenated and divided by N; concat: one softmax
+    # over the concatenated logits; logits: the squared error of Eq. 5 on the logits
+    score_target: Literal["per_teacher", "concat", "logits"] = "per_teacher"
+    temperature: float = Field(2.0, gt=0)  # T of the softmax targets
+    width_scale: float = Field(0.9, gt=0)  # student width: scale * sqrt(sum of C_i^2)
+    feature_samples: int = Field(2000, ge=2)  # images of data.unlabeled whose features move
+    autoencoder_epochs: int = Field(5, ge=0)  # after the PCA start (the optimum of a linear AE)
+    layer_epochs: int = Field(30, ge=1)  # of each layer-wise step
+    half: bool = True  # float16 features on the wire
+
+
+class AmalgamationMethod(_Strict):
+    name: Literal["amalgamate"]
+    params: AmalgamationParams = AmalgamationParams()
+
+
 class StudentSpec(_Strict):
     """The student; data-free fusion uses ``arch`` and its own schedule (method params)."""
 
@@ -292,9 +314,13 @@ class JobSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     parties: list[PartyRef] = Field(min_length=1)
-    method: CompositionMethod | DataFreeMethod | WeightFusionMethod | ConsolidationMethod = Field(
-        discriminator="name"
-    )
+    method: (
+        CompositionMethod
+        | DataFreeMethod
+        | WeightFusionMethod
+        | ConsolidationMethod
+        | AmalgamationMethod
+    ) = Field(discriminator="name")
     student: StudentSpec = StudentSpec()
     data: DataSpec
     output_dir: str = "runs"

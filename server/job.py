@@ -105,12 +105,26 @@ def _check_consolidation(spec: JobSpec) -> str | None:
     return None
 
 
+def _check_amalgamation(spec: JobSpec) -> str | None:
+    if len(spec.parties) < 2:
+        return "parties: amalgamation needs two teachers or more"
+    if spec.data.unlabeled is None:
+        return "data.unlabeled: amalgamation needs unlabeled images"
+    if spec.student.arch != "vgg_cnn":
+        return (
+            f"student.arch: amalgamate builds a vgg_cnn student (the teachers' family), "
+            f"not {spec.student.arch}"
+        )
+    return None
+
+
 METHOD_CHECKS = {
     "composition": _check_composition,
     "datafree": _check_datafree,
     "ot": _check_weight_fusion,
     "clafusion": _check_weight_fusion,
     "consolidate": _check_consolidation,
+    "amalgamate": _check_amalgamation,
 }
 
 
@@ -136,7 +150,7 @@ def clients(spec: JobSpec, **options) -> list[RemoteTeacher]:
     """One client per party, over mutual TLS when the job names certificates, with the
     party's bearer token when it names one; ``options`` go to :class:`RemoteTeacher`."""
     credentials = channel_credentials(spec.tls) if spec.tls is not None else None
-    half = spec.method.name == "datafree" and spec.method.params.half
+    half = spec.method.name in ("datafree", "amalgamate") and spec.method.params.half
     return [
         RemoteTeacher(
             p.name,

@@ -11,6 +11,7 @@ from fusion.datafree.party_side import PartySideFusion
 from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
 from fusion.evaluate import evaluate
 from protocol.schemas import JobSpec
+from server.amalgamation import run_amalgamation
 from server.consolidation import run_consolidation
 from server.detection import run_detection_composition
 from server.fanout import fan_out
@@ -119,4 +120,5 @@ RUNNERS: dict[str, Runner] = {
     "ot": run_weight_fusion,
     "clafusion": run_weight_fusion,
     "consolidate": run_consolidation,
+    "amalgamate": run_amalgamation,
 }

@@ -5,10 +5,19 @@ Requirements follow DESIGN.md's table "What each method needs from a party".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fusion.amalgamation.student import Layout
 from fusion.teacher import TeacherInfo
+
+
+def _vgg_layers(info: TeacherInfo) -> str | None:
+    try:
+        Layout.from_layer_names(info.layers)
+    except ValueError as error:
+        return f"activations {error}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -16,6 +25,7 @@ class Need:
     capability: str
     output_forms: tuple[str, ...] = ()  # for predict: forms that serve the method
     batchnorm: bool = False  # the teacher must have BatchNorm layers
+    layers: Callable[[TeacherInfo], str | None] | None = None  # what the released layers lack
 
 
 METHOD_NEEDS: dict[str, tuple[tuple[Need, ...], ...]] = {
@@ -31,7 +41,10 @@ METHOD_NEEDS: dict[str, tuple[tuple[Need, ...], ...]] = {
     "data-free-no-bn": ((Need("predict", ("logits",)), Need("bn_feedback")),),
     # generators and assistants trained at the parties: Synthesize + Predict only
     "data-free-party": ((Need("predict", ("logits",)), Need("synthesize", batchnorm=True)),),
-    "amalgamation": ((Need("predict", ("logits",)), Need("activations")),),
+    # the features of every vgg_cnn layer, and the score vectors
+    "amalgamate": (
+        (Need("predict", ("logits", "probs")), Need("activations", layers=_vgg_layers)),
+    ),
 }
 
 
@@ -46,6 +59,8 @@ def _missing(info: TeacherInfo, needs: tuple[Need, ...]) -> list[str]:
             problems.append(
                 f"predict releases {info.output_form}, needs {' or '.join(need.output_forms)}"
             )
+        elif need.layers is not None and (problem := need.layers(info)):
+            problems.append(problem)
     return problems
 
 

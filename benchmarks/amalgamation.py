@@ -1,0 +1,209 @@
+"""Knowledge-amalgamation benchmark (paper 004, Tables 1-3, at CPU scale).
+
+Each variant splits a training set in two halves with a seeded permutation: the parties'
+private half, of which party k holds the labelled images of its part of the classes, and the
+coordinator's half, used without labels. Teachers: ``vgg_cnn`` networks of one width (three
+stages of two conv layers, one hidden layer), each trained on its own part, served by real
+party agents on loopback gRPC that release logits and every layer's features (in float16).
+Variants: ``cifar10-2`` (classes 0-4 / 5-9), ``cifar10-4`` (0-2 / 3-4 / 5-7 / 8-9),
+``fashion-2`` (Fashion-MNIST 0-4 / 5-9). Rows: ``teacher:<party>`` on the test images of its
+part; ``ensemble`` (the highest score over the concatenated logits) on the whole test set;
+``layerwise`` (after layer-wise learning only), ``joint`` (layer-wise, then joint), the
+distillation baselines ``kd_concat_softmax`` / ``kd_per_teacher`` (the student's architecture
+from scratch on one softmax over the concatenated logits / on the per-teacher softmaxes
+concatenated and divided by N), each on the whole task and on each part (``:part<k>``,
+choosing among part k's classes), and ``supervised``: the same architecture and budget on as
+many labelled private images. ``extra.params`` and ``extra.bytes_moved`` (payload bytes the
+coordinator received; ``extra.wire`` the gRPC messages both ways).
+
+    python -m benchmarks.amalgamation [--variant cifar10-2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.results_io import write_results
+from fusion.amalgamation.evaluate import amalgamation_rows, parameter_count, teacher_parameters
+from fusion.amalgamation.features import FeatureCache
+from fusion.amalgamation.student import Layout, build_student
+from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate, common_layout
+from fusion.compose import relabel
+from fusion.data import Dataset, SourceUnavailable, load_source
+from fusion.models import create_model
+from fusion.train import fit
+from party.audit import AuditLog
+from party.handler import PartyHandler
+from party.service import create_server
+from protocol.schemas import LayersPolicy, Policy, PredictPolicy
+from server.fanout import fan_out
+from server.remote import RemoteTeacher
+
+SEED = 0
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {  # name: (data set, the classes of each party by index)
+    "cifar10-2": ("cifar10", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
+    "cifar10-4": ("cifar10", [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]),
+    "fashion-2": ("fashion_mnist", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
+}
+TEACHER = dict(stages=((16, 16), (32, 32), (64, 64)), fc=(128,))
+
+
+def budget(quick: bool) -> dict:
+    if quick:
+        return dict(teacher_epochs=1, unlabeled=600, features=200, layer_epochs=2, epochs=1,
+                    private=2000, test=500)  # fmt: skip
+    return dict(teacher_epochs=10, unlabeled=10000, features=2000, layer_epochs=20, epochs=10,
+                private=None, test=None)  # fmt: skip
+
+
+def halves(data: Dataset, seed: int = SEED) -> tuple[Dataset, Dataset]:
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(order[: len(data) // 2]), data.subset(order[len(data) // 2 :])
+
+
+def _first(data: Dataset, size: int | None) -> Dataset:
+    return data if size is None else data.subset(torch.arange(min(size, len(data))))
+
+
+def train_teachers(private: Dataset, parts: list[list[str]], b: dict) -> list[torch.nn.Module]:
+    models = []
+    for k, classes in enumerate(parts):
+        own = private.restrict(classes)
+        torch.manual_seed(SEED + k)
+        model = create_model("vgg_cnn", in_shape=tuple(own.x.shape[1:]),
+                             num_classes=len(classes), **TEACHER)  # fmt: skip
+        fit(model, own.x, own.y, epochs=b["teacher_epochs"], seed=SEED + k,
+            desc=f"teacher {k + 1} ({len(own)} images)")  # fmt: skip
+        models.append(model.eval())
+    return models
+
+
+def serve(models, parts, shape, folder: Path):
+    """One party agent per teacher on loopback port 0; clients ask for float16 answers."""
+    policy = Policy(
+        predict=PredictPolicy(output="logits"),
+        activations=LayersPolicy(layers=["*"]),
+        sample_budget=None,
+    )
+    servers, teachers = [], []
+    for k, (model, classes) in enumerate(zip(models, parts, strict=True), start=1):
+        handler = PartyHandler(f"party{k}", model, classes, shape, policy,
+                               AuditLog(folder / f"party{k}-audit.jsonl"))  # fmt: skip
+        server = create_server(handler, "127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        teachers.append(RemoteTeacher(f"party{k}", f"127.0.0.1:{server.port}", half=True,
+                                      deadline_s=300.0))  # fmt: skip
+    return servers, teachers
+
+
+def supervised(private: Dataset, classes: list[str], entries: list[str], result, b: dict):
+    """The student's architecture on as many labelled private images as the unlabeled ones
+    (the ceiling); its outputs are the entries, trained on the first entry of each class."""
+    data = _first(private, b["unlabeled"])
+    x, y = relabel(data, classes)
+    column = torch.tensor([entries.index(name) for name in classes])
+    model = build_student(Layout(tuple(len(s) for s in result.joint.stages),
+                                 len(result.joint.fc_widths)),
+                          [w["student"] for w in result.widths.values()],
+                          tuple(x.shape[1:]), len(entries))  # fmt: skip
+    fit(model, x, column[y], epochs=b["epochs"], seed=SEED, desc="supervised")
+    return model.eval()
+
+
+def run_variant(name: str, b: dict, out: Path) -> dict:
+    started = time.perf_counter()
+    source, part_index = VARIANTS[name]
+    train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
+    test = _first(test.subset(torch.randperm(len(test), generator=torch.Generator()
+                                             .manual_seed(SEED))), b["test"])  # fmt: skip
+    private, coordinator = halves(train)
+    private = _first(private, b["private"])
+    parts = [[train.class_names[i] for i in idx] for idx in part_index]
+    shape = tuple(train.x.shape[1:])
+    models = train_teachers(private, parts, b)
+    unlabeled = _first(coordinator, b["unlabeled"]).x  # labels never used
+    config = AmalgamationConfig(feature_samples=b["features"], layer_epochs=b["layer_epochs"],
+                                epochs=b["epochs"], seed=SEED)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="amalgamation-") as tmp:
+        servers, teachers = serve(models, parts, shape, Path(tmp))
+        try:
+            cache = FeatureCache(Path(tmp) / "cache", wire_bytes=2)
+            result = amalgamate(teachers, unlabeled, config, cache, map_teachers=fan_out)
+            classes = [c for part in parts for c in part]
+            ceiling = supervised(private, classes, result.entries, result, b)
+            students = {"layerwise": result.layerwise, "joint": result.joint,
+                        **result.baselines, "supervised": ceiling}  # fmt: skip
+            rows = amalgamation_rows(teachers, students, result.entries, test,
+                                     map_teachers=fan_out)  # fmt: skip
+            infos = [t.info for t in teachers]
+            wire = {t.info.name: {"sent": t.stats.bytes_sent, "received": t.stats.bytes_received}
+                    for t in teachers}  # fmt: skip
+        finally:
+            for server in servers:
+                server.stop(None)
+    params = {f"teacher:{n}": c for n, c in
+              teacher_parameters(common_layout(infos), result.widths, infos).items()}  # fmt: skip
+    params["teachers"] = sum(params.values())
+    params["student"] = parameter_count(result.joint)
+    exact = {f"teacher:party{k}": parameter_count(m) for k, m in enumerate(models, start=1)}
+    assert all(params[key] == n for key, n in exact.items()), (params, exact)
+    scores = sum(len(unlabeled) * len(p) * 2 for p in parts)  # float16 logits on the wire
+    moved = sum(cache.bytes_moved.values())
+    record = {
+        "benchmark": "amalgamation",
+        "variant": name,
+        "data": f"{source} train: private half (labelled per part) {len(private)}, coordinator "
+        f"half {len(unlabeled)} unlabeled (features of {b['features']}); test "
+        f"{len(test)}, shared/data",
+        "seed": SEED,
+        "budget": f"teachers {b['teacher_epochs']} epochs; layer-wise {b['layer_epochs']} "
+        f"epochs per layer; joint, baselines, supervised {b['epochs']} epochs",
+        "metric": "accuracy",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": rows,
+        "extra": {
+            "params": params,
+            "bytes_moved": {"features": moved, "scores": scores, "total": moved + scores},
+            "wire": wire,
+            "widths": result.widths,
+            "parts": {f"part{k}": p for k, p in enumerate(parts, start=1)},
+            "losses": {k: v for k, v in result.losses.items() if not isinstance(v, list)},
+        },
+    }
+    print(write_results(record, out, list(VARIANTS)))
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=list(VARIANTS), action="append")
+    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
+    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
+    args = parser.parse_args(argv)
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix="amalgamation-quick-")) if args.quick else RESULTS
+    )
+    done = 0
+    for name in args.variant or list(VARIANTS):
+        try:
+            run_variant(name, budget(args.quick), out)
+            done += 1
+        except SourceUnavailable as error:
+            print(f"{name} skipped: {error}", file=sys.stderr)
+    if not done:
+        print("skipped: no variant's data set is available")
+        return 0
+    print(f"results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

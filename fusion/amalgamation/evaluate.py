@@ -1,0 +1,89 @@
+"""How an amalgamated student is judged (paper 004, Tables 1-3): on the whole task against
+the ensemble of the teachers (the highest score over their concatenated vectors), and on each
+teacher's part against that teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fusion.amalgamation.scores import merge_entries, union
+from fusion.amalgamation.student import Layout, build_student
+from fusion.compose import TeacherMap, predict_all, relabel, sequential_map
+from fusion.consolidation.loss import as_logits
+from fusion.data import Dataset, fit_to_shape
+from fusion.teacher import Teacher, TeacherInfo
+from fusion.train import accuracy, predict_logits
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def teacher_parameters(
+    layout: Layout, widths: Mapping[str, Mapping[str, int]], infos: Sequence[TeacherInfo]
+) -> dict[str, int]:
+    """Parameters of each party's ``vgg_cnn``, from the widths of its released layers."""
+    return {
+        info.name: parameter_count(
+            build_student(
+                layout,
+                [widths[layer][info.name] for layer in layout.layers],
+                info.input_shape,
+                len(info.class_names),
+                adapt=False,
+            )
+        )
+        for info in infos
+    }
+
+
+def amalgamation_rows(
+    teachers: Sequence[Teacher],
+    students: Mapping[str, nn.Module],
+    entry_classes: Sequence[str],
+    test: Dataset,
+    *,
+    map_teachers: TeacherMap = sequential_map,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Rows ``teacher:<party>`` (on the test images of its classes), ``ensemble`` and every
+    student on the whole task (test images of the union of classes), and
+    ``<student>:part<k>``: the student on teacher k's images, choosing among teacher k's
+    entries as the teacher does (k from 1, in the order of ``teachers``)."""
+    infos = [t.info for t in teachers]
+    classes = union([info.class_names for info in infos])
+    x, y = relabel(test, classes)
+    x = fit_to_shape(x, tuple(infos[0].input_shape))
+    released = map_teachers(lambda t: predict_all(t, x, infos.index(t.info), progress), teachers)
+    logits = [
+        as_logits(out, info.output_form, len(info.class_names))
+        for out, info in zip(released, infos, strict=True)
+    ]  # each (N, K_i)
+    rows = {"ensemble": _whole(torch.cat(logits, dim=1), entry_classes, classes, y)}
+    columns, start = [], 0
+    for info in infos:
+        columns.append(slice(start, start + len(info.class_names)))
+        start += len(info.class_names)
+    for info, scores, part in zip(infos, logits, columns, strict=True):
+        rows[f"teacher:{info.name}"] = _part(scores, entry_classes[part], classes, y)
+    for name, student in students.items():
+        scores = predict_logits(student, x)  # (N, E)
+        rows[name] = _whole(scores, entry_classes, classes, y)
+        for k, part in enumerate(columns, start=1):
+            rows[f"{name}:part{k}"] = _part(scores[:, part], entry_classes[part], classes, y)
+    return rows
+
+
+def _whole(scores: Tensor, entry_classes, classes, y: Tensor) -> float:
+    return accuracy(merge_entries(scores, entry_classes, classes).argmax(dim=1), y)
+
+
+def _part(scores: Tensor, part_classes, classes, y: Tensor) -> float:
+    """Accuracy on the images whose class is among ``part_classes``, choosing among them."""
+    index = torch.tensor([classes.index(name) for name in part_classes])
+    mine = torch.isin(y, index)
+    chosen = index[scores[mine].argmax(dim=1)]
+    return accuracy(chosen, y[mine])

@@ -1,0 +1,59 @@
+"""Score vectors (paper 004, "Amalgamation of Score Vectors"): the teachers' logits side by
+side, one entry per (teacher, class); entries of a class several teachers know are separate
+in training and merged at test time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fusion.amalgamation.autoencoder import half_squared_error
+from fusion.train import soft_cross_entropy
+
+# what the student learns from the concatenated score vectors
+TARGETS = {
+    "per_teacher": "each teacher's softmax, concatenated and divided by N: one distribution",
+    "concat": "one softmax over the concatenated logits",
+    "logits": "the concatenated logits themselves, by the squared error of Eq. 5",
+}
+
+
+def entries(class_names: Sequence[Sequence[str]]) -> list[str]:
+    """The class of every column of the concatenated score vector, teacher after teacher."""
+    return [name for names in class_names for name in names]
+
+
+def union(class_names: Sequence[Sequence[str]]) -> list[str]:
+    """Every class once, in the order of first appearance."""
+    return list(dict.fromkeys(entries(class_names)))
+
+
+def merge_entries(scores: Tensor, entry_classes: Sequence[str], classes: Sequence[str]) -> Tensor:
+    """(B, E) scores over entries -> (B, K) over ``classes``: the highest entry of each class
+    (an argmax over entries then names the same class as an argmax over the result)."""
+    merged = torch.full((len(scores), len(classes)), float("-inf"), dtype=scores.dtype)
+    for column, name in enumerate(entry_classes):
+        k = classes.index(name)
+        merged[:, k] = torch.maximum(merged[:, k], scores[:, column])
+    return merged
+
+
+def score_targets(logits: Sequence[Tensor], form: str, temperature: float) -> Tensor:
+    """(B, E) targets from each teacher's (B, K_i) logits, as :data:`TARGETS` describes."""
+    if form == "per_teacher":
+        return torch.cat([torch.softmax(z / temperature, dim=1) for z in logits], 1) / len(logits)
+    if form == "concat":
+        return torch.softmax(torch.cat(list(logits), dim=1) / temperature, dim=1)
+    if form == "logits":
+        return torch.cat(list(logits), dim=1)
+    raise ValueError(f"score_target: unknown {form!r} (known: {', '.join(TARGETS)})")
+
+
+def score_loss(form: str, temperature: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The student's loss against :func:`score_targets`: for distributions, the distillation
+    loss ``T^2 * H(q, softmax(s / T))`` over one softmax of all entries; for logits, Eq. 5."""
+    if form == "logits":
+        return half_squared_error
+    return lambda student, q: temperature**2 * soft_cross_entropy(student / temperature, q)

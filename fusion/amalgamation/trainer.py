@@ -1,0 +1,256 @@
+"""Algorithm 1 of paper 004: for every layer, amalgamate the teachers' features and learn the
+student's layer from the previous amalgamated features (layer-wise parameter learning); then
+learn the head from the concatenated score vectors, and every layer jointly."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from fusion.amalgamation.autoencoder import (
+    AutoencoderConfig,
+    amalgamate_features,
+    half_squared_error,
+)
+from fusion.amalgamation.features import FeatureCache
+from fusion.amalgamation.scores import TARGETS, entries, score_loss, score_targets
+from fusion.amalgamation.student import (
+    LayerStep,
+    Layout,
+    build_student,
+    fold_adaptation,
+    layer_steps,
+    student_width,
+)
+from fusion.compose import TeacherMap, predict_all, sequential_map
+from fusion.consolidation.loss import as_logits
+from fusion.data import fit_to_shape
+from fusion.models import VGG
+from fusion.teacher import Teacher, TeacherInfo
+from fusion.train import fit
+
+# the distillation baselines (paper 004, Table 1 "Baseline"): the student's architecture from
+# scratch on the score vectors alone, with either target
+BASELINES = {"kd_concat_softmax": "concat", "kd_per_teacher": "per_teacher"}
+
+
+@dataclass(frozen=True)
+class AmalgamationConfig:
+    """Parameters of :func:`amalgamate` (the job's ``method.params`` and ``student``).
+
+    scheme : dfa | ifa, how features of more than two teachers are amalgamated.
+    score_target : per_teacher | concat | logits (:data:`fusion.amalgamation.scores.TARGETS`).
+    temperature : T of the softmax targets.
+    width_scale : student width per layer, see :func:`student.student_width`.
+    feature_samples : unlabeled images whose features are fetched for the layer-wise stage.
+    autoencoder_epochs, layer_epochs : of each auto-encoder and of each layer-wise step.
+    epochs, batch_size, lr, weight_decay : of joint learning (and the baselines); Adam with a
+        cosine schedule.
+    """
+
+    scheme: str = "dfa"
+    score_target: str = "per_teacher"
+    temperature: float = 2.0
+    width_scale: float = 0.9
+    feature_samples: int = 2000
+    autoencoder_epochs: int = 5
+    layer_epochs: int = 30
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    baselines: bool = True
+
+
+@dataclass
+class AmalgamationResult:
+    """``layerwise``: the student after the layer-wise stage only; ``joint``: after joint
+    learning; ``baselines``: :data:`BASELINES` students; each with its adaptation modules
+    folded in (:func:`student.fold_adaptation`). Every student outputs ``entries``
+    (the class of each column, teacher after teacher). ``widths``: per amalgamated layer, the
+    teachers' widths and the student's; ``losses``: per layer, the auto-encoders' and the
+    step's final loss relative to the energy of their targets, and each run's epoch losses."""
+
+    layerwise: VGG
+    joint: VGG
+    baselines: dict[str, VGG]
+    entries: list[str]
+    widths: dict[str, dict[str, int]]
+    losses: dict[str, object] = field(default_factory=dict)
+
+
+def common_layout(infos: Sequence[TeacherInfo]) -> Layout:
+    """The ``vgg_cnn`` depth every party releases; a party that differs is named."""
+    layouts = []
+    for info in infos:
+        if "activations" not in info.capabilities:
+            raise ValueError(f"party {info.name}: Activations is not granted by its policy")
+        try:
+            layouts.append(Layout.from_layer_names(info.layers))
+        except ValueError as error:
+            raise ValueError(f"party {info.name}: {error}") from None
+    for info, layout in zip(infos, layouts, strict=True):
+        if layout != layouts[0]:
+            raise ValueError(
+                f"party {info.name}: conv layers per stage {layout.stages} and {layout.fc} fc "
+                f"layers, but {infos[0].name} has {layouts[0].stages} and {layouts[0].fc}; "
+                "amalgamation needs teachers of one depth"
+            )
+        if tuple(info.input_shape) != tuple(infos[0].input_shape):
+            raise ValueError(
+                f"party {info.name}: input shape {tuple(info.input_shape)}, but "
+                f"{infos[0].name} takes {tuple(infos[0].input_shape)}"
+            )
+    return layouts[0]
+
+
+@torch.no_grad()
+def _start_at_target_scale(step: LayerStep, target: Tensor) -> None:
+    """A step that ends in BatchNorm starts with its affine output at the target's
+    per-channel mean and spread: the amalgamated features are not unit-variance (their
+    first channels carry most of the energy), and Adam would take many steps to get there."""
+    norm = step.layer[-1]
+    if isinstance(norm, nn.BatchNorm2d):
+        per_channel = target.float().transpose(0, 1).flatten(1)  # (C, t*H*W)
+        norm.weight.copy_(per_channel.std(dim=1))
+        norm.bias.copy_(per_channel.mean(dim=1))
+
+
+def _relative(loss: float, target: Tensor) -> float:
+    energy = float(0.5 * target.float().pow(2).flatten(1).sum(dim=1).mean())
+    return loss / max(energy, 1e-12)
+
+
+def amalgamate(
+    teachers: Sequence[Teacher],
+    x: Tensor,
+    config: AmalgamationConfig,
+    cache: FeatureCache,
+    *,
+    map_teachers: TeacherMap = sequential_map,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    checkpoints: Callable | None = None,
+) -> AmalgamationResult:
+    """One student for the union of the teachers' classes from (N, C, H, W) unlabeled images
+    in [0, 1] (paper 004, Algorithm 1)."""
+    infos = [t.info for t in teachers]
+    layout = common_layout(infos)
+    shape = tuple(infos[0].input_shape)
+    x = fit_to_shape(x, shape)
+    position = {info.name: k for k, info in enumerate(infos)}
+    log(f"amalgamate: {len(teachers)} teachers predict on {len(x)} unlabeled images")
+    released = map_teachers(lambda t: predict_all(t, x, position[t.info.name], progress), teachers)
+    logits = [
+        as_logits(out, info.output_form, len(info.class_names))
+        for out, info in zip(released, infos, strict=True)
+    ]  # each (N, K_i)
+    generator = torch.Generator().manual_seed(config.seed)
+    index = torch.randperm(len(x), generator=generator)[: config.feature_samples].sort().values
+    x_features = x[index]
+    log(f"amalgamate: features of {len(layout.layers)} layers on {len(index)} images")
+    features = map_teachers(
+        lambda t: cache.fetch(
+            t, x_features, layout.layers, progress=progress, position=position[t.info.name]
+        ),
+        teachers,
+    )  # per teacher {layer: (t, C_i, ...)} float16
+
+    widths: dict[str, dict[str, int]] = {}
+    for layer in layout.layers:
+        first = features[0][layer].shape
+        for info, held in zip(infos, features, strict=True):
+            if held[layer].shape[2:] != first[2:]:
+                raise ValueError(
+                    f"party {info.name}: layer {layer} has shape {tuple(held[layer].shape[1:])}, "
+                    f"but {infos[0].name}'s has {tuple(first[1:])}; amalgamation needs equal "
+                    "spatial sizes"
+                )
+        widths[layer] = {info.name: int(f[layer].shape[1]) for info, f in zip(infos, features)}
+        widths[layer]["student"] = student_width(list(widths[layer].values()), config.width_scale)
+    entry_classes = entries([info.class_names for info in infos])
+
+    def new_student() -> VGG:
+        torch.manual_seed(config.seed)
+        student_widths = [widths[layer]["student"] for layer in layout.layers]
+        return build_student(layout, student_widths, shape, len(entry_classes))
+
+    student = new_student()
+    steps = layer_steps(student)
+    train = dict(batch_size=config.batch_size, lr=config.lr, seed=config.seed, progress=progress)
+    autoencoder = AutoencoderConfig(config.autoencoder_epochs, config.batch_size, 1e-3, config.seed)
+    losses: dict[str, object] = {}
+    previous: Tensor = x_features
+    for step, layer in zip(steps[:-1], layout.layers, strict=True):
+        amalgamated = amalgamate_features(
+            [held[layer] for held in features],
+            widths[layer]["student"],
+            config.scheme,
+            autoencoder,
+            desc=f"auto-encoder {layer}",
+            progress=progress,
+        )
+        _start_at_target_scale(step, amalgamated.features)
+        history = fit(
+            step,
+            previous,
+            amalgamated.features,
+            epochs=config.layer_epochs,
+            weight_decay=0.0,
+            desc=f"layer {layer}",
+            loss=half_squared_error,
+            **train,
+        )
+        losses[layer] = {
+            "reconstruction": amalgamated.losses,
+            "layer": _relative(history[-1], amalgamated.features),
+        }
+        log(
+            f"amalgamate: {layer}: widths {widths[layer]}; reconstruction error "
+            f"{', '.join(f'{v:.3f}' for v in amalgamated.losses)}, layer fit "
+            f"{losses[layer]['layer']:.3f} (relative)"
+        )
+        previous = amalgamated.features
+    form, temperature = config.score_target, config.temperature
+    loss = score_loss(form, temperature)
+    history = fit(
+        steps[-1],
+        previous,
+        score_targets([z[index] for z in logits], form, temperature),
+        epochs=config.layer_epochs,
+        weight_decay=config.weight_decay,
+        desc="layer scores",
+        loss=loss,
+        **train,
+    )
+    losses["scores"] = history[-1]
+    layerwise = copy.deepcopy(student).eval()
+
+    def distil(model: VGG, target: str, name: str) -> list[float]:
+        log(f"amalgamate: {name} on {len(x)} images ({TARGETS[target]})")
+        return fit(
+            model,
+            x,
+            score_targets(logits, target, temperature),
+            epochs=config.epochs,
+            weight_decay=config.weight_decay,
+            desc=name,
+            loss=score_loss(target, temperature),
+            checkpoint=checkpoints(name) if checkpoints is not None else None,
+            **train,
+        )
+
+    losses["joint"] = distil(student, form, "joint")
+    baselines = {}
+    for name, target in BASELINES.items() if config.baselines else ():
+        baselines[name] = new_student()
+        losses[name] = distil(baselines[name], target, name)
+    folded = {name: fold_adaptation(model) for name, model in baselines.items()}
+    return AmalgamationResult(
+        fold_adaptation(layerwise), fold_adaptation(student), folded, entry_classes, widths, losses
+    )

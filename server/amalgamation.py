@@ -1,0 +1,101 @@
+"""The ``amalgamate`` job method (paper 004): the parties' features of every layer and their
+score vectors on the coordinator's unlabeled images become one ``vgg_cnn`` student for the
+union of their classes; the report judges it against the teachers and their ensemble."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fusion.amalgamation.evaluate import amalgamation_rows, parameter_count, teacher_parameters
+from fusion.amalgamation.features import FeatureCache
+from fusion.amalgamation.scores import TARGETS
+from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate, common_layout
+from fusion.data import load_source
+from protocol.schemas import JobSpec
+from server.fanout import fan_out
+from server.outcome import Outcome
+from server.report import markdown_table
+
+
+def amalgamation_config(spec: JobSpec) -> AmalgamationConfig:
+    return AmalgamationConfig(
+        **spec.method.params.model_dump(exclude={"half"}),
+        **spec.student.model_dump(exclude={"arch"}),
+        seed=spec.seed,
+        baselines=spec.baselines,
+    )
+
+
+def feature_cache(spec: JobSpec) -> FeatureCache:
+    """Kept beside the runs: a later job on the same images and parties asks nothing again."""
+    folder = Path(spec.output_dir) / "cache" / "features"
+    return FeatureCache(folder, wire_bytes=2 if spec.method.params.half else 4)
+
+
+def run_amalgamation(spec: JobSpec, teachers, progress, log, checkpoints=None) -> Outcome:
+    config, cache = amalgamation_config(spec), feature_cache(spec)
+    unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
+    result = amalgamate(
+        teachers,
+        unlabeled.x,
+        config,
+        cache,
+        map_teachers=fan_out,
+        progress=progress,
+        log=log,
+        checkpoints=checkpoints,
+    )
+    students = {"layerwise": result.layerwise, "joint": result.joint, **result.baselines}
+    rows = amalgamation_rows(
+        teachers, students, result.entries, test, map_teachers=fan_out, progress=progress
+    )
+    infos = [t.info for t in teachers]
+    params = {
+        f"teacher:{name}": n
+        for name, n in teacher_parameters(common_layout(infos), result.widths, infos).items()
+    }
+    params["teachers"] = sum(params.values())
+    params["student"] = parameter_count(result.joint)
+    scores = sum(len(unlabeled) * len(info.class_names) * 4 for info in infos)  # float32 logits
+    moved = {
+        "features": dict(cache.bytes_moved),
+        "features_from_cache": dict(cache.bytes_reused),
+        "scores": scores,
+        "total": sum(cache.bytes_moved.values()) + scores,
+    }
+    names = [info.name for info in infos]
+    width_rows = [
+        [layer] + [str(w[name]) for name in names] + [str(w["student"])]
+        for layer, w in result.widths.items()
+    ]
+    summary = [
+        f"Unlabeled: {spec.data.unlabeled} ({len(unlabeled)} images; features of "
+        f"{min(config.feature_samples, len(unlabeled))}); test: {spec.data.test}. "
+        f"Feature amalgamation {config.scheme.upper()}; joint learning on "
+        f"{TARGETS[config.score_target]} (T = {config.temperature}).",
+        "",
+        "Channels per amalgamated layer:",
+        "",
+        markdown_table(["layer", *names, "student"], width_rows),
+        "",
+        f"Parameters: student {params['student']:,}, teachers together "
+        f"{params['teachers']:,} ("
+        + ", ".join(f"{n} {params[f'teacher:{n}']:,}" for n in names)
+        + ").",
+        f"Moved to the coordinator: {moved['total'] / 1e6:.1f} MB ("
+        f"features {sum(cache.bytes_moved.values()) / 1e6:.1f} MB in "
+        f"{'float16' if spec.method.params.half else 'float32'}, score vectors "
+        f"{scores / 1e6:.1f} MB); reused from the cache {cache.folder}: "
+        f"{sum(cache.bytes_reused.values()) / 1e6:.1f} MB.",
+        "Rows teacher:<party> are on the test images of the party's classes; <student>:part<k> "
+        "the student on party k's images, choosing among party k's classes.",
+    ]
+    extra = {
+        "params": params,
+        "bytes_moved": moved,
+        "widths": result.widths,
+        "entries": result.entries,
+        "losses": result.losses,
+        "parts": {f"part{k}": list(i.class_names) for k, i in enumerate(infos, start=1)},
+    }
+    return Outcome(result.joint, result.entries, rows, extra, summary)
