@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy bench-flower bench-detection clean
+.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy bench-flower bench-detection bench-amalgamation clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,9 @@ bench-flower: $(STAMP)
 
 bench-detection: $(STAMP)
 	$(BIN)/python -m benchmarks.detection
+
+bench-amalgamation: $(STAMP)
+	$(BIN)/python -m benchmarks.amalgamation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

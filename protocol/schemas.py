@@ -281,7 +281,7 @@ class AmalgamationParams(_Strict):
     width_scale: float = Field(0.9, gt=0)  # student width: scale * sqrt(sum of C_i^2)
     feature_samples: int = Field(2000, ge=2)  # images of data.unlabeled whose features move
     autoencoder_epochs: int = Field(5, ge=0)  # after the PCA start (the optimum of a linear AE)
-    layer_epochs: int = Field(30, ge=1)  # of each layer-wise step
+    layer_epochs: int = Field(20, ge=1)  # of each layer-wise step
     half: bool = True  # float16 features on the wire
 
 

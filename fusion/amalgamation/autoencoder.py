@@ -54,6 +54,13 @@ def half_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
     return 0.5 * squared.flatten(1).sum(dim=1).mean()
 
 
+def mean_energy(features: Tensor) -> float:
+    """``1/2 ||F||^2`` per sample, averaged: the error of reconstructing ``F`` by zeros."""
+    parts = features.split(256)
+    zero = torch.zeros(())
+    return sum(float(half_squared_error(zero, part)) * len(part) for part in parts) / len(features)
+
+
 @dataclass(frozen=True)
 class AutoencoderConfig:
     epochs: int = 5
@@ -96,9 +103,8 @@ def _compress(features: Tensor, width: int, config: AutoencoderConfig, desc: str
         error = sum(
             float(half_squared_error(autoencoder.decoder(code), part)) * len(part)
             for code, part in zip(codes, parts, strict=True)
-        )
-        energy = sum(float(half_squared_error(torch.zeros(()), part)) * len(part) for part in parts)
-    return torch.cat(codes).to(torch.float16), error / max(energy, 1e-12)
+        ) / len(features)
+    return torch.cat(codes).to(torch.float16), error / max(mean_energy(features), 1e-12)
 
 
 def amalgamate_features(

@@ -100,6 +100,11 @@ class LayerStep(nn.Module):
         self.target = target  # the teachers' layer it learns from; "scores" for the head
         self.before, self.layer = nn.Sequential(*before), nn.Sequential(*layer)
 
+    @property
+    def width(self) -> int:
+        """Channels (or features) of this step's output."""
+        return self.layer[0].weight.shape[0]
+
     def forward(self, previous: Tensor) -> Tensor:
         return self.layer(self.before(previous.float()))
 

@@ -15,6 +15,7 @@ from fusion.amalgamation.autoencoder import (
     AutoencoderConfig,
     amalgamate_features,
     half_squared_error,
+    mean_energy,
 )
 from fusion.amalgamation.features import FeatureCache
 from fusion.amalgamation.scores import TARGETS, entries, score_loss, score_targets
@@ -58,7 +59,7 @@ class AmalgamationConfig:
     width_scale: float = 0.9
     feature_samples: int = 2000
     autoencoder_epochs: int = 5
-    layer_epochs: int = 30
+    layer_epochs: int = 20
     epochs: int = 30
     batch_size: int = 64
     lr: float = 2e-3
@@ -121,9 +122,87 @@ def _start_at_target_scale(step: LayerStep, target: Tensor) -> None:
         norm.bias.copy_(per_channel.mean(dim=1))
 
 
-def _relative(loss: float, target: Tensor) -> float:
-    energy = float(0.5 * target.float().pow(2).flatten(1).sum(dim=1).mean())
-    return loss / max(energy, 1e-12)
+def _widths(
+    layout: Layout, infos: Sequence[TeacherInfo], features: Sequence[dict], scale: float
+) -> dict[str, dict[str, int]]:
+    """Per layer, each party's channels and the student's; spatial sizes must agree."""
+    widths: dict[str, dict[str, int]] = {}
+    for layer in layout.layers:
+        first = features[0][layer].shape
+        for info, held in zip(infos, features, strict=True):
+            if held[layer].shape[2:] != first[2:]:
+                raise ValueError(
+                    f"party {info.name}: layer {layer} has shape {tuple(held[layer].shape[1:])}, "
+                    f"but {infos[0].name}'s has {tuple(first[1:])}; amalgamation needs equal "
+                    "spatial sizes"
+                )
+        widths[layer] = {info.name: int(f[layer].shape[1]) for info, f in zip(infos, features)}
+        widths[layer]["student"] = student_width(list(widths[layer].values()), scale)
+    return widths
+
+
+def learn_layer_wise(
+    student: VGG,
+    x: Tensor,
+    features: Sequence[dict[str, Tensor]],
+    scores: Tensor,
+    config: AmalgamationConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """Lines 1-7 of Algorithm 1, then the head: for every layer, amalgamate the teachers'
+    features ``features[i][layer]`` on the (t, C, H, W) images ``x`` and train the student's
+    step from the previous amalgamated features (the images for the first layer); the head
+    learns the (t, E) targets ``scores`` from the last ones. Returns each layer's losses."""
+    train = dict(batch_size=config.batch_size, lr=config.lr, seed=config.seed, progress=progress)
+    autoencoder = AutoencoderConfig(config.autoencoder_epochs, config.batch_size, 1e-3, config.seed)
+    steps = layer_steps(student)
+    losses: dict[str, object] = {}
+    previous = x
+    for step in steps[:-1]:
+        layer = step.target
+        amalgamated = amalgamate_features(
+            [held[layer] for held in features],
+            step.layer[0].out_channels
+            if layer.startswith("stages")
+            else step.layer[0].out_features,
+            config.scheme,
+            autoencoder,
+            desc=f"auto-encoder {layer}",
+            progress=progress,
+        )
+        _start_at_target_scale(step, amalgamated.features)
+        history = fit(
+            step,
+            previous,
+            amalgamated.features,
+            epochs=config.layer_epochs,
+            weight_decay=0.0,
+            desc=f"layer {layer}",
+            loss=half_squared_error,
+            **train,
+        )
+        fit_error = history[-1] / max(mean_energy(amalgamated.features), 1e-12)
+        losses[layer] = {"reconstruction": amalgamated.losses, "layer": fit_error}
+        log(
+            f"amalgamate: {layer}: reconstruction error "
+            f"{', '.join(f'{v:.3f}' for v in amalgamated.losses)}, layer fit {fit_error:.3f} "
+            "(relative to the features' energy)"
+        )
+        previous = amalgamated.features
+    history = fit(
+        steps[-1],
+        previous,
+        scores,
+        epochs=config.layer_epochs,
+        weight_decay=config.weight_decay,
+        desc="layer scores",
+        loss=score_loss(config.score_target, config.temperature),
+        **train,
+    )
+    losses["scores"] = history[-1]
+    return losses
 
 
 def amalgamate(
@@ -152,27 +231,15 @@ def amalgamate(
     ]  # each (N, K_i)
     generator = torch.Generator().manual_seed(config.seed)
     index = torch.randperm(len(x), generator=generator)[: config.feature_samples].sort().values
-    x_features = x[index]
     log(f"amalgamate: features of {len(layout.layers)} layers on {len(index)} images")
     features = map_teachers(
         lambda t: cache.fetch(
-            t, x_features, layout.layers, progress=progress, position=position[t.info.name]
+            t, x[index], layout.layers, progress=progress, position=position[t.info.name]
         ),
         teachers,
     )  # per teacher {layer: (t, C_i, ...)} float16
-
-    widths: dict[str, dict[str, int]] = {}
-    for layer in layout.layers:
-        first = features[0][layer].shape
-        for info, held in zip(infos, features, strict=True):
-            if held[layer].shape[2:] != first[2:]:
-                raise ValueError(
-                    f"party {info.name}: layer {layer} has shape {tuple(held[layer].shape[1:])}, "
-                    f"but {infos[0].name}'s has {tuple(first[1:])}; amalgamation needs equal "
-                    "spatial sizes"
-                )
-        widths[layer] = {info.name: int(f[layer].shape[1]) for info, f in zip(infos, features)}
-        widths[layer]["student"] = student_width(list(widths[layer].values()), config.width_scale)
+    widths = _widths(layout, infos, features, config.width_scale)
+    log(f"amalgamate: channels per layer {widths}")
     entry_classes = entries([info.class_names for info in infos])
 
     def new_student() -> VGG:
@@ -181,68 +248,28 @@ def amalgamate(
         return build_student(layout, student_widths, shape, len(entry_classes))
 
     student = new_student()
-    steps = layer_steps(student)
-    train = dict(batch_size=config.batch_size, lr=config.lr, seed=config.seed, progress=progress)
-    autoencoder = AutoencoderConfig(config.autoencoder_epochs, config.batch_size, 1e-3, config.seed)
-    losses: dict[str, object] = {}
-    previous: Tensor = x_features
-    for step, layer in zip(steps[:-1], layout.layers, strict=True):
-        amalgamated = amalgamate_features(
-            [held[layer] for held in features],
-            widths[layer]["student"],
-            config.scheme,
-            autoencoder,
-            desc=f"auto-encoder {layer}",
-            progress=progress,
-        )
-        _start_at_target_scale(step, amalgamated.features)
-        history = fit(
-            step,
-            previous,
-            amalgamated.features,
-            epochs=config.layer_epochs,
-            weight_decay=0.0,
-            desc=f"layer {layer}",
-            loss=half_squared_error,
-            **train,
-        )
-        losses[layer] = {
-            "reconstruction": amalgamated.losses,
-            "layer": _relative(history[-1], amalgamated.features),
-        }
-        log(
-            f"amalgamate: {layer}: widths {widths[layer]}; reconstruction error "
-            f"{', '.join(f'{v:.3f}' for v in amalgamated.losses)}, layer fit "
-            f"{losses[layer]['layer']:.3f} (relative)"
-        )
-        previous = amalgamated.features
     form, temperature = config.score_target, config.temperature
-    loss = score_loss(form, temperature)
-    history = fit(
-        steps[-1],
-        previous,
-        score_targets([z[index] for z in logits], form, temperature),
-        epochs=config.layer_epochs,
-        weight_decay=config.weight_decay,
-        desc="layer scores",
-        loss=loss,
-        **train,
-    )
-    losses["scores"] = history[-1]
+    scores = score_targets([z[index] for z in logits], form, temperature)
+    losses = learn_layer_wise(student, x[index], features, scores, config, progress=progress,
+                              log=log)  # fmt: skip
     layerwise = copy.deepcopy(student).eval()
 
     def distil(model: VGG, target: str, name: str) -> list[float]:
+        """Joint learning (lines 8-12) or a baseline: every layer on all unlabeled images."""
         log(f"amalgamate: {name} on {len(x)} images ({TARGETS[target]})")
         return fit(
             model,
             x,
             score_targets(logits, target, temperature),
             epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
             weight_decay=config.weight_decay,
+            seed=config.seed,
             desc=name,
+            progress=progress,
             loss=score_loss(target, temperature),
             checkpoint=checkpoints(name) if checkpoints is not None else None,
-            **train,
         )
 
     losses["joint"] = distil(student, form, "joint")
