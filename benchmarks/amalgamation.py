@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.results_io import write_results
-from fusion.amalgamation.evaluate import amalgamation_rows, parameter_count, teacher_parameters
+from fusion.amalgamation.evaluate import amalgamation_rows, parameter_count, parameter_counts
 from fusion.amalgamation.features import FeatureCache
 from fusion.amalgamation.student import Layout, build_student
-from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate, common_layout
+from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
 from fusion.compose import relabel
 from fusion.data import Dataset, SourceUnavailable, load_source
 from fusion.models import create_model
@@ -149,10 +149,7 @@ def run_variant(name: str, b: dict, out: Path) -> dict:
         finally:
             for server in servers:
                 server.stop(None)
-    params = {f"teacher:{n}": c for n, c in
-              teacher_parameters(common_layout(infos), result.widths, infos).items()}  # fmt: skip
-    params["teachers"] = sum(params.values())
-    params["student"] = parameter_count(result.joint)
+    params = parameter_counts(infos, result.widths, result.joint)
     exact = {f"teacher:party{k}": parameter_count(m) for k, m in enumerate(models, start=1)}
     assert all(params[key] == n for key, n in exact.items()), (params, exact)
     scores = sum(len(unlabeled) * len(p) * 2 for p in parts)  # float16 logits on the wire

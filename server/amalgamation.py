@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion.amalgamation.evaluate import amalgamation_rows, parameter_count, teacher_parameters
+from fusion.amalgamation.evaluate import amalgamation_rows, parameter_counts
 from fusion.amalgamation.features import FeatureCache
 from fusion.amalgamation.scores import TARGETS
-from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate, common_layout
+from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
 from fusion.data import load_source
 from protocol.schemas import JobSpec
 from server.fanout import fan_out
@@ -50,12 +50,7 @@ def run_amalgamation(spec: JobSpec, teachers, progress, log, checkpoints=None) -
         teachers, students, result.entries, test, map_teachers=fan_out, progress=progress
     )
     infos = [t.info for t in teachers]
-    params = {
-        f"teacher:{name}": n
-        for name, n in teacher_parameters(common_layout(infos), result.widths, infos).items()
-    }
-    params["teachers"] = sum(params.values())
-    params["student"] = parameter_count(result.joint)
+    params = parameter_counts(infos, result.widths, result.joint)
     scores = sum(len(unlabeled) * len(info.class_names) * 4 for info in infos)  # float32 logits
     moved = {
         "features": dict(cache.bytes_moved),

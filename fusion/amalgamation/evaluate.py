@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from fusion.amalgamation.scores import merge_entries, union
-from fusion.amalgamation.student import Layout, build_student
+from fusion.amalgamation.student import build_student
+from fusion.amalgamation.trainer import common_layout
 from fusion.compose import TeacherMap, predict_all, relabel, sequential_map
 from fusion.consolidation.loss import as_logits
 from fusion.data import Dataset, fit_to_shape
@@ -22,12 +23,14 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def teacher_parameters(
-    layout: Layout, widths: Mapping[str, Mapping[str, int]], infos: Sequence[TeacherInfo]
+def parameter_counts(
+    infos: Sequence[TeacherInfo], widths: Mapping[str, Mapping[str, int]], student: nn.Module
 ) -> dict[str, int]:
-    """Parameters of each party's ``vgg_cnn``, from the widths of its released layers."""
-    return {
-        info.name: parameter_count(
+    """``teacher:<party>`` (its ``vgg_cnn`` from the widths of its released layers),
+    ``teachers`` (their sum) and ``student``."""
+    layout = common_layout(infos)
+    counts = {
+        f"teacher:{info.name}": parameter_count(
             build_student(
                 layout,
                 [widths[layer][info.name] for layer in layout.layers],
@@ -38,6 +41,9 @@ def teacher_parameters(
         )
         for info in infos
     }
+    counts["teachers"] = sum(counts.values())
+    counts["student"] = parameter_count(student)
+    return counts
 
 
 def amalgamation_rows(

@@ -231,10 +231,11 @@ def amalgamate(
     ]  # each (N, K_i)
     generator = torch.Generator().manual_seed(config.seed)
     index = torch.randperm(len(x), generator=generator)[: config.feature_samples].sort().values
+    x_features = x[index]  # (t, C, H, W)
     log(f"amalgamate: features of {len(layout.layers)} layers on {len(index)} images")
     features = map_teachers(
         lambda t: cache.fetch(
-            t, x[index], layout.layers, progress=progress, position=position[t.info.name]
+            t, x_features, layout.layers, progress=progress, position=position[t.info.name]
         ),
         teachers,
     )  # per teacher {layer: (t, C_i, ...)} float16
@@ -250,7 +251,7 @@ def amalgamate(
     student = new_student()
     form, temperature = config.score_target, config.temperature
     scores = score_targets([z[index] for z in logits], form, temperature)
-    losses = learn_layer_wise(student, x[index], features, scores, config, progress=progress,
+    losses = learn_layer_wise(student, x_features, features, scores, config, progress=progress,
                               log=log)  # fmt: skip
     layerwise = copy.deepcopy(student).eval()
 
