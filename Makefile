@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 proto: $(STAMP)
-	$(BIN)/python -m protocol.generate
+	$(BIN)/python -m amalgam.protocol.generate
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

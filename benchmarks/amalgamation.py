@@ -29,21 +29,25 @@ from pathlib import Path
 
 import torch
 
+from amalgam.fusion.amalgamation.evaluate import (
+    amalgamation_rows,
+    parameter_count,
+    parameter_counts,
+)
+from amalgam.fusion.amalgamation.features import FeatureCache
+from amalgam.fusion.amalgamation.student import Layout, build_student
+from amalgam.fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
+from amalgam.fusion.compose import relabel
+from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.service import create_server
+from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy
+from amalgam.server.fanout import fan_out
+from amalgam.server.remote import RemoteTeacher
 from benchmarks.results_io import write_results
-from fusion.amalgamation.evaluate import amalgamation_rows, parameter_count, parameter_counts
-from fusion.amalgamation.features import FeatureCache
-from fusion.amalgamation.student import Layout, build_student
-from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
-from fusion.compose import relabel
-from fusion.data import Dataset, SourceUnavailable, load_source
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.service import create_server
-from protocol.schemas import LayersPolicy, Policy, PredictPolicy
-from server.fanout import fan_out
-from server.remote import RemoteTeacher
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -31,15 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amalgam.fusion.compose import (
+    CompositionConfig,
+    compose_predictions,
+    gather,
+    pseudo_label_stats,
+)
+from amalgam.fusion.data import Dataset, SourceUnavailable, load_source, shared_data_dir
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.schemas import Policy, PredictPolicy
 from benchmarks.results_io import write_results
-from fusion.compose import CompositionConfig, compose_predictions, gather, pseudo_label_stats
-from fusion.data import Dataset, SourceUnavailable, load_source, shared_data_dir
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.local import LocalTeacher
-from protocol.schemas import Policy, PredictPolicy
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"

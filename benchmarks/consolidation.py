@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amalgam.fusion.consolidation.student import MultiHeadStudent
+from amalgam.fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
+from amalgam.fusion.data import DIGIT_NAMES, Dataset, SourceUnavailable, fit_to_shape, load_source
+from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.train import accuracy, fit, predict_logits
+from amalgam.fusion.transfer import extract_features, transfer_score
 from benchmarks.results_io import write_results
-from fusion.consolidation.student import MultiHeadStudent
-from fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
-from fusion.data import DIGIT_NAMES, Dataset, SourceUnavailable, fit_to_shape, load_source
-from fusion.models import Classifier, create_model
-from fusion.train import accuracy, fit, predict_logits
-from fusion.transfer import extract_features, transfer_score
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"

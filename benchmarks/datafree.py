@@ -24,19 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amalgam.fusion.compose import relabel
+from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
+from amalgam.fusion.datafree.party_side import PartySideFusion
+from amalgam.fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion, DataFreeResult
+from amalgam.fusion.evaluate import evaluate
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
+from amalgam.server.report import plot_curves
 from benchmarks.results_io import write_results
-from fusion.compose import relabel
-from fusion.data import Dataset, SourceUnavailable, load_source
-from fusion.datafree.party_side import PartySideFusion
-from fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion, DataFreeResult
-from fusion.evaluate import evaluate
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.local import LocalTeacher
-from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
-from server.report import plot_curves
 
 SEED = 0
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,5 +1,5 @@
 """Model composition for object detection (paper 000, Scenarios 1 and 4) at CPU scale, on
-canvases of real digits (:mod:`fusion.detection.canvas`, 64 x 64, 1-5 digits each).
+canvases of real digits (:mod:`amalgam.fusion.detection.canvas`, 64 x 64, 1-5 digits each).
 
 Scenario 1 (variants ``same-dist``, ``other-dist``): three detector parties with overlapping
 skills, like Table 2's transportation / sports / home: ``low`` knows 0-4, ``mid`` 0, 1, 4, 5,
@@ -39,24 +39,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.results_io import write_results
-from fusion.data import Dataset, SourceUnavailable, load_source
-from fusion.detection.aggregate import AggregationConfig, aggregate
-from fusion.detection.canvas import DetectionSet, make_canvases
-from fusion.detection.coco import evaluate_map
-from fusion.detection.compose import (
+from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
+from amalgam.fusion.detection.aggregate import AggregationConfig, aggregate
+from amalgam.fusion.detection.canvas import DetectionSet, make_canvases
+from amalgam.fusion.detection.coco import evaluate_map
+from amalgam.fusion.detection.compose import (
     DetectionCompositionConfig,
     compose_detection,
     detection_map,
     gather_detections,
 )
-from fusion.detection.figures import pseudo_label_grid
-from fusion.detection.models import create_detector
-from fusion.detection.train import fit_detector
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.local import LocalTeacher
-from protocol.schemas import Policy, PredictPolicy
+from amalgam.fusion.detection.figures import pseudo_label_grid
+from amalgam.fusion.detection.models import create_detector
+from amalgam.fusion.detection.train import fit_detector
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.schemas import Policy, PredictPolicy
+from benchmarks.results_io import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ["same-dist", "other-dist", "ten-parties"]

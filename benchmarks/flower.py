@@ -11,7 +11,7 @@ ensemble and the pseudo-label retention per N.
 
 Variant ``grpc-vs-flower``: the same composition job of 3 such parties (agents on loopback
 over mutual TLS) run by the coordinator over direct gRPC, and submitted with ``flwr run`` to a
-Flower deployment on loopback (:class:`server.loopback.LoopbackFederation`: SuperLink with
+Flower deployment on loopback (:class:`amalgam.server.loopback.LoopbackFederation`: SuperLink with
 TLS and SuperNode authentication, a SuperNode bridging to each agent). Rows
 ``student:<engine>``, ``wall_seconds:<engine>`` (the job as the coordinator timed it;
 ``extra.flower_submit_to_end_s`` adds Flower's start of the run), ``bytes:<engine>`` (request
@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from amalgam.fusion.data import SourceUnavailable
+from amalgam.server.market import run_market
 from benchmarks.results_io import write_results
-from fusion.data import SourceUnavailable
-from server.market import run_market
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
@@ -75,9 +75,9 @@ def marketplace(sizes: list[int], data: str, epochs: int, out: Path) -> dict:
 def grpc_vs_flower(data: str, epochs: int) -> dict:
     from contextlib import ExitStack
 
-    from server.job import connect, load_job, run_job
-    from server.loopback import LoopbackFederation
-    from server.market import market_data, market_job, market_parties, start_agents
+    from amalgam.server.job import connect, load_job, run_job
+    from amalgam.server.loopback import LoopbackFederation
+    from amalgam.server.market import market_data, market_job, market_parties, start_agents
 
     started = time.perf_counter()
     market = market_data(data)

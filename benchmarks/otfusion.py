@@ -35,10 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.results_io import write_results
-from fusion.data import Dataset, SourceUnavailable, load_source
-from fusion.models import Classifier, create_model
-from fusion.ot.fuse import (
+from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
+from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.ot.fuse import (
     FusionResult,
     OTFusionConfig,
     clafusion,
@@ -46,8 +45,9 @@ from fusion.ot.fuse import (
     recompute_batchnorm,
     vanilla_average,
 )
-from fusion.train import accuracy, fit, predict_logits
-from server.report import plot_heatmap
+from amalgam.fusion.train import accuracy, fit, predict_logits
+from amalgam.server.report import plot_heatmap
+from benchmarks.results_io import write_results
 
 SEED = 0  # the first seed; --seeds runs more
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -28,6 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amalgam.fusion.compose import CompositionConfig, compose_predictions, gather, relabel
+from amalgam.fusion.composition import to_probs
+from amalgam.fusion.data import SourceUnavailable, load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import accuracy, fit, predict_logits
+from amalgam.protocol.schemas import PredictPolicy
 from benchmarks.composition import (
     OVERLAPPING,
     SEED,
@@ -37,12 +43,6 @@ from benchmarks.composition import (
     train_teacher_models,
 )
 from benchmarks.results_io import write_results
-from fusion.compose import CompositionConfig, compose_predictions, gather, relabel
-from fusion.composition import to_probs
-from fusion.data import SourceUnavailable, load_source
-from fusion.models import create_model
-from fusion.train import accuracy, fit, predict_logits
-from protocol.schemas import PredictPolicy
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {

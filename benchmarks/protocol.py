@@ -1,12 +1,13 @@
 """Cost of the party protocol on loopback: gRPC versus in-process, and parallel fan-out.
 
-Variant ``loopback``: the demo CNN (random weights) behind a :class:`party.handler.PartyHandler`,
+Variant ``loopback``: the demo CNN (random weights) behind a
+:class:`amalgam.party.handler.PartyHandler`,
 
-- throughput in images/s at batch 256 of :class:`party.local.LocalTeacher` and of
-  :class:`server.remote.RemoteTeacher` against a real server on ``127.0.0.1``;
+- throughput in images/s at batch 256 of :class:`amalgam.party.local.LocalTeacher` and of
+  :class:`amalgam.server.remote.RemoteTeacher` against a real server on ``127.0.0.1``;
 - fan-out efficiency: eight servers whose handlers sleep 50 ms before answering (simulated
-  network latency), called at once through :func:`server.fanout.fan_out`; efficiency is the sum
-  of the parties' own call times over the wall time, divided by the number of parties
+  network latency), called at once through :func:`amalgam.server.fanout.fan_out`; efficiency
+  is the sum of the parties' own call times over the wall time, divided by the number of parties
   (1 = perfectly parallel, 1/8 = serial).
 
 Run ``python -m benchmarks.protocol`` from the repository root; ``--quick`` is a smoke run that
@@ -28,15 +29,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fusion.models import create_model
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.local import LocalTeacher
-from party.service import create_server
-from protocol.schemas import Policy, PredictPolicy
-from server.fanout import fan_out
-from server.marketplace import DEMO_ARCH
-from server.remote import RemoteTeacher
+from amalgam.fusion.models import create_model
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.local import LocalTeacher
+from amalgam.party.service import create_server
+from amalgam.protocol.schemas import Policy, PredictPolicy
+from amalgam.server.fanout import fan_out
+from amalgam.server.marketplace import DEMO_ARCH
+from amalgam.server.remote import RemoteTeacher
 
 NAME = "protocol"
 VARIANT = "loopback"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.report import markdown_table, ordered_rows
+from amalgam.server.report import markdown_table, ordered_rows
 
 
 def write_results(

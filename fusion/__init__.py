@@ -1,5 +1,5 @@
 """Fusion algorithms in pure PyTorch.
 
-Teachers are reached only through :class:`fusion.teacher.Teacher`; nothing here knows about
+Teachers are reached only through :class:`amalgam.fusion.teacher.Teacher`; nothing here knows about
 gRPC, protobuf or the party's policy.
 """

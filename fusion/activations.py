@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fusion.ot.cka import centered_gram
+from amalgam.fusion.ot.cka import centered_gram
 
 PENULTIMATE = "penultimate"  # the input of the model's ``head``: its representation phi(x)
 

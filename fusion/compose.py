@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fusion.composition import RULES, aggregate, collect_union_probs, union_classes
-from fusion.data import Dataset, fit_to_shape
-from fusion.models import Classifier, create_model
-from fusion.teacher import Teacher
-from fusion.train import Checkpoint, accuracy, fit, predict_logits
+from amalgam.fusion.composition import RULES, aggregate, collect_union_probs, union_classes
+from amalgam.fusion.data import Dataset, fit_to_shape
+from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.teacher import Teacher
+from amalgam.fusion.train import Checkpoint, accuracy, fit, predict_logits
 
 # ``map_teachers(fn, teachers)``: ``[fn(t) for t in teachers]``, where the coordinator may
 # answer ``None`` for a teacher that dropped out of the job (its party became unreachable).
@@ -234,7 +234,7 @@ def compose_predictions(
     """Aggregate pseudo-labels with ``config.rule``, train the student, and evaluate it with
     the teachers, the ensembles and (``config.baselines``) vanilla KD and the supervised bound.
     ``checkpoints(name)``, where given, keeps each training run's progress (see
-    :func:`fusion.train.fit`)."""
+    :func:`amalgam.fusion.train.fit`)."""
 
     def checkpoint(name: str) -> Checkpoint | None:
         return checkpoints(name) if checkpoints is not None else None

@@ -7,10 +7,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fusion.composition import to_probs
-from fusion.data import fit_to_shape
-from fusion.teacher import Teacher
-from fusion.train import accuracy, predict_logits
+from amalgam.fusion.composition import to_probs
+from amalgam.fusion.data import fit_to_shape
+from amalgam.fusion.teacher import Teacher
+from amalgam.fusion.train import accuracy, predict_logits
 
 
 def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) -> list[float]:

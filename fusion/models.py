@@ -138,7 +138,7 @@ class VGG(Classifier):
     ``stages`` holds the conv widths of each stage; every stage ends in a 2x2 max-pool.
     ``fc`` holds the widths of the hidden fully connected layers before the head.
     ``adapt`` puts a feature adaptation module (paper 004, Eq. 3) before every ReLU: the
-    architecture of an amalgamated student (:mod:`fusion.amalgamation`).
+    architecture of an amalgamated student (:mod:`amalgam.fusion.amalgamation`).
     """
 
     def __init__(

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load as safetensors_load
 from torch import Tensor
 
-from fusion.datafree.losses import GeneratorObjective
-from fusion.models import Classifier, create_model
+from amalgam.fusion.datafree.losses import GeneratorObjective
+from amalgam.fusion.models import Classifier, create_model
 
 OUTPUT_FORMS = ("logits", "probs", "topk", "label")
 
@@ -142,7 +142,7 @@ class Teacher(Protocol):
         grad_logits: Tensor | None = None,
     ) -> Feedback:
         """The teacher-side generator loss on ``x`` (B, C, H, W) and its input gradient in one
-        pass where the teacher lives (:func:`fusion.datafree.losses.teacher_side_loss`)."""
+        pass where the teacher lives (:func:`amalgam.fusion.datafree.losses.teacher_side_loss`)."""
         ...
 
     def synthesize(self, params: dict, session: str, steps: int, samples: int) -> Synthesis:

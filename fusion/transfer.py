@@ -15,8 +15,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
-from fusion.data import Dataset
-from fusion.models import Classifier
+from amalgam.fusion.data import Dataset
+from amalgam.fusion.models import Classifier
 
 C_GRID = np.logspace(-3, 2, 6)  # inverse L2 strengths tried by cross-validation
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from protocol.loading import load_yaml
-from protocol.schemas import Normalization, Policy, TlsFiles, _Strict
-from protocol.tls import resolve_tls
+from amalgam.protocol.loading import load_yaml
+from amalgam.protocol.schemas import Normalization, Policy, TlsFiles, _Strict
+from amalgam.protocol.tls import resolve_tls
 
 
 class ModelSource(_Strict):

@@ -8,10 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from fusion.datafree.losses import GeneratorObjective
-from party.handler import PartyHandler
-from protocol._generated import party_pb2
-from protocol.codec import (
+from amalgam.fusion.datafree.losses import GeneratorObjective
+from amalgam.party.handler import PartyHandler
+from amalgam.protocol._generated import party_pb2
+from amalgam.protocol.codec import (
     CodecError,
     detections_to_proto,
     objective_from_proto,
@@ -27,7 +27,7 @@ class PartyEndpoint:
     """Every RPC of the PartyService for an already authenticated and admitted ``caller``.
 
     :meth:`answer` returns the response message (for ExportWeights, the list of chunks) or
-    raises the handler's :class:`protocol.errors.PartyError`.
+    raises the handler's :class:`amalgam.protocol.errors.PartyError`.
     """
 
     def __init__(self, handler: PartyHandler, max_elements: int) -> None:

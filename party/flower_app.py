@@ -24,10 +24,10 @@ import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from protocol import CALLER_METADATA_KEY
-from protocol.rpcs import REQUESTS, SERVICE_NAME, STREAMING
-from protocol.schemas import TlsFiles
-from protocol.tls import channel_credentials
+from amalgam.protocol import CALLER_METADATA_KEY
+from amalgam.protocol.rpcs import REQUESTS, SERVICE_NAME, STREAMING
+from amalgam.protocol.schemas import TlsFiles
+from amalgam.protocol.tls import channel_credentials
 
 MESSAGE_LIMIT = 64 * 1024 * 1024
 _channels: dict[tuple, grpc.Channel] = {}

@@ -1,7 +1,7 @@
 """The one place where the owner's policy is enforced.
 
-:class:`PartyHandler` backs both the in-process :class:`party.local.LocalTeacher` and the gRPC
-servicer; every call, granted or denied, is appended to the audit log.
+:class:`PartyHandler` backs both the in-process :class:`amalgam.party.local.LocalTeacher` and
+the gRPC servicer; every call, granted or denied, is appended to the audit log.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from fusion.activations import layer_grams, layer_names, layer_outputs
-from fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
-from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
-from fusion.teacher import Feedback, Synthesis, TeacherInfo
-from party.audit import AuditLog
-from party.config import PartyConfig
-from party.model import load_model
-from party.ratelimit import TokenBuckets
-from party.synthesis import OwnTeacher, SynthesisSessions
-from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
-from protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy, PredictPolicy
+from amalgam.fusion.activations import layer_grams, layer_names, layer_outputs
+from amalgam.fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
+from amalgam.fusion.datafree.losses import GeneratorObjective, teacher_side_loss
+from amalgam.fusion.teacher import Feedback, Synthesis, TeacherInfo
+from amalgam.party.audit import AuditLog
+from amalgam.party.config import PartyConfig
+from amalgam.party.model import load_model
+from amalgam.party.ratelimit import TokenBuckets
+from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
+from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
+from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy, PredictPolicy
 
 __all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
 

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fusion.datafree.losses import GeneratorObjective
-from fusion.detection.canvas import Detections
-from fusion.teacher import Feedback, Synthesis, TeacherInfo, Weights, concat_chunks, in_chunks
-from party.handler import PartyHandler
+from amalgam.fusion.datafree.losses import GeneratorObjective
+from amalgam.fusion.detection.canvas import Detections
+from amalgam.fusion.teacher import (
+    Feedback,
+    Synthesis,
+    TeacherInfo,
+    Weights,
+    concat_chunks,
+    in_chunks,
+)
+from amalgam.party.handler import PartyHandler
 
 
 class LocalTeacher:
-    """A :class:`fusion.teacher.Teacher` that enforces the policy through :class:`PartyHandler`."""
+    """A :class:`amalgam.fusion.teacher.Teacher` that enforces the policy through
+    :class:`PartyHandler`."""
 
     def __init__(self, handler: PartyHandler, caller: str = "local") -> None:
         self.handler = handler

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fusion.detection.models import DETECTORS, create_detector
-from fusion.models import create_model
-from party.config import ModelSource
+from amalgam.fusion.detection.models import DETECTORS, create_detector
+from amalgam.fusion.models import create_model
+from amalgam.party.config import ModelSource
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The gRPC face of a party: a thin servicer over :class:`party.handler.PartyHandler`.
+"""The gRPC face of a party: a thin servicer over :class:`amalgam.party.handler.PartyHandler`.
 
 Authenticate -> decode -> handler -> encode; domain errors map to status codes: a bad tensor or
 request -> INVALID_ARGUMENT, a denied capability or caller -> PERMISSION_DENIED, an exhausted
@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from party.config import PartyConfig
-from party.endpoint import PartyEndpoint
-from party.handler import PartyHandler
-from protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
-from protocol._generated import party_pb2_grpc
-from protocol.errors import PartyError, Unauthenticated, status_code
-from protocol.rpcs import SERVICE_NAME
-from protocol.tls import peer_identity, server_credentials, token_digest
+from amalgam.party.config import PartyConfig
+from amalgam.party.endpoint import PartyEndpoint
+from amalgam.party.handler import PartyHandler
+from amalgam.protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
+from amalgam.protocol._generated import party_pb2_grpc
+from amalgam.protocol.errors import PartyError, Unauthenticated, status_code
+from amalgam.protocol.rpcs import SERVICE_NAME
+from amalgam.protocol.tls import peer_identity, server_credentials, token_digest
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def create_server(
 
     Message limits are raised deliberately to ``max_message_mb`` in both directions, and the
     element cap of decoded tensors follows from it. ``credentials``: TLS (see
-    :func:`protocol.tls.server_credentials`); ``None`` serves plaintext, for loopback tests
+    :func:`amalgam.protocol.tls.server_credentials`); ``None`` serves plaintext, for loopback tests
     and ``--insecure``. Calls beyond ``max_concurrent_rpcs`` are refused with
     RESOURCE_EXHAUSTED.
     """

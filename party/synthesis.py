@@ -14,15 +14,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fusion.datafree.losses import GeneratorObjective
-from fusion.datafree.trainer import VARIANTS, DataFreeConfig, GeneratorTrainer, History
-from fusion.teacher import Feedback, Synthesis, TeacherInfo
+from amalgam.fusion.datafree.losses import GeneratorObjective
+from amalgam.fusion.datafree.trainer import VARIANTS, DataFreeConfig, GeneratorTrainer, History
+from amalgam.fusion.teacher import Feedback, Synthesis, TeacherInfo
 
 FeedbackFn = Callable[[Tensor, GeneratorObjective, Tensor | None], Feedback]
 
 
 class OwnTeacher:
-    """The party's own model as a :class:`fusion.teacher.Teacher`, for its own generator:
+    """The party's own model as a :class:`amalgam.fusion.teacher.Teacher`, for its own generator:
     no budget or audit per step (the Synthesize call that drives it is audited)."""
 
     def __init__(self, info: TeacherInfo, feedback: FeedbackFn) -> None:

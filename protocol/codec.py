@@ -13,8 +13,8 @@ import math
 import numpy as np
 import torch
 
-from protocol._generated import party_pb2
-from protocol.schemas import Normalization, PartyInfo
+from amalgam.protocol._generated import party_pb2
+from amalgam.protocol.schemas import Normalization, PartyInfo
 
 # name on the wire -> (numpy dtype, little-endian), torch dtype
 _DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {

@@ -1,7 +1,7 @@
 """Domain errors a party reports, and their gRPC status codes.
 
 The party's handler raises them, the servicer maps them to status codes, and
-:class:`server.remote.RemoteTeacher` maps the codes back, so in-process and remote teachers
+:class:`amalgam.server.remote.RemoteTeacher` maps the codes back, so in-process and remote teachers
 fail the same way.
 """
 

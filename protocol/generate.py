@@ -1,6 +1,6 @@
 """Generate the gRPC stubs from the ``.proto`` sources listed in ``pyproject.toml``.
 
-``make proto`` runs ``python -m protocol.generate``; a test runs :func:`generate` into a
+``make proto`` runs ``python -m amalgam.protocol.generate``; a test runs :func:`generate` into a
 temporary folder and fails when the checked-in stubs differ from fresh ones.
 """
 
@@ -24,12 +24,12 @@ def generate(out_root: Path) -> Path:
     """Write ``_pb2.py``, ``_pb2.pyi`` and ``_pb2_grpc.py`` stubs below ``out_root``.
 
     The sources are mapped to the virtual path of the generated package, so the stubs import
-    each other as ``protocol._generated.x_pb2`` without any editing.
+    each other as ``amalgam.protocol._generated.x_pb2`` without any editing.
 
     Returns
     -------
     Path
-        The folder that holds the generated stubs (``out_root/protocol/_generated``).
+        The folder that holds the generated stubs (``out_root/amalgam/protocol/_generated``).
     """
     from grpc_tools import protoc
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        target = ROOT / _config()["package"].replace(".", "/")
+        target = ROOT / _config()["folder"]
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(fresh, target)
     print(f"stubs written to {target.relative_to(ROOT)}", file=sys.stderr)

@@ -3,7 +3,7 @@ that carry the serialized messages themselves (the Flower bridge)."""
 
 from __future__ import annotations
 
-from protocol._generated import party_pb2
+from amalgam.protocol._generated import party_pb2
 
 SERVICE_NAME = "amalgam.party.v1.PartyService"
 REQUESTS = {

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol.loading import ConfigError
-from protocol.schemas import TlsFiles
+from amalgam.protocol.loading import ConfigError
+from amalgam.protocol.schemas import TlsFiles
 
 MAX_VALIDITY_DAYS = 365
 IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusion.amalgamation.evaluate import amalgamation_rows, parameter_counts
-from fusion.amalgamation.features import FeatureCache
-from fusion.amalgamation.scores import TARGETS
-from fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
-from fusion.data import load_source
-from protocol.schemas import JobSpec
-from server.fanout import fan_out
-from server.outcome import Outcome
-from server.report import markdown_table
+from amalgam.fusion.amalgamation.evaluate import amalgamation_rows, parameter_counts
+from amalgam.fusion.amalgamation.features import FeatureCache
+from amalgam.fusion.amalgamation.scores import TARGETS
+from amalgam.fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
+from amalgam.fusion.data import load_source
+from amalgam.protocol.schemas import JobSpec
+from amalgam.server.fanout import fan_out
+from amalgam.server.outcome import Outcome
+from amalgam.server.report import markdown_table
 
 
 def amalgamation_config(spec: JobSpec) -> AmalgamationConfig:

@@ -29,9 +29,9 @@ RUNTIME_ERROR = 1
 
 
 def _party_serve(args: argparse.Namespace) -> int:
-    from party.config import load_party_config
-    from party.handler import PartyHandler
-    from party.service import serve
+    from amalgam.party.config import load_party_config
+    from amalgam.party.handler import PartyHandler
+    from amalgam.party.service import serve
 
     config = load_party_config(args.config)
     if config.tls is None and not args.insecure:
@@ -54,9 +54,9 @@ def _party_check(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from protocol.schemas import TlsFiles
-    from protocol.tls import channel_credentials
-    from server.remote import RemoteTeacher
+    from amalgam.protocol.schemas import TlsFiles
+    from amalgam.protocol.tls import channel_credentials
+    from amalgam.server.remote import RemoteTeacher
 
     files = [args.cert, args.key, args.ca]
     if any(files) and not all(files):
@@ -108,10 +108,10 @@ def _connect_options(args: argparse.Namespace, spec) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from server.fanout import fan_out
-    from server.job import clients, load_job
-    from server.plan import plan
-    from server.remote import PartyUnavailable, RemoteTeacher
+    from amalgam.server.fanout import fan_out
+    from amalgam.server.job import clients, load_job
+    from amalgam.server.plan import plan
+    from amalgam.server.remote import PartyUnavailable, RemoteTeacher
 
     spec = load_job(args.job)
     _connect_options(args, spec)
@@ -138,9 +138,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _fuse(args: argparse.Namespace) -> int:
-    from server.job import connect, load_job, run_job
-    from server.report import results_table
-    from server.store import JobStore, UnknownJob
+    from amalgam.server.job import connect, load_job, run_job
+    from amalgam.server.report import results_table
+    from amalgam.server.store import JobStore, UnknownJob
 
     if (args.job is None) == (args.resume is None):
         raise _Failure("give a job file, or --resume <job-id>", USAGE_ERROR)
@@ -174,7 +174,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from protocol.tls import write_federation
+    from amalgam.protocol.tls import write_federation
 
     try:
         written = write_federation(
@@ -189,7 +189,7 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from party.audit import verify_file
+    from amalgam.party.audit import verify_file
 
     report = verify_file(args.log)
     print(report.message)
@@ -197,7 +197,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _market(args: argparse.Namespace) -> int:
-    from server.market import run_market
+    from amalgam.server.market import run_market
 
     metrics = run_market(
         args.parties, args.engine, args.data, args.seed, args.output_dir, args.epochs
@@ -213,10 +213,10 @@ def _market(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from server.demo import run_demo
+    from amalgam.server.demo import run_demo
 
     if args.prepare:
-        from server.marketplace import prepare_federation
+        from amalgam.server.marketplace import prepare_federation
 
         for path in prepare_federation(Path(args.prepare)):
             print(f"wrote {path}")
@@ -326,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fusion.data import SourceUnavailable
-    from protocol.errors import PartyError
-    from protocol.loading import ConfigError
-    from server.remote import MalformedResponse, PartyCallError, PartyUnavailable
-    from server.roster import TooFewParties
+    from amalgam.fusion.data import SourceUnavailable
+    from amalgam.protocol.errors import PartyError
+    from amalgam.protocol.loading import ConfigError
+    from amalgam.server.remote import MalformedResponse, PartyCallError, PartyUnavailable
+    from amalgam.server.roster import TooFewParties
 
     try:
         return args.run(args)

@@ -12,22 +12,22 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from fusion.activations import PENULTIMATE
-from fusion.compose import predict_all, relabel
-from fusion.composition import to_probs
-from fusion.consolidation.loss import as_logits
-from fusion.consolidation.student import MultiHeadStudent
-from fusion.consolidation.trainer import ConsolidationConfig, consolidate
-from fusion.data import Dataset, fit_to_shape, load_source
-from fusion.models import Classifier
-from fusion.teacher import Teacher
-from fusion.train import accuracy
-from fusion.transfer import Represent, extract_features, transfer_score
-from protocol.schemas import JobSpec
-from server.fanout import fan_out
-from server.outcome import Outcome
-from server.report import markdown_table
-from server.weightfusion import Normaliser
+from amalgam.fusion.activations import PENULTIMATE
+from amalgam.fusion.compose import predict_all, relabel
+from amalgam.fusion.composition import to_probs
+from amalgam.fusion.consolidation.loss import as_logits
+from amalgam.fusion.consolidation.student import MultiHeadStudent
+from amalgam.fusion.consolidation.trainer import ConsolidationConfig, consolidate
+from amalgam.fusion.data import Dataset, fit_to_shape, load_source
+from amalgam.fusion.models import Classifier
+from amalgam.fusion.teacher import Teacher
+from amalgam.fusion.train import accuracy
+from amalgam.fusion.transfer import Represent, extract_features, transfer_score
+from amalgam.protocol.schemas import JobSpec
+from amalgam.server.fanout import fan_out
+from amalgam.server.outcome import Outcome
+from amalgam.server.report import markdown_table
+from amalgam.server.weightfusion import Normaliser
 
 
 def _config(spec: JobSpec) -> ConsolidationConfig:

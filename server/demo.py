@@ -19,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from party.audit import read_records, verify_chain
-from protocol.tls import write_federation
-from server.job import connect, load_job, run_job
-from server.marketplace import COORDINATOR, DEMO_PARTIES, demo_job, demo_party_config
-from server.report import party_table, results_table
+from amalgam.party.audit import read_records, verify_chain
+from amalgam.protocol.tls import write_federation
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.marketplace import COORDINATOR, DEMO_PARTIES, demo_job, demo_party_config
+from amalgam.server.report import party_table, results_table
 
 STARTUP_TIMEOUT_S = 120.0
 
@@ -34,7 +34,15 @@ class PartyProcess:
 
     def __init__(self, config: Path, insecure: bool = False) -> None:
         self.config = config
-        command = [sys.executable, "-m", "server.cli", "party", "serve", "--config", str(config)]
+        command = [
+            sys.executable,
+            "-m",
+            "amalgam.server.cli",
+            "party",
+            "serve",
+            "--config",
+            str(config),
+        ]
         self.process = subprocess.Popen(
             command + (["--insecure"] if insecure else []),
             stdout=subprocess.PIPE,

@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import torch
 
-from fusion.detection.aggregate import AggregationConfig, aggregate
-from fusion.detection.canvas import load_canvases
-from fusion.detection.coco import evaluate_map
-from fusion.detection.compose import (
+from amalgam.fusion.detection.aggregate import AggregationConfig, aggregate
+from amalgam.fusion.detection.canvas import load_canvases
+from amalgam.fusion.detection.coco import evaluate_map
+from amalgam.fusion.detection.compose import (
     DetectionCompositionConfig,
     compose_detection,
     detection_map,
     gather_detections,
 )
-from fusion.detection.figures import pseudo_label_grid
-from fusion.detection.models import DETECTORS
-from protocol.schemas import JobSpec
-from server.outcome import Outcome
-from server.report import markdown_table
-from server.roster import Roster
+from amalgam.fusion.detection.figures import pseudo_label_grid
+from amalgam.fusion.detection.models import DETECTORS
+from amalgam.protocol.schemas import JobSpec
+from amalgam.server.outcome import Outcome
+from amalgam.server.report import markdown_table
+from amalgam.server.roster import Roster
 
 DEFAULT_STUDENT = "fcos"
 

@@ -2,8 +2,8 @@
 Flower Grid (SuperLink and SuperNodes in deployment, virtual nodes in simulation).
 
 Each party RPC travels as one query message carrying the serialized protobuf request (see
-:mod:`party.flower_app`, the bridge on the other side); :class:`FlowerStub` gives
-:class:`server.remote.RemoteTeacher` the same call signature as a gRPC stub, so deadlines,
+:mod:`amalgam.party.flower_app`, the bridge on the other side); :class:`FlowerStub` gives
+:class:`amalgam.server.remote.RemoteTeacher` the same call signature as a gRPC stub, so deadlines,
 retries, chunking, answer checks and the job runner are the ones of direct gRPC.
 """
 
@@ -18,12 +18,12 @@ import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from protocol._generated import party_pb2
-from protocol.rpcs import RESPONSES, STREAMING, query_type
-from protocol.schemas import JobSpec
-from server.fanout import fan_out
-from server.job import load_job, run_job
-from server.remote import RemoteTeacher
+from amalgam.protocol._generated import party_pb2
+from amalgam.protocol.rpcs import RESPONSES, STREAMING, query_type
+from amalgam.protocol.schemas import JobSpec
+from amalgam.server.fanout import fan_out
+from amalgam.server.job import load_job, run_job
+from amalgam.server.remote import RemoteTeacher
 
 NODES_TIMEOUT_S = 120.0  # how long a run waits for the SuperNodes it needs to register
 FIRST_CONTACT_S = 60.0  # deadline of the first message to a node (it may start its ClientApp)
@@ -200,7 +200,7 @@ def simulate(spec: JobSpec, agents: list[str], cpus_per_node: float = 1.0) -> tu
     its error here."""
     from flwr.simulation import run_simulation
 
-    from party.flower_app import bridge_app
+    from amalgam.party.flower_app import bridge_app
 
     outcome: list = []
     run_simulation(

@@ -12,19 +12,19 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from fusion.composition import RULES
-from fusion.datafree.trainer import VARIANTS
-from fusion.detection.models import DETECTORS
-from fusion.models import list_models
-from fusion.teacher import Teacher
-from protocol.loading import ConfigError, load_yaml
-from protocol.schemas import JobSpec
-from protocol.tls import channel_credentials, resolve_tls
-from server.methods import RUNNERS
-from server.remote import RemoteTeacher
-from server.report import plot_accuracy, report_markdown
-from server.roster import Roster
-from server.store import Checkpoints, JobRecord, JobStore, ReplayTeacher, new_job_id
+from amalgam.fusion.composition import RULES
+from amalgam.fusion.datafree.trainer import VARIANTS
+from amalgam.fusion.detection.models import DETECTORS
+from amalgam.fusion.models import list_models
+from amalgam.fusion.teacher import Teacher
+from amalgam.protocol.loading import ConfigError, load_yaml
+from amalgam.protocol.schemas import JobSpec
+from amalgam.protocol.tls import channel_credentials, resolve_tls
+from amalgam.server.methods import RUNNERS
+from amalgam.server.remote import RemoteTeacher
+from amalgam.server.report import plot_accuracy, report_markdown
+from amalgam.server.roster import Roster
+from amalgam.server.store import Checkpoints, JobRecord, JobStore, ReplayTeacher, new_job_id
 
 
 class PartyMismatch(ValueError):

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from protocol.tls import write_federation
+from amalgam.protocol.tls import write_federation
 
 APP = Path(__file__).resolve().parent.parent / "deploy" / "flower-app"
 CONNECTION = "loopback"

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 import yaml
 
-from fusion.data import Dataset, load_source
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.service import create_server
-from protocol.schemas import Policy, PredictPolicy, TlsFiles
-from protocol.tls import server_credentials
-from server.job import connect, load_job, run_job
+from amalgam.fusion.data import Dataset, load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.service import create_server
+from amalgam.protocol.schemas import Policy, PredictPolicy, TlsFiles
+from amalgam.protocol.tls import server_credentials
+from amalgam.server.job import connect, load_job, run_job
 
 ENGINES = ("grpc", "flower")
 
@@ -98,7 +98,7 @@ def start_agents(
     parties, data: MarketData, seed: int, folder: Path, stack: ExitStack, certs: Path | None = None
 ) -> list[str]:
     """Train each party's teacher and serve it from its own agent on loopback (stopped with
-    ``stack``); with ``certs`` (see :class:`server.loopback.LoopbackFederation`) over mutual
+    ``stack``); with ``certs`` (see :class:`amalgam.server.loopback.LoopbackFederation`) over mutual
     TLS, admitting the coordinator and the party's SuperNode bridge. Returns the addresses."""
     addresses = []
     for k, (name, classes, shard) in enumerate(parties):
@@ -170,7 +170,7 @@ def run_market(
         if engine == "grpc":
             run_dir = run_job(spec, connect(spec, log=log), progress=False, log=log)
         else:
-            from server.flower import simulate
+            from amalgam.server.flower import simulate
 
             run_dir, _ = simulate(spec, addresses)
         seconds = time.perf_counter() - started

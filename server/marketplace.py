@@ -17,10 +17,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fusion.data import DIGIT_NAMES, cache_dir, load_source
-from fusion.models import create_model
-from fusion.train import accuracy, fit, predict_logits
-from protocol.tls import write_federation
+from amalgam.fusion.data import DIGIT_NAMES, cache_dir, load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import accuracy, fit, predict_logits
+from amalgam.protocol.tls import write_federation
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def demo_party_config(
     bridge: bool = False,
 ) -> Path:
     """Write the party's config (and train its weights, once) into ``folder``; returns the
-    config path. With ``certs`` (a folder made by :func:`protocol.tls.write_federation`) the
+    config path. With ``certs`` (a folder made by :func:`amalgam.protocol.tls.write_federation`) the
     party serves mutual TLS and admits the demo's coordinator, and with ``bridge`` also its
     Flower SuperNode ``<party>-node``."""
     folder.mkdir(parents=True, exist_ok=True)

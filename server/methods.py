@@ -1,24 +1,24 @@
 """One runner per fusion method: each turns a validated job and its teachers into an
-:class:`Outcome` that :func:`server.job.run_job` writes to the run folder."""
+:class:`Outcome` that :func:`amalgam.server.job.run_job` writes to the run folder."""
 
 from __future__ import annotations
 
 import math
 
-from fusion.compose import CompositionConfig, compose, relabel
-from fusion.data import fit_to_shape, load_source
-from fusion.datafree.party_side import PartySideFusion
-from fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
-from fusion.evaluate import evaluate
-from protocol.schemas import JobSpec
-from server.amalgamation import run_amalgamation
-from server.consolidation import run_consolidation
-from server.detection import run_detection_composition
-from server.fanout import fan_out
-from server.outcome import Outcome, Runner
-from server.report import plot_curves, plot_samples
-from server.roster import Roster
-from server.weightfusion import run_weight_fusion
+from amalgam.fusion.compose import CompositionConfig, compose, relabel
+from amalgam.fusion.data import fit_to_shape, load_source
+from amalgam.fusion.datafree.party_side import PartySideFusion
+from amalgam.fusion.datafree.trainer import DataFreeConfig, DataFreeFusion
+from amalgam.fusion.evaluate import evaluate
+from amalgam.protocol.schemas import JobSpec
+from amalgam.server.amalgamation import run_amalgamation
+from amalgam.server.consolidation import run_consolidation
+from amalgam.server.detection import run_detection_composition
+from amalgam.server.fanout import fan_out
+from amalgam.server.outcome import Outcome, Runner
+from amalgam.server.report import plot_curves, plot_samples
+from amalgam.server.roster import Roster
+from amalgam.server.weightfusion import run_weight_fusion
 
 DETECTION_PARAMS = {"detection_rule", "iou_threshold", "score_threshold", "soft_nms_sigma"}
 

@@ -1,4 +1,4 @@
-"""What a job method hands back to :func:`server.job.run_job`."""
+"""What a job method hands back to :func:`amalgam.server.job.run_job`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fusion.models import Classifier
-from fusion.teacher import Teacher
-from protocol.schemas import JobSpec
+from amalgam.fusion.models import Classifier
+from amalgam.fusion.teacher import Teacher
+from amalgam.protocol.schemas import JobSpec
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Outcome:
 
 
 # runner(spec, teachers, progress, log, checkpoints): ``checkpoints(name)`` gives a
-# :class:`fusion.train.Checkpoint` per training run (or is None); a runner that does not use
+# :class:`amalgam.fusion.train.Checkpoint` per training run (or is None); a runner that does not use
 # it restarts its training when a job is resumed (the parties' answers are replayed anyway).
 Runner = Callable[
     [JobSpec, Sequence[Teacher], bool, Callable[[str], None], Callable | None], Outcome

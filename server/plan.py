@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from fusion.amalgamation.student import Layout
-from fusion.teacher import TeacherInfo
+from amalgam.fusion.amalgamation.student import Layout
+from amalgam.fusion.teacher import TeacherInfo
 
 
 def _vgg_layers(info: TeacherInfo) -> str | None:

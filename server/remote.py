@@ -1,10 +1,11 @@
-"""``RemoteTeacher``: a :class:`fusion.teacher.Teacher` that is a gRPC client of a party agent.
+"""``RemoteTeacher``: a :class:`amalgam.fusion.teacher.Teacher` that is a gRPC client of a party
+agent.
 
 Every call carries a deadline; large batches are split on the client so that no message
 exceeds the limit or the party's ``max_batch``; only UNAVAILABLE is retried, and only for
 idempotent calls, with exponential back-off (at most 5 attempts by default). A party's
 refusals come back as the same domain errors an in-process teacher raises
-(:mod:`protocol.errors`); predictions that are not what the party advertised (wrong shape,
+(:mod:`amalgam.protocol.errors`); predictions that are not what the party advertised (wrong shape,
 NaN or infinite values) raise :class:`MalformedResponse` and are never used.
 """
 
@@ -21,12 +22,19 @@ import grpc
 import torch
 from torch import Tensor
 
-from fusion.datafree.losses import GeneratorObjective
-from fusion.detection.canvas import Detections
-from fusion.teacher import Feedback, Synthesis, TeacherInfo, Weights, concat_chunks, in_chunks
-from protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
-from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import (
+from amalgam.fusion.datafree.losses import GeneratorObjective
+from amalgam.fusion.detection.canvas import Detections
+from amalgam.fusion.teacher import (
+    Feedback,
+    Synthesis,
+    TeacherInfo,
+    Weights,
+    concat_chunks,
+    in_chunks,
+)
+from amalgam.protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
+from amalgam.protocol._generated import party_pb2, party_pb2_grpc
+from amalgam.protocol.codec import (
     CodecError,
     detections_from_proto,
     objective_to_proto,
@@ -36,7 +44,7 @@ from protocol.codec import (
     tensor_to_proto,
     tensors_from_proto,
 )
-from protocol.errors import error_from_status
+from amalgam.protocol.errors import error_from_status
 
 SYNTHESIZE_DEADLINE_S = 900.0
 WEIGHTS_DEADLINE_S = 120.0
@@ -79,12 +87,12 @@ class RemoteTeacher:
         it; with TLS the certificate in ``credentials`` is the identity).
     max_message_mb : the client's message limit; batches are split to stay under it.
     retries : attempts after the first one, on UNAVAILABLE only.
-    credentials : TLS, see :func:`protocol.tls.channel_credentials`; None: plaintext.
+    credentials : TLS, see :func:`amalgam.protocol.tls.channel_credentials`; None: plaintext.
     token : a bearer token sent with every call, for parties that require one.
     half : send and receive BatchNormFeedback tensors as float16 (halves the bytes).
     stub : instead of a gRPC channel to ``address``, any object whose attributes ``Describe``,
         ``Predict``, ... are called like a gRPC stub's methods and raise ``grpc.RpcError``
-        (:class:`server.flower.FlowerStub` carries the calls over a Flower Grid).
+        (:class:`amalgam.server.flower.FlowerStub` carries the calls over a Flower Grid).
     """
 
     def __init__(

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from fusion.teacher import Teacher
-from server.fanout import fan_out
-from server.remote import MalformedResponse, PartyUnavailable
+from amalgam.fusion.teacher import Teacher
+from amalgam.server.fanout import fan_out
+from amalgam.server.remote import MalformedResponse, PartyUnavailable
 
 LOST = (PartyUnavailable, MalformedResponse)
 

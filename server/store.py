@@ -24,8 +24,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from fusion.teacher import Feedback, Synthesis, Teacher, TeacherInfo, Weights
-from protocol.schemas import JobSpec
+from amalgam.fusion.teacher import Feedback, Synthesis, Teacher, TeacherInfo, Weights
+from amalgam.protocol.schemas import JobSpec
 
 STORE_NAME = "jobs.sqlite"
 SCHEMA = """
@@ -143,7 +143,7 @@ def _request_key(method: str, *parts: object) -> str:
 
 
 class ReplayTeacher:
-    """A :class:`fusion.teacher.Teacher` that records each answer of ``teacher`` in the job
+    """A :class:`amalgam.fusion.teacher.Teacher` that records each answer of ``teacher`` in the job
     store and replays it when the same call comes again (a resumed job asks what it asked
     before). Predict, Activations, Gram and ExportWeights are recorded; BatchNormFeedback and
     Synthesize are passed through (generator training sends too much, and Synthesize changes
@@ -207,7 +207,7 @@ def _metadata(payload: bytes) -> dict[str, str]:
 
 
 class FileCheckpoint:
-    """A :class:`fusion.train.Checkpoint` in one file, replaced atomically on save (written
+    """A :class:`amalgam.fusion.train.Checkpoint` in one file, replaced atomically on save (written
     beside it, then renamed), read with ``weights_only`` (tensors and plain values only)."""
 
     def __init__(self, path: Path) -> None:

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion.compose import relabel
-from fusion.data import Dataset, fit_to_shape, load_source
-from fusion.evaluate import per_class_accuracy
-from fusion.models import Classifier, create_model
-from fusion.ot.fuse import (
+from amalgam.fusion.compose import relabel
+from amalgam.fusion.data import Dataset, fit_to_shape, load_source
+from amalgam.fusion.evaluate import per_class_accuracy
+from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.ot.fuse import (
     FusionResult,
     OTFusionConfig,
     clafusion,
@@ -24,14 +24,14 @@ from fusion.ot.fuse import (
     recompute_batchnorm,
     vanilla_average,
 )
-from fusion.ot.probe import Probe
-from fusion.ot.spec import UnsupportedNetwork, fusion_spec
-from fusion.teacher import Teacher, TeacherInfo
-from fusion.train import accuracy, fit, predict_logits
-from protocol.schemas import JobSpec
-from server.fanout import fan_out
-from server.outcome import Outcome
-from server.report import plot_heatmap, plot_transport_costs
+from amalgam.fusion.ot.probe import Probe
+from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
+from amalgam.fusion.teacher import Teacher, TeacherInfo
+from amalgam.fusion.train import accuracy, fit, predict_logits
+from amalgam.protocol.schemas import JobSpec
+from amalgam.server.fanout import fan_out
+from amalgam.server.outcome import Outcome
+from amalgam.server.report import plot_heatmap, plot_transport_costs
 
 BATCHNORM_IMAGES = 10_000  # unlabeled images for re-estimating BatchNorm statistics
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from fusion.models import create_model
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.service import create_server
-from protocol.schemas import Policy, PredictPolicy
+from amalgam.fusion.models import create_model
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.service import create_server
+from amalgam.protocol.schemas import Policy, PredictPolicy
 
 CLASSES = ["cat", "dog", "eel"]
 INPUT_SHAPE = (1, 8, 8)

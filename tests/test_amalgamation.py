@@ -8,26 +8,26 @@ import pytest
 import torch
 from parties import tiny_handler
 
-from fusion.activations import layer_names
-from fusion.amalgamation.autoencoder import (
+from amalgam.fusion.activations import layer_names
+from amalgam.fusion.amalgamation.autoencoder import (
     AutoencoderConfig,
     FeatureAutoencoder,
     amalgamate_features,
     half_squared_error,
 )
-from fusion.amalgamation.features import FeatureCache
-from fusion.amalgamation.scores import entries, merge_entries, score_targets, union
-from fusion.amalgamation.student import (
+from amalgam.fusion.amalgamation.features import FeatureCache
+from amalgam.fusion.amalgamation.scores import entries, merge_entries, score_targets, union
+from amalgam.fusion.amalgamation.student import (
     Layout,
     build_student,
     fold_adaptation,
     layer_steps,
     student_width,
 )
-from fusion.models import create_model
-from fusion.train import fit
-from party.local import LocalTeacher
-from protocol.schemas import LayersPolicy, Policy, PredictPolicy
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -11,16 +11,16 @@ import torch
 import yaml
 from parties import serving
 
-from fusion.data import load_source
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import AuditLog
-from party.handler import PartyHandler
-from party.local import LocalTeacher
-from protocol.loading import ConfigError
-from protocol.schemas import LayersPolicy, Policy, PredictPolicy
-from server.job import connect, load_job, run_job
-from server.plan import plan
+from amalgam.fusion.data import load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import AuditLog
+from amalgam.party.handler import PartyHandler
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.loading import ConfigError
+from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.plan import plan
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from party.audit import GENESIS, AuditLog, _digest, read_records, verify_chain
-from server.cli import main
+from amalgam.party.audit import GENESIS, AuditLog, _digest, read_records, verify_chain
+from amalgam.server.cli import main
 
 FIELDS = {"time", "caller", "method", "samples", "bytes_out", "decision"}
 

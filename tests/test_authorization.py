@@ -12,12 +12,12 @@ import torch
 from parties import INPUT_SHAPE, serving, tiny_handler
 from pydantic import ValidationError
 
-from party.audit import read_records
-from party.config import PartyConfig
-from protocol import CALLER_METADATA_KEY
-from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import tensor_to_proto
-from protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
+from amalgam.party.audit import read_records
+from amalgam.party.config import PartyConfig
+from amalgam.protocol import CALLER_METADATA_KEY
+from amalgam.protocol._generated import party_pb2, party_pb2_grpc
+from amalgam.protocol.codec import tensor_to_proto
+from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -9,15 +9,15 @@ import pytest
 import torch
 from parties import serving, tiny_handler
 
-from fusion.datafree.bn_loss import bn_statistics_loss, gaussian_kl
-from fusion.datafree.losses import GeneratorObjective, teacher_side_loss
-from fusion.models import create_model
-from party.audit import read_records
-from party.local import LocalTeacher
-from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
-from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
-from server.plan import plan
-from server.remote import RemoteTeacher
+from amalgam.fusion.datafree.bn_loss import bn_statistics_loss, gaussian_kl
+from amalgam.fusion.datafree.losses import GeneratorObjective, teacher_side_loss
+from amalgam.fusion.models import create_model
+from amalgam.party.audit import read_records
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
+from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
+from amalgam.server.plan import plan
+from amalgam.server.remote import RemoteTeacher
 
 CLASSES = ["a", "b", "c"]
 BN_ONLY = GeneratorObjective(bn=1.0)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from parties import serving, tiny_handler
 
-from protocol.schemas import Policy, PredictPolicy
-from server.cli import main
+from amalgam.protocol.schemas import Policy, PredictPolicy
+from amalgam.server.cli import main
 
 
 def _job(tmp_path, party_addresses, **overrides):
@@ -126,9 +126,9 @@ def test_example_files_in_deploy_validate(tmp_path):
     import shutil
     from pathlib import Path
 
-    from party.config import load_party_config
-    from protocol.tls import write_federation
-    from server.job import load_job
+    from amalgam.party.config import load_party_config
+    from amalgam.protocol.tls import write_federation
+    from amalgam.server.job import load_job
 
     deploy = Path(__file__).resolve().parent.parent / "deploy"
     for example in deploy.glob("*.yaml"):

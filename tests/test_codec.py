@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from protocol._generated import party_pb2
-from protocol.codec import (
+from amalgam.protocol._generated import party_pb2
+from amalgam.protocol.codec import (
     CodecError,
     party_info_from_proto,
     party_info_to_proto,
@@ -21,7 +21,7 @@ from protocol.codec import (
     tensors_from_proto,
     tensors_to_proto,
 )
-from protocol.schemas import Normalization, PartyInfo
+from amalgam.protocol.schemas import Normalization, PartyInfo
 
 # wire name -> numpy dtype, the allow-list the codec documents
 ALLOWED = {

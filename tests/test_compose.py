@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.compose import (
+from amalgam.fusion.compose import (
     CompositionConfig,
     compose,
     compose_predictions,
     gather,
     pseudo_label_stats,
 )
-from fusion.composition import RULES
-from fusion.data import load_source
-from fusion.models import create_model
-from fusion.teacher import TeacherInfo
-from fusion.train import fit
+from amalgam.fusion.composition import RULES
+from amalgam.fusion.data import load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.teacher import TeacherInfo
+from amalgam.fusion.train import fit
 
 
 class ModelTeacher:

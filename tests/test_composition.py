@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion.composition import (
+from amalgam.fusion.composition import (
     RULES,
     VOTE_RULES,
     aggregate,

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion.consolidation.loss import as_logits, consolidation_loss, kd_loss
-from fusion.consolidation.student import MultiHeadStudent
-from fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
-from fusion.data import Dataset
-from fusion.models import create_model
-from fusion.transfer import (
+from amalgam.fusion.consolidation.loss import as_logits, consolidation_loss, kd_loss
+from amalgam.fusion.consolidation.student import MultiHeadStudent
+from amalgam.fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
+from amalgam.fusion.data import Dataset
+from amalgam.fusion.models import create_model
+from amalgam.fusion.transfer import (
     few_shot_draws,
     few_shot_indices,
     few_shot_probe,

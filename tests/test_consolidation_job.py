@@ -13,14 +13,14 @@ import yaml
 from parties import serving
 from safetensors.torch import load_file
 
-from fusion.data import load_source
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import AuditLog, read_records
-from party.handler import PartyHandler
-from protocol.loading import ConfigError
-from protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
-from server.job import connect, load_job, run_job
+from amalgam.fusion.data import load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import AuditLog, read_records
+from amalgam.party.handler import PartyHandler
+from amalgam.protocol.loading import ConfigError
+from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
+from amalgam.server.job import connect, load_job, run_job
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from parties import CLASSES, INPUT_SHAPE, serving, tiny_handler
 
-from fusion.ot.cka import centered_gram
-from fusion.teacher import Teacher
-from party.audit import read_records, verify_chain
-from party.local import LocalTeacher
-from protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
-from protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
-from server.remote import RemoteTeacher
+from amalgam.fusion.ot.cka import centered_gram
+from amalgam.fusion.teacher import Teacher
+from amalgam.party.audit import read_records, verify_chain
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
+from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
+from amalgam.server.remote import RemoteTeacher
 
 
 class TeacherContract:

@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from fusion.data import SourceUnavailable, load_source
+from amalgam.fusion.data import SourceUnavailable, load_source
 
 
 def _write_idx(path, array: np.ndarray) -> None:

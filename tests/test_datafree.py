@@ -11,21 +11,21 @@ import torch
 import yaml
 from parties import serving
 
-from fusion.data import load_source
-from fusion.datafree.generator import Generator, augment
-from fusion.datafree.party_side import PartySideFusion
-from fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion
-from fusion.models import create_model
-from fusion.teacher import Feedback, TeacherInfo
-from fusion.train import fit
-from party.audit import AuditLog, read_records
-from party.handler import PartyHandler
-from party.local import LocalTeacher
-from protocol.errors import InvalidRequest, PolicyDenied
-from protocol.loading import ConfigError
-from protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
-from server.job import connect, load_job, run_job
-from server.remote import RemoteTeacher
+from amalgam.fusion.data import load_source
+from amalgam.fusion.datafree.generator import Generator, augment
+from amalgam.fusion.datafree.party_side import PartySideFusion
+from amalgam.fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion
+from amalgam.fusion.models import create_model
+from amalgam.fusion.teacher import Feedback, TeacherInfo
+from amalgam.fusion.train import fit
+from amalgam.party.audit import AuditLog, read_records
+from amalgam.party.handler import PartyHandler
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol.errors import InvalidRequest, PolicyDenied
+from amalgam.protocol.loading import ConfigError
+from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.remote import RemoteTeacher
 
 DIGITS = [str(d) for d in range(10)]
 TINY = dict(warmup=3, iterations=4, student_steps=2, batch_size=16, generator_width=8)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fusion.datafree.losses import (
+from amalgam.fusion.datafree.losses import (
     GeneratorObjective,
     batch_entropy,
     instance_entropy,

@@ -21,8 +21,8 @@ import jsonschema
 import pytest
 import yaml
 
-from party.config import PartyConfig
-from server.cli import build_parser
+from amalgam.party.config import PartyConfig
+from amalgam.server.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 BIN = Path(sys.executable).parent
@@ -93,7 +93,7 @@ def test_every_compose_command_exists_with_its_flags():
 
 def test_compose_federation_is_what_amalgam_demo_prepares(tmp_path):
     """The files the services read are the ones `amalgam demo --prepare` writes."""
-    from server.marketplace import prepare_federation
+    from amalgam.server.marketplace import prepare_federation
 
     written = {p.relative_to(tmp_path) for p in prepare_federation(tmp_path)}
     text = (DEPLOY / "compose.yaml").read_text()

@@ -9,10 +9,15 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from fusion.data import Dataset
-from fusion.detection.aggregate import AggregationConfig, aggregate, aggregate_image, soft_nms
-from fusion.detection.canvas import Detections, make_canvases
-from fusion.detection.coco import _coco, evaluate_map, to_coco
+from amalgam.fusion.data import Dataset
+from amalgam.fusion.detection.aggregate import (
+    AggregationConfig,
+    aggregate,
+    aggregate_image,
+    soft_nms,
+)
+from amalgam.fusion.detection.canvas import Detections, make_canvases
+from amalgam.fusion.detection.coco import _coco, evaluate_map, to_coco
 
 
 def dets(*rows) -> Detections:

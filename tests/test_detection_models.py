@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fusion.data import load_source
-from fusion.detection.canvas import make_canvases
-from fusion.detection.models import create_detector
-from fusion.detection.train import detect, fit_detector
+from amalgam.fusion.data import load_source
+from amalgam.fusion.detection.canvas import make_canvases
+from amalgam.fusion.detection.models import create_detector
+from amalgam.fusion.detection.train import detect, fit_detector
 
 
 def _canvases(count: int, seed: int):

@@ -13,19 +13,19 @@ import torch
 import yaml
 from parties import serving
 
-from fusion.data import load_source
-from fusion.detection.canvas import make_canvases
-from fusion.detection.models import create_detector
-from fusion.detection.train import fit_detector
-from party.audit import AuditLog, read_records
-from party.handler import PartyHandler
-from party.local import LocalTeacher
-from protocol._generated import party_pb2
-from protocol.codec import CodecError, detections_from_proto, detections_to_proto
-from protocol.schemas import JobSpec, Policy, PredictPolicy
-from server.job import connect, load_job, run_job
-from server.methods import run_composition
-from server.remote import RemoteTeacher
+from amalgam.fusion.data import load_source
+from amalgam.fusion.detection.canvas import make_canvases
+from amalgam.fusion.detection.models import create_detector
+from amalgam.fusion.detection.train import fit_detector
+from amalgam.party.audit import AuditLog, read_records
+from amalgam.party.handler import PartyHandler
+from amalgam.party.local import LocalTeacher
+from amalgam.protocol._generated import party_pb2
+from amalgam.protocol.codec import CodecError, detections_from_proto, detections_to_proto
+from amalgam.protocol.schemas import JobSpec, Policy, PredictPolicy
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.methods import run_composition
+from amalgam.server.remote import RemoteTeacher
 
 SIZE = 48
 SKILLS = {"evens": ["0", "2", "4", "6", "8"], "low": ["0", "1", "2", "3", "4"]}

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from server.fanout import fan_out
+from amalgam.server.fanout import fan_out
 
 
 def test_calls_run_concurrently_and_results_keep_input_order():

@@ -14,16 +14,16 @@ import torch
 import yaml
 from parties import serving, tiny_handler
 
-from fusion.data import DIGIT_NAMES, load_source
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import read_records
-from protocol._generated import party_pb2
-from protocol.errors import PolicyDenied
-from protocol.rpcs import REQUESTS, RESPONSES, STREAMING
-from protocol.schemas import Policy, PredictPolicy
-from server.flower import simulate
-from server.job import connect, load_job, run_job
+from amalgam.fusion.data import DIGIT_NAMES, load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import read_records
+from amalgam.protocol._generated import party_pb2
+from amalgam.protocol.errors import PolicyDenied
+from amalgam.protocol.rpcs import REQUESTS, RESPONSES, STREAMING
+from amalgam.protocol.schemas import Policy, PredictPolicy
+from amalgam.server.flower import simulate
+from amalgam.server.job import connect, load_job, run_job
 
 pytestmark = pytest.mark.integration
 

@@ -16,15 +16,15 @@ import torch
 import yaml
 from parties import tiny_handler
 
-from fusion.data import DIGIT_NAMES, load_source
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import read_records
-from party.service import create_server
-from protocol.schemas import Policy, PredictPolicy, TlsFiles
-from protocol.tls import server_credentials, write_federation
-from server.job import connect, load_job, run_job
-from server.loopback import LoopbackFederation
+from amalgam.fusion.data import DIGIT_NAMES, load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import read_records
+from amalgam.party.service import create_server
+from amalgam.protocol.schemas import Policy, PredictPolicy, TlsFiles
+from amalgam.protocol.tls import server_credentials, write_federation
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.loopback import LoopbackFederation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parties import INPUT_SHAPE, serving, tiny_handler
 
-from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import tensor_to_proto
-from protocol.schemas import BnFeedbackPolicy, LayersPolicy, Policy, PredictPolicy
+from amalgam.protocol._generated import party_pb2, party_pb2_grpc
+from amalgam.protocol.codec import tensor_to_proto
+from amalgam.protocol.schemas import BnFeedbackPolicy, LayersPolicy, Policy, PredictPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -10,13 +10,13 @@ import yaml
 from parties import serving
 from safetensors.torch import load_file
 
-from fusion.data import load_source
-from fusion.models import create_model
-from party.audit import read_records, verify_chain
-from party.config import load_party_config
-from party.handler import PartyHandler
-from server.job import connect, load_job, run_job
-from server.marketplace import DEMO_PARTIES, demo_job, demo_party_config
+from amalgam.fusion.data import load_source
+from amalgam.fusion.models import create_model
+from amalgam.party.audit import read_records, verify_chain
+from amalgam.party.config import load_party_config
+from amalgam.party.handler import PartyHandler
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.marketplace import DEMO_PARTIES, demo_job, demo_party_config
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusion import models
-from fusion.models import Classifier, create_model, list_models, register_model
+from amalgam.fusion import models
+from amalgam.fusion.models import Classifier, create_model, list_models, register_model
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

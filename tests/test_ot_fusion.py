@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from fusion.activations import layer_grams, layer_outputs
-from fusion.models import create_model
-from fusion.ot.balance import add_identity_units, firing_estimate, merge_hidden_layers
-from fusion.ot.cka import centered_gram, cka_from_grams, linear_cka
-from fusion.ot.cla import cross_layer_alignment
-from fusion.ot.fuse import OTFusionConfig, clafusion, ot_fuse, recompute_batchnorm
-from fusion.ot.probe import Probe
-from fusion.ot.spec import UnsupportedNetwork, fusion_spec
-from fusion.ot.transport import apply_transport, transport_plan
+from amalgam.fusion.activations import layer_grams, layer_outputs
+from amalgam.fusion.models import create_model
+from amalgam.fusion.ot.balance import add_identity_units, firing_estimate, merge_hidden_layers
+from amalgam.fusion.ot.cka import centered_gram, cka_from_grams, linear_cka
+from amalgam.fusion.ot.cla import cross_layer_alignment
+from amalgam.fusion.ot.fuse import OTFusionConfig, clafusion, ot_fuse, recompute_batchnorm
+from amalgam.fusion.ot.probe import Probe
+from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
+from amalgam.fusion.ot.transport import apply_transport, transport_plan
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -294,7 +294,7 @@ def test_adding_identity_units_preserves_function_dtype_and_depth(kind, dtype):
 
 
 def test_identity_kernels_of_any_odd_size():
-    from fusion.ot.balance import identity_kernel
+    from amalgam.fusion.ot.balance import identity_kernel
 
     x = torch.randn(2, 3, 9, 9)
     for size in (1, 3, 5):

@@ -7,9 +7,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from fusion.models import create_model
-from party.config import load_party_config
-from party.handler import PartyHandler
+from amalgam.fusion.models import create_model
+from amalgam.party.config import load_party_config
+from amalgam.party.handler import PartyHandler
 
 KWARGS = {"in_shape": [1, 8, 8], "num_classes": 3, "hidden": 8}
 

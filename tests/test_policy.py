@@ -8,11 +8,17 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from fusion.models import create_model
-from party.audit import AuditLog, read_records, verify_chain
-from party.handler import BudgetExceeded, InvalidRequest, PartyHandler, PolicyDenied, release
-from party.ratelimit import TokenBuckets
-from protocol.schemas import LayersPolicy, Normalization, Policy, PredictPolicy, RateLimit
+from amalgam.fusion.models import create_model
+from amalgam.party.audit import AuditLog, read_records, verify_chain
+from amalgam.party.handler import (
+    BudgetExceeded,
+    InvalidRequest,
+    PartyHandler,
+    PolicyDenied,
+    release,
+)
+from amalgam.party.ratelimit import TokenBuckets
+from amalgam.protocol.schemas import LayersPolicy, Normalization, Policy, PredictPolicy, RateLimit
 
 IN_SHAPE = (1, 8, 8)
 CLASSES = ["a", "b", "c", "d"]

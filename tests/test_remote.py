@@ -7,11 +7,11 @@ import pytest
 import torch
 from parties import INPUT_SHAPE, tiny_handler
 
-from party.audit import read_records
-from party.service import create_server
-from protocol.errors import PolicyDenied
-from protocol.schemas import Policy
-from server.remote import PartyUnavailable, RemoteTeacher
+from amalgam.party.audit import read_records
+from amalgam.party.service import create_server
+from amalgam.protocol.errors import PolicyDenied
+from amalgam.protocol.schemas import Policy
+from amalgam.server.remote import PartyUnavailable, RemoteTeacher
 
 
 class UnavailableFirst(grpc.ServerInterceptor):

@@ -22,15 +22,15 @@ from parties import serving, tiny_handler
 from safetensors.torch import save_file
 from torch import nn
 
-from fusion.data import DIGIT_NAMES, load_source
-from fusion.models import create_model
-from fusion.train import fit
-from party.audit import read_records
-from protocol.schemas import Policy, PredictPolicy
-from server.demo import PartyProcess
-from server.job import connect, load_job, run_job
-from server.roster import TooFewParties
-from server.store import JobStore
+from amalgam.fusion.data import DIGIT_NAMES, load_source
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
+from amalgam.party.audit import read_records
+from amalgam.protocol.schemas import Policy, PredictPolicy
+from amalgam.server.demo import PartyProcess
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.roster import TooFewParties
+from amalgam.server.store import JobStore
 
 pytestmark = pytest.mark.integration
 
@@ -199,7 +199,7 @@ def test_a_party_answering_nan_is_quarantined_and_never_trained_on(teachers, tmp
 
 def _fuse(*args: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "fuse", "--insecure", "--quiet", *args],
+        [sys.executable, "-m", "amalgam.server.cli", "fuse", "--insecure", "--quiet", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

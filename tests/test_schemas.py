@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from party.config import PartyConfig, load_party_config
-from protocol.loading import ConfigError, load_yaml
-from protocol.schemas import JobSpec, PredictPolicy
+from amalgam.party.config import PartyConfig, load_party_config
+from amalgam.protocol.loading import ConfigError, load_yaml
+from amalgam.protocol.schemas import JobSpec, PredictPolicy
 
 JOB = """\
 name: digits-demo

@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from parties import INPUT_SHAPE, serving, tiny_handler
 from safetensors.torch import save_file
 
-from fusion.models import create_model
-from party.audit import read_records
-from party.service import create_server
-from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import tensor_to_proto
+from amalgam.fusion.models import create_model
+from amalgam.party.audit import read_records
+from amalgam.party.service import create_server
+from amalgam.protocol._generated import party_pb2, party_pb2_grpc
+from amalgam.protocol.codec import tensor_to_proto
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("grpc_tools", reason="grpcio-tools (a dev dependency) is needed to regenerate")
 
-from protocol.generate import ROOT, generate  # noqa: E402
+from amalgam.protocol.generate import ROOT, generate  # noqa: E402
 
 CHECKED_IN = ROOT / "protocol" / "_generated"
 
@@ -24,7 +24,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def test_checked_in_stubs_match_fresh_ones(tmp_path):
     fresh_dir = generate(tmp_path)
-    assert fresh_dir == tmp_path / "protocol" / "_generated"
+    assert fresh_dir == tmp_path / "amalgam" / "protocol" / "_generated"
 
     fresh = _files(fresh_dir)
     checked_in = _files(CHECKED_IN)
@@ -36,4 +36,4 @@ def test_checked_in_stubs_match_fresh_ones(tmp_path):
 
 def test_generated_stubs_import_each_other_by_package_path(tmp_path):
     grpc_stub = (generate(tmp_path) / "party_pb2_grpc.py").read_text()
-    assert "from protocol._generated import party_pb2" in grpc_stub
+    assert "from amalgam.protocol._generated import party_pb2" in grpc_stub

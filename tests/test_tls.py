@@ -14,13 +14,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from parties import INPUT_SHAPE, tiny_handler
 
-from party.audit import read_records
-from party.service import Authenticator, create_server
-from protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
-from protocol._generated import party_pb2, party_pb2_grpc
-from protocol.codec import tensor_to_proto
-from protocol.schemas import Policy, PredictPolicy, TlsFiles
-from protocol.tls import (
+from amalgam.party.audit import read_records
+from amalgam.party.service import Authenticator, create_server
+from amalgam.protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
+from amalgam.protocol._generated import party_pb2, party_pb2_grpc
+from amalgam.protocol.codec import tensor_to_proto
+from amalgam.protocol.schemas import Policy, PredictPolicy, TlsFiles
+from amalgam.protocol.tls import (
     Issued,
     channel_credentials,
     identity_of,
@@ -30,8 +30,8 @@ from protocol.tls import (
     token_digest,
     write_federation,
 )
-from server.cli import main
-from server.remote import RemoteTeacher
+from amalgam.server.cli import main
+from amalgam.server.remote import RemoteTeacher
 
 pytestmark = pytest.mark.integration
 

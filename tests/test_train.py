@@ -7,8 +7,8 @@ import io
 import pytest
 import torch
 
-from fusion.models import create_model
-from fusion.train import fit
+from amalgam.fusion.models import create_model
+from amalgam.fusion.train import fit
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

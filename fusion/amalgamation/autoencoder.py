@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fusion.train import fit
+from amalgam.fusion.train import fit
 
 SCHEMES = ("dfa", "ifa")
 

@@ -9,14 +9,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from fusion.amalgamation.scores import merge_entries, union
-from fusion.amalgamation.student import build_student
-from fusion.amalgamation.trainer import common_layout
-from fusion.compose import TeacherMap, predict_all, relabel, sequential_map
-from fusion.consolidation.loss import as_logits
-from fusion.data import Dataset, fit_to_shape
-from fusion.teacher import Teacher, TeacherInfo
-from fusion.train import accuracy, predict_logits
+from amalgam.fusion.amalgamation.scores import merge_entries, union
+from amalgam.fusion.amalgamation.student import build_student
+from amalgam.fusion.amalgamation.trainer import common_layout
+from amalgam.fusion.compose import TeacherMap, predict_all, relabel, sequential_map
+from amalgam.fusion.consolidation.loss import as_logits
+from amalgam.fusion.data import Dataset, fit_to_shape
+from amalgam.fusion.teacher import Teacher, TeacherInfo
+from amalgam.fusion.train import accuracy, predict_logits
 
 
 def parameter_count(model: nn.Module) -> int:

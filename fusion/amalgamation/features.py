@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fusion.data import fit_to_shape
-from fusion.teacher import Teacher
+from amalgam.fusion.data import fit_to_shape
+from amalgam.fusion.teacher import Teacher
 
 CHUNK_BYTES = 16 * 1024 * 1024  # feature bytes asked for in one call
 COMPLETE = "complete"  # marker file: every chunk of the entry is on disk

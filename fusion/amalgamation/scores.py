@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fusion.amalgamation.autoencoder import half_squared_error
-from fusion.train import soft_cross_entropy
+from amalgam.fusion.amalgamation.autoencoder import half_squared_error
+from amalgam.fusion.train import soft_cross_entropy
 
 # what the student learns from the concatenated score vectors
 TARGETS = {

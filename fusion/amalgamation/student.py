@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fusion.models import VGG, create_model
+from amalgam.fusion.models import VGG, create_model
 
 _CONV = re.compile(r"^stages\.(\d+)\.(\d+)\.bn$")
 _FC = re.compile(r"^fc\.(\d+)$")

@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fusion.amalgamation.autoencoder import (
+from amalgam.fusion.amalgamation.autoencoder import (
     AutoencoderConfig,
     amalgamate_features,
     half_squared_error,
     mean_energy,
 )
-from fusion.amalgamation.features import FeatureCache
-from fusion.amalgamation.scores import TARGETS, entries, score_loss, score_targets
-from fusion.amalgamation.student import (
+from amalgam.fusion.amalgamation.features import FeatureCache
+from amalgam.fusion.amalgamation.scores import TARGETS, entries, score_loss, score_targets
+from amalgam.fusion.amalgamation.student import (
     LayerStep,
     Layout,
     build_student,
@@ -27,12 +27,12 @@ from fusion.amalgamation.student import (
     layer_steps,
     student_width,
 )
-from fusion.compose import TeacherMap, predict_all, sequential_map
-from fusion.consolidation.loss import as_logits
-from fusion.data import fit_to_shape
-from fusion.models import VGG
-from fusion.teacher import Teacher, TeacherInfo
-from fusion.train import fit
+from amalgam.fusion.compose import TeacherMap, predict_all, sequential_map
+from amalgam.fusion.consolidation.loss import as_logits
+from amalgam.fusion.data import fit_to_shape
+from amalgam.fusion.models import VGG
+from amalgam.fusion.teacher import Teacher, TeacherInfo
+from amalgam.fusion.train import fit
 
 # the distillation baselines (paper 004, Table 1 "Baseline"): the student's architecture from
 # scratch on the score vectors alone, with either target
@@ -44,7 +44,7 @@ class AmalgamationConfig:
     """Parameters of :func:`amalgamate` (the job's ``method.params`` and ``student``).
 
     scheme : dfa | ifa, how features of more than two teachers are amalgamated.
-    score_target : per_teacher | concat | logits (:data:`fusion.amalgamation.scores.TARGETS`).
+    score_target : per_teacher | concat | logits (:data:`.scores.TARGETS`).
     temperature : T of the softmax targets.
     width_scale : student width per layer, see :func:`student.student_width`.
     feature_samples : unlabeled images whose features are fetched for the layer-wise stage.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion.composition import to_probs
+from amalgam.fusion.composition import to_probs
 
 
 def as_logits(outputs: Tensor, form: str, num_classes: int) -> Tensor:

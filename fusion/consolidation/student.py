@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fusion.models import Classifier
+from amalgam.fusion.models import Classifier
 
 
 class MultiHeadStudent(nn.Module):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fusion.consolidation.loss import consolidation_loss
-from fusion.consolidation.student import MultiHeadStudent
-from fusion.models import Classifier
-from fusion.train import predict_logits
+from amalgam.fusion.consolidation.loss import consolidation_loss
+from amalgam.fusion.consolidation.student import MultiHeadStudent
+from amalgam.fusion.models import Classifier
+from amalgam.fusion.train import predict_logits
 
 
 @dataclass
@@ -141,7 +141,7 @@ def consolidate(
     generalist : phi_t^0 with head h_t^0; the student's backbone and head 0 start from it.
     proxy : (P, C, H, W) unlabeled proxy images, already in the generalist's input form.
     teacher_logits : one (P, K_i) tensor per task-specific teacher on ``proxy`` (see
-        :func:`fusion.consolidation.loss.as_logits` for teachers that release probabilities).
+        :func:`.loss.as_logits` for teachers that release probabilities).
     """
     config = config or ConsolidationConfig()
     weights = config.loss_weights(len(teacher_logits))

@@ -17,7 +17,7 @@ import uuid
 import torch
 from tqdm.auto import tqdm
 
-from fusion.datafree.trainer import DataFreeFusion, DataFreeResult, warmup_steps
+from amalgam.fusion.datafree.trainer import DataFreeFusion, DataFreeResult, warmup_steps
 
 
 class PartySideFusion(DataFreeFusion):

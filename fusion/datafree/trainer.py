@@ -1,6 +1,6 @@
 """Data-free fusion (paper 003, Algorithm 1) and its baselines, in one code path.
 
-Every teacher is reached through :class:`fusion.teacher.Teacher`: generator steps send the
+Every teacher is reached through :class:`amalgam.fusion.teacher.Teacher`: generator steps send the
 synthetic batch and the adversary's logits to ``bn_feedback`` (one round trip per generator
 step per party) and back-propagate the returned input gradient into the generator; student
 steps ask every teacher's ``predict`` on the union of all generators' samples (Eq. 1).
@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fusion.datafree.generator import Generator, augment
-from fusion.datafree.losses import GeneratorObjective, batch_entropy, kd_kl, softened_kl
-from fusion.models import Classifier, create_model
-from fusion.teacher import Teacher
+from amalgam.fusion.datafree.generator import Generator, augment
+from amalgam.fusion.datafree.losses import GeneratorObjective, batch_entropy, kd_kl, softened_kl
+from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.teacher import Teacher
 
 TeacherMap = Callable[[Callable[[Teacher], Tensor], Sequence[Teacher]], list[Tensor]]
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from fusion.detection.canvas import Detections
+from amalgam.fusion.detection.canvas import Detections
 
 RULES = ("unanimous", "consensus", "affirmative")
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fusion.data import Dataset, load_source
+from amalgam.fusion.data import Dataset, load_source
 
 INK = 0.25  # a pixel belongs to the digit above this fraction of its maximum
 
@@ -176,7 +176,7 @@ CANVAS_PREFIX = "canvases:"
 def load_canvases(source: str, size: int = 64, seed: int = 0) -> DetectionSet:
     """``canvases:<glyph source>``: canvases of the digits of a classification source
     (``canvases:mnist:train``, ``canvases:digits:public`` ...; see
-    :func:`fusion.data.load_source`), one canvas per three digits of the source."""
+    :func:`amalgam.fusion.data.load_source`), one canvas per three digits of the source."""
     if not source.startswith(CANVAS_PREFIX):
         raise ValueError(f"{source!r} is not a canvas source ({CANVAS_PREFIX}<source>)")
     glyphs = load_source(source[len(CANVAS_PREFIX) :])

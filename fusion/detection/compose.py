@@ -12,13 +12,13 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from fusion.composition import union_classes
-from fusion.detection.aggregate import AggregationConfig, AggregationStats, aggregate
-from fusion.detection.canvas import Detections, DetectionSet
-from fusion.detection.coco import evaluate_map
-from fusion.detection.models import create_detector
-from fusion.detection.train import detect, fit_detector
-from fusion.teacher import TeacherInfo
+from amalgam.fusion.composition import union_classes
+from amalgam.fusion.detection.aggregate import AggregationConfig, AggregationStats, aggregate
+from amalgam.fusion.detection.canvas import Detections, DetectionSet
+from amalgam.fusion.detection.coco import evaluate_map
+from amalgam.fusion.detection.models import create_detector
+from amalgam.fusion.detection.train import detect, fit_detector
+from amalgam.fusion.teacher import TeacherInfo
 
 
 class DetectorTeacher(Protocol):

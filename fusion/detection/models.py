@@ -55,7 +55,7 @@ def create_detector(
 
     ``arch``: ``frcnn`` (two-stage, anchors on stride 8), ``fcos`` (anchor-free, strides 8 and
     16) or ``retinanet`` (one-stage, anchors on strides 8 and 16). ``model.arch`` records the
-    arguments, as the classifiers of :mod:`fusion.models` do.
+    arguments, as the classifiers of :mod:`amalgam.fusion.models` do.
     """
     common = dict(min_size=size, max_size=size, image_mean=[0.5], image_std=[0.5])
     if arch == "frcnn":

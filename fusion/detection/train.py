@@ -1,4 +1,4 @@
-"""Training and inference loops for the detectors of :mod:`fusion.detection.models`."""
+"""Training and inference loops for the detectors of :mod:`amalgam.fusion.detection.models`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fusion.detection.canvas import Detections, DetectionSet
+from amalgam.fusion.detection.canvas import Detections, DetectionSet
 
 
 def _targets(batch: list[Detections], offset: int) -> list[dict[str, Tensor]]:

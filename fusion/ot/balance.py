@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fusion.models import MLP, VGG, Classifier, ResNetCifar, create_model
-from fusion.ot.spec import UnsupportedNetwork, fusion_spec
+from amalgam.fusion.models import MLP, VGG, Classifier, ResNetCifar, create_model
+from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
 
 SIGN_ESTIMATES = ("sum", "vote", "average")
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fusion.models import Classifier, create_model
-from fusion.ot.balance import SIGN_ESTIMATES, add_identity_units, merge_hidden_layers
-from fusion.ot.cka import cka_cost
-from fusion.ot.cla import cross_layer_alignment
-from fusion.ot.probe import Probe
-from fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec
-from fusion.ot.transport import GROUND_METRICS, PLANS, align
+from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.ot.balance import SIGN_ESTIMATES, add_identity_units, merge_hidden_layers
+from amalgam.fusion.ot.cka import cka_cost
+from amalgam.fusion.ot.cla import cross_layer_alignment
+from amalgam.fusion.ot.probe import Probe
+from amalgam.fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec
+from amalgam.fusion.ot.transport import GROUND_METRICS, PLANS, align
 
 BALANCES = ("add", "merge")
 MODES = ("many_to_one", "iterative")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fusion.activations import layer_grams, layer_outputs
+from amalgam.fusion.activations import layer_grams, layer_outputs
 
 
 class Probe:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from fusion.models import MLP, VGG, ResNetCifar
+from amalgam.fusion.models import MLP, VGG, ResNetCifar
 
 
 class UnsupportedNetwork(ValueError):

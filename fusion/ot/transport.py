@@ -26,7 +26,7 @@ import ot
 import torch
 from torch import Tensor
 
-from fusion.ot.spec import FusionSpec
+from amalgam.fusion.ot.spec import FusionSpec
 
 PLANS = ("emd", "sinkhorn")
 GROUND_METRICS = ("weight", "activation")

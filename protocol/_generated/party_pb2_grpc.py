@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protocol._generated import party_pb2 as protocol_dot___generated_dot_party__pb2
+from amalgam.protocol._generated import party_pb2 as amalgam_dot_protocol_dot___generated_dot_party__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protocol/_generated/party_pb2_grpc.py depends on'
+        + ' but the generated code in amalgam/protocol/_generated/party_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class PartyServiceStub:
         """
         self.Describe = channel.unary_unary(
                 '/amalgam.party.v1.PartyService/Describe',
-                request_serializer=protocol_dot___generated_dot_party__pb2.DescribeRequest.SerializeToString,
-                response_deserializer=protocol_dot___generated_dot_party__pb2.DescribeResponse.FromString,
+                request_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.DescribeResponse.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/amalgam.party.v1.PartyService/Predict',
-                request_serializer=protocol_dot___generated_dot_party__pb2.PredictRequest.SerializeToString,
-                response_deserializer=protocol_dot___generated_dot_party__pb2.PredictResponse.FromString,
+                request_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.PredictRequest.SerializeToString,
+                response_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.BatchNormFeedback = channel.unary_unary(
                 '/amalgam.party.v1.PartyService/BatchNormFeedback',
-                request_serializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.SerializeToString,
-                response_deserializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.FromString,
+                request_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.SerializeToString,
+                response_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.FromString,
                 _registered_method=True)
         self.Synthesize = channel.unary_unary(
                 '/amalgam.party.v1.PartyService/Synthesize',
-                request_serializer=protocol_dot___generated_dot_party__pb2.SynthesizeRequest.SerializeToString,
-                response_deserializer=protocol_dot___generated_dot_party__pb2.SynthesizeResponse.FromString,
+                request_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.SynthesizeRequest.SerializeToString,
+                response_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.SynthesizeResponse.FromString,
                 _registered_method=True)
         self.Activations = channel.unary_unary(
                 '/amalgam.party.v1.PartyService/Activations',
-                request_serializer=protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
-                response_deserializer=protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+                request_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+                response_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
                 _registered_method=True)
         self.Gram = channel.unary_unary(
                 '/amalgam.party.v1.PartyService/Gram',
-                request_serializer=protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
-                response_deserializer=protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+                request_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+                response_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
                 _registered_method=True)
         self.ExportWeights = channel.unary_stream(
                 '/amalgam.party.v1.PartyService/ExportWeights',
-                request_serializer=protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.SerializeToString,
-                response_deserializer=protocol_dot___generated_dot_party__pb2.WeightsChunk.FromString,
+                request_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.SerializeToString,
+                response_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.WeightsChunk.FromString,
                 _registered_method=True)
 
 
@@ -130,38 +130,38 @@ def add_PartyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Describe': grpc.unary_unary_rpc_method_handler(
                     servicer.Describe,
-                    request_deserializer=protocol_dot___generated_dot_party__pb2.DescribeRequest.FromString,
-                    response_serializer=protocol_dot___generated_dot_party__pb2.DescribeResponse.SerializeToString,
+                    request_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.DescribeRequest.FromString,
+                    response_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.DescribeResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=protocol_dot___generated_dot_party__pb2.PredictRequest.FromString,
-                    response_serializer=protocol_dot___generated_dot_party__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.PredictRequest.FromString,
+                    response_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.PredictResponse.SerializeToString,
             ),
             'BatchNormFeedback': grpc.unary_unary_rpc_method_handler(
                     servicer.BatchNormFeedback,
-                    request_deserializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.FromString,
-                    response_serializer=protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.SerializeToString,
+                    request_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.FromString,
+                    response_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.SerializeToString,
             ),
             'Synthesize': grpc.unary_unary_rpc_method_handler(
                     servicer.Synthesize,
-                    request_deserializer=protocol_dot___generated_dot_party__pb2.SynthesizeRequest.FromString,
-                    response_serializer=protocol_dot___generated_dot_party__pb2.SynthesizeResponse.SerializeToString,
+                    request_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.SynthesizeRequest.FromString,
+                    response_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.SynthesizeResponse.SerializeToString,
             ),
             'Activations': grpc.unary_unary_rpc_method_handler(
                     servicer.Activations,
-                    request_deserializer=protocol_dot___generated_dot_party__pb2.LayersRequest.FromString,
-                    response_serializer=protocol_dot___generated_dot_party__pb2.LayersResponse.SerializeToString,
+                    request_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersRequest.FromString,
+                    response_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersResponse.SerializeToString,
             ),
             'Gram': grpc.unary_unary_rpc_method_handler(
                     servicer.Gram,
-                    request_deserializer=protocol_dot___generated_dot_party__pb2.LayersRequest.FromString,
-                    response_serializer=protocol_dot___generated_dot_party__pb2.LayersResponse.SerializeToString,
+                    request_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersRequest.FromString,
+                    response_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersResponse.SerializeToString,
             ),
             'ExportWeights': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportWeights,
-                    request_deserializer=protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.FromString,
-                    response_serializer=protocol_dot___generated_dot_party__pb2.WeightsChunk.SerializeToString,
+                    request_deserializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.FromString,
+                    response_serializer=amalgam_dot_protocol_dot___generated_dot_party__pb2.WeightsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -189,8 +189,8 @@ class PartyService:
             request,
             target,
             '/amalgam.party.v1.PartyService/Describe',
-            protocol_dot___generated_dot_party__pb2.DescribeRequest.SerializeToString,
-            protocol_dot___generated_dot_party__pb2.DescribeResponse.FromString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.DescribeRequest.SerializeToString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -216,8 +216,8 @@ class PartyService:
             request,
             target,
             '/amalgam.party.v1.PartyService/Predict',
-            protocol_dot___generated_dot_party__pb2.PredictRequest.SerializeToString,
-            protocol_dot___generated_dot_party__pb2.PredictResponse.FromString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.PredictRequest.SerializeToString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -243,8 +243,8 @@ class PartyService:
             request,
             target,
             '/amalgam.party.v1.PartyService/BatchNormFeedback',
-            protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.SerializeToString,
-            protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.FromString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.BatchNormFeedbackRequest.SerializeToString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.BatchNormFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -270,8 +270,8 @@ class PartyService:
             request,
             target,
             '/amalgam.party.v1.PartyService/Synthesize',
-            protocol_dot___generated_dot_party__pb2.SynthesizeRequest.SerializeToString,
-            protocol_dot___generated_dot_party__pb2.SynthesizeResponse.FromString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.SynthesizeRequest.SerializeToString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.SynthesizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -297,8 +297,8 @@ class PartyService:
             request,
             target,
             '/amalgam.party.v1.PartyService/Activations',
-            protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
-            protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -324,8 +324,8 @@ class PartyService:
             request,
             target,
             '/amalgam.party.v1.PartyService/Gram',
-            protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
-            protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersRequest.SerializeToString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.LayersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -351,8 +351,8 @@ class PartyService:
             request,
             target,
             '/amalgam.party.v1.PartyService/ExportWeights',
-            protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.SerializeToString,
-            protocol_dot___generated_dot_party__pb2.WeightsChunk.FromString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.ExportWeightsRequest.SerializeToString,
+            amalgam_dot_protocol_dot___generated_dot_party__pb2.WeightsChunk.FromString,
             options,
             channel_credentials,
             insecure,
