@@ -8,7 +8,7 @@ export FLWR_TELEMETRY_ENABLED = 0
 export FLWR_DISABLE_UPDATE_CHECK = 1
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: venv proto lint test demo bench-composition bench-protocol bench-datafree bench-otfusion bench-consolidation bench-privacy bench-flower bench-detection bench-amalgamation clean
+.PHONY: venv proto lint test demo clean
 
 venv: $(STAMP)
 
@@ -32,32 +32,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/amalgam demo
 
-bench-composition: $(STAMP)
-	$(BIN)/python -m benchmarks.composition
-
-bench-protocol: $(STAMP)
-	$(BIN)/python -m benchmarks.protocol
-
-bench-datafree: $(STAMP)
-	$(BIN)/python -m benchmarks.datafree
-
-bench-otfusion: $(STAMP)
-	$(BIN)/python -m benchmarks.otfusion
-
-bench-consolidation: $(STAMP)
-	$(BIN)/python -m benchmarks.consolidation
-
-bench-privacy: $(STAMP)
-	$(BIN)/python -m benchmarks.privacy
-
-bench-flower: $(STAMP)
-	$(BIN)/python -m benchmarks.flower --variant marketplace --variant grpc-vs-flower
-
-bench-detection: $(STAMP)
-	$(BIN)/python -m benchmarks.detection
-
-bench-amalgamation: $(STAMP)
-	$(BIN)/python -m benchmarks.amalgamation
+# bench-<name>: python -m benchmarks.<name>, e.g. make bench-composition (benchmarks/*.py)
+bench-%: $(STAMP)
+	$(BIN)/python -m benchmarks.$*
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

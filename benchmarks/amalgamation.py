@@ -22,35 +22,34 @@ coordinator received; ``extra.wire`` the gRPC messages both ways).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from amalgam.fusion.amalgamation.evaluate import (
+from amalgam.fusion.amalgamation import (
+    AmalgamationConfig,
+    FeatureCache,
+    Layout,
+    amalgamate,
     amalgamation_rows,
-    parameter_count,
     parameter_counts,
 )
-from amalgam.fusion.amalgamation.features import FeatureCache
-from amalgam.fusion.amalgamation.student import Layout, build_student
-from amalgam.fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
-from amalgam.fusion.compose import relabel
-from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
+from amalgam.fusion.amalgamation.evaluate import parameter_count
+from amalgam.fusion.amalgamation.student import build_student
+from amalgam.fusion.data import Dataset, load_source
+from amalgam.fusion.labels import relabel
 from amalgam.fusion.models import create_model
-from amalgam.fusion.train import fit
-from amalgam.party.audit import AuditLog
-from amalgam.party.handler import PartyHandler
-from amalgam.party.service import create_server
+from amalgam.fusion.train import StudentConfig, fit
 from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy
 from amalgam.server.fanout import fan_out
 from amalgam.server.remote import RemoteTeacher
-from benchmarks.results_io import write_results
+from amalgam.server.simulation.parties import local_party, serving
+from benchmarks.harness import Benchmark, Results, record
 
 SEED = 0
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {  # name: (data set, the classes of each party by index)
     "cifar10-2": ("cifar10", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
     "cifar10-4": ("cifar10", [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]),
@@ -89,23 +88,21 @@ def train_teachers(private: Dataset, parts: list[list[str]], b: dict) -> list[to
     return models
 
 
-def serve(models, parts, shape, folder: Path):
-    """One party agent per teacher on loopback port 0; clients ask for float16 answers."""
+def serve(models, parts, shape, folder: Path, stack: ExitStack) -> list[RemoteTeacher]:
+    """One party agent per teacher on loopback port 0 (stopped with ``stack``); clients ask
+    for float16 features."""
     policy = Policy(
         predict=PredictPolicy(output="logits"),
         activations=LayersPolicy(layers=["*"]),
         sample_budget=None,
     )
-    servers, teachers = [], []
+    teachers = []
     for k, (model, classes) in enumerate(zip(models, parts, strict=True), start=1):
-        handler = PartyHandler(f"party{k}", model, classes, shape, policy,
-                               AuditLog(folder / f"party{k}-audit.jsonl"))  # fmt: skip
-        server = create_server(handler, "127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        teachers.append(RemoteTeacher(f"party{k}", f"127.0.0.1:{server.port}", half=True,
+        handler = local_party(f"party{k}", model, classes, shape, policy, folder)
+        address = stack.enter_context(serving(handler))
+        teachers.append(RemoteTeacher(f"party{k}", address, half={"activations"},
                                       deadline_s=300.0))  # fmt: skip
-    return servers, teachers
+    return teachers
 
 
 def supervised(private: Dataset, classes: list[str], entries: list[str], result, b: dict):
@@ -122,7 +119,8 @@ def supervised(private: Dataset, classes: list[str], entries: list[str], result,
     return model.eval()
 
 
-def run_variant(name: str, b: dict, out: Path) -> dict:
+def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
+    b = budget(args.quick)
     started = time.perf_counter()
     source, part_index = VARIANTS[name]
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
@@ -134,77 +132,52 @@ def run_variant(name: str, b: dict, out: Path) -> dict:
     shape = tuple(train.x.shape[1:])
     models = train_teachers(private, parts, b)
     unlabeled = _first(coordinator, b["unlabeled"]).x  # labels never used
-    config = AmalgamationConfig(feature_samples=b["features"], layer_epochs=b["layer_epochs"],
-                                epochs=b["epochs"], seed=SEED)  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="amalgamation-") as tmp:
-        servers, teachers = serve(models, parts, shape, Path(tmp))
-        try:
-            cache = FeatureCache(Path(tmp) / "cache", wire_bytes=2)
-            result = amalgamate(teachers, unlabeled, config, cache, map_teachers=fan_out)
-            classes = [c for part in parts for c in part]
-            ceiling = supervised(private, classes, result.entries, result, b)
-            students = {"layerwise": result.layerwise, "joint": result.joint,
-                        **result.baselines, "supervised": ceiling}  # fmt: skip
-            rows = amalgamation_rows(teachers, students, result.entries, test,
-                                     map_teachers=fan_out)  # fmt: skip
-            infos = [t.info for t in teachers]
-            wire = {t.info.name: {"sent": t.stats.bytes_sent, "received": t.stats.bytes_received}
-                    for t in teachers}  # fmt: skip
-        finally:
-            for server in servers:
-                server.stop(None)
+    config = AmalgamationConfig(feature_samples=b["features"], layer_epochs=b["layer_epochs"])
+    training = StudentConfig(arch="vgg_cnn", epochs=b["epochs"])
+    with tempfile.TemporaryDirectory(prefix="amalgamation-") as tmp, ExitStack() as stack:
+        teachers = serve(models, parts, shape, Path(tmp), stack)
+        cache = FeatureCache(Path(tmp) / "cache", wire_bytes=2)
+        result = amalgamate(teachers, unlabeled, config, training, cache, seed=SEED,
+                            map_teachers=fan_out)  # fmt: skip
+        classes = [c for part in parts for c in part]
+        ceiling = supervised(private, classes, result.entries, result, b)
+        students = {"layerwise": result.layerwise, "joint": result.joint,
+                    **result.baselines, "supervised": ceiling}  # fmt: skip
+        rows = amalgamation_rows(teachers, students, result.entries, test,
+                                 map_teachers=fan_out)  # fmt: skip
+        infos = [t.info for t in teachers]
+        wire = {t.info.name: {"sent": t.stats.bytes_sent, "received": t.stats.bytes_received}
+                for t in teachers}  # fmt: skip
     params = parameter_counts(infos, result.widths, result.joint)
     exact = {f"teacher:party{k}": parameter_count(m) for k, m in enumerate(models, start=1)}
     assert all(params[key] == n for key, n in exact.items()), (params, exact)
     scores = sum(len(unlabeled) * len(p) * 2 for p in parts)  # float16 logits on the wire
     moved = sum(cache.bytes_moved.values())
-    record = {
-        "benchmark": "amalgamation",
-        "variant": name,
-        "data": f"{source} train: private half (labelled per part) {len(private)}, coordinator "
-        f"half {len(unlabeled)} unlabeled (features of {b['features']}); test "
-        f"{len(test)}, shared/data",
-        "seed": SEED,
-        "budget": f"teachers {b['teacher_epochs']} epochs; layer-wise {b['layer_epochs']} "
-        f"epochs per layer; joint, baselines, supervised {b['epochs']} epochs",
-        "metric": "accuracy",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": rows,
-        "extra": {
-            "params": params,
-            "bytes_moved": {"features": moved, "scores": scores, "total": moved + scores},
-            "wire": wire,
-            "widths": result.widths,
-            "parts": {f"part{k}": p for k, p in enumerate(parts, start=1)},
-            "losses": {k: v for k, v in result.losses.items() if not isinstance(v, list)},
-        },
-    }
-    print(write_results(record, out, list(VARIANTS)))
-    return record
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=list(VARIANTS), action="append")
-    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
-    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
-    args = parser.parse_args(argv)
-    out = args.out or (
-        Path(tempfile.mkdtemp(prefix="amalgamation-quick-")) if args.quick else RESULTS
+    results.write(
+        record(
+            "amalgamation",
+            name,
+            data=f"{source} train: private half (labelled per part) {len(private)}, coordinator "
+            f"half {len(unlabeled)} unlabeled (features of {b['features']}); test "
+            f"{len(test)}, shared/data",
+            seed=SEED,
+            budget=f"teachers {b['teacher_epochs']} epochs; layer-wise {b['layer_epochs']} "
+            f"epochs per layer; joint, baselines, supervised {b['epochs']} epochs",
+            results=rows,
+            started=started,
+            extra={
+                "params": params,
+                "bytes_moved": {"features": moved, "scores": scores, "total": moved + scores},
+                "wire": wire,
+                "widths": result.widths,
+                "parts": {f"part{k}": p for k, p in enumerate(parts, start=1)},
+                "losses": {k: v for k, v in result.losses.items() if not isinstance(v, list)},
+            },
+        )
     )
-    done = 0
-    for name in args.variant or list(VARIANTS):
-        try:
-            run_variant(name, budget(args.quick), out)
-            done += 1
-        except SourceUnavailable as error:
-            print(f"{name} skipped: {error}", file=sys.stderr)
-    if not done:
-        print("skipped: no variant's data set is available")
-        return 0
-    print(f"results in {out}")
-    return 0
 
+
+BENCHMARK = Benchmark("amalgamation", __doc__, list(VARIANTS), run_variant)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

@@ -22,32 +22,28 @@ of the student architecture on the true labels of the same unlabeled images.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from amalgam.fusion.compose import (
+from amalgam.fusion.composition import (
     CompositionConfig,
     compose_predictions,
     gather,
     pseudo_label_stats,
 )
-from amalgam.fusion.data import Dataset, SourceUnavailable, load_source, shared_data_dir
+from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.models import create_model
-from amalgam.fusion.train import fit
-from amalgam.party.audit import AuditLog
-from amalgam.party.handler import PartyHandler
+from amalgam.fusion.train import StudentConfig, fit
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import Policy, PredictPolicy
-from benchmarks.results_io import write_results
+from amalgam.server.simulation.parties import local_party
+from benchmarks.harness import Benchmark, Results, record
 
 SEED = 0
-RESULTS = Path(__file__).resolve().parent / "results"
 OVERLAPPING = (tuple("012345"), tuple("34567"), tuple("678901"))
 ALL_CLASSES = (tuple("0123456789"),) * 3
 VARIANTS = {
@@ -87,105 +83,75 @@ def train_teacher_models(train: Dataset, shards, class_sets, epochs: int) -> lis
 
 def local_teachers(models, class_sets, rule: PredictPolicy, folder: Path) -> list[LocalTeacher]:
     """The models behind party handlers that release predictions as ``rule`` says."""
+    policy = Policy(predict=rule, sample_budget=None)
     return [
-        LocalTeacher(
-            PartyHandler(
-                f"party-{i}",
-                model,
-                list(classes),
-                (1, 28, 28),
-                Policy(predict=rule, sample_budget=None),
-                AuditLog(folder / f"party-{i}.jsonl"),
-            )
-        )
+        LocalTeacher(local_party(f"party-{i}", model, classes, (1, 28, 28), policy, folder))
         for i, (model, classes) in enumerate(zip(models, class_sets))
     ]
 
 
-def run_variant(name: str, quick: bool, cache: dict) -> dict:
+TEACHERS: dict = {}  # class sets -> their parties, trained once for every variant
+
+
+def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     class_sets, unlabeled_source, unlabeled_desc = VARIANTS[name]
-    b = budget(quick)
+    b = budget(args.quick)
     started = time.perf_counter()
+    torch.manual_seed(SEED)
     train, test = load_source("mnist:train"), load_source("mnist:test")
     shards, unlabeled_index = split_mnist(train, b)
-    if class_sets not in cache:
+    if class_sets not in TEACHERS:
         models = train_teacher_models(train, shards, class_sets, b["teacher_epochs"])
-        cache[class_sets] = local_teachers(
+        TEACHERS[class_sets] = local_teachers(
             models, class_sets, PredictPolicy(output="probs"), Path(tempfile.mkdtemp())
         )
-    teachers = cache[class_sets]
+    teachers = TEACHERS[class_sets]
     if unlabeled_source == "mnist:train":
         unlabeled = train.subset(unlabeled_index)
     else:
         unlabeled = load_source(unlabeled_source)
-        if quick:
+        if args.quick:
             unlabeled = unlabeled.subset(np.arange(b["unlabeled"]))
     test = test.subset(np.arange(min(b["test"], len(test))))
     predictions = gather(teachers, unlabeled, test)
-    config = CompositionConfig(
-        rule="restricted-fit", epochs=b["student_epochs"], batch_size=128, seed=SEED
+    config = CompositionConfig(rule="restricted-fit")
+    student = StudentConfig(epochs=b["student_epochs"], batch_size=128)
+    result = compose_predictions(predictions, config, student, seed=SEED)
+    paper_config = CompositionConfig(rule=PAPER_RULE, targets="hard")
+    paper = compose_predictions(predictions, paper_config, student, seed=SEED, baselines=False)
+    rows = dict(result.results)
+    rows[f"student:{PAPER_RULE}"] = paper.results["student"]
+    results.write(
+        record(
+            "composition",
+            name,
+            data=f"teachers: disjoint {b['shard']}-image shards of MNIST train (classes "
+            f"{' / '.join(''.join(c) for c in class_sets)}); unlabeled: {len(unlabeled)} "
+            f"images of {unlabeled_desc}; test: {len(test)} MNIST test images; shared/data",
+            seed=SEED,
+            budget=f"teachers: {b['teacher_epochs']} epochs each; each student: "
+            f"{b['student_epochs']} epochs, batch 128",
+            results=rows,
+            started=started,
+            extra={
+                "config": {
+                    **config.model_dump(),
+                    **student.model_dump(),
+                    "seed": SEED,
+                    "baselines": True,
+                },  # fmt: skip
+                "student_rule": config.rule,
+                "paper_student": f"{PAPER_RULE} votes, hard labels, tau {config.entropy_threshold}",
+                "pseudo_labels": pseudo_label_stats(predictions, config.entropy_threshold),
+                "retention": result.extra["retention"],
+                "pseudo_label_accuracy": result.extra.get("pseudo_label_accuracy"),
+                "quick": args.quick,
+            },
+        )
     )
-    result = compose_predictions(predictions, config)
-    paper = compose_predictions(
-        predictions, replace(config, rule=PAPER_RULE, targets="hard", baselines=False)
-    )
-    results = dict(result.results)
-    results[f"student:{PAPER_RULE}"] = paper.results["student"]
-    return {
-        "benchmark": "composition",
-        "variant": name,
-        "data": f"teachers: disjoint {b['shard']}-image shards of MNIST train (classes "
-        f"{' / '.join(''.join(c) for c in class_sets)}); unlabeled: {len(unlabeled)} "
-        f"images of {unlabeled_desc}; test: {len(test)} MNIST test images; shared/data",
-        "seed": SEED,
-        "budget": f"teachers: {b['teacher_epochs']} epochs each; each student: "
-        f"{b['student_epochs']} epochs, batch 128",
-        "metric": "accuracy",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-        "extra": {
-            "config": asdict(config),
-            "student_rule": config.rule,
-            "paper_student": f"{PAPER_RULE} votes, hard labels, tau {config.entropy_threshold}",
-            "pseudo_labels": pseudo_label_stats(predictions, config.entropy_threshold),
-            "retention": result.extra["retention"],
-            "pseudo_label_accuracy": result.extra.get("pseudo_label_accuracy"),
-            "quick": quick,
-        },
-    }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=list(VARIANTS), action="append")
-    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
-    args = parser.parse_args(argv)
-    try:
-        load_source("mnist:test")
-    except SourceUnavailable as error:
-        print(f"skipped: {error}")
-        return 0
-    torch.manual_seed(SEED)
-    folder = Path(tempfile.mkdtemp(prefix="composition-quick-")) if args.quick else RESULTS
-    cache: dict = {}
-    text = ""
-    for name in args.variant or list(VARIANTS):
-        print(f"variant {name} ...", flush=True)
-        try:
-            record = run_variant(name, args.quick, cache)
-        except SourceUnavailable as error:
-            print(f"{name} skipped: {error}", file=sys.stderr)
-            continue
-        text = write_results(
-            record, folder, list(VARIANTS)
-        )  # after every variant, so a long run keeps its results
-    if not text:
-        print(f"skipped: no variant's data under {shared_data_dir()}")
-        return 0
-    print(text)
-    print(f"results in {folder}")
-    return 0
-
+BENCHMARK = Benchmark("composition", __doc__, list(VARIANTS), run_variant)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

@@ -26,25 +26,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from amalgam.fusion.consolidation.student import MultiHeadStudent
 from amalgam.fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
-from amalgam.fusion.data import DIGIT_NAMES, Dataset, SourceUnavailable, fit_to_shape, load_source
+from amalgam.fusion.data import DIGIT_NAMES, Dataset, fit_to_shape, load_source
 from amalgam.fusion.models import Classifier, create_model
 from amalgam.fusion.train import accuracy, fit, predict_logits
 from amalgam.fusion.transfer import extract_features, transfer_score
-from benchmarks.results_io import write_results
+from benchmarks.harness import Benchmark, Results, record
 
 SEED = 0
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ["n1", "n5"]
 SHAPE = (1, 28, 28)
 T_SPLIT, D_SPLIT = DIGIT_NAMES[:5], DIGIT_NAMES[5:]
@@ -161,14 +157,13 @@ def train_students(generalist, teachers, mix_train: Dataset, b: dict) -> tuple[d
             teacher_weights=[share / n] * n,
             epochs=b["epochs"],
             backbone_lr=b["backbone_lr"],
-            seed=SEED,
         )
         tic = time.perf_counter()
         if row == "mtl_oracle":
             tasks = [(mix_train.x, mix_train.y), *((t.data.x, t.data.y) for t in teachers)]
-            result = multitask_oracle(generalist, tasks, config)
+            result = multitask_oracle(generalist, tasks, config, seed=SEED)
         else:
-            result = consolidate(generalist, proxy, teacher_logits, config)
+            result = consolidate(generalist, proxy, teacher_logits, config, seed=SEED)
         seconds[row] = round(time.perf_counter() - tic, 1)
         students[row], losses[row] = result.student, result.losses
     return students, losses, seconds
@@ -193,21 +188,22 @@ def upstream_rows(name: str, student: MultiHeadStudent, teachers, mix_test: Data
     }
 
 
-def run_variant(variant: str, b: dict, out: Path, tag: str | None = None) -> dict:
+def run_variant(variant: str, args: argparse.Namespace, results: Results) -> None:
+    b, tag = budget(args), args.tag
     started = time.perf_counter()
     mix_train, mix_test = (_subsample(mixture(p), b["train"]) for p in ("train", "test"))
     generalist = train_generalist(mix_train, b)
     teachers = train_teachers(variant, generalist, b)
     students, losses, seconds = train_students(generalist, teachers, mix_train, b)
 
-    results: dict[str, float] = {}
+    rows: dict[str, float] = {}
     for row, student in students.items():
-        results |= upstream_rows(row, student, teachers, mix_test)
-    results["teacher:upstream_t"] = float(
+        rows |= upstream_rows(row, student, teachers, mix_test)
+    rows["teacher:upstream_t"] = float(
         np.mean([_heads_accuracy(t.model, load_source("mnist:test").restrict(t.classes))
                  for t in teachers])
     )  # fmt: skip
-    results["generalist:upstream_g"] = _heads_accuracy(generalist, mix_test)
+    rows["generalist:upstream_g"] = _heads_accuracy(generalist, mix_test)
     networks = {"generalist": generalist} | {f"teacher{k}": t.model for k, t in enumerate(teachers)}
     networks |= {row: s.model for row, s in students.items()}
     per_teacher: dict[str, dict[str, float]] = {}
@@ -227,61 +223,42 @@ def run_variant(variant: str, b: dict, out: Path, tag: str | None = None) -> dic
             if name.startswith("teacher"):
                 per_teacher.setdefault(task, {})[name] = score.few_shot.mean
             else:
-                results[f"{name}:{task}"] = score.few_shot.mean
+                rows[f"{name}:{task}"] = score.few_shot.mean
                 spread[f"{name}:{task}"] = score.few_shot.std
-        results[f"teacher:{task}"] = max(per_teacher[task].values())  # n5: the best teacher
+        rows[f"teacher:{task}"] = max(per_teacher[task].values())  # n5: the best teacher
         print(
             f"{variant} {task}: "
-            + ", ".join(f"{k.split(':')[0]} {100 * v:.1f}" for k, v in results.items()
+            + ", ".join(f"{k.split(':')[0]} {100 * v:.1f}" for k, v in rows.items()
                         if k.endswith(f":{task}")),
             flush=True,
         )  # fmt: skip
-    record = {
-        "benchmark": "consolidation",
-        "variant": f"{variant}-{tag}" if tag else variant,
-        "data": f"generalist: mixture (CIFAR-10 0-4 grayscale + Fashion-MNIST 0-4) train "
-        f"{len(mix_train)} / test {len(mix_test)}; teachers: MNIST 0-4; proxy: the mixture's "
-        "training images" + (" + USPS 0-4" if b["proxy_usps"] else "") + ", unlabeled; "
-        "downstream: " + ", ".join(TASKS) + "; shared/data",
-        "seed": SEED,
-        "budget": f"generalist small_cnn width {b['width']} {b['generalist_epochs']} epochs; "
-        f"teachers {b['teacher_epochs']} epochs; consolidation {b['epochs']} epochs on the "
-        f"proxy, backbone lr {b['backbone_lr']:g}; 5-shot probe, {b['draws']} draws",
-        "metric": "accuracy",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-        "extra": {
-            "related": [t for t, (_, _, related) in TASKS.items() if related],
-            "std_over_draws": spread,
-            "teachers_per_task": per_teacher,
-            "teacher_classes": [t.classes for t in teachers],
-            "losses": losses,
-            "consolidation_seconds": seconds,
-        },
-    }
-    write_results(record, out, VARIANTS, decimals=1)
-    return record
+    results.write(
+        record(
+            "consolidation",
+            f"{variant}-{tag}" if tag else variant,
+            data=f"generalist: mixture (CIFAR-10 0-4 grayscale + Fashion-MNIST 0-4) train "
+            f"{len(mix_train)} / test {len(mix_test)}; teachers: MNIST 0-4; proxy: the "
+            "mixture's training images" + (" + USPS 0-4" if b["proxy_usps"] else "")
+            + ", unlabeled; downstream: " + ", ".join(TASKS) + "; shared/data",
+            seed=SEED,
+            budget=f"generalist small_cnn width {b['width']} {b['generalist_epochs']} epochs; "
+            f"teachers {b['teacher_epochs']} epochs; consolidation {b['epochs']} epochs on the "
+            f"proxy, backbone lr {b['backbone_lr']:g}; 5-shot probe, {b['draws']} draws",
+            results=rows,
+            started=started,
+            extra={
+                "related": [t for t, (_, _, related) in TASKS.items() if related],
+                "std_over_draws": spread,
+                "teachers_per_task": per_teacher,
+                "teacher_classes": [t.classes for t in teachers],
+                "losses": losses,
+                "consolidation_seconds": seconds,
+            },
+        )
+    )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, action="append")
-    parser.add_argument("--generalist-epochs", type=int, default=3)
-    parser.add_argument("--teacher-epochs", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=2, help="consolidation epochs")
-    parser.add_argument("--backbone-lr", type=float, default=1e-3, help="SGD rate of phi_s")
-    parser.add_argument("--width", type=int, default=32, help="generalist channels (32/64)")
-    parser.add_argument("--draws", type=int, default=20)
-    parser.add_argument(
-        "--student", choices=list(STUDENTS), action="append", help="rows to train (default all)"
-    )
-    parser.add_argument(
-        "--proxy-usps", action="store_true", help="add USPS digits 0-4, unlabeled, to the proxy"
-    )
-    parser.add_argument("--tag", help="a run with another budget: results as <variant>-<tag>")
-    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
-    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
-    args = parser.parse_args(argv)
+def budget(args: argparse.Namespace) -> dict:
     b = {
         "generalist_epochs": args.generalist_epochs,
         "teacher_epochs": args.teacher_epochs,
@@ -298,17 +275,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         b |= {"generalist_epochs": 1, "teacher_epochs": 1, "epochs": 1, "draws": 2}
         b |= {"train": 2000, "probe_pool": 500, "test": 500}
-    out = args.out or (Path(tempfile.mkdtemp(prefix="consolidation-")) if args.quick else RESULTS)
-    try:
-        for variant in args.variant or VARIANTS:
-            run_variant(variant, b, out, args.tag)
-    except SourceUnavailable as error:
-        print(f"skipped: {error}", file=sys.stderr)
-        return 0
-    print((out / "consolidation.md").read_text())
-    print(f"results in {out}")
-    return 0
+    return b
 
+
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generalist-epochs", type=int, default=3)
+    parser.add_argument("--teacher-epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=2, help="consolidation epochs")
+    parser.add_argument("--backbone-lr", type=float, default=1e-3, help="SGD rate of phi_s")
+    parser.add_argument("--width", type=int, default=32, help="generalist channels (32/64)")
+    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument(
+        "--student", choices=list(STUDENTS), action="append", help="rows to train (default all)"
+    )
+    parser.add_argument(
+        "--proxy-usps", action="store_true", help="add USPS digits 0-4, unlabeled, to the proxy"
+    )
+    parser.add_argument("--tag", help="a run with another budget: results as <variant>-<tag>")
+
+
+BENCHMARK = Benchmark("consolidation", __doc__, VARIANTS, run_variant, options=options)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

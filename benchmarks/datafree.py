@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,22 +23,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amalgam.fusion.compose import relabel
-from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
-from amalgam.fusion.datafree.party_side import PartySideFusion
-from amalgam.fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion, DataFreeResult
+from amalgam.fusion.data import Dataset, load_source
+from amalgam.fusion.datafree import (
+    VARIANTS,
+    DataFreeConfig,
+    DataFreeFusion,
+    DataFreeResult,
+    PartySideFusion,
+)
 from amalgam.fusion.evaluate import evaluate
+from amalgam.fusion.labels import relabel
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
-from amalgam.party.audit import AuditLog
-from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
 from amalgam.server.report import plot_curves
-from benchmarks.results_io import write_results
+from amalgam.server.simulation.parties import local_party
+from benchmarks.harness import Benchmark, Results
 
 SEED = 0
-RESULTS = Path(__file__).resolve().parent / "results"
 # DFMF with generators at the parties, and a ceiling: the same student budget spent on the real
 # training images (unlabeled) instead of generated ones
 METHODS = [*VARIANTS, "dfmf_party_side", "kd_real"]
@@ -115,51 +117,49 @@ def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
     teachers = []
     for k, index in enumerate(split(train, ratio)):
         model = train_model(train.subset(index), b["teacher_epochs"], SEED + k, f"teacher-{k}")
-        handler = PartyHandler(
-            f"party-{k}",
-            model,
-            train.class_names,
-            tuple(train.x.shape[1:]),
-            policy,
-            AuditLog(folder / f"{k}.jsonl"),
-        )
+        shape = tuple(train.x.shape[1:])
+        handler = local_party(f"party-{k}", model, train.class_names, shape, policy, folder)
         teachers.append(LocalTeacher(handler))
     return teachers
 
 
-def config_for(method: str, b: dict, seed: int) -> DataFreeConfig:
+def config_for(method: str, b: dict) -> DataFreeConfig:
     return DataFreeConfig(
         variant=method.removesuffix("_party_side"),
         warmup=b["warmup"],
         iterations=b["iterations"],
         student_steps=b["student_steps"],
         generator_width=GENERATOR_WIDTH,
-        seed=seed,
     )
 
 
 def run_method(method: str, teachers: list, train: Dataset, b: dict, seed: int):
     """One student of ``method`` (a data-free variant, its party-side mode, or ``kd_real``)."""
     if method == "kd_real":
-        return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b, seed))
-    config = config_for(method, b, seed)
+        return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), seed)
+    config = config_for(method, b)
     if method.endswith("_party_side"):
-        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS).run()
-    return DataFreeFusion(teachers, config).run()
+        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS, seed=seed).run()
+    return DataFreeFusion(teachers, config, seed=seed).run()
 
 
-def kd_on_real_images(teachers: list, train: Dataset, config: DataFreeConfig) -> DataFreeResult:
+def kd_on_real_images(
+    teachers: list, train: Dataset, config: DataFreeConfig, seed: int
+) -> DataFreeResult:
     """The data-free student's optimiser, targets and number of steps, on batches of real
     training images: what the student would reach if the generators drew the real data."""
-    fusion = DataFreeFusion(teachers, config, own_generators=False)
-    rng = torch.Generator().manual_seed(config.seed)
+    fusion = DataFreeFusion(teachers, config, seed=seed, own_generators=False)
+    rng = torch.Generator().manual_seed(seed)
     for _ in range(config.iterations * config.student_steps):
         x = train.x[torch.randint(0, len(train.x), (config.batch_size,), generator=rng)]
         fusion.student_step(x, fusion.student_targets(x))
     return fusion.result([], [0] * len(teachers))
 
 
-def run_variant(name: str, methods: list[str], b: dict, out: Path, seeds: list[int]) -> dict:
+def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
+    """Every asked method on split ``name``; the record is written after every method (a long
+    run keeps its results) and adds to an earlier record of the same budget."""
+    b, methods, seeds, out = budget(args), args.method or METHODS, args.seeds, results.folder
     source, ratio = SPLITS[name]
     started = time.perf_counter()
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
@@ -170,7 +170,7 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path, seeds: list[i
     teachers = teachers_for(train, ratio, b, Path(tempfile.mkdtemp()))
     gold = train_model(train, b["teacher_epochs"], SEED, "gold")
     x, y = relabel(test, list(train.class_names))
-    results, per_class = evaluate(teachers, {"gold": gold}, x, y)
+    reference, per_class = evaluate(teachers, {"gold": gold}, x, y)
     split_name = "balanced" if ratio == 1 else f"IBL r={ratio}"
     record = {
         "benchmark": "datafree",
@@ -184,7 +184,7 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path, seeds: list[i
         f"{GENERATOR_WIDTH}",
         "metric": "accuracy",
         "wall_seconds": 0.0,
-        "results": results,
+        "results": reference,
         "extra": {"per_class": per_class, "methods": {}},
     }
     previous = out / f"datafree-{name}.json"
@@ -227,16 +227,11 @@ def run_variant(name: str, methods: list[str], b: dict, out: Path, seeds: list[i
             "runs": runs,
         }
         record["wall_seconds"] = round(earlier_seconds + time.perf_counter() - started, 1)
-        write_results(
-            record, out, list(SPLITS), decimals=2
-        )  # after every method, so a long run keeps its results
+        results.write(record)
         print(f"{name} {method}: {100 * rows[method]:.2f}%", flush=True)
-    return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=list(SPLITS), action="append")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, action="append")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=200)
@@ -244,25 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[SEED], help="method seeds; rows are means"
     )
-    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
-    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
-    args = parser.parse_args(argv)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="datafree-quick-")) if args.quick else RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    done = 0
-    for name in args.variant or list(SPLITS):
-        try:
-            run_variant(name, args.method or METHODS, budget(args), out, args.seeds)
-            done += 1
-        except SourceUnavailable as error:
-            print(f"{name} skipped: {error}", file=sys.stderr)
-    if not done:
-        print("skipped: no variant's data set is available")
-        return 0
-    print((out / "datafree.md").read_text())
-    print(f"results in {out}")
-    return 0
 
+
+BENCHMARK = Benchmark(
+    "datafree", __doc__, list(SPLITS), run_variant, options=options, results={"decimals": 2}
+)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

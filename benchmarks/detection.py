@@ -31,6 +31,7 @@ the test canvases, and how many boxes each stage and rule kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
+from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.detection.aggregate import AggregationConfig, aggregate
 from amalgam.fusion.detection.canvas import DetectionSet, make_canvases
 from amalgam.fusion.detection.coco import evaluate_map
@@ -52,13 +53,11 @@ from amalgam.fusion.detection.compose import (
 from amalgam.fusion.detection.figures import pseudo_label_grid
 from amalgam.fusion.detection.models import create_detector
 from amalgam.fusion.detection.train import fit_detector
-from amalgam.party.audit import AuditLog
-from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import Policy, PredictPolicy
-from benchmarks.results_io import write_results
+from amalgam.server.simulation.parties import local_party
+from benchmarks.harness import Benchmark, Results, record
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ["same-dist", "other-dist", "ten-parties"]
 SEED = 0
 SIZE = 64
@@ -91,8 +90,7 @@ def _party(name: str, classes: list[str], canvases: DetectionSet, epochs: int, s
                  desc=f"party {name}")  # fmt: skip
     policy = Policy(predict=PredictPolicy(score_threshold=0.05, max_detections=20),
                     max_batch=256)  # fmt: skip
-    audit = AuditLog(folder / f"{name}-audit.jsonl")
-    handler = PartyHandler(name, model, classes, (1, SIZE, SIZE), policy, audit)
+    handler = local_party(name, model, classes, (1, SIZE, SIZE), policy, folder)
     return LocalTeacher(handler, caller="coordinator")
 
 
@@ -125,8 +123,22 @@ def _steps_as_epochs(steps: int, images: int) -> int:
     return max(1, math.ceil(steps * BATCH / images))
 
 
-def run_variant(variant: str, parties: list[LocalTeacher], budget: dict, out: Path) -> dict:
+PARTIES: dict[str, list[LocalTeacher]] = {}  # per scenario, trained once for every variant
+
+
+def run_variant(variant: str, args: argparse.Namespace, results: Results) -> None:
+    """One variant; its parties (Scenario 1's three, or ten) are trained on first use."""
+    budget = QUICK if args.quick else FULL
+    torch.set_num_threads(2)  # both cores, whatever torch would pick
     started = time.perf_counter()
+    scenario = "ten" if variant == "ten-parties" else "one"
+    if scenario not in PARTIES:
+        folder = Path(tempfile.mkdtemp(prefix="detection-audit-"))
+        make = ten_parties if scenario == "ten" else scenario_one_parties
+        PARTIES[scenario] = make(budget, folder)
+    with_training = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    parties, out = PARTIES[scenario], results.folder
     same = make_canvases(_glyphs("mnist:train", 36000, 48000), budget["unlabeled"], size=SIZE,
                          seed=1)  # fmt: skip
     if variant == "other-dist":
@@ -138,16 +150,16 @@ def run_variant(variant: str, parties: list[LocalTeacher], budget: dict, out: Pa
     names = test.class_names
     config = DetectionCompositionConfig(epochs=budget["student_epochs"], batch_size=BATCH,
                                         seed=SEED)  # fmt: skip
-    results, extra = {}, {"map50": {}, "aggregation": {}}
+    rows, extra = {}, {"map50": {}, "aggregation": {}}
 
-    def record(row: str, metrics: dict) -> None:
-        results[row] = metrics["map"]
+    def score(row: str, metrics: dict) -> None:
+        rows[row] = metrics["map"]
         extra["map50"][row] = metrics["map50"]
 
     for party in parties:  # each on the categories it knows, in its own label order
         known = list(party.info.class_names)
         found = party.detect(test.images)
-        record(f"teacher:{party.info.name}", evaluate_map(test.restrict(known).targets, found,
+        score(f"teacher:{party.info.name}", evaluate_map(test.restrict(known).targets, found,
                                                           known, SIZE))  # fmt: skip
     raw_test, union, knows = gather_detections(parties, test.images)
     if set(union) != set(names):
@@ -164,17 +176,17 @@ def run_variant(variant: str, parties: list[LocalTeacher], budget: dict, out: Pa
 
     if "supervised" not in UPPER_BOUND:  # the same canvases, labels and test in every variant
         UPPER_BOUND["supervised"] = supervised(labelled_pool, config.epochs, "supervised")
-    record("supervised", UPPER_BOUND["supervised"])
+    score("supervised", UPPER_BOUND["supervised"])
     ablations = {
         "student_0pct": config.aggregation,
         "no_filtering": AggregationConfig(score_threshold=0.0),
-        "no_aggregation": AggregationConfig(rule="affirmative", soft_nms=False),
+        "no_aggregation": AggregationConfig(detection_rule="affirmative", soft_nms=False),
     }
     for row, aggregation in ablations.items():
-        run_config = DetectionCompositionConfig(**{**config.__dict__, "aggregation": aggregation})
+        run_config = dataclasses.replace(config, aggregation=aggregation)
         composed = compose_detection(parties, unlabeled.images, run_config)
         metrics = detection_map(composed.student, student_test)
-        record(row, metrics)
+        score(row, metrics)
         extra["aggregation"][row] = composed.stats.as_dict()
         if row == "student_0pct":
             extra["student_per_category"] = metrics["per_category"]
@@ -191,64 +203,41 @@ def run_variant(variant: str, parties: list[LocalTeacher], budget: dict, out: Pa
             epochs = _steps_as_epochs(steps, len(labelled))
             fit_detector(student, student_labelled, epochs=epochs, batch_size=BATCH,
                          lr=config.lr / 2, seed=SEED, desc=f"fine-tune {pct}%")  # fmt: skip
-            record(f"student_ft_{pct}pct", detection_map(student, student_test))
+            score(f"student_ft_{pct}pct", detection_map(student, student_test))
             same_steps = _steps_as_epochs(config.epochs * math.ceil(len(unlabeled) / BATCH),
                                           len(labelled))  # fmt: skip
-            record(f"supervised_{pct}pct", supervised(labelled, same_steps, f"supervised {pct}%"))
+            score(f"supervised_{pct}pct", supervised(labelled, same_steps, f"supervised {pct}%"))
     data = {
         "same-dist": "unlabeled: canvases of MNIST train digits 36,000-47,999",
         "other-dist": "unlabeled: canvases of USPS train digits",
         "ten-parties": "unlabeled: canvases of MNIST train digits 36,000-47,999",
     }[variant]
-    return {
-        "benchmark": "detection",
-        "variant": variant,
-        "data": f"{data}; test: {len(test)} canvases of MNIST test digits 0-4,999; "
-        "64x64 canvases, 1-5 digits; shared/data",
-        "seed": SEED,
-        "budget": (
-            f"parties Faster R-CNN {budget['party_epochs']} epochs on "
-            f"{budget['party_canvases']} canvases"
-            if variant != "ten-parties"
-            else f"10 parties Faster R-CNN {budget['ten_epochs']} epochs on "
-            f"{budget['ten_canvases']} canvases"
+    extra["with_party_training_s"] = round(with_training + time.perf_counter() - started, 1)
+    results.write(
+        record(
+            "detection",
+            variant,
+            data=f"{data}; test: {len(test)} canvases of MNIST test digits 0-4,999; "
+            "64x64 canvases, 1-5 digits; shared/data",
+            seed=SEED,
+            budget=(
+                f"parties Faster R-CNN {budget['party_epochs']} epochs on "
+                f"{budget['party_canvases']} canvases"
+                if variant != "ten-parties"
+                else f"10 parties Faster R-CNN {budget['ten_epochs']} epochs on "
+                f"{budget['ten_canvases']} canvases"
+            )
+            + f"; student FCOS {config.epochs} epochs on {len(unlabeled)} canvases, batch "
+            f"{BATCH}; 2 cores",
+            results=rows,
+            started=started,
+            extra=extra,
+            metric="mAP@[.5:.95]",
         )
-        + f"; student FCOS {config.epochs} epochs on {len(unlabeled)} canvases, batch {BATCH};"
-        " 2 cores",
-        "metric": "mAP@[.5:.95]",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-        "extra": extra,
-    }
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, action="append")
-    parser.add_argument("--quick", action="store_true", help="a tiny budget, to a temp dir")
-    args = parser.parse_args(argv)
-    budget = QUICK if args.quick else FULL
-    out = Path(tempfile.mkdtemp(prefix="detection-quick-")) if args.quick else RESULTS
-    torch.set_num_threads(2)
-    try:
-        with tempfile.TemporaryDirectory(prefix="detection-audit-") as audit:
-            scenario_one = None
-            for variant in args.variant or VARIANTS:
-                started = time.perf_counter()
-                if variant == "ten-parties":
-                    parties = ten_parties(budget, Path(audit))
-                else:
-                    scenario_one = scenario_one or scenario_one_parties(budget, Path(audit))
-                    parties = scenario_one
-                record = run_variant(variant, parties, budget, out)
-                record["extra"]["with_party_training_s"] = round(time.perf_counter() - started, 1)
-                print(write_results(record, out, VARIANTS), flush=True)
-    except SourceUnavailable as error:
-        print(f"skipped: {error}")
-        return 0
-    print(f"results in {out}")
-    return 0
-
+BENCHMARK = Benchmark("detection", __doc__, VARIANTS, run_variant)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

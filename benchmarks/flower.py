@@ -11,8 +11,8 @@ ensemble and the pseudo-label retention per N.
 
 Variant ``grpc-vs-flower``: the same composition job of 3 such parties (agents on loopback
 over mutual TLS) run by the coordinator over direct gRPC, and submitted with ``flwr run`` to a
-Flower deployment on loopback (:class:`amalgam.server.loopback.LoopbackFederation`: SuperLink with
-TLS and SuperNode authentication, a SuperNode bridging to each agent). Rows
+Flower deployment on loopback (:class:`~amalgam.server.simulation.loopback.LoopbackFederation`:
+SuperLink with TLS and SuperNode authentication, a SuperNode bridging to each agent). Rows
 ``student:<engine>``, ``wall_seconds:<engine>`` (the job as the coordinator timed it;
 ``extra.flower_submit_to_end_s`` adds Flower's start of the run), ``bytes:<engine>`` (request
 and reply bytes of the party calls, all parties) and ``rounds:<engine>`` (calls per party).
@@ -26,20 +26,27 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-from amalgam.fusion.data import SourceUnavailable
-from amalgam.server.market import run_market
-from benchmarks.results_io import write_results
+from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.simulation.loopback import LoopbackFederation
+from amalgam.server.simulation.market import (
+    market_data,
+    market_job,
+    market_parties,
+    run_market,
+    start_agents,
+)
+from benchmarks.harness import Benchmark, Results, record
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
 MARKET_SIZES = [3, 10, 50, 100]
 VARIANTS = ["marketplace", "grpc-vs-flower"]
 RAW_ROWS = ("wall_seconds:", "bytes:", "rounds:")
 
 
-def marketplace(sizes: list[int], data: str, epochs: int, out: Path) -> dict:
+def marketplace(sizes: list[int], data: str, epochs: int) -> dict:
     started = time.perf_counter()
     results, extra = {}, {"best_teacher": {}, "ensemble": {}, "engine": "flower simulation"}
     for n in sizes:
@@ -52,33 +59,26 @@ def marketplace(sizes: list[int], data: str, epochs: int, out: Path) -> dict:
         extra["best_teacher"][f"n{n}"] = metrics["results"]["best_teacher"]
         extra["ensemble"][f"n{n}"] = metrics["results"]["ensemble"]
     extra["units"] = {"student:n<N>": "accuracy", "wall_seconds:n<N>": "seconds"}
-    return {
-        "benchmark": "flower",
-        "variant": "marketplace",
-        "data": (
+    return record(
+        "flower",
+        "marketplace",
+        data=(
             "digits: the three private shards split among the parties; public unlabeled; test"
             if data == "digits"
             else f"{data}: first 50,000 training images split among the parties (a seeded "
             "half of the classes each); 5,000 next ones unlabeled; test: first 2,000 test "
             "images; shared/data"
         ),
-        "seed": SEED,
-        "budget": f"teachers small BN-CNN 5 epochs, at least 200 steps; student {epochs} "
+        seed=SEED,
+        budget=f"teachers small BN-CNN 5 epochs, at least 200 steps; student {epochs} "
         "epochs; 2 cores",
-        "metric": "accuracy",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-        "extra": extra,
-    }
+        results=results,
+        started=started,
+        extra=extra,
+    )
 
 
 def grpc_vs_flower(data: str, epochs: int) -> dict:
-    from contextlib import ExitStack
-
-    from amalgam.server.job import connect, load_job, run_job
-    from amalgam.server.loopback import LoopbackFederation
-    from amalgam.server.market import market_data, market_job, market_parties, start_agents
-
     started = time.perf_counter()
     market = market_data(data)
     parties = market_parties(3, market, SEED)
@@ -122,40 +122,39 @@ def grpc_vs_flower(data: str, epochs: int) -> dict:
             results[f"wall_seconds:{engine}"] = round(metrics["wall_seconds"], 1)
             results[f"bytes:{engine}"] = sum(p["bytes_sent"] + p["bytes_received"] for p in stats)
             results[f"rounds:{engine}"] = max(p["calls"] for p in stats)
-    return {
-        "benchmark": "flower",
-        "variant": "grpc-vs-flower",
-        "data": f"{data}: 3 parties as in the marketplace variant; 5,000 unlabeled; test 2,000",
-        "seed": SEED,
-        "budget": f"student {epochs} epochs; loopback, 2 cores",
-        "metric": "accuracy",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-        "extra": extra,
-    }
+    return record(
+        "flower",
+        "grpc-vs-flower",
+        data=f"{data}: 3 parties as in the marketplace variant; 5,000 unlabeled; test 2,000",
+        seed=SEED,
+        budget=f"student {epochs} epochs; loopback, 2 cores",
+        results=results,
+        started=started,
+        extra=extra,
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, action="append")
-    parser.add_argument("--parties", type=int, nargs="+", default=MARKET_SIZES)
-    parser.add_argument("--quick", action="store_true", help="digits, 3 parties, to a temp dir")
-    args = parser.parse_args(argv)
-    out = Path(tempfile.mkdtemp(prefix="flower-quick-")) if args.quick else RESULTS
+def run_variant(variant: str, args: argparse.Namespace, results: Results) -> None:
+    """``--quick``: digits, 3 parties; else MNIST and ``--parties``."""
     data, sizes, epochs = ("digits", [3], 20) if args.quick else ("mnist", args.parties, 10)
-    try:
-        for variant in args.variant or ["marketplace"]:
-            if variant == "marketplace":
-                record = marketplace(sizes, data, epochs, out)
-            else:
-                record = grpc_vs_flower(data, epochs)
-            print(write_results(record, out, VARIANTS, raw_rows=RAW_ROWS))
-    except SourceUnavailable as error:
-        print(f"skipped: {error}")
-        return 0
-    print(f"results in {out}")
-    return 0
+    if variant == "marketplace":
+        results.write(marketplace(sizes, data, epochs))
+    else:
+        results.write(grpc_vs_flower(data, epochs))
 
+
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parties", type=int, nargs="+", default=MARKET_SIZES)
+
+
+BENCHMARK = Benchmark(
+    "flower",
+    __doc__,
+    VARIANTS,
+    run_variant,
+    options=options,
+    results={"raw_rows": RAW_ROWS},
+)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amalgam.fusion.data import Dataset, SourceUnavailable, load_source
+from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.models import Classifier, create_model
-from amalgam.fusion.ot.fuse import (
+from amalgam.fusion.ot import (
     FusionResult,
     OTFusionConfig,
     clafusion,
@@ -47,10 +46,9 @@ from amalgam.fusion.ot.fuse import (
 )
 from amalgam.fusion.train import accuracy, fit, predict_logits
 from amalgam.server.report import plot_heatmap
-from benchmarks.results_io import write_results
+from benchmarks.harness import Benchmark, Results, record
 
 SEED = 0  # the first seed; --seeds runs more
-RESULTS = Path(__file__).resolve().parent / "results"
 SGD = {"optimizer": "sgd", "lr": 0.01, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 64}
 DEEP, SHALLOW, SAME = (400, 200, 100, 50, 25), (400, 200, 100), (400, 200, 100)
 SKILL_A, SKILL_B = (400, 200, 100), (400, 200, 100, 50)
@@ -322,9 +320,10 @@ def normalised(source: str, mean: tuple[float, ...], std: tuple[float, ...]) -> 
     return dataclasses.replace(data, x=x)
 
 
-def run_variant(name: str, b: dict, out: Path, seeds: list[int], tag: str | None = None) -> dict:
-    """Run one variant once per seed; ``results`` are the means over seeds, each seed's rows
+def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
+    """Run one variant once per seed; its rows are the means over seeds, each seed's rows
     are kept in ``extra.per_seed`` and the first seed's figures in ``extra``."""
+    b, seeds, tag, out = budget(args), args.seeds, args.tag, results.folder
     started = time.perf_counter()
     cifar = name.startswith("cifar")
     stats = (CIFAR_MEAN, CIFAR_STD) if cifar else ((MNIST_MEAN,), (MNIST_STD,))
@@ -334,42 +333,54 @@ def run_variant(name: str, b: dict, out: Path, seeds: list[int], tag: str | None
         train = train.subset(np.random.default_rng(SEED).permutation(len(train))[: b["train"]])
     per_seed, extra = {}, {}
     for seed in seeds:
-        results, seed_extra = RUNNERS[name](train, test, b | {"seed": seed}, out)
-        per_seed[seed] = results
+        rows, seed_extra = RUNNERS[name](train, test, b | {"seed": seed}, out)
+        per_seed[seed] = rows
         extra = extra or seed_extra
-    results = {row: float(np.mean([r[row] for r in per_seed.values()])) for row in results}
+    rows = {row: float(np.mean([r[row] for r in per_seed.values()])) for row in rows}
     if len(seeds) > 1:
         extra["per_seed"] = per_seed
     if cifar:
-        budget = (
+        spent = (
             f"CNNs: {b['cnn_epochs']} epochs Adam lr 2e-3 cosine batch 64; fine-tuning: "
             f"{b['cnn_ft_epochs']} epoch(s) Adam lr 1e-3; probe: {PROBE_SIZE} training images"
         )
     else:
-        budget = (
+        spent = (
             f"MLPs: {b['epochs']} epochs SGD lr 0.01 momentum 0.5 batch 64; fine-tuning: "
             f"{b['ft_epochs']} epoch(s), same optimiser (mlp-hetero: also "
             f"{max(b['ft_epochs'], b['ft_curve_epochs'])}, rows *_ft_<n>ep); probe: "
             f"{PROBE_SIZE} training images"
         )
-    record = {
-        "benchmark": "otfusion",
-        "variant": f"{name}-{tag}" if tag else name,
-        "data": f"{source} train ({len(train)} images) / test {len(test)}, normalised, shared/data",
-        "seed": seeds[0] if len(seeds) == 1 else seeds,
-        "budget": budget + ("" if len(seeds) == 1 else f"; mean over {len(seeds)} seeds"),
-        "metric": "accuracy",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-        "extra": extra,
+    results.write(
+        record(
+            "otfusion",
+            f"{name}-{tag}" if tag else name,
+            data=f"{source} train ({len(train)} images) / test {len(test)}, normalised, "
+            "shared/data",
+            seed=seeds[0] if len(seeds) == 1 else seeds,
+            budget=spent + ("" if len(seeds) == 1 else f"; mean over {len(seeds)} seeds"),
+            results=rows,
+            started=started,
+            extra=extra,
+        )
+    )
+
+
+def budget(args: argparse.Namespace) -> dict:
+    if args.quick:
+        return {"epochs": 1, "ft_epochs": 1, "ft_curve_epochs": 2, "cnn_epochs": 1,
+                "cnn_ft_epochs": 1, "train": 1000}  # fmt: skip
+    return {
+        "epochs": args.epochs,
+        "ft_epochs": args.ft_epochs,
+        "ft_curve_epochs": args.ft_curve_epochs,
+        "cnn_epochs": args.cnn_epochs,
+        "cnn_ft_epochs": args.cnn_ft_epochs,
+        "train": 0,
     }
-    write_results(record, out, VARIANTS, decimals=2)
-    return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=VARIANTS, action="append")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--ft-epochs", type=int, default=2)
     parser.add_argument(
@@ -380,35 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[SEED], help="one run per seed; rows are means"
     )
-    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
     parser.add_argument("--tag", help="a run with another budget: results as <variant>-<tag>")
-    parser.add_argument("--out", type=Path, help=f"results folder (default {RESULTS})")
-    args = parser.parse_args(argv)
-    b = {
-        "epochs": args.epochs,
-        "ft_epochs": args.ft_epochs,
-        "ft_curve_epochs": args.ft_curve_epochs,
-        "cnn_epochs": args.cnn_epochs,
-        "cnn_ft_epochs": args.cnn_ft_epochs,
-        "train": 0,
-    }
-    if args.quick:
-        b = {"epochs": 1, "ft_epochs": 1, "ft_curve_epochs": 2, "cnn_epochs": 1, "cnn_ft_epochs": 1}
-        b["train"] = 1000
-    out = args.out or (Path(tempfile.mkdtemp(prefix="otfusion-quick-")) if args.quick else RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        for name in args.variant or VARIANTS:
-            record = run_variant(name, b, out, args.seeds, args.tag)
-            rows = ", ".join(f"{k} {100 * v:.2f}" for k, v in record["results"].items())
-            print(f"{name}: {rows}", flush=True)
-    except SourceUnavailable as error:
-        print(f"skipped: {error}")
-        return 0
-    print((out / "otfusion.md").read_text())
-    print(f"results in {out}")
-    return 0
 
+
+BENCHMARK = Benchmark(
+    "otfusion", __doc__, VARIANTS, run_variant, options=options, results={"decimals": 2}
+)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amalgam.fusion.compose import CompositionConfig, compose_predictions, gather, relabel
-from amalgam.fusion.composition import to_probs
-from amalgam.fusion.data import SourceUnavailable, load_source
+from amalgam.fusion.composition import CompositionConfig, compose_predictions, gather
+from amalgam.fusion.data import load_source
+from amalgam.fusion.labels import relabel, to_probs
 from amalgam.fusion.models import create_model
-from amalgam.fusion.train import accuracy, fit, predict_logits
+from amalgam.fusion.train import StudentConfig, accuracy, fit, predict_logits
 from amalgam.protocol.schemas import PredictPolicy
 from benchmarks.composition import (
     OVERLAPPING,
@@ -42,9 +42,8 @@ from benchmarks.composition import (
     split_mnist,
     train_teacher_models,
 )
-from benchmarks.results_io import write_results
+from benchmarks.harness import Benchmark, Results, record
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FORMS = {
     "logits": PredictPolicy(output="logits"),
     "probs": PredictPolicy(output="probs"),
@@ -69,7 +68,8 @@ def knockoff(teacher, unlabeled, test_x, test_y, epochs: int) -> tuple[float, fl
     return accuracy(predicted, test_y), accuracy(predicted, released.argmax(dim=1))
 
 
-def run(quick: bool, out: Path) -> dict:
+def run(variant: str, args: argparse.Namespace, results: Results) -> None:
+    quick = args.quick
     b = budget(quick)
     started = time.perf_counter()
     train, test = load_source("mnist:train"), load_source("mnist:test")
@@ -79,55 +79,45 @@ def run(quick: bool, out: Path) -> dict:
     models = train_teacher_models(train, shards, OVERLAPPING, b["teacher_epochs"])
     victim_x, victim_y = relabel(test, list(OVERLAPPING[VICTIM]))
     teacher_score = accuracy(predict_logits(models[VICTIM], victim_x).argmax(dim=1), victim_y)
-    config = CompositionConfig(
-        epochs=b["student_epochs"], batch_size=128, seed=SEED, baselines=False
-    )
-    results, agreement = {}, {}
+    student = StudentConfig(epochs=b["student_epochs"], batch_size=128)
+    rows, agreement = {}, {}
     for form, rule in FORMS.items():
         print(f"form {form} ...", flush=True)
         teachers = local_teachers(models, OVERLAPPING, rule, Path(tempfile.mkdtemp()))
-        composed = compose_predictions(gather(teachers, unlabeled, test), config)
-        results[f"student:{form}"] = composed.results["student"]
-        results[f"knockoff:{form}"], agreement[form] = knockoff(
+        predictions = gather(teachers, unlabeled, test)
+        composed = compose_predictions(
+            predictions, CompositionConfig(), student, seed=SEED, baselines=False
+        )
+        rows[f"student:{form}"] = composed.results["student"]
+        rows[f"knockoff:{form}"], agreement[form] = knockoff(
             teachers[VICTIM], unlabeled, victim_x, victim_y, b["student_epochs"]
         )
-    record = {
-        "benchmark": "privacy",
-        "variant": "mnist",
-        "data": f"teachers: disjoint {b['shard']}-image shards of MNIST train (classes "
-        f"{' / '.join(''.join(c) for c in OVERLAPPING)}); queries: {len(unlabeled)} unlabeled "
-        f"MNIST train images no teacher saw; test: {len(test)} MNIST test images; shared/data",
-        "seed": SEED,
-        "budget": f"teachers: {b['teacher_epochs']} epochs each; student and knockoff: "
-        f"{b['student_epochs']} epochs, batch 128; the same {len(unlabeled)} queries per party",
-        "metric": "accuracy",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results,
-        "extra": {
-            "forms": {form: rule.model_dump() for form, rule in FORMS.items()},
-            "knockoff_of": f"party-{VICTIM}, classes {''.join(OVERLAPPING[VICTIM])}",
-            "teacher_on_its_classes": teacher_score,
-            "knockoff_agreement": agreement,
-            "quick": quick,
-        },
-    }
-    print(write_results(record, out, ["mnist"]))
-    return record
+    results.write(
+        record(
+            "privacy",
+            variant,
+            data=f"teachers: disjoint {b['shard']}-image shards of MNIST train (classes "
+            f"{' / '.join(''.join(c) for c in OVERLAPPING)}); queries: {len(unlabeled)} "
+            f"unlabeled MNIST train images no teacher saw; test: {len(test)} MNIST test images; "
+            "shared/data",
+            seed=SEED,
+            budget=f"teachers: {b['teacher_epochs']} epochs each; student and knockoff: "
+            f"{b['student_epochs']} epochs, batch 128; the same {len(unlabeled)} queries per "
+            "party",
+            results=rows,
+            started=started,
+            extra={
+                "forms": {form: rule.model_dump() for form, rule in FORMS.items()},
+                "knockoff_of": f"party-{VICTIM}, classes {''.join(OVERLAPPING[VICTIM])}",
+                "teacher_on_its_classes": teacher_score,
+                "knockoff_agreement": agreement,
+                "quick": quick,
+            },
+        )
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget, results to a temp dir")
-    args = parser.parse_args(argv)
-    out = Path(tempfile.mkdtemp(prefix="privacy-quick-")) if args.quick else RESULTS
-    try:
-        run(args.quick, out)
-    except SourceUnavailable as error:
-        print(f"skipped: {error}")
-        return 0
-    print(f"results in {out}")
-    return 0
-
+BENCHMARK = Benchmark("privacy", __doc__, ["mnist"], run)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
 import time
@@ -30,14 +29,14 @@ import torch
 from torch import Tensor
 
 from amalgam.fusion.models import create_model
-from amalgam.party.audit import AuditLog
 from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
-from amalgam.party.service import create_server
 from amalgam.protocol.schemas import Policy, PredictPolicy
 from amalgam.server.fanout import fan_out
-from amalgam.server.marketplace import DEMO_ARCH
 from amalgam.server.remote import RemoteTeacher
+from amalgam.server.simulation.demo_parties import DEMO_ARCH
+from amalgam.server.simulation.parties import local_party, serving
+from benchmarks.harness import Benchmark, Results, record
 
 NAME = "protocol"
 VARIANT = "loopback"
@@ -47,53 +46,32 @@ BATCH = 256
 FANOUT_PARTIES = 8
 FANOUT_BATCH = 32
 LATENCY_S = 0.05
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
-class DelayedHandler(PartyHandler):
-    """A :class:`PartyHandler` that sleeps ``LATENCY_S`` before each Predict (simulated latency)."""
-
-    def predict(self, x: Tensor, caller: str, request_id: str = "") -> Tensor:
-        time.sleep(LATENCY_S)
-        return super().predict(x, caller, request_id)
-
-
-def build_handler(
-    name: str, audit_dir: Path, cls: type[PartyHandler] = PartyHandler
-) -> PartyHandler:
-    """The demo CNN, randomly initialised, behind a handler that releases probabilities.
-
-    Parameters
-    ----------
-    name : str
-        The party's name; its audit log is ``audit_dir / f"{name}.jsonl"``.
-    audit_dir : Path
-        Folder of the audit logs.
-    cls : type
-        :class:`PartyHandler` or a subclass of it.
-    """
+def build_handler(name: str, audit_dir: Path, latency_s: float = 0.0) -> PartyHandler:
+    """The demo CNN, randomly initialised, behind a party that releases probabilities, after
+    sleeping ``latency_s`` in every Predict (simulated network latency)."""
     model = create_model(DEMO_ARCH["name"], **DEMO_ARCH["kwargs"], num_classes=NUM_CLASSES)
     policy = Policy(predict=PredictPolicy(output="probs"), max_batch=BATCH, sample_budget=None)
-    return cls(
-        name=name,
-        model=model.eval(),
-        class_names=[str(k) for k in range(NUM_CLASSES)],
-        input_shape=tuple(DEMO_ARCH["kwargs"]["in_shape"]),
-        policy=policy,
-        audit=AuditLog(audit_dir / f"{name}.jsonl"),
-    )
+    classes = [str(k) for k in range(NUM_CLASSES)]
+    shape = tuple(DEMO_ARCH["kwargs"]["in_shape"])
+    handler = local_party(name, model.eval(), classes, shape, policy, audit_dir)
+    if latency_s:
+        answer = handler.predict
+
+        def delayed(x: Tensor, caller: str, request_id: str = "") -> Tensor:
+            time.sleep(latency_s)
+            return answer(x, caller, request_id)
+
+        handler.predict = delayed
+    return handler
 
 
 @contextmanager
 def served(handler: PartyHandler) -> Iterator[RemoteTeacher]:
     """Serve ``handler`` on ``127.0.0.1`` (free port) and yield a client; stop both on exit."""
-    server = create_server(handler, "127.0.0.1:0")
-    server.start()
-    try:
-        with RemoteTeacher(handler.name, f"127.0.0.1:{server.port}") as teacher:
-            yield teacher
-    finally:
-        server.stop(0)
+    with serving(handler) as address, RemoteTeacher(handler.name, address) as teacher:
+        yield teacher
 
 
 def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -177,7 +155,7 @@ def bench_fanout(audit_dir: Path, repeats: int) -> tuple[dict, dict]:
     x = torch.rand(FANOUT_BATCH, *DEMO_ARCH["kwargs"]["in_shape"])
     with ExitStack() as stack:
         teachers = [
-            stack.enter_context(served(build_handler(f"party-{i}", audit_dir, DelayedHandler)))
+            stack.enter_context(served(build_handler(f"party-{i}", audit_dir, LATENCY_S)))
             for i in range(FANOUT_PARTIES)
         ]
         fanout_round(teachers, x)  # warm-up: connects every channel and fetches Describe
@@ -217,56 +195,44 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(repeats: int, fanout_repeats: int) -> dict:
+def run_variant(variant: str, args: argparse.Namespace, results: Results) -> None:
     """Both measurements, seeded, with their audit logs in a temporary folder."""
+    repeats, fanout_repeats = (3, 2) if args.quick else (30, 10)
     torch.manual_seed(SEED)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="amalgam-bench-audit-") as audit_dir:
-        results, extra = bench_throughput(Path(audit_dir), repeats)
-        fanout_results, fanout_extra = bench_fanout(Path(audit_dir), fanout_repeats)
-    return {
-        "benchmark": NAME,
-        "variant": VARIANT,
-        "data": "synthetic inputs, demo CNN",
-        "seed": SEED,
-        "budget": f"{repeats} timed calls (median) at batch {BATCH}; {fanout_repeats} fan-out "
-        f"rounds (median) over {FANOUT_PARTIES} parties at batch {FANOUT_BATCH}",
-        "metric": "images/s and ratios",
-        "wall_seconds": time.perf_counter() - started,
-        "results": {**results, **fanout_results},
-        "extra": {
-            **extra,
-            **fanout_extra,
-            "repeats": repeats,
-            "fanout_repeats": fanout_repeats,
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
-    }
-
-
-def write(payload: dict, out_dir: Path) -> None:
-    """``<name>-<variant>.json`` and ``<name>.md`` in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"{NAME}-{VARIANT}.json"
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    (out_dir / f"{NAME}.md").write_text(markdown(payload))
-    print(f"wrote {json_path} and {out_dir / f'{NAME}.md'}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark, print its table and write its results (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: few repetitions, results to a temporary folder",
+        rows, extra = bench_throughput(Path(audit_dir), repeats)
+        fanout_rows, fanout_extra = bench_fanout(Path(audit_dir), fanout_repeats)
+    results.write(
+        record(
+            NAME,
+            variant,
+            data="synthetic inputs, demo CNN",
+            seed=SEED,
+            budget=f"{repeats} timed calls (median) at batch {BATCH}; {fanout_repeats} fan-out "
+            f"rounds (median) over {FANOUT_PARTIES} parties at batch {FANOUT_BATCH}",
+            results={**rows, **fanout_rows},
+            started=started,
+            extra={
+                **extra,
+                **fanout_extra,
+                "repeats": repeats,
+                "fanout_repeats": fanout_repeats,
+                "torch_threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+            },
+            metric="images/s and ratios",
+        )
     )
-    args = parser.parse_args(argv)
-    payload = run(repeats=3, fanout_repeats=2) if args.quick else run(30, 10)
-    print(markdown(payload))
-    write(payload, Path(tempfile.mkdtemp(prefix="amalgam-bench-")) if args.quick else RESULTS_DIR)
 
+
+BENCHMARK = Benchmark(
+    NAME,
+    __doc__,
+    [VARIANT],
+    run_variant,
+    results={"markdown": lambda records: markdown(records[0])},
+)
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(BENCHMARK.main())

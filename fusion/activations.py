@@ -1,5 +1,6 @@
 """Outputs of named layers on given inputs: what the ``Activations`` and ``Gram`` capabilities
-release, and what CKA, activation-based OT and layer merging read."""
+release, and what CKA, activation-based OT and layer merging read; the centered Gram matrix
+that a party releases instead of activations (enough for linear CKA)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,22 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.ot.cka import centered_gram
+
+def as_matrix(x: Tensor) -> Tensor:
+    """(t, ...) activations -> (t, d) in float64."""
+    return x.reshape(len(x), -1).double()  # (t, C, H, W) -> (t, C*H*W)
+
+
+def centered_gram(x: Tensor) -> Tensor:
+    """Centered linear Gram matrix ``H X X^T H`` of (t, ...) activations, shape (t, t).
+
+    Centering the features (columns of X) and centering the Gram matrix are the same thing:
+    ``(X H_p)(X H_p)^T = H_t X X^T H_t``.
+    """
+    features = as_matrix(x)
+    features = features - features.mean(dim=0, keepdim=True)  # (t, d), columns centered
+    return (features @ features.T).to(x.dtype)
+
 
 PENULTIMATE = "penultimate"  # the input of the model's ``head``: its representation phi(x)
 

@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.composition import to_probs
 from amalgam.fusion.data import fit_to_shape
+from amalgam.fusion.labels import to_probs
 from amalgam.fusion.teacher import Teacher
 from amalgam.fusion.train import accuracy, predict_logits
 

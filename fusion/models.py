@@ -3,12 +3,19 @@
 Every model exposes ``forward_features(x) -> (B, F)``, ``forward_head(f) -> (B, K)`` and
 ``num_features``; distillation, amalgamation and consolidation heads all build on that.
 Entry points take ``in_shape=(C, H, W)`` and ``num_classes`` plus their own keywords.
+
+A model that weight fusion or amalgamation can work on declares its layers once, as timm
+models declare ``feature_info``: :meth:`Classifier.sections` names every layer (its module,
+the output that represents it, its width) section by section, and :meth:`Classifier.arch_with`
+says how to build the same family with other sections. Nothing else spells out layer names.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,11 +45,48 @@ def create_model(name: str, **kwargs: Any) -> Classifier:
     return model
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One layer as alignment and amalgamation see it.
+
+    Attributes
+    ----------
+    module : the layer's module, the prefix of its parameters (e.g. ``stages.0.1``).
+    output : the module whose output is the layer's feature map before its non-linearity:
+        what CKA, activation-based OT and amalgamation read (e.g. ``stages.0.1.bn``).
+    width : its output channels or features.
+    """
+
+    module: str
+    output: str
+    width: int
+
+
+@dataclass(frozen=True)
+class Section:
+    """Consecutive layers of one kind at one resolution (an MLP's hidden layers, a VGG stage
+    or its fully connected layers, a ResNet stage): cross-layer alignment maps layers within a
+    section, and balancing adds or removes layers in one."""
+
+    name: str
+    units: tuple[Unit, ...]
+
+
 class Classifier(nn.Module):
     """Base class: ``forward(x) = forward_head(forward_features(x))``."""
 
     num_features: int
     arch: dict[str, Any]
+
+    def sections(self) -> list[Section]:
+        """The model's layers, section by section, input to output (the head excluded)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no sections")
+
+    def arch_with(self, widths: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        """The architecture (``{"name", "kwargs"}`` for :func:`create_model`) of this model's
+        family with the layer widths ``widths[section]`` instead, one per layer: a section
+        may gain or lose layers."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change its sections")
 
     def forward_features(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -77,6 +121,23 @@ class MLP(Classifier):
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+    def sections(self) -> list[Section]:
+        units = _linear_units("body", self.body)
+        return [Section("hidden", units)]
+
+    def arch_with(self, widths: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        kwargs = {**self.arch["kwargs"], "hidden": tuple(widths["hidden"])}
+        return {"name": self.arch["name"], "kwargs": kwargs}
+
+
+def _linear_units(prefix: str, layers: nn.Sequential) -> tuple[Unit, ...]:
+    """Every linear layer of ``layers`` as a unit represented by its own output."""
+    return tuple(
+        Unit(f"{prefix}.{i}", f"{prefix}.{i}", m.out_features)
+        for i, m in enumerate(layers)
+        if isinstance(m, nn.Linear)
+    )
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -184,6 +245,69 @@ class VGG(Classifier):
             x = self.pool(stage(x))
         return self.fc(x)
 
+    def sections(self) -> list[Section]:
+        """``stage<s>``: the conv layers of stage s, each represented by its BatchNorm's
+        output; ``fc``: the hidden fully connected layers, by their own output."""
+        sections = [
+            Section(
+                f"stage{s}",
+                tuple(
+                    Unit(f"stages.{s}.{j}", f"stages.{s}.{j}.bn", layer.conv.out_channels)
+                    for j, layer in enumerate(stage)
+                ),
+            )
+            for s, stage in enumerate(self.stages)
+        ]
+        return sections + [Section("fc", _linear_units("fc", self.fc))]
+
+    def arch_with(self, widths: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        stages = tuple(tuple(widths[f"stage{s}"]) for s in range(len(self.stage_widths)))
+        kwargs = {**self.arch["kwargs"], "stages": stages, "fc": tuple(widths["fc"])}
+        return {"name": self.arch["name"], "kwargs": kwargs}
+
+    def hidden_fc(self) -> list[list[nn.Module]]:
+        """Per hidden fully connected layer: its linear map, its adaptation module (with
+        ``adapt``) and its ReLU."""
+        layers, current = [], []
+        for module in list(self.fc)[1:]:  # after the Flatten
+            current.append(module)
+            if isinstance(module, nn.ReLU):
+                layers.append(current)
+                current = []
+        return layers
+
+    # the outputs that represent a plain vgg_cnn's layers, as :meth:`sections` names them
+    _CONV_OUTPUT = re.compile(r"^stages\.(\d+)\.(\d+)\.bn$")
+    _FC_OUTPUT = re.compile(r"^fc\.(\d+)$")
+
+    @classmethod
+    def feature_layers(cls, stages: Sequence[int], fc: int) -> list[str]:
+        """The outputs that represent the layers of a plain ``vgg_cnn`` with ``stages[s]``
+        conv layers in stage s and ``fc`` hidden fully connected layers, input to output."""
+        convs = [f"stages.{s}.{j}.bn" for s, count in enumerate(stages) for j in range(count)]
+        return convs + [f"fc.{1 + 2 * k}" for k in range(fc)]  # fc: Flatten, (Linear, ReLU)*
+
+    @classmethod
+    def depth_of(cls, layers: Sequence[str]) -> tuple[tuple[int, ...], int]:
+        """``(stages, fc)`` of the plain ``vgg_cnn`` whose layers ``layers`` name (among
+        other module names); ``ValueError`` naming the first layer missing from them."""
+        convs = {(int(m[1]), int(m[2])) for n in layers if (m := cls._CONV_OUTPUT.match(n))}
+        if not convs:
+            raise ValueError("no vgg_cnn conv layer (stages.<s>.<j>.bn)")
+        stages = tuple(
+            1 + max((j for s, j in convs if s == stage), default=0)  # a stage has a layer
+            for stage in range(1 + max(s for s, _ in convs))
+        )
+        expected = {(s, j) for s, count in enumerate(stages) for j in range(count)}
+        if convs != expected:
+            missing = sorted(expected - convs)[0]
+            raise ValueError(f"layer stages.{missing[0]}.{missing[1]}.bn")
+        linear = {n for n in layers if cls._FC_OUTPUT.match(n)}
+        fc = 0
+        while cls.feature_layers(stages, fc + 1)[-1] in linear:
+            fc += 1
+        return stages, fc
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers and a shortcut: identity, or 1x1 conv-BN when shape changes."""
@@ -237,6 +361,28 @@ class ResNetCifar(Classifier):
         for stage in self.stages:
             x = stage(x)
         return self.pool(x)
+
+    def sections(self) -> list[Section]:
+        """``stage<s>``: the blocks of stage s, each represented by its second BatchNorm's
+        output (before the residual addition)."""
+        return [
+            Section(
+                f"stage{s}",
+                tuple(
+                    Unit(f"stages.{s}.{b}", f"stages.{s}.{b}.bn2", self.widths[s])
+                    for b in range(count)
+                ),
+            )
+            for s, count in enumerate(self.blocks)
+        ]
+
+    def arch_with(self, widths: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        for s, width in enumerate(self.widths):
+            if set(widths[f"stage{s}"]) != {width}:
+                raise ValueError(f"stage{s}: every block is {width} wide in this family")
+        blocks = tuple(len(widths[f"stage{s}"]) for s in range(len(self.widths)))
+        # the named depths (resnet8_cifar, ...) are resnet_cifar with their own blocks
+        return {"name": "resnet_cifar", "kwargs": {**self.arch["kwargs"], "blocks": blocks}}
 
 
 @register_model

@@ -1,8 +1,13 @@
-"""The one seam between the algorithms and the parties: the :class:`Teacher` protocol."""
+"""The one seam between the algorithms and the parties: the :class:`Teacher` protocol and
+everything that crosses it -- what a teacher is (:class:`TeacherInfo`), what it returns
+(:class:`Feedback`, :class:`Synthesis`, :class:`Weights`, :class:`Detections`), what generator
+training asks of it (:class:`GeneratorObjective`) -- and how the coordinator calls many
+teachers (:data:`TeacherMap`, :func:`predict_all`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -10,10 +15,9 @@ import torch
 from safetensors.torch import load as safetensors_load
 from torch import Tensor
 
-from amalgam.fusion.datafree.losses import GeneratorObjective
+from amalgam.fusion.data import fit_to_shape
 from amalgam.fusion.models import Classifier, create_model
-
-OUTPUT_FORMS = ("logits", "probs", "topk", "label")
+from amalgam.fusion.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,26 @@ class TeacherInfo:
             std=tuple(data.get("normalization", {}).get("std", (1.0,))),
             task=data.get("task", "classification"),
         )
+
+
+@dataclass(frozen=True)
+class GeneratorObjective:
+    """Weights of the teacher-side generator loss (paper 003, Eq. 3, 5, 6), evaluated where
+    the teacher lives (:func:`amalgam.fusion.datafree.losses.teacher_side_loss`).
+
+    ``total = bn * L_BN + instance_entropy * E[H(T(x))] - batch_entropy * H(E[T(x)])
+    - adversarial * KL(T(x) || A(x))`` at ``temperature`` for the KL term.
+    """
+
+    bn: float = 1.0
+    instance_entropy: float = 0.0
+    batch_entropy: float = 0.0
+    adversarial: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,55 @@ class Weights:
         return model.eval()
 
 
+@dataclass
+class Detections:
+    """Boxes of one image, as a detection party releases them (or as ground truth).
+
+    Attributes
+    ----------
+    boxes : (M, 4) float32 ``x1, y1, x2, y2`` in pixels.
+    labels : (M,) int64 category indices.
+    scores : (M,) float32 confidences (1 for ground truth).
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    scores: Tensor
+
+    @classmethod
+    def empty(cls) -> Detections:
+        return cls(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def select(self, keep: Tensor) -> Detections:
+        return Detections(self.boxes[keep], self.labels[keep], self.scores[keep])
+
+    @staticmethod
+    def split(boxes: Tensor, scores: Tensor, labels: Tensor, counts: Tensor) -> list[Detections]:
+        """Per-image detections from a batch's rows, image i owning the next ``counts[i]``
+        (the wire layout of ``Predict`` for detection parties)."""
+        sizes = counts.tolist()
+        return [
+            Detections(b, l_, s)
+            for b, s, l_ in zip(boxes.split(sizes), scores.split(sizes), labels.split(sizes))
+        ]
+
+
+class Normaliser:
+    """Inputs in [0, 1] -> what a party's exported network expects: fitted to its input shape
+    and normalised per channel as the party does before its model."""
+
+    def __init__(self, info: TeacherInfo) -> None:
+        self.shape = tuple(info.input_shape)
+        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std).view(1, -1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (fit_to_shape(x, self.shape) - self.mean) / self.std
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """A private model behind its owner's policy."""
@@ -142,7 +215,7 @@ class Teacher(Protocol):
         grad_logits: Tensor | None = None,
     ) -> Feedback:
         """The teacher-side generator loss on ``x`` (B, C, H, W) and its input gradient in one
-        pass where the teacher lives (:func:`amalgam.fusion.datafree.losses.teacher_side_loss`)."""
+        pass where the teacher lives."""
         ...
 
     def synthesize(self, params: dict, session: str, steps: int, samples: int) -> Synthesis:
@@ -161,6 +234,43 @@ class Teacher(Protocol):
     def weights(self) -> Weights:
         """The architecture and state dict, where the owner opted in."""
         ...
+
+
+class DetectorTeacher(Protocol):
+    """A party whose model detects: ``detect`` returns, per image, boxes whose labels index
+    ``info.class_names``."""
+
+    info: TeacherInfo
+
+    def detect(self, x: Tensor) -> list[Detections]: ...
+
+
+# ``map_teachers(fn, teachers)``: ``[fn(t) for t in teachers]``, where the coordinator may run
+# the calls in parallel and answer ``None`` for a teacher that dropped out of the job (its
+# party became unreachable).
+TeacherMap = Callable[[Callable[[Teacher], object], Sequence[Teacher]], list]
+
+
+def sequential_map(fn: Callable[[Teacher], object], teachers: Sequence[Teacher]) -> list:
+    """The plain :data:`TeacherMap`: one teacher after the other, in this process."""
+    return [fn(t) for t in teachers]
+
+
+PREDICT_CHUNK = 2048  # images per progress step when collecting predictions
+
+
+def predict_all(teacher: Teacher, x: Tensor, position: int = 0, progress: bool = True) -> Tensor:
+    """``teacher.predict`` on all of ``x`` (fitted to its input shape), with a progress bar
+    (``position``: its line, when several teachers answer at once)."""
+    x = fit_to_shape(x, teacher.info.input_shape)
+    outputs = []
+    with progress_bar(
+        len(x), f"predict {teacher.info.name}", unit="img", position=position, show=progress
+    ) as bar:
+        for start in range(0, len(x), PREDICT_CHUNK):
+            outputs.append(teacher.predict(x[start : start + PREDICT_CHUNK]))
+            bar.update(len(outputs[-1]))
+    return torch.cat(outputs)
 
 
 def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:

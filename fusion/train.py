@@ -7,8 +7,23 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from amalgam.fusion.config import Config
+from amalgam.fusion.progress import progress_bar
+
+
+class StudentConfig(Config):
+    """The student network and how it is trained (Adam with a cosine schedule, :func:`fit`);
+    a job's ``student:`` section. Data-free fusion uses ``arch`` and its own schedule (its
+    method parameters)."""
+
+    arch: str = "small_cnn"  # a name from amalgam.fusion.models.list_models()
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -75,13 +90,7 @@ def fit(
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
-    bar = tqdm(
-        range(len(history), epochs),
-        desc=desc,
-        unit="epoch",
-        disable=None if progress else True,
-        leave=False,
-    )
+    bar = progress_bar(desc=desc, unit="epoch", show=progress, iterable=range(len(history), epochs))
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x), generator=generator)

@@ -8,11 +8,11 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from amalgam.protocol.loading import load_yaml
-from amalgam.protocol.schemas import Normalization, Policy, TlsFiles, _Strict
+from amalgam.protocol.schemas import Normalization, Policy, Strict, TlsFiles
 from amalgam.protocol.tls import resolve_tls
 
 
-class ModelSource(_Strict):
+class ModelSource(Strict):
     """Either a TorchScript file, or a registered architecture plus a state dict."""
 
     torchscript: str | None = None  # path to a torch.jit.save file
@@ -29,7 +29,7 @@ class ModelSource(_Strict):
         return self
 
 
-class PartyConfig(_Strict):
+class PartyConfig(Strict):
     name: str = Field(min_length=1)
     address: str = "127.0.0.1:0"  # host:port to listen on; port 0 picks a free one
     model: ModelSource

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from amalgam.fusion.datafree.losses import GeneratorObjective
+from amalgam.fusion.teacher import GeneratorObjective
 from amalgam.party.handler import PartyHandler
 from amalgam.protocol._generated import party_pb2
 from amalgam.protocol.codec import (

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from amalgam.fusion.activations import layer_grams, layer_names, layer_outputs
 from amalgam.fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
-from amalgam.fusion.datafree.losses import GeneratorObjective, teacher_side_loss
-from amalgam.fusion.teacher import Feedback, Synthesis, TeacherInfo
+from amalgam.fusion.datafree.losses import teacher_side_loss
+from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
 from amalgam.party.audit import AuditLog
 from amalgam.party.config import PartyConfig
 from amalgam.party.model import load_model

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from amalgam.fusion.datafree.losses import GeneratorObjective
-from amalgam.fusion.detection.canvas import Detections
 from amalgam.fusion.teacher import (
+    Detections,
     Feedback,
+    GeneratorObjective,
     Synthesis,
     TeacherInfo,
     Weights,

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from amalgam.fusion.datafree.losses import GeneratorObjective
-from amalgam.fusion.datafree.trainer import VARIANTS, DataFreeConfig, GeneratorTrainer, History
-from amalgam.fusion.teacher import Feedback, Synthesis, TeacherInfo
+from amalgam.fusion.config import validated
+from amalgam.fusion.datafree.party_side import SynthesisParams
+from amalgam.fusion.datafree.trainer import GeneratorTrainer, History
+from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
 
 FeedbackFn = Callable[[Tensor, GeneratorObjective, Tensor | None], Feedback]
 
@@ -42,16 +43,10 @@ class SynthesisSessions:
         self._lock = threading.Lock()
 
     @staticmethod
-    def config(params: dict) -> DataFreeConfig:
-        """Validate the caller's hyper-parameters; a variant that plays against the student
-        cannot run here."""
-        config = DataFreeConfig(**params)
-        adversary = VARIANTS[config.variant].adversary
-        if adversary not in (None, "assistant"):
-            raise ValueError(
-                f"variant {config.variant!r} plays against the student; run it in coordinator mode"
-            )
-        return config
+    def config(params: dict) -> SynthesisParams:
+        """Validate the caller's hyper-parameters (``ValueError`` naming the first bad one); a
+        variant that plays against the student cannot run here."""
+        return validated(SynthesisParams, params)
 
     def _session(self, caller: str, session: str, params: dict):
         with self._lock:
@@ -60,7 +55,9 @@ class SynthesisSessions:
                 config = self.config(params)
                 torch.manual_seed(config.seed)
                 rng = torch.Generator().manual_seed(config.seed)
-                trainer = GeneratorTrainer(self.teacher, config, 0, History(), rng)
+                trainer = GeneratorTrainer(
+                    self.teacher, config, 0, History(), rng, assistant_arch=config.student_arch
+                )
                 self._sessions[key] = (trainer, params, [0])
             trainer, first_params, done = self._sessions[key]
             if params != first_params:

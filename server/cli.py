@@ -133,7 +133,9 @@ def _plan(args: argparse.Namespace) -> int:
         )
     for method in plan(infos):
         verdict = "possible" if method.possible and len(infos) == len(teachers) else "not possible"
-        print(f"{method.method:16s} {verdict}" + "".join(f"\n    - {r}" for r in method.reasons))
+        ways = f" ({'; '.join(method.ways)})" if method.possible and method.ways else ""
+        reasons = "".join(f"\n    - {r}" for r in method.reasons)
+        print(f"{method.method:16s} {verdict}{ways}{reasons}")
     return 0
 
 
@@ -197,7 +199,7 @@ def _audit_verify(args: argparse.Namespace) -> int:
 
 
 def _market(args: argparse.Namespace) -> int:
-    from amalgam.server.market import run_market
+    from amalgam.server.simulation.market import run_market
 
     metrics = run_market(
         args.parties, args.engine, args.data, args.seed, args.output_dir, args.epochs
@@ -213,16 +215,37 @@ def _market(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from amalgam.server.demo import run_demo
+    from amalgam.server.simulation.demo import run_demo
 
     if args.prepare:
-        from amalgam.server.marketplace import prepare_federation
+        from amalgam.server.simulation.demo_parties import prepare_federation
 
         for path in prepare_federation(Path(args.prepare)):
             print(f"wrote {path}")
         return 0
     run_demo(args.output_dir, progress=not args.quiet)
     return 0
+
+
+class _MethodsEpilog(argparse.RawDescriptionHelpFormatter):
+    """Help that ends with the method table (read only when the help is shown: the table
+    imports every method)."""
+
+    def format_help(self) -> str:
+        from amalgam.server.methods import METHODS
+
+        lines = [f"  {m.name:12s} {m.summary}" for m in METHODS.values()]
+        self.add_text("methods (a job's method.name):\n" + "\n".join(lines))
+        return super().format_help()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("amalgam")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
 
 
 class _Failure(Exception):
@@ -233,6 +256,7 @@ class _Failure(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amalgam", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     party = commands.add_parser("party", help="run a party agent")
@@ -262,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--insecure", action="store_true", help="plaintext, for a job without tls")
     plan.set_defaults(run=_plan)
 
-    fuse = commands.add_parser("fuse", help="run a fusion job")
+    fuse = commands.add_parser("fuse", help="run a fusion job", formatter_class=_MethodsEpilog)
     fuse.add_argument("job", nargs="?", help="job YAML")
     fuse.add_argument("--resume", metavar="JOB_ID", help="go on with an interrupted job")
     fuse.add_argument(

@@ -20,9 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from amalgam.protocol._generated import party_pb2
 from amalgam.protocol.rpcs import RESPONSES, STREAMING, query_type
-from amalgam.protocol.schemas import JobSpec
 from amalgam.server.fanout import fan_out
 from amalgam.server.job import load_job, run_job
+from amalgam.server.jobspec import JobSpec
 from amalgam.server.remote import RemoteTeacher
 
 NODES_TIMEOUT_S = 120.0  # how long a run waits for the SuperNodes it needs to register
@@ -173,47 +173,11 @@ def flower_teachers(grid: Grid, spec: JobSpec, caller: str = "coordinator") -> l
     return teachers
 
 
-def _run(grid: Grid, spec: JobSpec) -> tuple[Path, list]:
+def run_over_grid(grid: Grid, spec: JobSpec) -> tuple[Path, list]:
+    """Run ``spec`` with its parties reached through ``grid``; returns the run folder and the
+    teachers (with their call statistics)."""
     teachers = flower_teachers(grid, spec)
     return run_job(spec, teachers, progress=False), teachers
-
-
-def job_server_app(spec: JobSpec, outcome: list) -> ServerApp:
-    """A ServerApp that runs ``spec`` over the Grid it is given and appends to ``outcome``
-    either ``(run_dir, teachers)`` or the exception that stopped the job."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            outcome.append(_run(grid, spec))
-        except Exception as error:  # handed to the caller, whom Flower's log would not reach
-            outcome.append(error)
-
-    return app
-
-
-def simulate(spec: JobSpec, agents: list[str], cpus_per_node: float = 1.0) -> tuple[Path, list]:
-    """Run ``spec`` on Flower's simulation engine: one virtual SuperNode per party agent in
-    ``agents`` (``host:port``), each bridging to its agent as a deployed one would. Returns
-    the run folder and the teachers (with their call statistics); a job that fails raises
-    its error here."""
-    from flwr.simulation import run_simulation
-
-    from amalgam.party.flower_app import bridge_app
-
-    outcome: list = []
-    run_simulation(
-        server_app=job_server_app(spec, outcome),
-        client_app=bridge_app(agents),
-        num_supernodes=len(agents),
-        backend_config={"client_resources": {"num_cpus": cpus_per_node}},
-    )
-    if not outcome:
-        raise RuntimeError("the Flower run ended without a result (see its log above)")
-    if isinstance(outcome[0], Exception):
-        raise outcome[0]
-    return outcome[0]
 
 
 app = ServerApp()  # a deployed run: `flwr run` with run config job="<path to job.yaml>"
@@ -221,5 +185,5 @@ app = ServerApp()  # a deployed run: `flwr run` with run config job="<path to jo
 
 @app.main()
 def deployed_main(grid: Grid, context: Context) -> None:
-    run_dir, _ = _run(grid, load_job(str(context.run_config["job"])))
+    run_dir, _ = run_over_grid(grid, load_job(str(context.run_config["job"])))
     print(f"wrote {run_dir}", flush=True)

@@ -12,15 +12,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from amalgam.fusion.composition import RULES
-from amalgam.fusion.datafree.trainer import VARIANTS
-from amalgam.fusion.detection.models import DETECTORS
+from amalgam.fusion.detection import DETECTORS
 from amalgam.fusion.models import list_models
 from amalgam.fusion.teacher import Teacher
 from amalgam.protocol.loading import ConfigError, load_yaml
-from amalgam.protocol.schemas import JobSpec
 from amalgam.protocol.tls import channel_credentials, resolve_tls
-from amalgam.server.methods import RUNNERS
+from amalgam.server.jobspec import JobSpec
+from amalgam.server.methods import METHODS
 from amalgam.server.remote import RemoteTeacher
 from amalgam.server.report import plot_accuracy, report_markdown
 from amalgam.server.roster import Roster
@@ -31,108 +29,11 @@ class PartyMismatch(ValueError):
     """The address of a party in the job answers with another party's name."""
 
 
-def _check_composition(spec: JobSpec) -> str | None:
-    if spec.method.params.rule not in RULES:
-        return (
-            f"method.params.rule: unknown rule {spec.method.params.rule!r}"
-            f" (known: {', '.join(RULES)})"
-        )
-    if spec.data.unlabeled is None:
-        return "data.unlabeled: composition needs unlabeled data"
-    return None
-
-
-def _check_datafree(spec: JobSpec) -> str | None:
-    params = spec.method.params
-    if params.variant not in VARIANTS:
-        return (
-            f"method.params.variant: unknown variant {params.variant!r}"
-            f" (known: {', '.join(VARIANTS)})"
-        )
-    if params.mode == "party" and VARIANTS[params.variant].adversary == "student":
-        return (
-            f"method.params.mode: {params.variant} plays against the student, which stays at "
-            "the coordinator; use mode coordinator"
-        )
-    return None
-
-
-def _check_weight_fusion(spec: JobSpec) -> str | None:
-    params, names = spec.method.params, [p.name for p in spec.parties]
-    if params.weights is not None and len(params.weights) != len(names):
-        return f"method.params.weights: {len(params.weights)} given for {len(names)} parties"
-    if params.weights is not None and (min(params.weights) < 0 or sum(params.weights) <= 0):
-        return "method.params.weights: must be non-negative with a positive sum"
-    if params.base is not None and params.base not in names:
-        return f"method.params.base: {params.base!r} is not one of the parties"
-    if spec.data.unlabeled is None:
-        if spec.method.name == "clafusion":
-            return "data.unlabeled: clafusion needs probe images for CKA"
-        if params.ground_metric == "activation":
-            return (
-                "data.unlabeled: ground_metric activation (the default) needs probe images"
-                " (or set method.params.ground_metric: weight)"
-            )
-        if params.recompute_batchnorm:
-            return "data.unlabeled: recompute_batchnorm needs images (or set it to false)"
-    if params.finetune_epochs and spec.data.finetune is None:
-        return "data.finetune: finetune_epochs > 0 needs labelled images"
-    return None
-
-
-def _check_consolidation(spec: JobSpec) -> str | None:
-    params, names = spec.method.params, [p.name for p in spec.parties]
-    if params.generalist not in names:
-        return f"method.params.generalist: {params.generalist!r} is not one of the parties"
-    teachers = len(names) - 1
-    if not teachers:
-        return "parties: consolidation needs a task-specific teacher besides the generalist"
-    if params.teacher_weights is not None and len(params.teacher_weights) != teachers:
-        return (
-            f"method.params.teacher_weights: {len(params.teacher_weights)} given for "
-            f"{teachers} teachers (every party but the generalist)"
-        )
-    if params.teacher_weights is not None and min(params.teacher_weights) < 0:
-        return "method.params.teacher_weights: must be non-negative"
-    if params.generalist_weight == 0 and not sum(params.teacher_weights or [1.0]):
-        return "method.params: every loss weight is zero"
-    if spec.data.unlabeled is None:
-        return "data.unlabeled: consolidation needs proxy images"
-    tasks = [t.name for t in params.tasks]
-    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
-    if repeated:
-        return f"method.params.tasks: names must be unique, repeated: {', '.join(repeated)}"
-    return None
-
-
-def _check_amalgamation(spec: JobSpec) -> str | None:
-    if len(spec.parties) < 2:
-        return "parties: amalgamation needs two teachers or more"
-    if spec.data.unlabeled is None:
-        return "data.unlabeled: amalgamation needs unlabeled images"
-    if spec.student.arch != "vgg_cnn":
-        return (
-            f"student.arch: amalgamate builds a vgg_cnn student (the teachers' family), "
-            f"not {spec.student.arch}"
-        )
-    return None
-
-
-METHOD_CHECKS = {
-    "composition": _check_composition,
-    "datafree": _check_datafree,
-    "ot": _check_weight_fusion,
-    "clafusion": _check_weight_fusion,
-    "consolidate": _check_consolidation,
-    "amalgamate": _check_amalgamation,
-}
-
-
 def load_job(path: str | Path) -> JobSpec:
     """Validate a job file, including the names that only the algorithms know; TLS files
     are taken from the job file's folder."""
     spec = load_yaml(path, JobSpec)
-    problem = METHOD_CHECKS[spec.method.name](spec)
+    problem = METHODS[spec.method.name].check(spec)
     if problem:
         raise ConfigError(f"{path}: {problem}")
     if spec.tls is not None:
@@ -150,7 +51,7 @@ def clients(spec: JobSpec, **options) -> list[RemoteTeacher]:
     """One client per party, over mutual TLS when the job names certificates, with the
     party's bearer token when it names one; ``options`` go to :class:`RemoteTeacher`."""
     credentials = channel_credentials(spec.tls) if spec.tls is not None else None
-    half = spec.method.name in ("datafree", "amalgamate") and spec.method.params.half
+    half = METHODS[spec.method.name].half(spec)
     return [
         RemoteTeacher(
             p.name,
@@ -216,7 +117,7 @@ def run_job(
         run_dir = Path(spec.output_dir) / job_id
         run_dir.mkdir(parents=True, exist_ok=False)
     try:
-        outcome = RUNNERS[spec.method.name](spec, teachers, progress, log, checkpoints)
+        outcome = METHODS[spec.method.name].run(spec, teachers, progress, log, checkpoints)
     except Exception as error:
         if store is not None:
             store.set_status(job_id, "failed", str(error))

@@ -16,16 +16,17 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import grpc
 import torch
 from torch import Tensor
 
-from amalgam.fusion.datafree.losses import GeneratorObjective
-from amalgam.fusion.detection.canvas import Detections
 from amalgam.fusion.teacher import (
+    Detections,
     Feedback,
+    GeneratorObjective,
     Synthesis,
     TeacherInfo,
     Weights,
@@ -89,7 +90,8 @@ class RemoteTeacher:
     retries : attempts after the first one, on UNAVAILABLE only.
     credentials : TLS, see :func:`amalgam.protocol.tls.channel_credentials`; None: plaintext.
     token : a bearer token sent with every call, for parties that require one.
-    half : send and receive BatchNormFeedback tensors as float16 (halves the bytes).
+    half : the capabilities whose tensors travel as float16 both ways (halves the bytes):
+        ``bn_feedback``, ``synthesize``, ``activations``, ``gram``.
     stub : instead of a gRPC channel to ``address``, any object whose attributes ``Describe``,
         ``Predict``, ... are called like a gRPC stub's methods and raise ``grpc.RpcError``
         (:class:`amalgam.server.flower.FlowerStub` carries the calls over a Flower Grid).
@@ -107,14 +109,14 @@ class RemoteTeacher:
         backoff_s: float = 0.2,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
-        half: bool = False,
+        half: Collection[str] = (),
         stub=None,
     ) -> None:
         self.name = name
         self.address = address
         self.deadline_s = deadline_s
         self.retries = retries
-        self.half = half
+        self.half = frozenset(half)
         self.backoff_s = backoff_s
         self.max_message_bytes = max_message_mb * 1024 * 1024
         options = [
@@ -265,9 +267,10 @@ class RemoteTeacher:
         grad_logits: Tensor | None = None,
     ) -> Feedback:
         """One round trip per generator step: the batch is never split (its BN statistics are
-        one sample). With ``half=True`` at construction, tensors travel as float16 both ways
-        and come back as float32."""
-        wire = torch.float16 if self.half else x.dtype
+        one sample). Where ``half`` holds ``bn_feedback``, tensors travel as float16 both
+        ways and come back as float32."""
+        half = "bn_feedback" in self.half
+        wire = torch.float16 if half else x.dtype
 
         def encode(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.detach().to(wire)
@@ -276,14 +279,14 @@ class RemoteTeacher:
             request_id=_request_id(),
             inputs=tensor_to_proto(encode(x)),
             objective=objective_to_proto(asdict(objective), encode(adversary_logits)),
-            half=self.half,
+            half=half,
         )
         if grad_logits is not None:
             request.grad_logits.CopyFrom(tensor_to_proto(encode(grad_logits)))
         response = self._call("BatchNormFeedback", request)
         logits = tensor_from_proto(response.logits, "logits")
         input_grad = tensor_from_proto(response.input_grad, "input_grad")
-        if self.half:
+        if half:
             logits, input_grad = logits.float(), input_grad.float()
         with self._lock:
             self.stats.samples += len(x)
@@ -298,7 +301,7 @@ class RemoteTeacher:
             params=synthesis_params_to_proto(params),
             steps=steps,
             samples=samples,
-            half=self.half,
+            half="synthesize" in self.half,
         )
         # generator training takes longer than a prediction: allow minutes, not seconds
         deadline = max(self.deadline_s, SYNTHESIZE_DEADLINE_S)
@@ -307,14 +310,15 @@ class RemoteTeacher:
         return Synthesis(images, dict(response.losses), response.steps_done)
 
     def _layers_once(self, x: Tensor, layers: list[str], gram: bool) -> dict[str, Tensor]:
+        half = ("gram" if gram else "activations") in self.half
         request = party_pb2.LayersRequest(
-            request_id=_request_id(), inputs=tensor_to_proto(x), layers=layers, half=self.half
+            request_id=_request_id(), inputs=tensor_to_proto(x), layers=layers, half=half
         )
         response = self._call("Gram" if gram else "Activations", request)
         out = tensors_from_proto(response.outputs, "outputs")
         with self._lock:
             self.stats.samples += len(x)
-        return {name: t.float() for name, t in out.items()} if self.half else out
+        return {name: t.float() for name, t in out.items()} if half else out
 
     def activations(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
         """Outputs of the named layers on (t, C, H, W), in as many calls as needed."""

@@ -25,7 +25,7 @@ from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from amalgam.fusion.teacher import Feedback, Synthesis, Teacher, TeacherInfo, Weights
-from amalgam.protocol.schemas import JobSpec
+from amalgam.server.jobspec import JobSpec
 
 STORE_NAME = "jobs.sqlite"
 SCHEMA = """

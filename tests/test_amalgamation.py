@@ -16,7 +16,7 @@ from amalgam.fusion.amalgamation.autoencoder import (
     half_squared_error,
 )
 from amalgam.fusion.amalgamation.features import FeatureCache
-from amalgam.fusion.amalgamation.scores import entries, merge_entries, score_targets, union
+from amalgam.fusion.amalgamation.scores import entries, merge_entries, score_targets
 from amalgam.fusion.amalgamation.student import (
     Layout,
     build_student,
@@ -24,6 +24,7 @@ from amalgam.fusion.amalgamation.student import (
     layer_steps,
     student_width,
 )
+from amalgam.fusion.labels import union_classes
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
 from amalgam.party.local import LocalTeacher
@@ -128,9 +129,9 @@ def test_a_layer_wise_step_updates_only_its_layer_and_the_previous_adaptation():
 def test_score_vectors_concatenate_and_overlapping_classes_merge_at_test_time():
     classes = [["cat", "dog"], ["dog", "eel"]]
     assert entries(classes) == ["cat", "dog", "dog", "eel"]
-    assert union(classes) == ["cat", "dog", "eel"]
+    assert union_classes(classes) == ["cat", "dog", "eel"]
     scores = torch.tensor([[0.1, 0.2, 0.9, 0.3], [0.8, 0.1, 0.0, 0.7], [0.0, 0.5, 0.4, 0.6]])
-    merged = merge_entries(scores, entries(classes), union(classes))
+    merged = merge_entries(scores, entries(classes), union_classes(classes))
     assert torch.equal(merged, torch.tensor([[0.1, 0.9, 0.3], [0.8, 0.1, 0.7], [0.0, 0.5, 0.6]]))
     assert merged.argmax(dim=1).tolist() == [1, 0, 2]
     logits = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 4.0]])]

@@ -9,18 +9,16 @@ import json
 import pytest
 import torch
 import yaml
-from parties import serving
 
 from amalgam.fusion.data import load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
-from amalgam.party.audit import AuditLog
-from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.loading import ConfigError
 from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy
 from amalgam.server.job import connect, load_job, run_job
 from amalgam.server.plan import plan
+from amalgam.server.simulation.parties import local_party, serving
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -49,14 +47,7 @@ def models():
 def _handlers(folder, models, policies=None):
     policies = policies or {}
     return [
-        PartyHandler(
-            name,
-            models[name],
-            PARTS[name],
-            (1, 8, 8),
-            policies.get(name, SHARING),
-            AuditLog(folder / f"{name}.jsonl"),
-        )  # fmt: skip
+        local_party(name, models[name], PARTS[name], (1, 8, 8), policies.get(name, SHARING), folder)
         for name in PARTS
     ]
 

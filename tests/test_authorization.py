@@ -9,7 +9,7 @@ import itertools
 import grpc
 import pytest
 import torch
-from parties import INPUT_SHAPE, serving, tiny_handler
+from parties import INPUT_SHAPE, tiny_handler
 from pydantic import ValidationError
 
 from amalgam.party.audit import read_records
@@ -18,6 +18,7 @@ from amalgam.protocol import CALLER_METADATA_KEY
 from amalgam.protocol._generated import party_pb2, party_pb2_grpc
 from amalgam.protocol.codec import tensor_to_proto
 from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
+from amalgam.server.simulation.parties import serving
 
 pytestmark = pytest.mark.integration
 

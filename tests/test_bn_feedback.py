@@ -7,17 +7,19 @@ import contextlib
 
 import pytest
 import torch
-from parties import serving, tiny_handler
+from parties import tiny_handler
 
 from amalgam.fusion.datafree.bn_loss import bn_statistics_loss, gaussian_kl
-from amalgam.fusion.datafree.losses import GeneratorObjective, teacher_side_loss
+from amalgam.fusion.datafree.losses import teacher_side_loss
 from amalgam.fusion.models import create_model
+from amalgam.fusion.teacher import GeneratorObjective
 from amalgam.party.audit import read_records
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
 from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy
 from amalgam.server.plan import plan
 from amalgam.server.remote import RemoteTeacher
+from amalgam.server.simulation.parties import serving
 
 CLASSES = ["a", "b", "c"]
 BN_ONLY = GeneratorObjective(bn=1.0)
@@ -55,7 +57,8 @@ def local(handler):
 
 @contextlib.contextmanager
 def remote(handler, half=False):
-    with serving(handler) as address, RemoteTeacher("acme", address, half=half) as teacher:
+    wire = {"bn_feedback"} if half else ()
+    with serving(handler) as address, RemoteTeacher("acme", address, half=wire) as teacher:
         yield teacher
 
 
@@ -160,10 +163,8 @@ def test_a_teacher_without_batchnorm_gives_logit_gradients_only(tmp_path):
     (expected,) = torch.autograd.grad((handler.model(inputs) * grad_logits).sum(), inputs)
     assert feedback.losses["bn"] == 0.0
     torch.testing.assert_close(feedback.input_grad, expected)
-    verdicts = {p.method: p for p in plan([info])}
-    assert not verdicts["data-free"].possible
-    assert verdicts["data-free"].reasons == ("acme: the teacher has no BatchNorm layers",)
-    assert verdicts["data-free-no-bn"].possible
+    verdict = {p.method: p for p in plan([info])}["datafree"]
+    assert verdict.possible and verdict.ways == ("variants dafl, zskt",)  # no BN statistics
 
 
 def test_planner_offers_data_free_only_where_feedback_is_granted(tmp_path):
@@ -177,5 +178,6 @@ def test_planner_offers_data_free_only_where_feedback_is_granted(tmp_path):
     infos = [LocalTeacher(granted).info, LocalTeacher(denied).info]
     assert infos[0].batchnorm_layers == 5 and "bn_feedback" in infos[0].capabilities
     verdicts = {p.method: p for p in plan(infos)}
-    assert verdicts["data-free"].reasons == ("globex: bn_feedback is not granted",)
+    assert not verdicts["datafree"].possible
+    assert verdicts["datafree"].reasons == ("globex: bn_feedback is not granted",)
     assert verdicts["composition"].possible

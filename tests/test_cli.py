@@ -6,10 +6,12 @@ import socket
 
 import pytest
 import yaml
-from parties import serving, tiny_handler
+from parties import tiny_handler
 
-from amalgam.protocol.schemas import Policy, PredictPolicy
+from amalgam.protocol.schemas import Policy, PredictPolicy, WeightsPolicy
 from amalgam.server.cli import main
+from amalgam.server.methods import METHODS
+from amalgam.server.simulation.parties import serving
 
 
 def _job(tmp_path, party_addresses, **overrides):
@@ -117,9 +119,30 @@ def test_plan_says_which_methods_are_possible_and_why_not(tmp_path, capsys):
         assert main(["plan", "--insecure", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
     out = capsys.readouterr().out
     assert "composition      possible" in out
-    assert "consolidation    not possible\n    - globex: predict releases label" in out
+    assert "consolidate      not possible\n    - no party grants weights" in out
     assert "acme: bn_feedback is not granted" in out
     assert "party globex: classes cat,dog,eel; grants predict (predict releases label)" in out
+
+
+def test_plan_names_exactly_the_methods_a_job_accepts(tmp_path, capsys):
+    from typing import get_args
+
+    from amalgam.server.jobspec import MethodSection
+
+    granting = Policy(predict=PredictPolicy(output="logits"), weights=WeightsPolicy())
+    labels = Policy(predict=PredictPolicy(output="label"))
+    with (
+        serving(tiny_handler(tmp_path, granting, name="acme")) as a,
+        serving(tiny_handler(tmp_path, labels, name="globex")) as b,
+    ):
+        assert main(["plan", "--insecure", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
+    out = capsys.readouterr().out
+    planned = [line.split()[0] for line in out.splitlines() if "possible" in line]
+    sections = get_args(get_args(MethodSection)[0])
+    accepted = [get_args(section.model_fields["name"].annotation)[0] for section in sections]
+    assert planned == accepted == list(METHODS)
+    # acme could be the generalist, but globex releases labels only
+    assert "consolidate      not possible\n    - globex: predict releases label" in out
 
 
 def test_example_files_in_deploy_validate(tmp_path):

@@ -1,23 +1,28 @@
-"""fusion/composition.py: union label space, entropy filtering and the aggregation rules of
-paper 000 (Model composition with pseudo-labels), checked on hand-made tables."""
+"""fusion/labels.py and fusion/composition/rules.py: union label space, entropy filtering and
+the aggregation rules of paper 000 (Model composition with pseudo-labels), checked on hand-made
+tables."""
 
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from amalgam.fusion.composition import (
+from amalgam.fusion.composition.rules import (
     RULES,
     VOTE_RULES,
+    Rule,
     aggregate,
-    collect_union_probs,
     entropy_filter,
-    known_mask,
     normalized_entropy,
     restricted_fit,
+)
+from amalgam.fusion.labels import (
+    collect_union_probs,
+    known_mask,
     to_probs,
     to_union,
     union_classes,
@@ -336,3 +341,7 @@ def test_restricted_fit_differs_from_the_mean_when_class_sets_differ():
     assert (mean - q_star).abs().max() > 0.1
     assert (fit - q_star).abs().max() < 1e-3
     assert math.isclose(float(fit.sum()), 1.0, abs_tol=1e-5)
+
+
+def test_every_rule_a_job_may_name_is_registered_once_in_order():
+    assert tuple(RULES) == get_args(Rule)

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amalgam.fusion.consolidation.loss import as_logits, consolidation_loss, kd_loss
+from amalgam.fusion.consolidation.loss import consolidation_loss, kd_loss
 from amalgam.fusion.consolidation.student import MultiHeadStudent
 from amalgam.fusion.consolidation.trainer import ConsolidationConfig, consolidate, multitask_oracle
 from amalgam.fusion.data import Dataset
+from amalgam.fusion.labels import as_logits
 from amalgam.fusion.models import create_model
 from amalgam.fusion.transfer import (
     few_shot_draws,
@@ -125,13 +126,18 @@ def test_zero_generalist_weight_is_plain_multi_teacher_distillation():
     ("config", "message"),
     [
         (ConsolidationConfig(teacher_weights=[1.0]), "teacher_weights: 1 given for 2 teachers"),
-        (ConsolidationConfig(generalist_weight=-1.0), "non-negative"),
+        (ConsolidationConfig(teacher_weights=[-1.0, 1.0]), "non-negative"),
         (ConsolidationConfig(generalist_weight=0.0, teacher_weights=[0.0, 0.0]), "positive sum"),
     ],
 )
 def test_bad_loss_weights_name_the_problem(config, message):
     with pytest.raises(ValueError, match=message):
         config.loss_weights(2)
+
+
+def test_a_negative_generalist_weight_is_refused_by_the_config():
+    with pytest.raises(ValueError, match=r"generalist_weight\n.*greater than or equal to 0"):
+        ConsolidationConfig(generalist_weight=-1.0)
 
 
 def test_teacher_predictions_must_cover_the_proxy():
@@ -149,7 +155,7 @@ def test_multitask_oracle_learns_every_head_from_its_own_labels():
     config = ConsolidationConfig(
         generalist_weight=0.0, epochs=30, batch_size=16, backbone_lr=0.05, head_lr=0.2
     )
-    before = MultiHeadStudent(generalist, [2], config.seed).eval()
+    before = MultiHeadStudent(generalist, [2], 0).eval()
     result = multitask_oracle(generalist, [(x0, y0), (x1, y1)], config, progress=False)
     student = result.student
     torch.testing.assert_close(student.model.head.weight, generalist.head.weight, rtol=0, atol=0)

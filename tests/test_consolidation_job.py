@@ -10,17 +10,16 @@ import json
 import pytest
 import torch
 import yaml
-from parties import serving
 from safetensors.torch import load_file
 
 from amalgam.fusion.data import load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
-from amalgam.party.audit import AuditLog, read_records
-from amalgam.party.handler import PartyHandler
+from amalgam.party.audit import read_records
 from amalgam.protocol.loading import ConfigError
 from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
 from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.simulation.parties import local_party, serving
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -57,14 +56,9 @@ def _handlers(folder, models, expert_policy: Policy):
     generalist, expert = (copy.deepcopy(m) for m in models)
     general_policy = Policy(predict=PredictPolicy(output="logits"), weights=WeightsPolicy())
     return [
-        PartyHandler(
-            "general", generalist, GENERAL, (1, 8, 8), general_policy,
-            AuditLog(folder / "general.jsonl"),
-        ),
-        PartyHandler(
-            "expert", expert, EXPERT, (1, 8, 8), expert_policy, AuditLog(folder / "expert.jsonl")
-        ),
-    ]  # fmt: skip
+        local_party("general", generalist, GENERAL, (1, 8, 8), general_policy, folder),
+        local_party("expert", expert, EXPERT, (1, 8, 8), expert_policy, folder),
+    ]
 
 
 def _job(tmp_path, addresses: dict[str, str], params: dict, data: dict | None = None):

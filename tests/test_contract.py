@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from parties import CLASSES, INPUT_SHAPE, serving, tiny_handler
+from parties import CLASSES, INPUT_SHAPE, tiny_handler
 
-from amalgam.fusion.ot.cka import centered_gram
+from amalgam.fusion.activations import centered_gram
 from amalgam.fusion.teacher import Teacher
 from amalgam.party.audit import read_records, verify_chain
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
 from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy, WeightsPolicy
 from amalgam.server.remote import RemoteTeacher
+from amalgam.server.simulation.parties import serving
 
 
 class TeacherContract:

@@ -93,7 +93,7 @@ def test_every_compose_command_exists_with_its_flags():
 
 def test_compose_federation_is_what_amalgam_demo_prepares(tmp_path):
     """The files the services read are the ones `amalgam demo --prepare` writes."""
-    from amalgam.server.marketplace import prepare_federation
+    from amalgam.server.simulation.demo_parties import prepare_federation
 
     written = {p.relative_to(tmp_path) for p in prepare_federation(tmp_path)}
     text = (DEPLOY / "compose.yaml").read_text()

@@ -16,8 +16,9 @@ from amalgam.fusion.detection.aggregate import (
     aggregate_image,
     soft_nms,
 )
-from amalgam.fusion.detection.canvas import Detections, make_canvases
+from amalgam.fusion.detection.canvas import make_canvases
 from amalgam.fusion.detection.coco import _coco, evaluate_map, to_coco
+from amalgam.fusion.teacher import Detections
 
 
 def dets(*rows) -> Detections:
@@ -49,13 +50,17 @@ def test_two_models_agreeing_and_one_alone_under_each_rule():
     iou = float(box_iou(torch.tensor([A_BOX]).float(), torch.tensor([B_BOX]).float()))
     decayed_b = 0.8 * math.exp(-(iou**2) / 0.5)
     assert decayed_b < 0.3  # so Soft-NMS drops B's duplicate at final_score 0.3
-    unanimous = aggregate_image(per_model, ALL_KNOW, AggregationConfig(rule="unanimous"))
+    unanimous = aggregate_image(per_model, ALL_KNOW, AggregationConfig(detection_rule="unanimous"))
     assert rows(unanimous) == []  # K = 2 < N = 3 and K = 1 < 3
-    consensus = aggregate_image(per_model, ALL_KNOW, AggregationConfig(rule="consensus"))
+    consensus = aggregate_image(per_model, ALL_KNOW, AggregationConfig(detection_rule="consensus"))
     assert rows(consensus) == [((10, 10, 30, 40), 0, 0.9)]  # K = 2 >= 3/2; the lone one goes
-    affirmative = aggregate_image(per_model, ALL_KNOW, AggregationConfig(rule="affirmative"))
+    affirmative = aggregate_image(
+        per_model, ALL_KNOW, AggregationConfig(detection_rule="affirmative")
+    )
     assert rows(affirmative) == [((10, 10, 30, 40), 0, 0.9), ((50, 50, 60, 62), 0, 0.7)]
-    loose = AggregationConfig(rule="affirmative", final_score=0.1)  # the duplicate survives
+    loose = AggregationConfig(
+        detection_rule="affirmative", final_score=0.1
+    )  # the duplicate survives
     assert rows(aggregate_image(per_model, ALL_KNOW, loose))[1] == (
         (11, 11, 31, 41), 0, round(decayed_b, 4)
     )  # fmt: skip
@@ -65,21 +70,23 @@ def test_a_category_only_one_model_knows_is_kept_by_every_rule():
     knows = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)  # only m2: cat 1
     per_model = [dets(), dets(), dets((*FAR, 1, 0.6))]
     for rule in ("unanimous", "consensus", "affirmative"):
-        kept = aggregate_image(per_model, knows, AggregationConfig(rule=rule))
+        kept = aggregate_image(per_model, knows, AggregationConfig(detection_rule=rule))
         assert rows(kept) == [((50, 50, 60, 62), 1, 0.6)], rule
 
 
 def test_overlapping_boxes_of_different_categories_are_different_objects():
     per_model = [dets((*A_BOX, 0, 0.9)), dets((*B_BOX, 2, 0.8)), dets()]
     knows = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)  # N = 2 for both
-    kept = aggregate_image(per_model, knows, AggregationConfig(rule="consensus"))
+    kept = aggregate_image(per_model, knows, AggregationConfig(detection_rule="consensus"))
     assert rows(kept) == [((10, 10, 30, 40), 0, 0.9), ((11, 11, 31, 41), 2, 0.8)]  # no decay
-    assert rows(aggregate_image(per_model, knows, AggregationConfig(rule="unanimous"))) == []
+    assert (
+        rows(aggregate_image(per_model, knows, AggregationConfig(detection_rule="unanimous"))) == []
+    )
 
 
 def test_votes_count_distinct_models_not_boxes():
     per_model = [dets((*A_BOX, 0, 0.9), (*B_BOX, 0, 0.85)), dets(), dets()]  # one model, twice
-    kept = aggregate_image(per_model, ALL_KNOW, AggregationConfig(rule="consensus"))
+    kept = aggregate_image(per_model, ALL_KNOW, AggregationConfig(detection_rule="consensus"))
     assert rows(kept) == []  # K = 1 < 3/2
 
 
@@ -112,8 +119,8 @@ def test_aggregate_counts_what_each_stage_and_rule_kept():
 
 
 def test_unknown_rule_is_refused_by_name():
-    with pytest.raises(ValueError, match="rule: 'majority' is not one of"):
-        AggregationConfig(rule="majority")
+    with pytest.raises(ValueError, match=r"detection_rule\n.*'unanimous', 'consensus' or"):
+        AggregationConfig(detection_rule="majority")
 
 
 def test_coco_export_round_trips_through_pycocotools():

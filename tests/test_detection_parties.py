@@ -11,21 +11,22 @@ from contextlib import ExitStack
 import pytest
 import torch
 import yaml
-from parties import serving
 
 from amalgam.fusion.data import load_source
 from amalgam.fusion.detection.canvas import make_canvases
 from amalgam.fusion.detection.models import create_detector
 from amalgam.fusion.detection.train import fit_detector
-from amalgam.party.audit import AuditLog, read_records
+from amalgam.party.audit import read_records
 from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol._generated import party_pb2
 from amalgam.protocol.codec import CodecError, detections_from_proto, detections_to_proto
-from amalgam.protocol.schemas import JobSpec, Policy, PredictPolicy
+from amalgam.protocol.schemas import Policy, PredictPolicy
 from amalgam.server.job import connect, load_job, run_job
-from amalgam.server.methods import run_composition
+from amalgam.server.jobspec import JobSpec
+from amalgam.server.methods import METHODS
 from amalgam.server.remote import RemoteTeacher
+from amalgam.server.simulation.parties import local_party, serving
 
 SIZE = 48
 SKILLS = {"evens": ["0", "2", "4", "6", "8"], "low": ["0", "1", "2", "3", "4"]}
@@ -41,8 +42,8 @@ def _handler(folder, name, classes, canvases, policy: PredictPolicy, epochs=1) -
     torch.manual_seed(0)
     model = create_detector("frcnn", len(classes), size=SIZE, width=16, score_thresh=0.0)
     fit_detector(model, canvases.restrict(classes), epochs=epochs, batch_size=16, progress=False)
-    return PartyHandler(name, model, classes, (1, SIZE, SIZE), Policy(predict=policy, max_batch=20),
-                        AuditLog(folder / f"{name}.jsonl"))  # fmt: skip
+    policy = Policy(predict=policy, max_batch=20)
+    return local_party(name, model, classes, (1, SIZE, SIZE), policy, folder)
 
 
 def test_a_detection_party_answers_with_boxes_under_its_policy(tmp_path, canvases):
@@ -132,4 +133,4 @@ def test_a_job_that_mixes_detection_and_classification_parties_is_refused(tmp_pa
         "output_dir": str(tmp_path),
     })  # fmt: skip
     with pytest.raises(ValueError, match="parties: evens detect and the others classify"):
-        run_composition(spec, teachers, False, lambda m: None)
+        METHODS["composition"].run(spec, teachers, False, lambda m: None)

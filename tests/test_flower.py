@@ -12,7 +12,7 @@ from contextlib import ExitStack
 import pytest
 import torch
 import yaml
-from parties import serving, tiny_handler
+from parties import tiny_handler
 
 from amalgam.fusion.data import DIGIT_NAMES, load_source
 from amalgam.fusion.models import create_model
@@ -22,8 +22,9 @@ from amalgam.protocol._generated import party_pb2
 from amalgam.protocol.errors import PolicyDenied
 from amalgam.protocol.rpcs import REQUESTS, RESPONSES, STREAMING
 from amalgam.protocol.schemas import Policy, PredictPolicy
-from amalgam.server.flower import simulate
 from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.simulation.flower import simulate
+from amalgam.server.simulation.parties import serving
 
 pytestmark = pytest.mark.integration
 

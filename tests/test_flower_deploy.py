@@ -24,7 +24,7 @@ from amalgam.party.service import create_server
 from amalgam.protocol.schemas import Policy, PredictPolicy, TlsFiles
 from amalgam.protocol.tls import server_credentials, write_federation
 from amalgam.server.job import connect, load_job, run_job
-from amalgam.server.loopback import LoopbackFederation
+from amalgam.server.simulation.loopback import LoopbackFederation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

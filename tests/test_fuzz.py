@@ -14,11 +14,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parties import INPUT_SHAPE, serving, tiny_handler
+from parties import INPUT_SHAPE, tiny_handler
 
 from amalgam.protocol._generated import party_pb2, party_pb2_grpc
 from amalgam.protocol.codec import tensor_to_proto
 from amalgam.protocol.schemas import BnFeedbackPolicy, LayersPolicy, Policy, PredictPolicy
+from amalgam.server.simulation.parties import serving
 
 pytestmark = pytest.mark.integration
 

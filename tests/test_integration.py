@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import yaml
-from parties import serving
 from safetensors.torch import load_file
 
 from amalgam.fusion.data import load_source
@@ -16,7 +15,8 @@ from amalgam.party.audit import read_records, verify_chain
 from amalgam.party.config import load_party_config
 from amalgam.party.handler import PartyHandler
 from amalgam.server.job import connect, load_job, run_job
-from amalgam.server.marketplace import DEMO_PARTIES, demo_job, demo_party_config
+from amalgam.server.simulation.demo_parties import DEMO_PARTIES, demo_job, demo_party_config
+from amalgam.server.simulation.parties import serving
 
 pytestmark = pytest.mark.integration
 

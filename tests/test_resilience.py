@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from parties import serving, tiny_handler
+from parties import tiny_handler
 from safetensors.torch import save_file
 from torch import nn
 
@@ -27,9 +27,10 @@ from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
 from amalgam.party.audit import read_records
 from amalgam.protocol.schemas import Policy, PredictPolicy
-from amalgam.server.demo import PartyProcess
 from amalgam.server.job import connect, load_job, run_job
 from amalgam.server.roster import TooFewParties
+from amalgam.server.simulation.demo import PartyProcess
+from amalgam.server.simulation.parties import serving
 from amalgam.server.store import JobStore
 
 pytestmark = pytest.mark.integration

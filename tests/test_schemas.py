@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from amalgam.party.config import PartyConfig, load_party_config
 from amalgam.protocol.loading import ConfigError, load_yaml
-from amalgam.protocol.schemas import JobSpec, PredictPolicy
+from amalgam.protocol.schemas import PredictPolicy
+from amalgam.server.jobspec import JobSpec
 
 JOB = """\
 name: digits-demo

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from parties import INPUT_SHAPE, serving, tiny_handler
+from parties import INPUT_SHAPE, tiny_handler
 from safetensors.torch import save_file
 
 from amalgam.fusion.models import create_model
@@ -22,6 +22,7 @@ from amalgam.party.audit import read_records
 from amalgam.party.service import create_server
 from amalgam.protocol._generated import party_pb2, party_pb2_grpc
 from amalgam.protocol.codec import tensor_to_proto
+from amalgam.server.simulation.parties import serving
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ import json
 import pytest
 import torch
 import yaml
-from parties import serving, tiny_handler
+from parties import tiny_handler
 
 from amalgam.fusion.data import load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
-from amalgam.party.audit import AuditLog, read_records
-from amalgam.party.handler import PartyHandler
+from amalgam.party.audit import read_records
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.loading import ConfigError
 from amalgam.protocol.schemas import (
@@ -26,6 +25,7 @@ from amalgam.protocol.schemas import (
 )
 from amalgam.server.job import connect, load_job, run_job
 from amalgam.server.plan import plan
+from amalgam.server.simulation.parties import local_party, serving
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -44,8 +44,7 @@ def _party(folder, name: str, hidden: tuple[int, ...], shard: int, policy=SHARIN
     torch.manual_seed(shard)
     model = create_model("mlp", in_shape=(1, 8, 8), num_classes=10, hidden=hidden)
     fit(model, data.x, data.y, epochs=40, batch_size=32, progress=False)
-    audit = AuditLog(folder / f"{name}.jsonl")
-    return PartyHandler(name, model, DIGITS, (1, 8, 8), policy, audit, **kwargs)
+    return local_party(name, model, DIGITS, (1, 8, 8), policy, folder, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.amalgamation.scores import merge_entries, union
+from amalgam.fusion.amalgamation.scores import merge_entries
 from amalgam.fusion.amalgamation.student import build_student
 from amalgam.fusion.amalgamation.trainer import common_layout
-from amalgam.fusion.compose import TeacherMap, predict_all, relabel, sequential_map
-from amalgam.fusion.consolidation.loss import as_logits
 from amalgam.fusion.data import Dataset, fit_to_shape
-from amalgam.fusion.teacher import Teacher, TeacherInfo
+from amalgam.fusion.labels import as_logits, relabel, union_classes
+from amalgam.fusion.teacher import Teacher, TeacherInfo, TeacherMap, predict_all, sequential_map
 from amalgam.fusion.train import accuracy, predict_logits
 
 
@@ -60,7 +59,7 @@ def amalgamation_rows(
     ``<student>:part<k>``: the student on teacher k's images, choosing among teacher k's
     entries as the teacher does (k from 1, in the order of ``teachers``)."""
     infos = [t.info for t in teachers]
-    classes = union([info.class_names for info in infos])
+    classes = union_classes([info.class_names for info in infos])
     x, y = relabel(test, classes)
     x = fit_to_shape(x, tuple(infos[0].input_shape))
     released = map_teachers(lambda t: predict_all(t, x, infos.index(t.info), progress), teachers)

@@ -5,6 +5,7 @@ in training and merged at test time."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -12,6 +13,7 @@ from torch import Tensor
 from amalgam.fusion.amalgamation.autoencoder import half_squared_error
 from amalgam.fusion.train import soft_cross_entropy
 
+ScoreTarget = Literal["per_teacher", "concat", "logits"]  # the keys of TARGETS
 # what the student learns from the concatenated score vectors
 TARGETS = {
     "per_teacher": "each teacher's softmax, concatenated and divided by N: one distribution",
@@ -23,11 +25,6 @@ TARGETS = {
 def entries(class_names: Sequence[Sequence[str]]) -> list[str]:
     """The class of every column of the concatenated score vector, teacher after teacher."""
     return [name for names in class_names for name in names]
-
-
-def union(class_names: Sequence[Sequence[str]]) -> list[str]:
-    """Every class once, in the order of first appearance."""
-    return list(dict.fromkeys(entries(class_names)))
 
 
 def merge_entries(scores: Tensor, entry_classes: Sequence[str], classes: Sequence[str]) -> Tensor:

@@ -5,7 +5,6 @@ parameter learning (paper 004, Eq. 3)."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,9 +12,6 @@ import torch
 from torch import Tensor, nn
 
 from amalgam.fusion.models import VGG, create_model
-
-_CONV = re.compile(r"^stages\.(\d+)\.(\d+)\.bn$")
-_FC = re.compile(r"^fc\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -32,25 +28,15 @@ class Layout:
     @classmethod
     def from_layer_names(cls, names: Sequence[str]) -> Layout:
         """Parse the layers a ``vgg_cnn`` party releases (its policy may list more)."""
-        convs = {(int(m[1]), int(m[2])) for n in names if (m := _CONV.match(n))}
-        if not convs:
-            raise ValueError("releases no vgg_cnn conv layer (stages.<s>.<j>.bn)")
-        stages = [
-            1 + max((j for s, j in convs if s == stage), default=0)  # a stage has a layer
-            for stage in range(1 + max(s for s, _ in convs))
-        ]
-        expected = {(s, j) for s, count in enumerate(stages) for j in range(count)}
-        if convs != expected:
-            missing = sorted(expected - convs)[0]
-            raise ValueError(f"does not release layer stages.{missing[0]}.{missing[1]}.bn")
-        linear = sorted(int(m.group(1)) for n in names if (m := _FC.match(n)))
-        fc = sum(1 for index in linear if index % 2 == 1)  # fc.0 Flatten, then Linear, ReLU
-        return cls(tuple(stages), fc)
+        try:
+            stages, fc = VGG.depth_of(names)
+        except ValueError as missing:
+            raise ValueError(f"does not release {missing}") from None
+        return cls(stages, fc)
 
     @property
     def layers(self) -> list[str]:
-        convs = [f"stages.{s}.{j}.bn" for s, count in enumerate(self.stages) for j in range(count)]
-        return convs + [f"fc.{1 + 2 * k}" for k in range(self.fc)]
+        return VGG.feature_layers(self.stages, self.fc)
 
 
 def student_width(teacher_widths: Sequence[int], scale: float) -> int:
@@ -119,8 +105,7 @@ def layer_steps(student: VGG) -> list[LayerStep]:
             after = [block.relu] + ([student.pool] if j == len(stage) - 1 else [])
             units.append(([block.conv, block.bn], block.adapt, after))
     units[-1][2].append(student.fc[0])  # flatten before the first linear layer (or the head)
-    for k in range(len(student.fc_widths)):
-        linear, adapt, relu = student.fc[1 + 3 * k : 4 + 3 * k]
+    for linear, adapt, relu in student.hidden_fc():
         units.append(([linear], adapt, [relu]))
     steps, before = [], []
     for target, (body, adapt, after) in zip(layout.layers, units, strict=True):
@@ -152,9 +137,7 @@ def fold_adaptation(student: VGG) -> VGG:
             target.conv.weight.copy_(torch.einsum("oc,cikl->oikl", mix, weight))
             target.conv.bias.copy_(mix @ bias + block.adapt.bias)
             target.bn.running_var.fill_(1.0 - target.bn.eps)  # BatchNorm: the identity
-    for k in range(len(student.fc_widths)):
-        linear, adapt = student.fc[1 + 3 * k], student.fc[2 + 3 * k]
-        target = plain.fc[1 + 2 * k]
+    for (linear, adapt, _), (target, _) in zip(student.hidden_fc(), plain.hidden_fc(), strict=True):
         target.weight.copy_(adapt.weight @ linear.weight)
         target.bias.copy_(adapt.weight @ linear.bias + adapt.bias)
     plain.head.load_state_dict(student.head.state_dict())

@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from amalgam.fusion.amalgamation.autoencoder import (
@@ -18,7 +20,13 @@ from amalgam.fusion.amalgamation.autoencoder import (
     mean_energy,
 )
 from amalgam.fusion.amalgamation.features import FeatureCache
-from amalgam.fusion.amalgamation.scores import TARGETS, entries, score_loss, score_targets
+from amalgam.fusion.amalgamation.scores import (
+    TARGETS,
+    ScoreTarget,
+    entries,
+    score_loss,
+    score_targets,
+)
 from amalgam.fusion.amalgamation.student import (
     LayerStep,
     Layout,
@@ -27,45 +35,32 @@ from amalgam.fusion.amalgamation.student import (
     layer_steps,
     student_width,
 )
-from amalgam.fusion.compose import TeacherMap, predict_all, sequential_map
-from amalgam.fusion.consolidation.loss import as_logits
+from amalgam.fusion.config import Config
 from amalgam.fusion.data import fit_to_shape
+from amalgam.fusion.labels import as_logits
 from amalgam.fusion.models import VGG
-from amalgam.fusion.teacher import Teacher, TeacherInfo
-from amalgam.fusion.train import fit
+from amalgam.fusion.teacher import Teacher, TeacherInfo, TeacherMap, predict_all, sequential_map
+from amalgam.fusion.train import StudentConfig, fit
 
 # the distillation baselines (paper 004, Table 1 "Baseline"): the student's architecture from
 # scratch on the score vectors alone, with either target
 BASELINES = {"kd_concat_softmax": "concat", "kd_per_teacher": "per_teacher"}
 
 
-@dataclass(frozen=True)
-class AmalgamationConfig:
-    """Parameters of :func:`amalgamate` (the job's ``method.params`` and ``student``).
+class AmalgamationConfig(Config):
+    """Knowledge amalgamation (paper 004, Algorithm 1): the teachers' features amalgamated
+    layer by layer into a ``vgg_cnn`` student, then joint learning on their score vectors
+    with the student's schedule (:class:`amalgam.fusion.train.StudentConfig`)."""
 
-    scheme : dfa | ifa, how features of more than two teachers are amalgamated.
-    score_target : per_teacher | concat | logits (:data:`.scores.TARGETS`).
-    temperature : T of the softmax targets.
-    width_scale : student width per layer, see :func:`student.student_width`.
-    feature_samples : unlabeled images whose features are fetched for the layer-wise stage.
-    autoencoder_epochs, layer_epochs : of each auto-encoder and of each layer-wise step.
-    epochs, batch_size, lr, weight_decay : of joint learning (and the baselines); Adam with a
-        cosine schedule.
-    """
-
-    scheme: str = "dfa"
-    score_target: str = "per_teacher"
-    temperature: float = 2.0
-    width_scale: float = 0.9
-    feature_samples: int = 2000
-    autoencoder_epochs: int = 5
-    layer_epochs: int = 20
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    seed: int = 0
-    baselines: bool = True
+    scheme: Literal["dfa", "ifa"] = "dfa"  # all teachers' features at once, or two at a time
+    # per_teacher: each teacher's softmax, concatenated and divided by N; concat: one softmax
+    # over the concatenated logits; logits: the squared error of Eq. 5 on the logits
+    score_target: ScoreTarget = "per_teacher"
+    temperature: float = Field(2.0, gt=0)  # T of the softmax targets
+    width_scale: float = Field(0.9, gt=0)  # student width: scale * sqrt(sum of C_i^2)
+    feature_samples: int = Field(2000, ge=2)  # images of the unlabeled set whose features move
+    autoencoder_epochs: int = Field(5, ge=0)  # after the PCA start (the optimum of a linear AE)
+    layer_epochs: int = Field(20, ge=1)  # of each layer-wise step
 
 
 @dataclass
@@ -147,16 +142,19 @@ def learn_layer_wise(
     features: Sequence[dict[str, Tensor]],
     scores: Tensor,
     config: AmalgamationConfig,
+    training: StudentConfig,
     *,
+    seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, object]:
     """Lines 1-7 of Algorithm 1, then the head: for every layer, amalgamate the teachers'
     features ``features[i][layer]`` on the (t, C, H, W) images ``x`` and train the student's
     step from the previous amalgamated features (the images for the first layer); the head
-    learns the (t, E) targets ``scores`` from the last ones. Returns each layer's losses."""
-    train = dict(batch_size=config.batch_size, lr=config.lr, seed=config.seed, progress=progress)
-    autoencoder = AutoencoderConfig(config.autoencoder_epochs, config.batch_size, 1e-3, config.seed)
+    learns the (t, E) targets ``scores`` from the last ones, with the batch size, learning rate
+    and weight decay of ``training``. Returns each layer's losses."""
+    train = dict(batch_size=training.batch_size, lr=training.lr, seed=seed, progress=progress)
+    autoencoder = AutoencoderConfig(config.autoencoder_epochs, training.batch_size, 1e-3, seed)
     steps = layer_steps(student)
     losses: dict[str, object] = {}
     previous = x
@@ -196,7 +194,7 @@ def learn_layer_wise(
         previous,
         scores,
         epochs=config.layer_epochs,
-        weight_decay=config.weight_decay,
+        weight_decay=training.weight_decay,
         desc="layer scores",
         loss=score_loss(config.score_target, config.temperature),
         **train,
@@ -209,15 +207,19 @@ def amalgamate(
     teachers: Sequence[Teacher],
     x: Tensor,
     config: AmalgamationConfig,
+    training: StudentConfig,
     cache: FeatureCache,
     *,
+    seed: int = 0,
+    baselines: bool = True,
     map_teachers: TeacherMap = sequential_map,
     progress: bool = True,
     log: Callable[[str], None] = print,
     checkpoints: Callable | None = None,
 ) -> AmalgamationResult:
     """One student for the union of the teachers' classes from (N, C, H, W) unlabeled images
-    in [0, 1] (paper 004, Algorithm 1)."""
+    in [0, 1] (paper 004, Algorithm 1); joint learning and the ``baselines`` train on the
+    schedule of ``training`` (its ``arch`` is ignored: the student is a ``vgg_cnn``)."""
     infos = [t.info for t in teachers]
     layout = common_layout(infos)
     shape = tuple(infos[0].input_shape)
@@ -229,7 +231,7 @@ def amalgamate(
         as_logits(out, info.output_form, len(info.class_names))
         for out, info in zip(released, infos, strict=True)
     ]  # each (N, K_i)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(x), generator=generator)[: config.feature_samples].sort().values
     x_features = x[index]  # (t, C, H, W)
     log(f"amalgamate: features of {len(layout.layers)} layers on {len(index)} images")
@@ -244,15 +246,17 @@ def amalgamate(
     entry_classes = entries([info.class_names for info in infos])
 
     def new_student() -> VGG:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(seed)
         student_widths = [widths[layer]["student"] for layer in layout.layers]
         return build_student(layout, student_widths, shape, len(entry_classes))
 
     student = new_student()
     form, temperature = config.score_target, config.temperature
     scores = score_targets([z[index] for z in logits], form, temperature)
-    losses = learn_layer_wise(student, x_features, features, scores, config, progress=progress,
-                              log=log)  # fmt: skip
+    losses = learn_layer_wise(
+        student, x_features, features, scores, config, training, seed=seed, progress=progress,
+        log=log,
+    )  # fmt: skip
     layerwise = copy.deepcopy(student).eval()
 
     def distil(model: VGG, target: str, name: str) -> list[float]:
@@ -262,11 +266,11 @@ def amalgamate(
             model,
             x,
             score_targets(logits, target, temperature),
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            seed=config.seed,
+            epochs=training.epochs,
+            batch_size=training.batch_size,
+            lr=training.lr,
+            weight_decay=training.weight_decay,
+            seed=seed,
             desc=name,
             progress=progress,
             loss=score_loss(target, temperature),
@@ -274,11 +278,11 @@ def amalgamate(
         )
 
     losses["joint"] = distil(student, form, "joint")
-    baselines = {}
-    for name, target in BASELINES.items() if config.baselines else ():
-        baselines[name] = new_student()
-        losses[name] = distil(baselines[name], target, name)
-    folded = {name: fold_adaptation(model) for name, model in baselines.items()}
+    trained = {}
+    for name, target in BASELINES.items() if baselines else ():
+        trained[name] = new_student()
+        losses[name] = distil(trained[name], target, name)
+    folded = {name: fold_adaptation(model) for name, model in trained.items()}
     return AmalgamationResult(
         fold_adaptation(layerwise), fold_adaptation(student), folded, entry_classes, widths, losses
     )

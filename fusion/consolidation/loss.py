@@ -8,17 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from amalgam.fusion.composition import to_probs
-
-
-def as_logits(outputs: Tensor, form: str, num_classes: int) -> Tensor:
-    """Released predictions as (B, K) logits: logits as they are, probabilities (``probs``,
-    ``topk``, one-hot ``label``) as log-probabilities, which have the same softmax at any
-    temperature for logits and sharpen or soften the released distribution alike otherwise."""
-    if form == "logits":
-        return outputs.float()
-    return to_probs(outputs, form, num_classes).clamp_min(1e-12).log()
-
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``-sum_c p_t^(c) log p_s^(c)`` with ``p = softmax(z / T)``, averaged over the batch

@@ -9,39 +9,31 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from amalgam.fusion.config import Config
 from amalgam.fusion.consolidation.loss import consolidation_loss
 from amalgam.fusion.consolidation.student import MultiHeadStudent
 from amalgam.fusion.models import Classifier
+from amalgam.fusion.progress import progress_bar
 from amalgam.fusion.train import predict_logits
 
 
-@dataclass
-class ConsolidationConfig:
-    """Defaults are paper 001's (section 2, Appendix A) except the number of epochs.
+class ConsolidationConfig(Config):
+    """Representation consolidation's training (paper 001, section 2 and Appendix A); the
+    defaults are the paper's except the number of epochs."""
 
-    Attributes
-    ----------
-    generalist_weight : lambda_0; 0 gives traditional multi-teacher distillation.
-    teacher_weights : lambda_1..lambda_N; None: 1/N each.
-    temperature : T of the KD loss.
-    backbone_lr, head_lr : SGD learning rates of phi_s and of every head h_s^i.
-    freeze_batchnorm : keep the BatchNorm running statistics of the generalist.
-    """
-
-    generalist_weight: float = 1.0
-    teacher_weights: list[float] | None = None
-    temperature: float = 2.0
-    epochs: int = 2
-    batch_size: int = 32
-    backbone_lr: float = 1e-3
-    head_lr: float = 1e-2
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    freeze_batchnorm: bool = True
-    seed: int = 0
+    generalist_weight: float = Field(1.0, ge=0)  # lambda_0 of Eq. 1; 0: plain distillation
+    teacher_weights: list[float] | None = None  # lambda_1..lambda_N per teacher; None: 1/N each
+    temperature: float = Field(2.0, gt=0)  # T of the KD loss
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=2)
+    backbone_lr: float = Field(1e-3, gt=0)  # SGD of phi_s; decay x0.1 at 50% and 80%
+    head_lr: float = Field(1e-2, gt=0)  # SGD of every head h_s^i
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    freeze_batchnorm: bool = True  # keep the generalist's BatchNorm running statistics
 
     def loss_weights(self, teachers: int) -> list[float]:
         """``[lambda_0, lambda_1, ..., lambda_N]``; raises ``ValueError`` naming the field."""
@@ -89,6 +81,7 @@ def _optimiser(student: MultiHeadStudent, config: ConsolidationConfig, steps_per
 def _train(
     student: MultiHeadStudent,
     config: ConsolidationConfig,
+    seed: int,
     size: int,
     batch_loss: Callable[[Tensor], Tensor],
     desc: str,
@@ -97,9 +90,9 @@ def _train(
     """``config.epochs`` passes over ``size`` samples in seeded random batches of indices;
     ``batch_loss(index)`` gives the loss of one batch. Returns the mean loss of each epoch."""
     optimiser, schedule = _optimiser(student, config, -(-size // config.batch_size))
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    bar = tqdm(range(config.epochs), desc=desc, unit="epoch", disable=None if progress else True)
+    bar = progress_bar(desc=desc, unit="epoch", show=progress, iterable=range(config.epochs))
     for epoch in bar:
         student.train()
         if config.freeze_batchnorm:
@@ -132,6 +125,7 @@ def consolidate(
     proxy: Tensor,
     teacher_logits: Sequence[Tensor],
     config: ConsolidationConfig | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> ConsolidationResult:
     """Distil the generalist and the task-specific teachers into one multi-head student.
@@ -141,7 +135,7 @@ def consolidate(
     generalist : phi_t^0 with head h_t^0; the student's backbone and head 0 start from it.
     proxy : (P, C, H, W) unlabeled proxy images, already in the generalist's input form.
     teacher_logits : one (P, K_i) tensor per task-specific teacher on ``proxy`` (see
-        :func:`.loss.as_logits` for teachers that release probabilities).
+        :func:`amalgam.fusion.labels.as_logits` for released probabilities).
     """
     config = config or ConsolidationConfig()
     weights = config.loss_weights(len(teacher_logits))
@@ -151,13 +145,13 @@ def consolidate(
                 f"teacher {i}: {logits.shape[0]} predictions for {len(proxy)} proxy images"
             )
     targets = [predict_logits(generalist, proxy), *teacher_logits]  # [(P, K_i)] * (N + 1)
-    student = MultiHeadStudent(generalist, [t.shape[1] for t in teacher_logits], config.seed)
+    student = MultiHeadStudent(generalist, [t.shape[1] for t in teacher_logits], seed)
 
     def batch_loss(index: Tensor) -> Tensor:
         outputs = student(proxy[index])
         return consolidation_loss(outputs, [t[index] for t in targets], weights, config.temperature)
 
-    losses = _train(student, config, len(proxy), batch_loss, "consolidate", progress)
+    losses = _train(student, config, seed, len(proxy), batch_loss, "consolidate", progress)
     return ConsolidationResult(student, losses)
 
 
@@ -165,6 +159,7 @@ def multitask_oracle(
     generalist: Classifier,
     tasks: Sequence[tuple[Tensor, Tensor]],
     config: ConsolidationConfig | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> ConsolidationResult:
     """The multi-task learning oracle of paper 001 (section 3, baseline 6): the same student,
@@ -181,8 +176,8 @@ def multitask_oracle(
     config = config or ConsolidationConfig()
     weights = config.loss_weights(len(tasks) - 1)
     classes = [int(y.max()) + 1 for _, y in tasks[1:]]
-    student = MultiHeadStudent(generalist, classes, config.seed)
-    generator = torch.Generator().manual_seed(config.seed + 1)
+    student = MultiHeadStudent(generalist, classes, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
     orders = [torch.randperm(len(y), generator=generator) for _, y in tasks]
     cursor = [0] * len(tasks)
 
@@ -202,5 +197,7 @@ def multitask_oracle(
         ]
         return torch.stack(terms).sum()
 
-    losses = _train(student, config, len(tasks[0][1]), batch_loss, "multi-task oracle", progress)
+    losses = _train(
+        student, config, seed, len(tasks[0][1]), batch_loss, "multi-task oracle", progress
+    )
     return ConsolidationResult(student, losses)

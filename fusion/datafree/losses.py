@@ -8,29 +8,10 @@ logits and receives the input gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch.nn.functional as F
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class GeneratorObjective:
-    """Weights of the teacher-side generator loss (Eq. 3, 5, 6).
-
-    ``total = bn * L_BN + instance_entropy * E[H(T(x))] - batch_entropy * H(E[T(x)])
-    - adversarial * KL(T(x) || A(x))`` at ``temperature`` for the KL term.
-    """
-
-    bn: float = 1.0
-    instance_entropy: float = 0.0
-    batch_entropy: float = 0.0
-    adversarial: float = 0.0
-    temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+from amalgam.fusion.teacher import GeneratorObjective
 
 
 def softened_kl(teacher_logits: Tensor, other_logits: Tensor, temperature: float = 1.0) -> Tensor:

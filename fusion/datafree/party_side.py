@@ -10,14 +10,38 @@ samples.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import uuid
 
 import torch
-from tqdm.auto import tqdm
+from pydantic import model_validator
 
-from amalgam.fusion.datafree.trainer import DataFreeFusion, DataFreeResult, warmup_steps
+from amalgam.fusion.datafree.trainer import (
+    VARIANTS,
+    DataFreeConfig,
+    DataFreeFusion,
+    DataFreeResult,
+    warmup_steps,
+)
+from amalgam.fusion.progress import progress_bar
+
+
+class SynthesisParams(DataFreeConfig):
+    """What a party needs to train its own generator (and assistant): the run's
+    hyper-parameters, the assistant's architecture and the seed (the ``SynthesisParams`` of a
+    ``Synthesize`` request). Only variants that do not play against the student run there."""
+
+    student_arch: str = "small_cnn"  # the assistant's architecture: the student's
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _runs_without_the_student(self) -> SynthesisParams:
+        if VARIANTS[self.variant].adversary == "student":
+            raise ValueError(
+                f"variant {self.variant!r} plays against the student, which stays at the "
+                "coordinator; run it in coordinator mode"
+            )
+        return self
 
 
 class PartySideFusion(DataFreeFusion):
@@ -28,23 +52,22 @@ class PartySideFusion(DataFreeFusion):
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {rounds}")
         self.rounds = rounds
-        self.session = f"{config.variant}-{config.seed}-{uuid.uuid4().hex[:8]}"
+        self.session = f"{config.variant}-{self.seed}-{uuid.uuid4().hex[:8]}"
 
     def run(self, checkpoints: int = 4) -> DataFreeResult:
         c, teachers = self.config, self.teachers
-        params = dataclasses.asdict(c)
+        params = SynthesisParams(
+            **c.model_dump(include=set(DataFreeConfig.model_fields)),
+            student_arch=self.student_arch,
+            seed=self.seed,
+        ).model_dump()
         per_round = math.ceil(c.iterations / self.rounds)
         per_generator = max(2, c.batch_size // len(teachers))
         pool = per_round * c.student_steps * per_generator  # images per party per round
         frozen = self.variant.freeze_after_warmup
         generator_queries = [0] * len(teachers)
         samples, every = [], max(1, self.rounds // max(1, checkpoints))
-        bar = tqdm(
-            total=self.rounds,
-            desc=f"{c.variant} (party-side)",
-            disable=None if self.progress else True,
-            leave=False,
-        )
+        bar = progress_bar(self.rounds, f"{c.variant} (party-side)", show=self.progress)
         for r in range(self.rounds):
             steps = (warmup_steps(c) if r == 0 else 0) + (0 if frozen else per_round)
             made = self.map_teachers(

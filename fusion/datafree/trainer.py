@@ -27,63 +27,59 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from amalgam.fusion.config import Config
 from amalgam.fusion.datafree.generator import Generator, augment
-from amalgam.fusion.datafree.losses import GeneratorObjective, batch_entropy, kd_kl, softened_kl
+from amalgam.fusion.datafree.losses import batch_entropy, kd_kl, softened_kl
+from amalgam.fusion.labels import as_logits
 from amalgam.fusion.models import Classifier, create_model
-from amalgam.fusion.teacher import Teacher
-
-TeacherMap = Callable[[Callable[[Teacher], Tensor], Sequence[Teacher]], list[Tensor]]
+from amalgam.fusion.progress import progress_bar
+from amalgam.fusion.teacher import GeneratorObjective, Teacher, TeacherMap, sequential_map
 
 
 @dataclass(frozen=True)
-class Variant:
+class Losses:
+    """What one variant trains with (paper Table 1)."""
+
     fidelity: GeneratorObjective  # teacher-side terms, before the alpha weighting of Eq. 6
     adversary: str | None  # "assistant", "student" or None
     freeze_after_warmup: bool = False
 
 
 FIDELITY = GeneratorObjective(bn=1.0, instance_entropy=1.0, batch_entropy=1.0)
-VARIANTS: dict[str, Variant] = {
-    "dfmf": Variant(FIDELITY, "assistant"),
-    "dfq": Variant(FIDELITY, "student"),
-    "dfq_no_adv": Variant(FIDELITY, None, freeze_after_warmup=True),
-    "dafl": Variant(GeneratorObjective(bn=0.0, instance_entropy=1.0, batch_entropy=5.0), None),
-    "zskt": Variant(GeneratorObjective(bn=0.0), "student"),
+VARIANTS: dict[str, Losses] = {
+    "dfmf": Losses(FIDELITY, "assistant"),
+    "dfq": Losses(FIDELITY, "student"),
+    "dfq_no_adv": Losses(FIDELITY, None, freeze_after_warmup=True),
+    "dafl": Losses(GeneratorObjective(bn=0.0, instance_entropy=1.0, batch_entropy=5.0), None),
+    "zskt": Losses(GeneratorObjective(bn=0.0), "student"),
 }
+Variant = Literal["dfmf", "dfq", "dfq_no_adv", "dafl", "zskt"]  # the keys of VARIANTS
 
 
-@dataclass(frozen=True)
-class DataFreeConfig:
-    """Hyper-parameters (paper Sec. 4 defaults scaled to small CPU runs)."""
+class DataFreeConfig(Config):
+    """Data-free fusion with generator assistants (paper 003, Algorithm 1) or a baseline;
+    paper Sec. 4's settings scaled to small CPU runs."""
 
-    variant: str = "dfmf"  # a key of VARIANTS
-    student_arch: str = "small_cnn"
-    assistant_arch: str | None = None  # None: the student's architecture
-    warmup: int = 100  # generator warm-up steps with the fidelity loss only (per generator)
-    iterations: int = 300  # main-loop iterations (N x M)
-    student_steps: int = 10  # M_S: student updates per iteration (the paper's 10)
-    batch_size: int = 128  # B: samples per generator step; the student sees B // K per generator
-    latent_dim: int = 100
-    generator_width: int = 32
-    alpha: float = 0.1  # weight of the fidelity loss in Eq. 6
-    temperature: float = 3.0  # tau of the KD and adversarial divergences
-    lr_generator: float = 1e-3
-    lr_student: float = 0.05  # SGD with Nesterov momentum and a cosine schedule (students, GAs)
-    augment_shift: int = 2  # random translation of generated images, pixels
-    collapse_entropy: float = 0.5  # batch entropy / log K below this for many steps: warn
-    collapse_patience: int = 50
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(
-                f"unknown data-free variant {self.variant!r}; known: {', '.join(VARIANTS)}"
-            )
+    variant: Variant = "dfmf"  # the paper's method, or a baseline of its Table 1
+    warmup: int = Field(200, ge=0)  # generator warm-up steps, fidelity loss only (per generator)
+    iterations: int = Field(1000, ge=1)  # main-loop iterations (N x M)
+    student_steps: int = Field(10, ge=1)  # M_S: student updates per iteration
+    batch_size: int = Field(128, ge=2)  # B: samples per generator step; the student sees B // K
+    latent_dim: int = Field(100, ge=1)
+    generator_width: int = Field(32, ge=1)
+    alpha: float = Field(0.1, ge=0)  # weight of the fidelity loss in Eq. 6
+    temperature: float = Field(3.0, gt=0)  # tau of the KD and adversarial divergences
+    lr_generator: float = Field(1e-3, gt=0)
+    lr_student: float = Field(0.05, gt=0)  # SGD, Nesterov, cosine (student and assistants)
+    augment_shift: int = Field(2, ge=0)  # random translation of generated images, pixels
+    collapse_entropy: float = Field(0.5, ge=0, le=1)  # batch entropy / log K below this ...
+    collapse_patience: int = Field(50, ge=1)  # ... for this many steps: warn of a collapse
 
 
 def warmup_steps(config: DataFreeConfig) -> int:
@@ -105,16 +101,6 @@ class DataFreeResult:
     queries: dict[str, int] = field(default_factory=dict)  # samples sent to each teacher
 
 
-def as_logits(outputs: Tensor, form: str) -> Tensor:
-    """Released logits as they are; released probabilities as log-probabilities (softmax of
-    either at any temperature gives the same distribution up to a constant shift)."""
-    if form == "logits":
-        return outputs.float()
-    if form == "probs":
-        return outputs.float().clamp_min(1e-8).log()
-    raise ValueError(f"data-free fusion needs logits or probs from the teachers, got {form!r}")
-
-
 def _agreement(votes: Tensor) -> float:
     """Fraction of samples on which every row of ``votes`` (M, B) names the same class.
 
@@ -122,10 +108,6 @@ def _agreement(votes: Tensor) -> float:
     generated samples says that they lie off the data the teachers learnt from.
     """
     return (votes == votes[0]).all(dim=0).float().mean().item()
-
-
-def _sequential(fn: Callable[[Teacher], Tensor], teachers: Sequence[Teacher]) -> list[Tensor]:
-    return [fn(t) for t in teachers]
 
 
 def sgd(model: nn.Module, config: DataFreeConfig):
@@ -168,6 +150,7 @@ class GeneratorTrainer:
         index: int,
         history: History,
         rng: torch.Generator,
+        assistant_arch: str = "small_cnn",
     ) -> None:
         self.teacher, self.config, self.index = teacher, config, index
         self.variant = VARIANTS[config.variant]
@@ -180,8 +163,9 @@ class GeneratorTrainer:
         )
         self.assistant: Classifier | None = None
         if self.variant.adversary == "assistant":
-            arch = config.assistant_arch or config.student_arch
-            self.assistant = create_model(arch, in_shape=in_shape, num_classes=self.num_classes)
+            self.assistant = create_model(
+                assistant_arch, in_shape=in_shape, num_classes=self.num_classes
+            )
             self.assistant_opt, self.assistant_sched = sgd(self.assistant, config)
         self.queries = 0
         self._low_entropy_steps = 0
@@ -272,13 +256,16 @@ class GeneratorTrainer:
 
 
 class DataFreeFusion:
-    """One run of a variant over ``teachers``; :meth:`run` returns the trained student."""
+    """One run of a variant over ``teachers``; :meth:`run` returns the trained student, a
+    ``student_arch`` (the assistants share its architecture), seeded by ``seed``."""
 
     def __init__(
         self,
         teachers: Sequence[Teacher],
         config: DataFreeConfig,
-        map_teachers: TeacherMap = _sequential,
+        student_arch: str = "small_cnn",
+        seed: int = 0,
+        map_teachers: TeacherMap = sequential_map,
         progress: bool = True,
         log: Callable[[str], None] = lambda message: None,
         own_generators: bool = True,
@@ -286,22 +273,31 @@ class DataFreeFusion:
         classes = {t.info.class_names for t in teachers}
         if len(classes) != 1:
             raise ValueError("data-free fusion needs teachers over the same classes, in order")
+        forms = {t.info.name: t.info.output_form for t in teachers}
+        for name, form in forms.items():
+            if form not in ("logits", "probs"):
+                raise ValueError(
+                    f"party {name}: data-free fusion needs logits or probs, it releases {form!r}"
+                )
         self.teachers = list(teachers)
-        self.config = config
+        self.config, self.student_arch, self.seed = config, student_arch, seed
         self.variant = VARIANTS[config.variant]
         self.map_teachers = map_teachers
         self.progress = progress
-        torch.manual_seed(config.seed)
-        self.rng = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(seed)
+        self.rng = torch.Generator().manual_seed(seed)
         self.history = History(log)
         self.trainers = (
-            [GeneratorTrainer(t, config, k, self.history, self.rng) for k, t in enumerate(teachers)]
+            [
+                GeneratorTrainer(t, config, k, self.history, self.rng, student_arch)
+                for k, t in enumerate(teachers)
+            ]
             if own_generators
             else []
         )
         in_shape = tuple(teachers[0].info.input_shape)
         self.student = create_model(
-            config.student_arch, in_shape=in_shape, num_classes=len(next(iter(classes)))
+            student_arch, in_shape=in_shape, num_classes=len(next(iter(classes)))
         )
         self.student_opt, self.student_sched = sgd(self.student, config)
         self.student_queries = {t.info.name: 0 for t in teachers}
@@ -317,7 +313,8 @@ class DataFreeFusion:
     def student_targets(self, x: Tensor) -> Tensor:
         """The teachers' averaged soft labels at temperature tau (Eq. 1, w_k = 1 / K)."""
         logits = self.map_teachers(
-            lambda t: as_logits(t.predict(x), t.info.output_form), self.teachers
+            lambda t: as_logits(t.predict(x), t.info.output_form, len(t.info.class_names)),
+            self.teachers,
         )
         for teacher in self.teachers:
             self.student_queries[teacher.info.name] += len(x)
@@ -343,7 +340,7 @@ class DataFreeFusion:
 
     def snapshot(self, count: int = 16) -> list[Tensor]:
         """``count`` samples of every generator, (count, C, H, W) each."""
-        rng = torch.Generator().manual_seed(self.config.seed + 1)
+        rng = torch.Generator().manual_seed(self.seed + 1)
         return [trainer.sample(count, rng) for trainer in self.trainers]
 
     def result(self, samples: list[list[Tensor]], generator_queries: list[int]) -> DataFreeResult:
@@ -366,11 +363,8 @@ class DataFreeFusion:
         updates; ``checkpoints`` sample snapshots are kept along the way."""
         c = self.config
         samples = [self.snapshot()]
-        bar = tqdm(
-            total=len(self.teachers) * warmup_steps(c) + c.iterations,
-            desc=c.variant,
-            disable=None if self.progress else True,
-            leave=False,
+        bar = progress_bar(
+            len(self.teachers) * warmup_steps(c) + c.iterations, c.variant, show=self.progress
         )
         for trainer in self.trainers:  # warm-up: fidelity only
             for _ in range(warmup_steps(c)):

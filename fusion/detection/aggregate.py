@@ -20,39 +20,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
+from pydantic import Field
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from amalgam.fusion.detection.canvas import Detections
+from amalgam.fusion.config import Config
+from amalgam.fusion.teacher import Detections
 
-RULES = ("unanimous", "consensus", "affirmative")
+DetectionRule = Literal["unanimous", "consensus", "affirmative"]
+RULES: tuple[str, ...] = get_args(DetectionRule)
 
 
-@dataclass(frozen=True)
-class AggregationConfig:
-    """Parameters
-    ----------
-    rule : unanimous | consensus | affirmative.
-    iou_threshold : IoU above which two same-category detections are one object.
-    score_threshold : confidence filter applied to every model's detections first
-        (FilterPseudoLabels of Algorithm 1); 0 keeps everything.
-    sigma : Soft-NMS Gaussian width: a score decays by exp(-IoU^2 / sigma).
-    final_score : detections whose score Soft-NMS decayed below this are dropped.
-    soft_nms : False skips Soft-NMS: every detection of a kept group stays.
-    """
+class AggregationConfig(Config):
+    """Algorithm 2's settings; a composition job over detection parties sets the first four
+    in its ``method.params``."""
 
-    rule: str = "consensus"
-    iou_threshold: float = 0.5
-    score_threshold: float = 0.5
-    sigma: float = 0.5
-    final_score: float = 0.3
-    soft_nms: bool = True
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"rule: {self.rule!r} is not one of {', '.join(RULES)}")
+    detection_rule: DetectionRule = "consensus"  # unanimous (K = N) | consensus | affirmative
+    iou_threshold: float = Field(0.5, gt=0, lt=1)  # same category and IoU above: one object
+    # confidence filter applied to every model's detections first (FilterPseudoLabels of
+    # Algorithm 1); 0 keeps everything
+    score_threshold: float = Field(0.5, ge=0, le=1)
+    soft_nms_sigma: float = Field(0.5, gt=0)  # Soft-NMS: a score decays by exp(-IoU^2 / sigma)
+    final_score: float = Field(0.3, ge=0, le=1)  # detections Soft-NMS decayed below are dropped
+    soft_nms: bool = True  # False: every detection of a kept group stays
 
 
 @dataclass
@@ -166,12 +159,12 @@ def aggregate_image(
         n = int(knows[:, everything.labels[members[0]]].sum())
         for rule in RULES:
             stats.per_rule[rule] += keeps(rule, k, n)
-        if not keeps(config.rule, k, n):
+        if not keeps(config.detection_rule, k, n):
             continue
         stats.kept_objects += 1
         if config.soft_nms:
             chosen, scores = soft_nms(
-                everything.boxes[members], everything.scores[members], config.sigma,
+                everything.boxes[members], everything.scores[members], config.soft_nms_sigma,
                 config.final_score,
             )  # fmt: skip
             group = everything.select(members[chosen])

@@ -18,44 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from amalgam.fusion.data import Dataset, load_source
+from amalgam.fusion.teacher import Detections
 
 INK = 0.25  # a pixel belongs to the digit above this fraction of its maximum
-
-
-@dataclass
-class Detections:
-    """Boxes of one image.
-
-    Attributes
-    ----------
-    boxes : (M, 4) float32 ``x1, y1, x2, y2`` in pixels.
-    labels : (M,) int64 category indices.
-    scores : (M,) float32 confidences (1 for ground truth).
-    """
-
-    boxes: Tensor
-    labels: Tensor
-    scores: Tensor
-
-    @classmethod
-    def empty(cls) -> Detections:
-        return cls(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))
-
-    def __len__(self) -> int:
-        return self.boxes.shape[0]
-
-    def select(self, keep: Tensor) -> Detections:
-        return Detections(self.boxes[keep], self.labels[keep], self.scores[keep])
-
-    @staticmethod
-    def split(boxes: Tensor, scores: Tensor, labels: Tensor, counts: Tensor) -> list[Detections]:
-        """Per-image detections from a batch's rows, image i owning the next ``counts[i]``
-        (the wire layout of ``Predict`` for detection parties)."""
-        sizes = counts.tolist()
-        return [
-            Detections(b, l_, s)
-            for b, s, l_ in zip(boxes.split(sizes), scores.split(sizes), labels.split(sizes))
-        ]
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from amalgam.fusion.detection.canvas import Detections
+from amalgam.fusion.teacher import Detections
 
 
 def to_coco(

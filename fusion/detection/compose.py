@@ -7,27 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.composition import union_classes
 from amalgam.fusion.detection.aggregate import AggregationConfig, AggregationStats, aggregate
-from amalgam.fusion.detection.canvas import Detections, DetectionSet
+from amalgam.fusion.detection.canvas import DetectionSet
 from amalgam.fusion.detection.coco import evaluate_map
 from amalgam.fusion.detection.models import create_detector
 from amalgam.fusion.detection.train import detect, fit_detector
-from amalgam.fusion.teacher import TeacherInfo
-
-
-class DetectorTeacher(Protocol):
-    """A party whose model detects: ``detect`` returns, per image, boxes whose labels index
-    ``info.class_names``."""
-
-    info: TeacherInfo
-
-    def detect(self, x: Tensor) -> list[Detections]: ...
+from amalgam.fusion.labels import known_mask, union_classes
+from amalgam.fusion.teacher import Detections, DetectorTeacher
 
 
 @dataclass(frozen=True)
@@ -70,11 +60,6 @@ def to_union_labels(found: Sequence[Detections], classes: Sequence[str], union: 
     return [Detections(d.boxes, mapping[d.labels], d.scores) for d in found]
 
 
-def knows_matrix(class_sets: Sequence[Sequence[str]], union: Sequence[str]) -> Tensor:
-    """(models, categories) bool: category c is in model m's label set."""
-    return torch.tensor([[c in set(s) for c in union] for s in class_sets], dtype=torch.bool)
-
-
 def gather_detections(
     teachers: Sequence[DetectorTeacher],
     images: Tensor,
@@ -89,7 +74,7 @@ def gather_detections(
     alive = [(t, a) for t, a in zip(teachers, answers) if a is not None]
     union = union_classes([t.info.class_names for t, _ in alive])
     raw = [to_union_labels(a, t.info.class_names, union) for t, a in alive]
-    return raw, union, knows_matrix([t.info.class_names for t, _ in alive], union)
+    return raw, union, known_mask([t.info.class_names for t, _ in alive], union)
 
 
 def compose_detection(
@@ -122,3 +107,41 @@ def detection_map(model: nn.Module, test: DetectionSet) -> dict:
     """mAP@[.5:.95], mAP@.5 and per-category AP of ``model`` on labelled test canvases."""
     return evaluate_map(test.targets, detect(model, test.images), test.class_names,
                         size=test.images.shape[-1])  # fmt: skip
+
+
+@dataclass
+class DetectionScores:
+    """A detection composition judged on labelled canvases (COCO mAP@[.5:.95]).
+
+    Attributes
+    ----------
+    rows : ``teacher:<party>`` (on the categories it knows) and ``student``.
+    student : the student's ``map``, ``map50`` and ``per_category`` AP.
+    pseudo_labels : the same metrics of the teachers' aggregated boxes on the test canvases.
+    """
+
+    rows: dict[str, float]
+    student: dict
+    pseudo_labels: dict
+
+
+def score_composition(
+    teachers: Sequence[DetectorTeacher],
+    student: nn.Module,
+    test: DetectionSet,
+    aggregation: AggregationConfig,
+) -> DetectionScores:
+    """Each teacher on the categories it knows, the aggregation of their boxes and the
+    student, on the ``test`` canvases of the teachers' categories; one Predict per party."""
+    size = test.images.shape[-1]
+    raw, union, knows = gather_detections(teachers, test.images)
+    scored = test.restrict(union)
+    rows = {}
+    for teacher, found in zip(teachers, raw):  # each on the categories it knows
+        known = torch.tensor([union.index(c) for c in teacher.info.class_names])
+        truth = [d.select(torch.isin(d.labels, known)) for d in scored.targets]
+        rows[f"teacher:{teacher.info.name}"] = evaluate_map(truth, found, union, size)["map"]
+    pseudo, _ = aggregate(raw, knows, aggregation)
+    metrics = detection_map(student, scored)
+    rows["student"] = metrics["map"]
+    return DetectionScores(rows, metrics, evaluate_map(scored.targets, pseudo, union, size))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from amalgam.fusion.detection.canvas import Detections
+from amalgam.fusion.teacher import Detections
 
 
 def pseudo_label_grid(

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from amalgam.fusion.detection.canvas import Detections, DetectionSet
+from amalgam.fusion.detection.canvas import DetectionSet
+from amalgam.fusion.teacher import Detections
 
 
 def _targets(batch: list[Detections], offset: int) -> list[dict[str, Tensor]]:

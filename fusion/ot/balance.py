@@ -13,14 +13,15 @@ where the estimate of which neurons fire is.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from amalgam.fusion.models import MLP, VGG, Classifier, ResNetCifar, create_model
+from amalgam.fusion.models import MLP, BasicBlock, Classifier, create_model
 from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
 
-SIGN_ESTIMATES = ("sum", "vote", "average")
+SignEstimate = Literal["sum", "vote", "average"]
 
 Init = Callable[[dict[str, Tensor], str, int], None]
 
@@ -77,20 +78,10 @@ def _new_order(count: int, insert_after: Sequence[int]) -> list[int | None]:
     return order
 
 
-def _unit_prefix(model: Classifier, section: str, index: int) -> str:
-    if isinstance(model, MLP):
-        return f"body.{1 + 2 * index}"
-    if section == "fc":
-        return f"fc.{1 + 2 * index}"
-    return f"stages.{section.removeprefix('stage')}.{index}"
-
-
-def _rebuilt(model: Classifier, kwargs: dict, renames: dict[str, str], inits: list) -> Classifier:
-    """A model of ``kwargs`` holding ``model``'s tensors (unit prefixes renamed) and identity
+def _rebuilt(model: Classifier, arch: dict, renames: dict[str, str], inits: list) -> Classifier:
+    """A model of ``arch`` holding ``model``'s tensors (unit prefixes renamed) and identity
     units where ``inits`` says."""
-    arch = dict(model.arch)
-    name = "resnet_cifar" if isinstance(model, ResNetCifar) else arch["name"]
-    new = create_model(name, **{**arch["kwargs"], **kwargs})
+    new = create_model(arch["name"], **arch["kwargs"])
     new = new.to(next(model.parameters()).dtype).to(next(model.parameters()).device)
     state = new.state_dict()
     ordered = sorted(renames, key=len, reverse=True)
@@ -107,15 +98,13 @@ def _rebuilt(model: Classifier, kwargs: dict, renames: dict[str, str], inits: li
     return new.train(model.training)
 
 
-def _section_widths(model: Classifier) -> dict[str, list[int]]:
-    if isinstance(model, MLP):
-        return {"hidden": list(model.hidden)}
-    if isinstance(model, VGG):
-        widths = {f"stage{s}": list(w) for s, w in enumerate(model.stage_widths)}
-        return widths | {"fc": list(model.fc_widths)}
-    if isinstance(model, ResNetCifar):
-        return {f"stage{s}": [w] * c for s, (w, c) in enumerate(zip(model.widths, model.blocks))}
-    raise UnsupportedNetwork(f"{type(model).__name__}: cannot add layers")
+def _identity_init(layer: nn.Module) -> Init:
+    """How a unit like ``layer`` is made the identity."""
+    if isinstance(layer, nn.Linear):
+        return _identity_linear
+    if isinstance(layer, BasicBlock):
+        return _zero_residual_block
+    return _identity_conv_layer
 
 
 def add_identity_units(model: Classifier, insert_after: dict[str, Sequence[int]]) -> Classifier:
@@ -128,43 +117,30 @@ def add_identity_units(model: Classifier, insert_after: dict[str, Sequence[int]]
         listed unit (repeat an index to insert several). A ResNet gains zero-residual blocks.
     """
     fusion_spec(model)  # raises for unsupported networks
-    widths = _section_widths(model)
-    unknown = [s for s in insert_after if s not in widths]
+    sections = {section.name: section.units for section in model.sections()}
+    unknown = [s for s in insert_after if s not in sections]
     if unknown:
-        raise ValueError(f"no section {unknown[0]!r}; sections: {', '.join(widths)}")
+        raise ValueError(f"no section {unknown[0]!r}; sections: {', '.join(sections)}")
+    orders = {name: _new_order(len(units), insert_after.get(name, ())) for name, units in
+              sections.items()}  # fmt: skip
+    widths: dict[str, list[int]] = {}
+    for name, order in orders.items():  # an inserted unit is as wide as the one before it
+        widths[name] = []
+        for old in order:
+            widths[name].append(widths[name][-1] if old is None else sections[name][old].width)
+    arch = model.arch_with(widths)
+    new_units = {s.name: s.units for s in create_model(arch["name"], **arch["kwargs"]).sections()}
     renames: dict[str, str] = {}
     inits: list = []
-    new_widths = {}
-    for section, section_widths in widths.items():
-        order = _new_order(len(section_widths), insert_after.get(section, ()))
-        new_widths[section] = []
+    for name, order in orders.items():
         for position, old in enumerate(order):
-            width = section_widths[old] if old is not None else new_widths[section][-1]
-            new_widths[section].append(width)
-            prefix = _unit_prefix(model, section, position)
+            target = new_units[name][position]
             if old is None:
-                init = _insert_init(model, section)
-                inits.append((init, prefix, width))
+                init = _identity_init(model.get_submodule(sections[name][0].module))
+                inits.append((init, target.module, target.width))
             else:
-                renames[_unit_prefix(model, section, old)] = prefix
-    return _rebuilt(model, _widths_kwargs(model, new_widths), renames, inits)
-
-
-def _insert_init(model: Classifier, section: str) -> Init:
-    if isinstance(model, MLP) or section == "fc":
-        return _identity_linear
-    if isinstance(model, VGG):
-        return _identity_conv_layer
-    return _zero_residual_block
-
-
-def _widths_kwargs(model: Classifier, widths: dict[str, list[int]]) -> dict:
-    if isinstance(model, MLP):
-        return {"hidden": tuple(widths["hidden"])}
-    if isinstance(model, VGG):
-        stages = tuple(tuple(widths[f"stage{s}"]) for s in range(len(model.stage_widths)))
-        return {"stages": stages, "fc": tuple(widths["fc"])}
-    return {"blocks": tuple(len(widths[f"stage{s}"]) for s in range(3))}
+                renames[sections[name][old].module] = target.module
+    return _rebuilt(model, arch, renames, inits)
 
 
 def firing_estimate(pre_activation: Tensor, sign: str = "sum") -> Tensor:
@@ -180,7 +156,7 @@ def firing_estimate(pre_activation: Tensor, sign: str = "sum") -> Tensor:
         return (2 * fires >= len(pre_activation)).to(pre_activation.dtype)
     if sign == "average":
         return (pre_activation >= 0).to(pre_activation.dtype).mean(dim=0)
-    raise ValueError(f"sign={sign!r}: choose one of {', '.join(SIGN_ESTIMATES)}")
+    raise ValueError(f"sign={sign!r}: choose one of {', '.join(get_args(SignEstimate))}")
 
 
 def merge_hidden_layers(
@@ -199,7 +175,7 @@ def merge_hidden_layers(
         )
     state = {k: v.clone() for k, v in model.state_dict().items()}
     hidden = list(model.hidden)
-    layers = [f"body.{1 + 2 * k}" for k in range(len(hidden))] + ["head"]
+    layers = [unit.module for unit in model.sections()[0].units] + ["head"]
     for j in sorted(set(remove), reverse=True):  # later layers first: Z_j stays valid
         if not 0 <= j < len(hidden) or len(hidden) == 1:
             raise ValueError(f"cannot remove hidden layer {j} of {len(hidden)}")
@@ -210,10 +186,11 @@ def merge_hidden_layers(
         state[f"{outer}.bias"] = w_next @ state[f"{inner}.bias"] + state[f"{outer}.bias"]
         del state[f"{inner}.weight"], state[f"{inner}.bias"]
         del layers[j], hidden[j]
-    new = create_model(model.arch["name"], **{**model.arch["kwargs"], "hidden": tuple(hidden)})
+    arch = model.arch_with({"hidden": hidden})
+    new = create_model(arch["name"], **arch["kwargs"])
+    targets = [unit.module for unit in new.sections()[0].units] + ["head"]
     renamed = {}
-    for position, prefix in enumerate(layers):
-        target = "head" if prefix == "head" else f"body.{1 + 2 * position}"
+    for target, prefix in zip(targets, layers, strict=True):
         renamed[f"{target}.weight"] = state[f"{prefix}.weight"]
         renamed[f"{target}.bias"] = state[f"{prefix}.bias"]
     reference = next(model.parameters())

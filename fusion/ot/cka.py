@@ -9,21 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _as_matrix(x: Tensor) -> Tensor:
-    """(t, ...) activations -> (t, d) in float64."""
-    return x.reshape(len(x), -1).double()  # (t, C, H, W) -> (t, C*H*W)
-
-
-def centered_gram(x: Tensor) -> Tensor:
-    """Centered linear Gram matrix ``H X X^T H`` of (t, ...) activations, shape (t, t).
-
-    Centering the features (columns of X) and centering the Gram matrix are the same thing:
-    ``(X H_p)(X H_p)^T = H_t X X^T H_t``.
-    """
-    features = _as_matrix(x)
-    features = features - features.mean(dim=0, keepdim=True)  # (t, d), columns centered
-    return (features @ features.T).to(x.dtype)
+from amalgam.fusion.activations import as_matrix
 
 
 def cka_from_grams(gram_x: Tensor, gram_y: Tensor) -> Tensor:
@@ -49,7 +35,7 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
     """Linear CKA (paper 002, Eq. 2) between (t, ...) and (t, ...) activations of t samples."""
     if len(x) != len(y):
         raise ValueError(f"CKA needs the same samples: {len(x)} vs {len(y)} rows")
-    a, b = _as_matrix(x), _as_matrix(y)
+    a, b = as_matrix(x), as_matrix(y)
     a = a - a.mean(dim=0, keepdim=True)  # (t, p_A)
     b = b - b.mean(dim=0, keepdim=True)  # (t, p_B)
     cross = torch.linalg.matrix_norm(b.T @ a) ** 2

@@ -5,69 +5,53 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
+from amalgam.fusion.config import Config
 from amalgam.fusion.models import Classifier, create_model
-from amalgam.fusion.ot.balance import SIGN_ESTIMATES, add_identity_units, merge_hidden_layers
+from amalgam.fusion.ot.balance import SignEstimate, add_identity_units, merge_hidden_layers
 from amalgam.fusion.ot.cka import cka_cost
 from amalgam.fusion.ot.cla import cross_layer_alignment
 from amalgam.fusion.ot.probe import Probe
 from amalgam.fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec
-from amalgam.fusion.ot.transport import GROUND_METRICS, PLANS, align
-
-BALANCES = ("add", "merge")
-MODES = ("many_to_one", "iterative")
+from amalgam.fusion.ot.transport import GroundMetric, Plan, align
 
 
-@dataclass
-class OTFusionConfig:
-    """How to fuse. Defaults follow paper 002's experiments.
+class AlignmentConfig(Config):
+    """How networks are aligned and averaged (paper 002; defaults follow its experiments)."""
 
-    Attributes
-    ----------
-    ground_metric : "activation" (pre-activations on probe inputs, as in all of paper 002's
-        experiments; on its MNIST MLPs and on CIFAR-10 VGGs it aligned better than weights)
-        or "weight" (needs no inputs).
-    plan : "emd" (exact) or "sinkhorn" (entropic, ``reg``).
-    reg : entropic regularisation of "sinkhorn".
-    weights : fusion weight of each model (the paper's w_A, w_B = 1 - w_A); None: uniform.
-    base : index of the model whose neurons (and widths) the others are aligned to;
-        None: model 0 for OT fusion, the shallowest network for CLAFusion (deepened by
-        identity layers with ``balance="add"``, as paper 002 adds layers to model B; on the
-        MNIST MLPs of its Table 10, seeds 0-2, this measured 92.7% on average against 93.6%
-        with the deeper base: neither wins every seed).
-    mode : "many_to_one" aligns every model to the base, then averages; "iterative" fuses
-        the base with model 1, the result with model 2, ... (weights renormalised each step).
-    balance : "add" identity layers to the shallower networks, or "merge" layers of the
-        deeper ones (MLPs only).
-    sign : how merging estimates which neurons fire: "sum", "vote" or "average".
-    """
-
-    ground_metric: str = "activation"
-    plan: str = "emd"
-    reg: float = 0.05
+    # how neurons are compared: "activation" (pre-activations on probe inputs, as in all of
+    # paper 002's experiments; on its MNIST MLPs and on CIFAR-10 VGGs it aligned better than
+    # weights) or "weight" (needs no inputs)
+    ground_metric: GroundMetric = "activation"
+    plan: Plan = "emd"  # exact OT, or entropic with `reg`
+    reg: float = Field(0.05, gt=0)  # entropic regularisation of "sinkhorn"
+    # fusion weight of each model (the paper's w_A, w_B = 1 - w_A); None: uniform
     weights: list[float] | None = None
-    base: int | None = None
-    mode: str = "many_to_one"
-    balance: str = "add"
-    sign: str = "sum"
+    # "many_to_one" aligns every model to the base, then averages; "iterative" fuses the base
+    # with model 1, the result with model 2, ... (weights renormalised each step)
+    mode: Literal["many_to_one", "iterative"] = "many_to_one"
+    # CLAFusion: "add" identity layers to the shallower networks, or "merge" layers of the
+    # deeper ones (MLPs only)
+    balance: Literal["add", "merge"] = "add"
+    sign: SignEstimate = "sum"  # how merging estimates which neurons fire
+
+
+class OTFusionConfig(AlignmentConfig):
+    """:class:`AlignmentConfig` and the base: the index of the model whose neurons (and
+    widths) the others are aligned to; None: model 0 for OT fusion, the shallowest network
+    for CLAFusion (deepened by identity layers with ``balance="add"``, as paper 002 adds
+    layers to model B; on the MNIST MLPs of its Table 10, seeds 0-2, this measured 92.7% on
+    average against 93.6% with the deeper base: neither wins every seed)."""
+
+    base: int | None = Field(None, ge=0)
 
     def check(self, count: int) -> None:
-        """Raise ``ValueError`` naming the first bad field."""
-        choices = {
-            "ground_metric": GROUND_METRICS,
-            "plan": PLANS,
-            "mode": MODES,
-            "balance": BALANCES,
-            "sign": SIGN_ESTIMATES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}"
-                )
+        """Raise ``ValueError`` naming the first field that does not fit ``count`` models."""
         if self.weights is not None:
             if len(self.weights) != count:
                 raise ValueError(f"weights: {len(self.weights)} given for {count} models")
@@ -75,8 +59,6 @@ class OTFusionConfig:
                 raise ValueError("weights: must be non-negative with a positive sum")
         if self.base is not None and not 0 <= self.base < count:
             raise ValueError(f"base={self.base}: there are {count} models")
-        if self.reg <= 0:
-            raise ValueError(f"reg={self.reg}: must be positive")
 
 
 @dataclass
@@ -244,8 +226,8 @@ def _depth_align_pair(
             f"model {k}: sections {[s.name for s in other_spec.sections]} differ from the "
             f"base's {names}"
         )
-    base_grams = probe.grams(base, [u for s in base_spec.sections for u in s.units])
-    other_grams = probe.grams(other, [u for s in other_spec.sections for u in s.units])
+    base_grams = probe.grams(base, [u.output for s in base_spec.sections for u in s.units])
+    other_grams = probe.grams(other, [u.output for s in other_spec.sections for u in s.units])
     insert: tuple[dict[str, list[int]], dict[str, list[int]]] = ({}, {})  # (base, other)
     remove: list[int] = []
     for ours, theirs in zip(base_spec.sections, other_spec.sections, strict=True):
@@ -256,7 +238,8 @@ def _depth_align_pair(
             (base_grams, other_grams) if base_deeper else (other_grams, base_grams)
         )
         cost = cka_cost(
-            [deep_grams[u] for u in deep.units], [shallow_grams[u] for u in shallow.units]
+            [deep_grams[u.output] for u in deep.units],
+            [shallow_grams[u.output] for u in shallow.units],
         )
         mapping = cross_layer_alignment(cost)
         result.alignments.setdefault(ours.name, {})[k] = mapping
@@ -279,7 +262,7 @@ def _depth_align_pair(
     if insert[1]:
         other = add_identity_units(other, insert[1])
     if remove:
-        units = other_spec.sections[0].units
+        units = [u.output for u in other_spec.sections[0].units]
         z = probe.outputs(other, [units[j] for j in remove])
         other = merge_hidden_layers(other, remove, {j: z[units[j]] for j in remove}, config.sign)
     return base, other
@@ -325,7 +308,7 @@ def clafusion(
 
 
 def _with_base(config: OTFusionConfig, base: int) -> OTFusionConfig:
-    return OTFusionConfig(**{**config.__dict__, "base": base})
+    return config.model_copy(update={"base": base})
 
 
 @torch.no_grad()

@@ -7,9 +7,11 @@ into the same residual stream, so the stem (or the stage's projection shortcut) 
 block's second convolution all write the stream's group. A :class:`FusionSpec` lists the
 groups in forward order and, for every parameter and buffer, the group of each axis.
 
-Cross-layer alignment (section 3.1) works on *units* inside *sections*: the hidden layers of
-an MLP; the conv layers of each VGG stage (between poolings) and its fully connected layers;
-the blocks of each ResNet stage.
+Cross-layer alignment (section 3.1) works on *units* inside *sections*, as the model declares
+them (:meth:`amalgam.fusion.models.Classifier.sections`): the hidden layers of an MLP; the conv
+layers of each VGG stage (between poolings) and its fully connected layers; the blocks of each
+ResNet stage. A unit is represented by its pre-activation (paper 002); for a ResNet block, that
+of its second convolution.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from amalgam.fusion.models import MLP, VGG, ResNetCifar
+from amalgam.fusion.models import MLP, VGG, ResNetCifar, Section
 
 
 class UnsupportedNetwork(ValueError):
@@ -41,18 +43,6 @@ class Group:
     name: str
     producers: tuple[str, ...]
     probe: str
-
-
-@dataclass(frozen=True)
-class Section:
-    """Layers that cross-layer alignment may match to each other (same type, same stage).
-
-    ``units[k]`` names the module whose (pre-)activations represent unit k (paper 002 uses
-    the pre-activation matrix; for a ResNet block, that of its second convolution).
-    """
-
-    name: str
-    units: tuple[str, ...]
 
 
 @dataclass
@@ -79,61 +69,52 @@ def _batchnorm(spec: FusionSpec, prefix: str, group: str) -> None:
 
 
 def _mlp_spec(model: MLP) -> FusionSpec:
-    spec = FusionSpec()
+    spec = FusionSpec(sections=model.sections())
     previous: str | None = None
-    units = []
-    for k in range(len(model.hidden)):
-        prefix = f"body.{1 + 2 * k}"  # body = Flatten, (Linear, ReLU) * n
+    for k, unit in enumerate(spec.sections[0].units):
         group = f"fc{k}"
-        spec.groups.append(Group(group, (f"{prefix}.weight",), prefix))
-        _linear(spec, prefix, group, previous)
-        units.append(prefix)
+        spec.groups.append(Group(group, (f"{unit.module}.weight",), unit.output))
+        _linear(spec, unit.module, group, previous)
         previous = group
     _linear(spec, "head", None, previous)
-    spec.sections.append(Section("hidden", tuple(units)))
     return spec
 
 
 def _vgg_spec(model: VGG) -> FusionSpec:
-    spec = FusionSpec()
+    """Each conv layer (``conv`` with bias, then ``bn``) and each hidden linear layer is a
+    group; the first linear layer reads the last stage's (C*h*w) flattened maps."""
+    *stages, fc = model.sections()
+    spec = FusionSpec(sections=[*stages, fc] if fc.units else stages)
     previous: str | None = None
-    for s, widths in enumerate(model.stage_widths):
-        units = []
-        for k in range(len(widths)):
-            prefix = f"stages.{s}.{k}"
-            group = f"conv{s}.{k}"
-            spec.groups.append(Group(group, (f"{prefix}.conv.weight",), f"{prefix}.bn"))
+    for s, section in enumerate(stages):
+        for k, unit in enumerate(section.units):
+            prefix, group = unit.module, f"conv{s}.{k}"
+            spec.groups.append(Group(group, (f"{prefix}.conv.weight",), unit.output))
             spec.axes[f"{prefix}.conv.weight"] = (group, previous, None, None)
             spec.axes[f"{prefix}.conv.bias"] = (group,)
             _batchnorm(spec, f"{prefix}.bn", group)
-            units.append(f"{prefix}.bn")
             previous = group
-        spec.sections.append(Section(f"stage{s}", tuple(units)))
-    units = []
-    for k in range(len(model.fc_widths)):
-        prefix = f"fc.{1 + 2 * k}"  # fc = Flatten, (Linear, ReLU) * n
+    for k, unit in enumerate(fc.units):
         group = f"fc{k}"
-        spec.groups.append(Group(group, (f"{prefix}.weight",), prefix))
-        _linear(spec, prefix, group, previous)  # the first one reads (C*h*w) flattened maps
-        units.append(prefix)
+        spec.groups.append(Group(group, (f"{unit.module}.weight",), unit.output))
+        _linear(spec, unit.module, group, previous)
         previous = group
-    if units:
-        spec.sections.append(Section("fc", tuple(units)))
     _linear(spec, "head", None, previous)
     return spec
 
 
 def _resnet_spec(model: ResNetCifar) -> FusionSpec:
-    spec = FusionSpec()
+    """The stem and every block's second convolution (and projection shortcut) write one
+    residual stream per stage; each block's first convolution is a group of its own."""
+    spec = FusionSpec(sections=model.sections())
     stream = "stem"
     spec.groups.append(Group(stream, ("stem.0.weight",), "stem.1"))
     spec.axes["stem.0.weight"] = (stream, None, None, None)
     _batchnorm(spec, "stem.1", stream)
-    for s, count in enumerate(model.blocks):
-        units = []
-        for b in range(count):
-            prefix = f"stages.{s}.{b}"
-            block = model.stages[s][b]
+    for s, section in enumerate(spec.sections):
+        for b, unit in enumerate(section.units):
+            prefix = unit.module
+            block = model.get_submodule(prefix)
             inner = f"block{s}.{b}"
             spec.groups.append(Group(inner, (f"{prefix}.conv1.weight",), f"{prefix}.bn1"))
             spec.axes[f"{prefix}.conv1.weight"] = (inner, stream, None, None)
@@ -147,8 +128,6 @@ def _resnet_spec(model: ResNetCifar) -> FusionSpec:
                 _batchnorm(spec, f"{prefix}.shortcut.1", stream)
             spec.axes[f"{prefix}.conv2.weight"] = (stream, inner, None, None)
             _batchnorm(spec, f"{prefix}.bn2", stream)
-            units.append(f"{prefix}.bn2")
-        spec.sections.append(Section(f"stage{s}", tuple(units)))
     _linear(spec, "head", None, stream)
     return spec
 

@@ -21,6 +21,7 @@ for CLAFusion with added layers), so it is not used.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import ot
 import torch
@@ -28,8 +29,10 @@ from torch import Tensor
 
 from amalgam.fusion.ot.spec import FusionSpec
 
-PLANS = ("emd", "sinkhorn")
-GROUND_METRICS = ("weight", "activation")
+Plan = Literal["emd", "sinkhorn"]  # exact OT, or entropic
+GroundMetric = Literal["weight", "activation"]  # compare incoming weights, or activations
+PLANS: tuple[str, ...] = get_args(Plan)
+GROUND_METRICS: tuple[str, ...] = get_args(GroundMetric)
 
 
 def transport_plan(cost: Tensor, *, method: str = "emd", reg: float = 0.05) -> Tensor:

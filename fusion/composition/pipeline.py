@@ -8,46 +8,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from amalgam.fusion.composition import RULES, aggregate, collect_union_probs, union_classes
+from amalgam.fusion.composition.rules import RULES, Rule, aggregate
+from amalgam.fusion.config import Config
 from amalgam.fusion.data import Dataset, fit_to_shape
+from amalgam.fusion.labels import collect_union_probs, relabel, union_classes
 from amalgam.fusion.models import Classifier, create_model
-from amalgam.fusion.teacher import Teacher
-from amalgam.fusion.train import Checkpoint, accuracy, fit, predict_logits
-
-# ``map_teachers(fn, teachers)``: ``[fn(t) for t in teachers]``, where the coordinator may
-# answer ``None`` for a teacher that dropped out of the job (its party became unreachable).
-TeacherMap = Callable[[Callable[[Teacher], object], Sequence[Teacher]], list]
+from amalgam.fusion.teacher import Teacher, TeacherMap, predict_all, sequential_map
+from amalgam.fusion.train import Checkpoint, StudentConfig, accuracy, fit, predict_logits
 
 
-def sequential_map(fn: Callable[[Teacher], object], teachers: Sequence[Teacher]) -> list:
-    return [fn(t) for t in teachers]
+class CompositionConfig(Config):
+    """Model composition by pseudo-labels (paper 000, Algorithm 1)."""
 
-
-@dataclass(frozen=True)
-class CompositionConfig:
-    rule: str = "restricted-fit"  # a key of fusion.composition.RULES
-    entropy_threshold: float = 0.5  # normalized entropy tau (paper Sec. 3.1)
-    targets: str = "soft"  # "soft": the aggregated distribution; "hard": its argmax
-    finetune_fraction: float = 0.0  # fraction of the unlabeled set whose labels may be used
-    finetune_epochs: int = 5
-    arch: str = "small_cnn"
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    seed: int = 0
-    baselines: bool = True  # also train vanilla distillation and the supervised bound
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"unknown aggregation rule {self.rule!r}; known: {', '.join(RULES)}")
-        if self.targets not in ("soft", "hard"):
-            raise ValueError(f"targets must be 'soft' or 'hard', got {self.targets!r}")
+    rule: Rule = "restricted-fit"  # aggregation rule, see amalgam.fusion.composition.RULES
+    entropy_threshold: float = Field(0.5, gt=0, le=1)  # normalized entropy tau, paper 3.1
+    targets: Literal["hard", "soft"] = "soft"  # train on labels or on the aggregated distribution
+    finetune_fraction: float = Field(0.0, ge=0, lt=1)  # labelled fraction for fine-tuning
+    finetune_epochs: int = Field(5, ge=1)
 
 
 @dataclass(frozen=True)
@@ -73,37 +56,6 @@ class CompositionResult:
     class_names: list[str]
     results: dict[str, float]  # row -> test accuracy on the union classes
     extra: dict = field(default_factory=dict)  # retention, pseudo-label accuracy, curves, times
-
-
-def relabel(data: Dataset, union: Sequence[str]) -> tuple[Tensor, Tensor]:
-    """The samples whose class is in ``union``, labelled by union index: (N', C, H, W), (N',)."""
-    if data.y is None:
-        raise ValueError("the data set has no labels")
-    mapping = torch.tensor([union.index(n) if n in union else -1 for n in data.class_names])
-    y = mapping[data.y]
-    keep = y >= 0
-    return data.x[keep], y[keep]
-
-
-PREDICT_CHUNK = 2048  # images per progress step when collecting predictions
-
-
-def predict_all(teacher: Teacher, x: Tensor, position: int, progress: bool) -> Tensor:
-    """``teacher.predict`` on all of ``x`` (fitted to its input shape), with a progress bar."""
-    x = fit_to_shape(x, teacher.info.input_shape)
-    outputs = []
-    with tqdm(
-        total=len(x),
-        desc=f"predict {teacher.info.name}",
-        unit="img",
-        position=position,
-        leave=False,
-        disable=None if progress else True,
-    ) as bar:
-        for start in range(0, len(x), PREDICT_CHUNK):
-            outputs.append(teacher.predict(x[start : start + PREDICT_CHUNK]))
-            bar.update(len(outputs[-1]))
-    return torch.cat(outputs)
 
 
 def gather(
@@ -192,7 +144,8 @@ def pseudo_label_stats(p: Predictions, tau: float) -> dict[str, dict[str, float]
 
 
 def train_student(
-    config: CompositionConfig,
+    student: StudentConfig,
+    seed: int,
     p: Predictions,
     x: Tensor,
     targets: Tensor,
@@ -200,18 +153,18 @@ def train_student(
     progress: bool = True,
     checkpoint: Checkpoint | None = None,
 ) -> tuple[Classifier, list[float]]:
-    """A fresh ``config.arch`` over the union classes, trained on ``targets``."""
-    torch.manual_seed(config.seed)
-    model = create_model(config.arch, in_shape=tuple(p.x_test.shape[1:]), num_classes=len(p.union))
+    """A fresh ``student.arch`` over the union classes, trained on ``targets``."""
+    torch.manual_seed(seed)
+    model = create_model(student.arch, in_shape=tuple(p.x_test.shape[1:]), num_classes=len(p.union))
     curve = fit(
         model,
         x,
         targets,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
+        epochs=student.epochs,
+        batch_size=student.batch_size,
+        lr=student.lr,
+        weight_decay=student.weight_decay,
+        seed=seed,
         desc=desc,
         progress=progress,
         checkpoint=checkpoint,
@@ -226,18 +179,22 @@ def test_accuracy(model: Classifier, p: Predictions) -> float:
 def compose_predictions(
     p: Predictions,
     config: CompositionConfig,
+    student: StudentConfig,
     *,
+    seed: int = 0,
+    baselines: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
     checkpoints: Callable[[str], Checkpoint] | None = None,
 ) -> CompositionResult:
-    """Aggregate pseudo-labels with ``config.rule``, train the student, and evaluate it with
-    the teachers, the ensembles and (``config.baselines``) vanilla KD and the supervised bound.
-    ``checkpoints(name)``, where given, keeps each training run's progress (see
-    :func:`amalgam.fusion.train.fit`)."""
+    """Aggregate pseudo-labels with ``config.rule``, train a ``student``, and evaluate it with
+    the teachers, the ensembles and (``baselines``) vanilla KD and the supervised bound, each
+    trained like the student. ``checkpoints(name)``, where given, keeps each training run's
+    progress (see :func:`amalgam.fusion.train.fit`)."""
 
-    def checkpoint(name: str) -> Checkpoint | None:
-        return checkpoints(name) if checkpoints is not None else None
+    def train(x: Tensor, targets: Tensor, name: str) -> tuple[Classifier, list[float]]:
+        checkpoint = checkpoints(name) if checkpoints is not None else None
+        return train_student(student, seed, p, x, targets, name, progress, checkpoint)
 
     results = teacher_rows(p)
     pseudo = aggregate(p.unlabeled, p.known, config.rule, config.entropy_threshold)
@@ -258,26 +215,20 @@ def compose_predictions(
         extra["pseudo_label_accuracy"] = accuracy(pseudo.labels[keep], p.y_unlabeled[keep])
     targets = pseudo.targets if config.targets == "soft" else pseudo.labels
     log(f"training the student on {int(keep.sum())} of {len(keep)} pseudo-labelled images")
-    student, extra["student_loss"] = train_student(
-        config, p, p.x_unlabeled[keep], targets[keep], "student", progress, checkpoint("student")
-    )
+    model, extra["student_loss"] = train(p.x_unlabeled[keep], targets[keep], "student")
     if config.finetune_fraction > 0:
-        extra["finetune_samples"] = _finetune(student, p, config, progress, checkpoint("fine-tune"))
-    results["student"] = test_accuracy(student, p)
-    if config.baselines:
+        checkpoint = checkpoints("fine-tune") if checkpoints is not None else None
+        extra["finetune_samples"] = _finetune(model, p, config, student, seed, progress, checkpoint)
+    results["student"] = test_accuracy(model, p)
+    if baselines:
         log("training the baselines: vanilla distillation and the supervised bound")
         mean = aggregate(p.unlabeled, p.known, "mean").targets
-        vanilla, _ = train_student(
-            config, p, p.x_unlabeled, mean, "vanilla_kd", progress, checkpoint("vanilla_kd")
-        )
+        vanilla, _ = train(p.x_unlabeled, mean, "vanilla_kd")
         results["vanilla_kd"] = test_accuracy(vanilla, p)
         if p.y_unlabeled is not None:
-            supervised, _ = train_student(
-                config, p, p.x_unlabeled, p.y_unlabeled, "supervised", progress,
-                checkpoint("supervised"),
-            )  # fmt: skip
+            supervised, _ = train(p.x_unlabeled, p.y_unlabeled, "supervised")
             results["supervised"] = test_accuracy(supervised, p)
-    return CompositionResult(student, p.union, results, extra)
+    return CompositionResult(model, p.union, results, extra)
 
 
 def compose(
@@ -285,7 +236,10 @@ def compose(
     unlabeled: Dataset,
     test: Dataset,
     config: CompositionConfig,
+    student: StudentConfig,
     *,
+    seed: int = 0,
+    baselines: bool = True,
     map_teachers: TeacherMap = sequential_map,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
@@ -299,6 +253,7 @@ def compose(
     unlabeled : the coordinator's unlabeled images (labels, if present, serve only the
         supervised bound, the pseudo-label accuracy and ``finetune_fraction``).
     test : labelled images; samples of classes no teacher knows are left out.
+    student : the student's architecture and schedule (the baselines train alike).
     map_teachers : how to call every teacher (the coordinator passes a parallel fan-out).
     """
     log(
@@ -307,33 +262,42 @@ def compose(
     )
     predictions = gather(teachers, unlabeled, test, map_teachers, progress)
     return compose_predictions(
-        predictions, config, progress=progress, log=log, checkpoints=checkpoints
+        predictions,
+        config,
+        student,
+        seed=seed,
+        baselines=baselines,
+        progress=progress,
+        log=log,
+        checkpoints=checkpoints,
     )
 
 
 def _finetune(
-    student: Classifier,
+    model: Classifier,
     p: Predictions,
     config: CompositionConfig,
+    student: StudentConfig,
+    seed: int,
     progress: bool,
     checkpoint: Checkpoint | None = None,
 ) -> int:
-    """Fine-tune on a labelled fraction of the unlabeled set (paper Sec. 3, last step);
-    returns the number of labelled samples used."""
+    """Fine-tune on a labelled fraction of the unlabeled set (paper Sec. 3, last step), at a
+    tenth of the student's learning rate; returns the number of labelled samples used."""
     if p.y_unlabeled is None:
         raise ValueError("finetune_fraction needs labels on the unlabeled set")
     count = max(2, round(config.finetune_fraction * len(p.y_unlabeled)))
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(p.y_unlabeled), generator=generator)[:count]
     fit(
-        student,
+        model,
         p.x_unlabeled[index],
         p.y_unlabeled[index],
         epochs=config.finetune_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr / 10,
-        weight_decay=config.weight_decay,
-        seed=config.seed,
+        batch_size=student.batch_size,
+        lr=student.lr / 10,
+        weight_decay=student.weight_decay,
+        seed=seed,
         desc="fine-tune",
         progress=progress,
         checkpoint=checkpoint,

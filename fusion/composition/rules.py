@@ -1,8 +1,8 @@
-"""Model composition with pseudo-labels (paper 000: Model composition, BMVC 2021).
+"""The aggregation rules of model composition (paper 000: Model composition, BMVC 2021).
 
 Teachers may know different, overlapping class sets. Their predictions are mapped into the
-union label space by class name, filtered by entropy (paper Sec. 3.1) and aggregated (Sec. 3.2)
-by one of the named rules in :data:`RULES`:
+union label space by class name (:mod:`amalgam.fusion.labels`), filtered by entropy (paper
+Sec. 3.1) and aggregated (Sec. 3.2) by one of the named rules in :data:`RULES`:
 
 * ``unanimous`` / ``consensus`` / ``affirmative`` -- the paper's votes. For a sample and a voted
   class ``c``: ``K`` teachers voted ``c``, ``N`` teachers know ``c``; unanimous keeps ``c`` when
@@ -22,13 +22,18 @@ The distribution rules filter on the normalized entropy of the aggregated ``q``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# every key of RULES, in its order
+Rule = Literal[
+    "unanimous", "consensus", "affirmative", "mean", "max-prob", "known-mean", "restricted-fit"
+]
 VOTE_RULES = ("unanimous", "consensus", "affirmative")
 
 
@@ -48,44 +53,6 @@ class Aggregate:
     @property
     def labels(self) -> Tensor:
         return self.targets.argmax(dim=1)
-
-
-def union_classes(class_sets: Sequence[Sequence[str]]) -> list[str]:
-    """The union of the teachers' class names, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for classes in class_sets:
-        for name in classes:
-            seen.setdefault(name, None)
-    return list(seen)
-
-
-def known_mask(class_sets: Sequence[Sequence[str]], union: Sequence[str]) -> Tensor:
-    """(T, U) bool: which teacher knows which union class."""
-    return torch.tensor([[name in set(classes) for name in union] for classes in class_sets])
-
-
-def to_probs(outputs: Tensor, form: str, num_classes: int) -> Tensor:
-    """Turn released predictions into (B, K) probabilities.
-
-    ``logits`` -> softmax; ``probs`` as they are; ``topk`` (zeros outside the top k) renormalized;
-    ``label`` (B,) -> one-hot.
-    """
-    if form == "logits":
-        return F.softmax(outputs.float(), dim=1)
-    if form in ("probs", "topk"):
-        probs = outputs.float().clamp_min(0)
-        return probs / probs.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    if form == "label":
-        return F.one_hot(outputs.long(), num_classes).float()
-    raise ValueError(f"unknown output form {form!r}; expected one of logits, probs, topk, label")
-
-
-def to_union(probs: Tensor, classes: Sequence[str], union: Sequence[str]) -> Tensor:
-    """Scatter (B, K) probabilities over a teacher's classes into (B, U) union columns."""
-    index = torch.tensor([list(union).index(name) for name in classes])
-    out = probs.new_zeros(probs.shape[0], len(union))
-    out[:, index] = probs
-    return out
 
 
 def normalized_entropy(probs: Tensor, num_classes: int | Tensor | None = None) -> Tensor:
@@ -122,7 +89,7 @@ def _rule(name: str):
     return register
 
 
-def aggregate(probs: Tensor, known: Tensor, rule: str, tau: float = 1.0) -> Aggregate:
+def aggregate(probs: Tensor, known: Tensor, rule: Rule, tau: float = 1.0) -> Aggregate:
     """Aggregate the teachers' union-space predictions with a named rule.
 
     Parameters
@@ -220,25 +187,3 @@ def restricted_fit(probs: Tensor, known: Tensor, steps: int = 150, lr: float = 0
 @_rule("restricted-fit")
 def _restricted_fit(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
     return _by_entropy(restricted_fit(probs, known), tau)
-
-
-def collect_union_probs(
-    outputs: Sequence[Tensor],
-    forms: Sequence[str],
-    class_sets: Sequence[Sequence[str]],
-    union: Sequence[str],
-) -> tuple[Tensor, Tensor]:
-    """Stack every teacher's released outputs as (T, B, U) union-space probabilities.
-
-    Returns
-    -------
-    probs : (T, B, U)
-    known : (T, U) bool
-    """
-    probs = torch.stack(
-        [
-            to_union(to_probs(out, form, len(classes)), classes, union)
-            for out, form, classes in zip(outputs, forms, class_sets)
-        ]
-    )
-    return probs, known_mask(class_sets, union)

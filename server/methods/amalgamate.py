@@ -1,45 +1,72 @@
-"""The ``amalgamate`` job method (paper 004): the parties' features of every layer and their
-score vectors on the coordinator's unlabeled images become one ``vgg_cnn`` student for the
-union of their classes; the report judges it against the teachers and their ensemble."""
+"""``amalgamate`` (paper 004): the parties' features of every layer and their score vectors on
+the coordinator's unlabeled images become one ``vgg_cnn`` student for the union of their
+classes; the report judges it against the teachers and their ensemble."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from amalgam.fusion.amalgamation.evaluate import amalgamation_rows, parameter_counts
-from amalgam.fusion.amalgamation.features import FeatureCache
-from amalgam.fusion.amalgamation.scores import TARGETS
-from amalgam.fusion.amalgamation.trainer import AmalgamationConfig, amalgamate
+from amalgam.fusion.amalgamation import (
+    TARGETS,
+    AmalgamationConfig,
+    FeatureCache,
+    Layout,
+    amalgamate,
+    amalgamation_rows,
+    parameter_counts,
+)
 from amalgam.fusion.data import load_source
-from amalgam.protocol.schemas import JobSpec
+from amalgam.fusion.teacher import TeacherInfo
 from amalgam.server.fanout import fan_out
-from amalgam.server.outcome import Outcome
+from amalgam.server.methods.base import Grants, Method, Need, Outcome, every_party
 from amalgam.server.report import markdown_table
 
 
-def amalgamation_config(spec: JobSpec) -> AmalgamationConfig:
-    return AmalgamationConfig(
-        **spec.method.params.model_dump(exclude={"half"}),
-        **spec.student.model_dump(exclude={"arch"}),
-        seed=spec.seed,
-        baselines=spec.baselines,
-    )
+class AmalgamationParams(AmalgamationConfig):
+    """Knowledge amalgamation; joint learning uses the job's ``student`` schedule."""
+
+    half: bool = True  # float16 features on the wire
 
 
-def feature_cache(spec: JobSpec) -> FeatureCache:
+def _check(spec) -> str | None:
+    if len(spec.parties) < 2:
+        return "parties: amalgamation needs two teachers or more"
+    if spec.data.unlabeled is None:
+        return "data.unlabeled: amalgamation needs unlabeled images"
+    if spec.student.arch != "vgg_cnn":
+        return (
+            f"student.arch: amalgamate builds a vgg_cnn student (the teachers' family), "
+            f"not {spec.student.arch}"
+        )
+    return None
+
+
+def _vgg_layers(info: TeacherInfo) -> str | None:
+    """What the party's released layers lack for amalgamating a ``vgg_cnn``."""
+    try:
+        Layout.from_layer_names(info.layers)
+    except ValueError as error:
+        return f"activations {error}"
+    return None
+
+
+def feature_cache(spec) -> FeatureCache:
     """Kept beside the runs: a later job on the same images and parties asks nothing again."""
     folder = Path(spec.output_dir) / "cache" / "features"
     return FeatureCache(folder, wire_bytes=2 if spec.method.params.half else 4)
 
 
-def run_amalgamation(spec: JobSpec, teachers, progress, log, checkpoints=None) -> Outcome:
-    config, cache = amalgamation_config(spec), feature_cache(spec)
+def _run(spec, teachers, progress, log, checkpoints=None) -> Outcome:
+    config, cache = spec.method.params, feature_cache(spec)
     unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
     result = amalgamate(
         teachers,
         unlabeled.x,
         config,
+        spec.student,
         cache,
+        seed=spec.seed,
+        baselines=spec.baselines,
         map_teachers=fan_out,
         progress=progress,
         log=log,
@@ -94,3 +121,18 @@ def run_amalgamation(spec: JobSpec, teachers, progress, log, checkpoints=None) -
         "parts": {f"part{k}": list(i.class_names) for k, i in enumerate(infos, start=1)},
     }
     return Outcome(result.joint, result.entries, rows, extra, summary)
+
+
+METHOD = Method(
+    name="amalgamate",
+    summary="the teachers' features, layer by layer, and scores into one compact student "
+    "(paper 004)",
+    params=AmalgamationParams,
+    run=_run,
+    # the features of every vgg_cnn layer, and the score vectors
+    plan=every_party(
+        Grants((Need("predict", ("logits", "probs")), Need("activations", layers=_vgg_layers)))
+    ),
+    check=_check,
+    float16=frozenset({"activations"}),
+)

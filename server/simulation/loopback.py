@@ -21,7 +21,7 @@ from pathlib import Path
 
 from amalgam.protocol.tls import write_federation
 
-APP = Path(__file__).resolve().parent.parent / "deploy" / "flower-app"
+APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app"  # in the repository
 CONNECTION = "loopback"
 START_TIMEOUT_S = 90.0
 

@@ -1,4 +1,5 @@
-"""A simulated marketplace on loopback: the demo's parties, their private teachers and configs.
+"""The demo's three organizations: their private teachers, party configs and job, and the
+files of the Flower deployment that ``deploy/compose.yaml`` runs (``amalgam demo --prepare``).
 
 Three organizations each hold a private shard of scikit-learn's digits restricted to an
 overlapping subset of classes. Their teachers are trained on first use and cached under

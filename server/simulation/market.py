@@ -23,12 +23,10 @@ import yaml
 from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
-from amalgam.party.audit import AuditLog
-from amalgam.party.handler import PartyHandler
-from amalgam.party.service import create_server
 from amalgam.protocol.schemas import Policy, PredictPolicy, TlsFiles
 from amalgam.protocol.tls import server_credentials
 from amalgam.server.job import connect, load_job, run_job
+from amalgam.server.simulation.parties import local_party, serving
 
 ENGINES = ("grpc", "flower")
 
@@ -98,8 +96,8 @@ def start_agents(
     parties, data: MarketData, seed: int, folder: Path, stack: ExitStack, certs: Path | None = None
 ) -> list[str]:
     """Train each party's teacher and serve it from its own agent on loopback (stopped with
-    ``stack``); with ``certs`` (see :class:`amalgam.server.loopback.LoopbackFederation`) over mutual
-    TLS, admitting the coordinator and the party's SuperNode bridge. Returns the addresses."""
+    ``stack``); with ``certs`` (see :class:`.loopback.LoopbackFederation`) over mutual TLS,
+    admitting the coordinator and the party's SuperNode bridge. Returns the addresses."""
     addresses = []
     for k, (name, classes, shard) in enumerate(parties):
         model = train_party(classes, shard, data, seed + k)
@@ -114,12 +112,8 @@ def start_agents(
             predict=PredictPolicy(output="probs"), max_batch=256, sample_budget=None,
             callers=callers,
         )  # fmt: skip
-        handler = PartyHandler(name, model, classes, tuple(shard.x.shape[1:]), policy,
-                               AuditLog(folder / f"{name}-audit.jsonl"))  # fmt: skip
-        server = create_server(handler, "127.0.0.1:0", max_workers=2, credentials=credentials)
-        server.start()
-        stack.callback(server.stop, None)
-        addresses.append(f"127.0.0.1:{server.port}")
+        handler = local_party(name, model, classes, tuple(shard.x.shape[1:]), policy, folder)
+        addresses.append(stack.enter_context(serving(handler, credentials, max_workers=2)))
     return addresses
 
 
@@ -170,7 +164,7 @@ def run_market(
         if engine == "grpc":
             run_dir = run_job(spec, connect(spec, log=log), progress=False, log=log)
         else:
-            from amalgam.server.flower import simulate
+            from amalgam.server.simulation.flower import simulate
 
             run_dir, _ = simulate(spec, addresses)
         seconds = time.perf_counter() - started

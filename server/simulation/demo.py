@@ -22,8 +22,13 @@ import yaml
 from amalgam.party.audit import read_records, verify_chain
 from amalgam.protocol.tls import write_federation
 from amalgam.server.job import connect, load_job, run_job
-from amalgam.server.marketplace import COORDINATOR, DEMO_PARTIES, demo_job, demo_party_config
 from amalgam.server.report import party_table, results_table
+from amalgam.server.simulation.demo_parties import (
+    COORDINATOR,
+    DEMO_PARTIES,
+    demo_job,
+    demo_party_config,
+)
 
 STARTUP_TIMEOUT_S = 120.0
 

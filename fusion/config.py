@@ -1,0 +1,33 @@
+"""Hyper-parameters as data: every method's configuration is a frozen pydantic model whose
+fields carry their defaults, bounds and choices, written once.
+
+A job's ``method.params`` section validates into the same model (the coordinator adds only
+what a job says besides, such as which party is the generalist), so a default is never
+restated and a typo in a choice is a one-line error naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Config(BaseModel):
+    """Base of every configuration: unknown keys are errors, values cannot change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+C = TypeVar("C", bound=Config)
+
+
+def validated(model: type[C], values: dict) -> C:
+    """``model(**values)``, or a ``ValueError`` of one line naming the first bad field (for
+    values that arrive from elsewhere, e.g. a request)."""
+    try:
+        return model(**values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or model.__name__
+        raise ValueError(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None

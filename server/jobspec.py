@@ -1,0 +1,67 @@
+"""A fusion job as a user writes it (``amalgam fuse job.yaml``): the parties, the method and
+its parameters, the student, the coordinator's data. Every method's section comes from the
+method table, so a job accepts exactly the methods the coordinator runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from amalgam.fusion.train import StudentConfig
+from amalgam.protocol.schemas import Strict, TlsFiles
+from amalgam.server.methods import METHODS
+
+
+class PartyRef(Strict):
+    name: str = Field(min_length=1)
+    address: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")  # host:port
+    token_env: str | None = None  # environment variable holding a bearer token for it
+
+
+class DataSpec(Strict):
+    """Where the coordinator's own data comes from: a source name or an ``.npz`` path."""
+
+    # e.g. digits:public, mnist:train; composition needs it. Detection parties: canvases of
+    # digits, e.g. canvases:digits:public (amalgam.fusion.detection.load_canvases)
+    unlabeled: str | None = None
+    test: str  # labelled, e.g. digits:test
+    finetune: str | None = None  # labelled, for fine-tuning a fused network
+
+
+# ``method:`` is one of the table's sections, told apart by its ``name``
+MethodSection = Annotated[
+    Union[tuple(method.section() for method in METHODS.values())],  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
+class JobSpec(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    parties: list[PartyRef] = Field(min_length=1)
+    method: MethodSection
+    student: StudentConfig = StudentConfig()
+    data: DataSpec
+    output_dir: str = "runs"
+    deadline_s: float = Field(30.0, gt=0)  # per gRPC call
+    tls: TlsFiles | None = None  # mutual TLS with every party; None needs --insecure
+    min_parties: int | None = Field(None, ge=1)  # parties a job may drop to; None: all
+    baselines: bool = True  # also train vanilla distillation and the supervised bound
+
+    @field_validator("parties")
+    @classmethod
+    def _unique_names(cls, parties: list[PartyRef]) -> list[PartyRef]:
+        names = [p.name for p in parties]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"party names must be unique, repeated: {', '.join(duplicates)}")
+        return parties
+
+    @model_validator(mode="after")
+    def _enough_parties(self) -> JobSpec:
+        if self.min_parties is not None and self.min_parties > len(self.parties):
+            raise ValueError(
+                f"min_parties: {self.min_parties} exceeds the {len(self.parties)} parties listed"
+            )
+        return self

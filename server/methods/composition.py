@@ -1,0 +1,151 @@
+"""``composition`` (paper 000): pseudo-labels from every party's predictions train one student
+over the union of their classes; detection parties are composed box by box (section 3.2)."""
+
+from __future__ import annotations
+
+from amalgam.fusion.composition import CompositionConfig, compose
+from amalgam.fusion.data import load_source
+from amalgam.fusion.detection import (
+    DETECTORS,
+    AggregationConfig,
+    DetectionCompositionConfig,
+    compose_detection,
+    load_canvases,
+    pseudo_label_grid,
+    score_composition,
+)
+from amalgam.server.methods.base import Grants, Method, Need, Outcome, every_party
+from amalgam.server.report import markdown_table
+from amalgam.server.roster import Roster
+
+
+class CompositionParams(AggregationConfig, CompositionConfig):
+    """The composition of classifiers; with detection parties, the vote per object and
+    Soft-NMS of Algorithm 2 (``detection_rule``, ``iou_threshold``, ``score_threshold``,
+    ``soft_nms_sigma``, ...)."""
+
+
+def _check(spec) -> str | None:
+    if spec.data.unlabeled is None:
+        return "data.unlabeled: composition needs unlabeled data"
+    return None
+
+
+def _run(spec, teachers, progress, log, checkpoints=None) -> Outcome:
+    tasks = {t.info.task for t in teachers}
+    if tasks == {"detection"}:
+        return _run_detection(spec, teachers, progress, log)
+    if len(tasks) > 1:
+        detectors = [t.info.name for t in teachers if t.info.task == "detection"]
+        raise ValueError(f"parties: {', '.join(detectors)} detect and the others classify; "
+                         "a composition job takes one kind")  # fmt: skip
+    unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
+    roster = Roster(spec.min_parties or len(spec.parties), log)
+    result = compose(
+        teachers,
+        unlabeled,
+        test,
+        spec.method.params,
+        spec.student,
+        seed=spec.seed,
+        baselines=spec.baselines,
+        map_teachers=roster.map,
+        progress=progress,
+        log=log,
+        checkpoints=checkpoints,
+    )
+    extra = result.extra
+    extra["dropped_parties"] = {name: d.reason for name, d in roster.dropped.items()}
+    kept = f"Pseudo-labels kept: {100 * extra['retention']:.1f}%"
+    if "pseudo_label_accuracy" in extra:
+        kept += f", of which correct: {100 * extra['pseudo_label_accuracy']:.1f}%"
+    summary = [
+        f"Data: unlabeled {spec.data.unlabeled} ({extra['unlabeled']} images), test "
+        f"{spec.data.test} ({extra['test']} images of the union classes).",
+        kept + ".",
+        *roster.summary(),
+    ]
+    return Outcome(result.student, result.class_names, result.results, extra, summary)
+
+
+def _detection_config(spec, log) -> DetectionCompositionConfig:
+    """The student detector: ``student.arch`` must name one; left unset, the default
+    detector."""
+    student, arch = spec.student, spec.student.arch
+    if arch not in DETECTORS:
+        if "arch" in student.model_fields_set:
+            raise ValueError(
+                f"student.arch: {arch} is a classifier; detection parties need one of "
+                f"{', '.join(DETECTORS)}"
+            )
+        arch = DetectionCompositionConfig().student_arch
+        log(f"detection parties: the student is {arch} (student.arch not set)")
+    aggregation = AggregationConfig(
+        **spec.method.params.model_dump(include=set(AggregationConfig.model_fields))
+    )
+    return DetectionCompositionConfig(aggregation, student_arch=arch, epochs=student.epochs,
+                                      batch_size=student.batch_size, lr=student.lr,
+                                      seed=spec.seed)  # fmt: skip
+
+
+def _run_detection(spec, teachers, progress, log) -> Outcome:
+    """Composition of detection parties; ``data.unlabeled`` and ``data.test`` are canvas
+    sources (``canvases:<glyph source>``)."""
+    size = teachers[0].info.input_shape[-1]
+    unlabeled = load_canvases(spec.data.unlabeled, size=size, seed=spec.seed)
+    test = load_canvases(spec.data.test, size=size, seed=spec.seed + 1)
+    config = _detection_config(spec, log)
+    roster = Roster(spec.min_parties or len(spec.parties), log)
+    log(f"collecting detections of {len(teachers)} parties on {len(unlabeled)} canvases")
+    composed = compose_detection(teachers, unlabeled.images, config, map_teachers=roster.map,
+                                 progress=progress)  # fmt: skip
+    alive = [t for t in teachers if t.info.name not in roster.dropped]
+    scores = score_composition(alive, composed.student, test, config.aggregation)
+    student, pseudo = scores.student, scores.pseudo_labels
+    stats = composed.stats.as_dict()
+    extra = {
+        "metric": "mAP@[.5:.95]",
+        "student_map50": student["map50"],
+        "student_per_category": student["per_category"],
+        "pseudo_labels_on_test": pseudo,
+        "aggregation": stats,
+        "dropped_parties": {name: d.reason for name, d in roster.dropped.items()},
+    }
+    kept, aggregation = stats["per_rule"], config.aggregation
+    summary = [
+        f"Data: unlabeled {spec.data.unlabeled} ({len(unlabeled)} canvases), test "
+        f"{spec.data.test} ({len(test)} canvases); detection parties, rows are COCO "
+        f"mAP@[.5:.95] (student mAP@.5: {100 * student['map50']:.1f}).",
+        f"Pseudo-labels: {stats['detections']} detections, {stats['confident']} above the "
+        f"confidence {aggregation.score_threshold}, {stats['objects']} objects; kept by "
+        f"unanimous {kept['unanimous']}, consensus {kept['consensus']}, affirmative "
+        f"{kept['affirmative']} ({aggregation.detection_rule} used); {stats['boxes']} boxes "
+        f"after Soft-NMS. The same aggregation on the test canvases scores "
+        f"{100 * pseudo['map']:.1f} mAP.",
+        "",
+        "AP per category, %:",
+        "",
+        markdown_table(
+            list(student["per_category"]),
+            [[f"{100 * v:.1f}" for v in student["per_category"].values()]],
+        ),  # fmt: skip
+        *roster.summary(),
+    ]
+    figures = {
+        "pseudo-labels.png": lambda path: pseudo_label_grid(
+            unlabeled.images, composed.raw, composed.pseudo_labels, composed.union, path
+        )
+    }
+    return Outcome(
+        composed.student, composed.union, scores.rows, extra, summary, figures, metric="mAP"
+    )
+
+
+METHOD = Method(
+    name="composition",
+    summary="pseudo-labels from every party's predictions train one student (paper 000)",
+    params=CompositionParams,
+    run=_run,
+    plan=every_party(Grants((Need("predict", ("probs", "logits", "topk", "label")),))),
+    check=_check,
+)
