@@ -29,19 +29,17 @@ from pathlib import Path
 
 import torch
 
-from amalgam.fusion.amalgamation import (
-    AmalgamationConfig,
-    FeatureCache,
-    Layout,
-    amalgamate,
+from amalgam.fusion.amalgamation import AmalgamationConfig, FeatureCache, amalgamate
+from amalgam.fusion.amalgamation.evaluate import (
     amalgamation_rows,
+    parameter_count,
     parameter_counts,
 )
-from amalgam.fusion.amalgamation.evaluate import parameter_count
-from amalgam.fusion.amalgamation.student import build_student
+from amalgam.fusion.amalgamation.student import Layout, build_student
 from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.labels import relabel
 from amalgam.fusion.models import create_model
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.train import StudentConfig, fit
 from amalgam.protocol.schemas import LayersPolicy, Policy, PredictPolicy
 from amalgam.server.fanout import fan_out
@@ -137,14 +135,13 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     with tempfile.TemporaryDirectory(prefix="amalgamation-") as tmp, ExitStack() as stack:
         teachers = serve(models, parts, shape, Path(tmp), stack)
         cache = FeatureCache(Path(tmp) / "cache", wire_bytes=2)
-        result = amalgamate(teachers, unlabeled, config, training, cache, seed=SEED,
-                            map_teachers=fan_out)  # fmt: skip
+        context = RunContext(seed=SEED, map_teachers=fan_out, log=print)
+        result = amalgamate(teachers, unlabeled, config, training, cache, context)
         classes = [c for part in parts for c in part]
         ceiling = supervised(private, classes, result.entries, result, b)
         students = {"layerwise": result.layerwise, "joint": result.joint,
                     **result.baselines, "supervised": ceiling}  # fmt: skip
-        rows = amalgamation_rows(teachers, students, result.entries, test,
-                                 map_teachers=fan_out)  # fmt: skip
+        rows = amalgamation_rows(teachers, students, result.entries, test, context)
         infos = [t.info for t in teachers]
         wire = {t.info.name: {"sent": t.stats.bytes_sent, "received": t.stats.bytes_received}
                 for t in teachers}  # fmt: skip

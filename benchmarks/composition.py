@@ -37,6 +37,7 @@ from amalgam.fusion.composition import (
 )
 from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.models import create_model
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.train import StudentConfig, fit
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import Policy, PredictPolicy
@@ -116,9 +117,11 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     predictions = gather(teachers, unlabeled, test)
     config = CompositionConfig(rule="restricted-fit")
     student = StudentConfig(epochs=b["student_epochs"], batch_size=128)
-    result = compose_predictions(predictions, config, student, seed=SEED)
+    result = compose_predictions(predictions, config, student, RunContext(seed=SEED))
     paper_config = CompositionConfig(rule=PAPER_RULE, targets="hard")
-    paper = compose_predictions(predictions, paper_config, student, seed=SEED, baselines=False)
+    paper = compose_predictions(
+        predictions, paper_config, student, RunContext(seed=SEED, baselines=False)
+    )
     rows = dict(result.results)
     rows[f"student:{PAPER_RULE}"] = paper.results["student"]
     results.write(

@@ -34,6 +34,7 @@ from amalgam.fusion.datafree import (
 from amalgam.fusion.evaluate import evaluate
 from amalgam.fusion.labels import relabel
 from amalgam.fusion.models import create_model
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.train import fit
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
@@ -139,8 +140,9 @@ def run_method(method: str, teachers: list, train: Dataset, b: dict, seed: int):
         return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), seed)
     config = config_for(method, b)
     if method.endswith("_party_side"):
-        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS, seed=seed).run()
-    return DataFreeFusion(teachers, config, seed=seed).run()
+        context = RunContext(seed=seed)
+        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS, context=context).run()
+    return DataFreeFusion(teachers, config, context=RunContext(seed=seed)).run()
 
 
 def kd_on_real_images(
@@ -148,7 +150,7 @@ def kd_on_real_images(
 ) -> DataFreeResult:
     """The data-free student's optimiser, targets and number of steps, on batches of real
     training images: what the student would reach if the generators drew the real data."""
-    fusion = DataFreeFusion(teachers, config, seed=seed, own_generators=False)
+    fusion = DataFreeFusion(teachers, config, context=RunContext(seed=seed), own_generators=False)
     rng = torch.Generator().manual_seed(seed)
     for _ in range(config.iterations * config.student_steps):
         x = train.x[torch.randint(0, len(train.x), (config.batch_size,), generator=rng)]

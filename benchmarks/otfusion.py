@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.models import Classifier, create_model
-from amalgam.fusion.ot import (
+from amalgam.fusion.ot.config import OTFusionConfig
+from amalgam.fusion.ot.fuse import (
     FusionResult,
-    OTFusionConfig,
     clafusion,
     ot_fuse,
     recompute_batchnorm,

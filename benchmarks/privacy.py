@@ -32,6 +32,7 @@ from amalgam.fusion.composition import CompositionConfig, compose_predictions, g
 from amalgam.fusion.data import load_source
 from amalgam.fusion.labels import relabel, to_probs
 from amalgam.fusion.models import create_model
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.train import StudentConfig, accuracy, fit, predict_logits
 from amalgam.protocol.schemas import PredictPolicy
 from benchmarks.composition import (
@@ -85,9 +86,8 @@ def run(variant: str, args: argparse.Namespace, results: Results) -> None:
         print(f"form {form} ...", flush=True)
         teachers = local_teachers(models, OVERLAPPING, rule, Path(tempfile.mkdtemp()))
         predictions = gather(teachers, unlabeled, test)
-        composed = compose_predictions(
-            predictions, CompositionConfig(), student, seed=SEED, baselines=False
-        )
+        context = RunContext(seed=SEED, baselines=False)
+        composed = compose_predictions(predictions, CompositionConfig(), student, context)
         rows[f"student:{form}"] = composed.results["student"]
         rows[f"knockoff:{form}"], agreement[form] = knockoff(
             teachers[VICTIM], unlabeled, victim_x, victim_y, b["student_epochs"]

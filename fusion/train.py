@@ -25,6 +25,10 @@ class StudentConfig(Config):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(5e-4, ge=0)
 
+    def schedule(self) -> dict:
+        """The keywords of :func:`fit` it sets: epochs, batch size, learning rate, decay."""
+        return self.model_dump(exclude={"arch"})
+
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """``-sum_u q_u log softmax(z)_u`` averaged over the batch; (B, U) logits and targets."""

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from amalgam.fusion.teacher import (
-    Detections,
-    Feedback,
-    GeneratorObjective,
-    Synthesis,
-    TeacherInfo,
-    Weights,
-    concat_chunks,
-    in_chunks,
-)
+from amalgam.fusion.teacher import Detections, TeacherInfo, Weights, concat_chunks, in_chunks
 from amalgam.party.handler import PartyHandler
+
+if TYPE_CHECKING:  # the handler builds what these calls return
+    from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis
 
 
 class LocalTeacher:

@@ -14,9 +14,11 @@ from safetensors.torch import save_file
 
 from amalgam.fusion.detection import DETECTORS
 from amalgam.fusion.models import list_models
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Teacher
 from amalgam.protocol.loading import ConfigError, load_yaml
 from amalgam.protocol.tls import channel_credentials, resolve_tls
+from amalgam.server.fanout import fan_out
 from amalgam.server.jobspec import JobSpec
 from amalgam.server.methods import METHODS
 from amalgam.server.remote import RemoteTeacher
@@ -117,7 +119,9 @@ def run_job(
         run_dir = Path(spec.output_dir) / job_id
         run_dir.mkdir(parents=True, exist_ok=False)
     try:
-        outcome = METHODS[spec.method.name].run(spec, teachers, progress, log, checkpoints)
+        context = RunContext(seed=spec.seed, baselines=spec.baselines, map_teachers=fan_out,
+                             progress=progress, log=log, checkpoints=checkpoints)  # fmt: skip
+        outcome = METHODS[spec.method.name].run(spec, teachers, context)
     except Exception as error:
         if store is not None:
             store.set_status(job_id, "failed", str(error))

@@ -109,15 +109,19 @@ def test_denied_party_stops_the_job_with_one_line(tmp_path, capsys):
     assert "party acme: Predict is not granted" in _one_error_line(capsys)
 
 
-def test_plan_says_which_methods_are_possible_and_why_not(tmp_path, capsys):
-    logits = Policy(predict=PredictPolicy(output="logits"))
+def _plan(tmp_path, capsys, acme: Policy) -> str:
+    """``amalgam plan``'s output for acme under ``acme`` and globex releasing labels."""
     labels = Policy(predict=PredictPolicy(output="label"))
     with (
-        serving(tiny_handler(tmp_path, logits, name="acme")) as a,
+        serving(tiny_handler(tmp_path, acme, name="acme")) as a,
         serving(tiny_handler(tmp_path, labels, name="globex")) as b,
     ):
         assert main(["plan", "--insecure", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_plan_says_which_methods_are_possible_and_why_not(tmp_path, capsys):
+    out = _plan(tmp_path, capsys, Policy(predict=PredictPolicy(output="logits")))
     assert "composition      possible" in out
     assert "consolidate      not possible\n    - no party grants weights" in out
     assert "acme: bn_feedback is not granted" in out
@@ -130,13 +134,7 @@ def test_plan_names_exactly_the_methods_a_job_accepts(tmp_path, capsys):
     from amalgam.server.jobspec import MethodSection
 
     granting = Policy(predict=PredictPolicy(output="logits"), weights=WeightsPolicy())
-    labels = Policy(predict=PredictPolicy(output="label"))
-    with (
-        serving(tiny_handler(tmp_path, granting, name="acme")) as a,
-        serving(tiny_handler(tmp_path, labels, name="globex")) as b,
-    ):
-        assert main(["plan", "--insecure", str(_job(tmp_path, {"acme": a, "globex": b}))]) == 0
-    out = capsys.readouterr().out
+    out = _plan(tmp_path, capsys, granting)
     planned = [line.split()[0] for line in out.splitlines() if "possible" in line]
     sections = get_args(get_args(MethodSection)[0])
     accepted = [get_args(section.model_fields["name"].annotation)[0] for section in sections]

@@ -15,6 +15,7 @@ from amalgam.fusion.composition import (
 )
 from amalgam.fusion.data import load_source
 from amalgam.fusion.models import create_model
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import TeacherInfo
 from amalgam.fusion.train import StudentConfig, fit
 
@@ -73,7 +74,7 @@ def test_rows_cover_teachers_every_rule_and_baselines(teachers, data):
 
 def test_finetuning_uses_the_asked_fraction_of_labels(teachers, data):
     config = CompositionConfig(finetune_fraction=0.1)
-    result = compose(teachers, *data, config, STUDENT, baselines=False)
+    result = compose(teachers, *data, config, STUDENT, RunContext(baselines=False))
     assert result.extra["finetune_samples"] == round(0.1 * len(data[0]))
     assert "vanilla_kd" not in result.results
 

@@ -14,6 +14,7 @@ from amalgam.fusion.datafree.generator import Generator, augment
 from amalgam.fusion.datafree.party_side import PartySideFusion
 from amalgam.fusion.datafree.trainer import VARIANTS, DataFreeConfig, DataFreeFusion
 from amalgam.fusion.models import create_model
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Feedback, TeacherInfo
 from amalgam.fusion.train import fit
 from amalgam.party.audit import read_records
@@ -26,6 +27,7 @@ from amalgam.server.remote import RemoteTeacher
 from amalgam.server.simulation.parties import local_party, serving
 
 DIGITS = [str(d) for d in range(10)]
+QUIET = RunContext(progress=False)
 TINY = dict(warmup=3, iterations=4, student_steps=2, batch_size=16, generator_width=8)
 
 
@@ -67,7 +69,7 @@ def test_augment_translates_within_the_shift():
 @pytest.mark.parametrize("method", list(VARIANTS))
 def test_every_variant_trains_through_the_same_code_path(handlers, method):
     teachers = [LocalTeacher(h) for h in handlers]
-    result = DataFreeFusion(teachers, DataFreeConfig(variant=method, **TINY), progress=False).run(
+    result = DataFreeFusion(teachers, DataFreeConfig(variant=method, **TINY), context=QUIET).run(
         checkpoints=2
     )
     history = result.history
@@ -87,7 +89,7 @@ def test_end_to_end_through_real_grpc_parties(handlers):
         teachers = [RemoteTeacher("p0", a0), RemoteTeacher("p1", a1)]
         before = [p.clone() for p in Generator((1, 8, 8), 100, 8).parameters()]
         result = DataFreeFusion(
-            teachers, DataFreeConfig(variant="dfmf", **TINY), progress=False
+            teachers, DataFreeConfig(variant="dfmf", **TINY), context=QUIET
         ).run()
         for t in teachers:
             t.close()
@@ -134,7 +136,7 @@ def test_generator_collapse_is_warned_not_silent():
         collapse_patience=5,
     )
     with pytest.warns(RuntimeWarning, match="generator of flat may have collapsed"):
-        result = DataFreeFusion([ConstantTeacher()], config, progress=False).run()
+        result = DataFreeFusion([ConstantTeacher()], config, context=QUIET).run()
     assert len(result.warnings) == 1
 
 
@@ -142,7 +144,7 @@ def test_generator_collapse_is_warned_not_silent():
 def test_teacher_agreement_on_the_generated_samples_is_recorded(labels, agreement):
     teachers = [ConstantTeacher(label, f"t{label}-{i}") for i, label in enumerate(labels)]
     config = DataFreeConfig(variant="dfq_no_adv", **TINY)
-    history = DataFreeFusion(teachers, config, progress=False).run().history
+    history = DataFreeFusion(teachers, config, context=QUIET).run().history
     steps = TINY["iterations"] * TINY["student_steps"]
     assert history["samples/teacher_agreement"] == [agreement] * steps
     fit = history["samples/student_ensemble_agreement"]
@@ -208,7 +210,7 @@ def test_party_side_synthesis_through_real_grpc_parties(handlers):
     marks = {h.name: len(read_records(h.audit.path)) for h in handlers}
     with serving(handlers[0]) as a0, serving(handlers[1]) as a1:
         teachers = [RemoteTeacher("p0", a0), RemoteTeacher("p1", a1)]
-        result = PartySideFusion(teachers, config, rounds=2, progress=False).run(checkpoints=2)
+        result = PartySideFusion(teachers, config, rounds=2, context=QUIET).run(checkpoints=2)
         for t in teachers:
             t.close()
     per_round = TINY["iterations"] // 2

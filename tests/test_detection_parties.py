@@ -16,6 +16,7 @@ from amalgam.fusion.data import load_source
 from amalgam.fusion.detection.canvas import make_canvases
 from amalgam.fusion.detection.models import create_detector
 from amalgam.fusion.detection.train import fit_detector
+from amalgam.fusion.run import RunContext
 from amalgam.party.audit import read_records
 from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
@@ -133,4 +134,4 @@ def test_a_job_that_mixes_detection_and_classification_parties_is_refused(tmp_pa
         "output_dir": str(tmp_path),
     })  # fmt: skip
     with pytest.raises(ValueError, match="parties: evens detect and the others classify"):
-        METHODS["composition"].run(spec, teachers, False, lambda m: None)
+        METHODS["composition"].run(spec, teachers, RunContext(progress=False))

@@ -15,7 +15,8 @@ from amalgam.fusion.models import create_model
 from amalgam.fusion.ot.balance import add_identity_units, firing_estimate, merge_hidden_layers
 from amalgam.fusion.ot.cka import cka_from_grams, linear_cka
 from amalgam.fusion.ot.cla import cross_layer_alignment
-from amalgam.fusion.ot.fuse import OTFusionConfig, clafusion, ot_fuse, recompute_batchnorm
+from amalgam.fusion.ot.config import OTFusionConfig
+from amalgam.fusion.ot.fuse import clafusion, ot_fuse, recompute_batchnorm
 from amalgam.fusion.ot.probe import Probe
 from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
 from amalgam.fusion.ot.transport import apply_transport, transport_plan

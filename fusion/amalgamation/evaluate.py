@@ -14,7 +14,8 @@ from amalgam.fusion.amalgamation.student import build_student
 from amalgam.fusion.amalgamation.trainer import common_layout
 from amalgam.fusion.data import Dataset, fit_to_shape
 from amalgam.fusion.labels import as_logits, relabel, union_classes
-from amalgam.fusion.teacher import Teacher, TeacherInfo, TeacherMap, predict_all, sequential_map
+from amalgam.fusion.run import RunContext
+from amalgam.fusion.teacher import Teacher, TeacherInfo, predict_all
 from amalgam.fusion.train import accuracy, predict_logits
 
 
@@ -50,9 +51,7 @@ def amalgamation_rows(
     students: Mapping[str, nn.Module],
     entry_classes: Sequence[str],
     test: Dataset,
-    *,
-    map_teachers: TeacherMap = sequential_map,
-    progress: bool = True,
+    context: RunContext = RunContext(),
 ) -> dict[str, float]:
     """Rows ``teacher:<party>`` (on the test images of its classes), ``ensemble`` and every
     student on the whole task (test images of the union of classes), and
@@ -62,7 +61,9 @@ def amalgamation_rows(
     classes = union_classes([info.class_names for info in infos])
     x, y = relabel(test, classes)
     x = fit_to_shape(x, tuple(infos[0].input_shape))
-    released = map_teachers(lambda t: predict_all(t, x, infos.index(t.info), progress), teachers)
+    released = context.map_teachers(
+        lambda t: predict_all(t, x, infos.index(t.info), context.progress), teachers
+    )
     logits = [
         as_logits(out, info.output_form, len(info.class_names))
         for out, info in zip(released, infos, strict=True)

@@ -5,7 +5,7 @@ learn the head from the concatenated score vectors, and every layer jointly."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,7 +39,8 @@ from amalgam.fusion.config import Config
 from amalgam.fusion.data import fit_to_shape
 from amalgam.fusion.labels import as_logits
 from amalgam.fusion.models import VGG
-from amalgam.fusion.teacher import Teacher, TeacherInfo, TeacherMap, predict_all, sequential_map
+from amalgam.fusion.run import RunContext
+from amalgam.fusion.teacher import Teacher, TeacherInfo, predict_all
 from amalgam.fusion.train import StudentConfig, fit
 
 # the distillation baselines (paper 004, Table 1 "Baseline"): the student's architecture from
@@ -143,16 +144,14 @@ def learn_layer_wise(
     scores: Tensor,
     config: AmalgamationConfig,
     training: StudentConfig,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    context: RunContext = RunContext(),
 ) -> dict[str, object]:
     """Lines 1-7 of Algorithm 1, then the head: for every layer, amalgamate the teachers'
     features ``features[i][layer]`` on the (t, C, H, W) images ``x`` and train the student's
     step from the previous amalgamated features (the images for the first layer); the head
     learns the (t, E) targets ``scores`` from the last ones, with the batch size, learning rate
     and weight decay of ``training``. Returns each layer's losses."""
+    seed, progress = context.seed, context.progress
     train = dict(batch_size=training.batch_size, lr=training.lr, seed=seed, progress=progress)
     autoencoder = AutoencoderConfig(config.autoencoder_epochs, training.batch_size, 1e-3, seed)
     steps = layer_steps(student)
@@ -183,7 +182,7 @@ def learn_layer_wise(
         )
         fit_error = history[-1] / max(mean_energy(amalgamated.features), 1e-12)
         losses[layer] = {"reconstruction": amalgamated.losses, "layer": fit_error}
-        log(
+        context.log(
             f"amalgamate: {layer}: reconstruction error "
             f"{', '.join(f'{v:.3f}' for v in amalgamated.losses)}, layer fit {fit_error:.3f} "
             "(relative to the features' energy)"
@@ -209,29 +208,25 @@ def amalgamate(
     config: AmalgamationConfig,
     training: StudentConfig,
     cache: FeatureCache,
-    *,
-    seed: int = 0,
-    baselines: bool = True,
-    map_teachers: TeacherMap = sequential_map,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    checkpoints: Callable | None = None,
+    context: RunContext = RunContext(),
 ) -> AmalgamationResult:
     """One student for the union of the teachers' classes from (N, C, H, W) unlabeled images
-    in [0, 1] (paper 004, Algorithm 1); joint learning and the ``baselines`` train on the
-    schedule of ``training`` (its ``arch`` is ignored: the student is a ``vgg_cnn``)."""
+    in [0, 1] (paper 004, Algorithm 1); joint learning and (``context.baselines``) the baselines
+    train on the schedule of ``training`` (its ``arch`` is ignored: the student is a
+    ``vgg_cnn``)."""
     infos = [t.info for t in teachers]
     layout = common_layout(infos)
     shape = tuple(infos[0].input_shape)
     x = fit_to_shape(x, shape)
     position = {info.name: k for k, info in enumerate(infos)}
+    log, progress, map_teachers = context.log, context.progress, context.map_teachers
     log(f"amalgamate: {len(teachers)} teachers predict on {len(x)} unlabeled images")
     released = map_teachers(lambda t: predict_all(t, x, position[t.info.name], progress), teachers)
     logits = [
         as_logits(out, info.output_form, len(info.class_names))
         for out, info in zip(released, infos, strict=True)
     ]  # each (N, K_i)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(context.seed)
     index = torch.randperm(len(x), generator=generator)[: config.feature_samples].sort().values
     x_features = x[index]  # (t, C, H, W)
     log(f"amalgamate: features of {len(layout.layers)} layers on {len(index)} images")
@@ -246,40 +241,27 @@ def amalgamate(
     entry_classes = entries([info.class_names for info in infos])
 
     def new_student() -> VGG:
-        torch.manual_seed(seed)
+        torch.manual_seed(context.seed)
         student_widths = [widths[layer]["student"] for layer in layout.layers]
         return build_student(layout, student_widths, shape, len(entry_classes))
 
     student = new_student()
     form, temperature = config.score_target, config.temperature
     scores = score_targets([z[index] for z in logits], form, temperature)
-    losses = learn_layer_wise(
-        student, x_features, features, scores, config, training, seed=seed, progress=progress,
-        log=log,
-    )  # fmt: skip
+    losses = learn_layer_wise(student, x_features, features, scores, config, training, context)
     layerwise = copy.deepcopy(student).eval()
 
     def distil(model: VGG, target: str, name: str) -> list[float]:
         """Joint learning (lines 8-12) or a baseline: every layer on all unlabeled images."""
         log(f"amalgamate: {name} on {len(x)} images ({TARGETS[target]})")
-        return fit(
-            model,
-            x,
-            score_targets(logits, target, temperature),
-            epochs=training.epochs,
-            batch_size=training.batch_size,
-            lr=training.lr,
-            weight_decay=training.weight_decay,
-            seed=seed,
-            desc=name,
-            progress=progress,
-            loss=score_loss(target, temperature),
-            checkpoint=checkpoints(name) if checkpoints is not None else None,
-        )
+        targets = score_targets(logits, target, temperature)
+        return fit(model, x, targets, **training.schedule(), seed=context.seed, desc=name,
+                   progress=progress, loss=score_loss(target, temperature),
+                   checkpoint=context.checkpoint(name))  # fmt: skip
 
     losses["joint"] = distil(student, form, "joint")
     trained = {}
-    for name, target in BASELINES.items() if baselines else ():
+    for name, target in BASELINES.items() if context.baselines else ():
         trained[name] = new_student()
         losses[name] = distil(trained[name], target, name)
     folded = {name: fold_adaptation(model) for name, model in trained.items()}

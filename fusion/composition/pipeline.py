@@ -6,7 +6,7 @@ distillation and a supervised bound."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,8 +19,9 @@ from amalgam.fusion.config import Config
 from amalgam.fusion.data import Dataset, fit_to_shape
 from amalgam.fusion.labels import collect_union_probs, relabel, union_classes
 from amalgam.fusion.models import Classifier, create_model
-from amalgam.fusion.teacher import Teacher, TeacherMap, predict_all, sequential_map
-from amalgam.fusion.train import Checkpoint, StudentConfig, accuracy, fit, predict_logits
+from amalgam.fusion.run import RunContext
+from amalgam.fusion.teacher import Teacher, predict_all
+from amalgam.fusion.train import StudentConfig, accuracy, fit, predict_logits
 
 
 class CompositionConfig(Config):
@@ -62,13 +63,12 @@ def gather(
     teachers: Sequence[Teacher],
     unlabeled: Dataset,
     test: Dataset,
-    map_teachers: TeacherMap = sequential_map,
-    progress: bool = True,
+    context: RunContext = RunContext(),
 ) -> Predictions:
     """Ask every teacher for its predictions on the unlabeled and the test images.
 
     Each teacher answers both in one mapped call, so that one that drops out (``None`` from
-    ``map_teachers``) leaves no half-collected state: the union is that of the teachers that
+    ``context.map_teachers``) leaves no half-collected state: the union is that of the teachers that
     answered. Test samples of classes that none of them knows are left out. Each teacher
     receives the images fitted to its own input shape; the student takes the first one's.
     """
@@ -77,11 +77,11 @@ def gather(
     def both(teacher: Teacher) -> tuple[Tensor, Tensor]:
         position = list(teachers).index(teacher)
         return (
-            predict_all(teacher, unlabeled.x, position, progress),
-            predict_all(teacher, test.x, position, progress),
+            predict_all(teacher, unlabeled.x, position, context.progress),
+            predict_all(teacher, test.x, position, context.progress),
         )
 
-    outputs = map_teachers(both, teachers)
+    outputs = context.map_teachers(both, teachers)
     answered = [(t, o) for t, o in zip(teachers, outputs) if o is not None]
     if not answered:
         raise ValueError("no teacher answered")
@@ -145,30 +145,18 @@ def pseudo_label_stats(p: Predictions, tau: float) -> dict[str, dict[str, float]
 
 def train_student(
     student: StudentConfig,
-    seed: int,
     p: Predictions,
     x: Tensor,
     targets: Tensor,
-    desc: str,
-    progress: bool = True,
-    checkpoint: Checkpoint | None = None,
+    name: str,
+    context: RunContext,
 ) -> tuple[Classifier, list[float]]:
-    """A fresh ``student.arch`` over the union classes, trained on ``targets``."""
-    torch.manual_seed(seed)
+    """A fresh ``student.arch`` over the union classes, trained on ``targets`` (a training run
+    called ``name``)."""
+    torch.manual_seed(context.seed)
     model = create_model(student.arch, in_shape=tuple(p.x_test.shape[1:]), num_classes=len(p.union))
-    curve = fit(
-        model,
-        x,
-        targets,
-        epochs=student.epochs,
-        batch_size=student.batch_size,
-        lr=student.lr,
-        weight_decay=student.weight_decay,
-        seed=seed,
-        desc=desc,
-        progress=progress,
-        checkpoint=checkpoint,
-    )
+    curve = fit(model, x, targets, **student.schedule(), seed=context.seed, desc=name,
+                progress=context.progress, checkpoint=context.checkpoint(name))  # fmt: skip
     return model, curve
 
 
@@ -180,22 +168,11 @@ def compose_predictions(
     p: Predictions,
     config: CompositionConfig,
     student: StudentConfig,
-    *,
-    seed: int = 0,
-    baselines: bool = True,
-    progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
-    checkpoints: Callable[[str], Checkpoint] | None = None,
+    context: RunContext = RunContext(),
 ) -> CompositionResult:
     """Aggregate pseudo-labels with ``config.rule``, train a ``student``, and evaluate it with
-    the teachers, the ensembles and (``baselines``) vanilla KD and the supervised bound, each
-    trained like the student. ``checkpoints(name)``, where given, keeps each training run's
-    progress (see :func:`amalgam.fusion.train.fit`)."""
-
-    def train(x: Tensor, targets: Tensor, name: str) -> tuple[Classifier, list[float]]:
-        checkpoint = checkpoints(name) if checkpoints is not None else None
-        return train_student(student, seed, p, x, targets, name, progress, checkpoint)
-
+    the teachers, the ensembles and (``context.baselines``) vanilla KD and the supervised bound,
+    each trained like the student."""
     results = teacher_rows(p)
     pseudo = aggregate(p.unlabeled, p.known, config.rule, config.entropy_threshold)
     keep = pseudo.keep
@@ -214,19 +191,22 @@ def compose_predictions(
     if p.y_unlabeled is not None:
         extra["pseudo_label_accuracy"] = accuracy(pseudo.labels[keep], p.y_unlabeled[keep])
     targets = pseudo.targets if config.targets == "soft" else pseudo.labels
-    log(f"training the student on {int(keep.sum())} of {len(keep)} pseudo-labelled images")
-    model, extra["student_loss"] = train(p.x_unlabeled[keep], targets[keep], "student")
+    context.log(f"training the student on {int(keep.sum())} of {len(keep)} pseudo-labelled images")
+    model, extra["student_loss"] = train_student(
+        student, p, p.x_unlabeled[keep], targets[keep], "student", context
+    )
     if config.finetune_fraction > 0:
-        checkpoint = checkpoints("fine-tune") if checkpoints is not None else None
-        extra["finetune_samples"] = _finetune(model, p, config, student, seed, progress, checkpoint)
+        extra["finetune_samples"] = _finetune(model, p, config, student, context)
     results["student"] = test_accuracy(model, p)
-    if baselines:
-        log("training the baselines: vanilla distillation and the supervised bound")
+    if context.baselines:
+        context.log("training the baselines: vanilla distillation and the supervised bound")
         mean = aggregate(p.unlabeled, p.known, "mean").targets
-        vanilla, _ = train(p.x_unlabeled, mean, "vanilla_kd")
+        vanilla, _ = train_student(student, p, p.x_unlabeled, mean, "vanilla_kd", context)
         results["vanilla_kd"] = test_accuracy(vanilla, p)
         if p.y_unlabeled is not None:
-            supervised, _ = train(p.x_unlabeled, p.y_unlabeled, "supervised")
+            supervised, _ = train_student(
+                student, p, p.x_unlabeled, p.y_unlabeled, "supervised", context
+            )
             results["supervised"] = test_accuracy(supervised, p)
     return CompositionResult(model, p.union, results, extra)
 
@@ -237,13 +217,7 @@ def compose(
     test: Dataset,
     config: CompositionConfig,
     student: StudentConfig,
-    *,
-    seed: int = 0,
-    baselines: bool = True,
-    map_teachers: TeacherMap = sequential_map,
-    progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
-    checkpoints: Callable[[str], Checkpoint] | None = None,
+    context: RunContext = RunContext(),
 ) -> CompositionResult:
     """Compose ``teachers`` into one student over the union of their classes.
 
@@ -254,23 +228,13 @@ def compose(
         supervised bound, the pseudo-label accuracy and ``finetune_fraction``).
     test : labelled images; samples of classes no teacher knows are left out.
     student : the student's architecture and schedule (the baselines train alike).
-    map_teachers : how to call every teacher (the coordinator passes a parallel fan-out).
     """
-    log(
+    context.log(
         f"collecting predictions of {len(teachers)} teachers on {len(unlabeled)} unlabeled "
         f"and {len(test)} test images"
     )
-    predictions = gather(teachers, unlabeled, test, map_teachers, progress)
-    return compose_predictions(
-        predictions,
-        config,
-        student,
-        seed=seed,
-        baselines=baselines,
-        progress=progress,
-        log=log,
-        checkpoints=checkpoints,
-    )
+    predictions = gather(teachers, unlabeled, test, context)
+    return compose_predictions(predictions, config, student, context)
 
 
 def _finetune(
@@ -278,16 +242,14 @@ def _finetune(
     p: Predictions,
     config: CompositionConfig,
     student: StudentConfig,
-    seed: int,
-    progress: bool,
-    checkpoint: Checkpoint | None = None,
+    context: RunContext,
 ) -> int:
     """Fine-tune on a labelled fraction of the unlabeled set (paper Sec. 3, last step), at a
     tenth of the student's learning rate; returns the number of labelled samples used."""
     if p.y_unlabeled is None:
         raise ValueError("finetune_fraction needs labels on the unlabeled set")
     count = max(2, round(config.finetune_fraction * len(p.y_unlabeled)))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(context.seed)
     index = torch.randperm(len(p.y_unlabeled), generator=generator)[:count]
     fit(
         model,
@@ -297,9 +259,9 @@ def _finetune(
         batch_size=student.batch_size,
         lr=student.lr / 10,
         weight_decay=student.weight_decay,
-        seed=seed,
+        seed=context.seed,
         desc="fine-tune",
-        progress=progress,
-        checkpoint=checkpoint,
+        progress=context.progress,
+        checkpoint=context.checkpoint("fine-tune"),
     )
     return count

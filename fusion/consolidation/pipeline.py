@@ -5,7 +5,7 @@ representation by few-shot linear probes on downstream tasks the coordinator own
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +19,8 @@ from amalgam.fusion.consolidation.trainer import ConsolidationConfig, consolidat
 from amalgam.fusion.data import Dataset, fit_to_shape, load_source
 from amalgam.fusion.labels import as_logits, relabel, to_probs
 from amalgam.fusion.models import Classifier
-from amalgam.fusion.teacher import Normaliser, Teacher, TeacherMap, predict_all, sequential_map
+from amalgam.fusion.run import RunContext
+from amalgam.fusion.teacher import Normaliser, Teacher, predict_all
 from amalgam.fusion.train import accuracy
 from amalgam.fusion.transfer import Represent, extract_features, transfer_score
 
@@ -124,12 +125,7 @@ def consolidate_parties(
     params: ConsolidationParams,
     proxy: Dataset,
     test: Dataset,
-    *,
-    seed: int = 0,
-    baselines: bool = True,
-    map_teachers: TeacherMap = sequential_map,
-    progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
+    context: RunContext = RunContext(),
 ) -> Consolidation:
     """Consolidate the generalist party's exported network and the other parties' predictions
     on the unlabeled ``proxy`` images; judge every representation on ``params.tasks`` and each
@@ -138,17 +134,20 @@ def consolidate_parties(
     experts = [t for t in teachers if t.info.name != params.generalist]
     normalise = Normaliser(generalist_party.info)
     tasks = {task.name: task_data(task) for task in params.tasks}  # bad input fails first
+    seed, progress, log = context.seed, context.progress, context.log
     log(f"consolidate: exporting the generalist's network ({params.generalist})")
     generalist = generalist_party.weights().build()
     log(f"consolidate: {len(experts)} teachers predict on {len(proxy)} proxy images")
-    released = map_teachers(lambda t: predict_all(t, proxy.x, experts.index(t), progress), experts)
+    released = context.map_teachers(
+        lambda t: predict_all(t, proxy.x, experts.index(t), progress), experts
+    )
     logits = [
         as_logits(out, t.info.output_form, len(t.info.class_names))
         for out, t in zip(released, experts, strict=True)
     ]
     x_proxy = normalise(proxy.x)
     runs = {"consolidated": params}
-    if baselines and params.generalist_weight > 0:
+    if context.baselines and params.generalist_weight > 0:
         runs["kd"] = params.model_copy(update={"generalist_weight": 0.0})
     students, losses = {}, {}
     for name, run_config in runs.items():

@@ -52,14 +52,14 @@ class PartySideFusion(DataFreeFusion):
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {rounds}")
         self.rounds = rounds
-        self.session = f"{config.variant}-{self.seed}-{uuid.uuid4().hex[:8]}"
+        self.session = f"{config.variant}-{self.context.seed}-{uuid.uuid4().hex[:8]}"
 
     def run(self, checkpoints: int = 4) -> DataFreeResult:
         c, teachers = self.config, self.teachers
         params = SynthesisParams(
             **c.model_dump(include=set(DataFreeConfig.model_fields)),
             student_arch=self.student_arch,
-            seed=self.seed,
+            seed=self.context.seed,
         ).model_dump()
         per_round = math.ceil(c.iterations / self.rounds)
         per_generator = max(2, c.batch_size // len(teachers))
@@ -67,10 +67,10 @@ class PartySideFusion(DataFreeFusion):
         frozen = self.variant.freeze_after_warmup
         generator_queries = [0] * len(teachers)
         samples, every = [], max(1, self.rounds // max(1, checkpoints))
-        bar = progress_bar(self.rounds, f"{c.variant} (party-side)", show=self.progress)
+        bar = progress_bar(self.rounds, f"{c.variant} (party-side)", show=self.context.progress)
         for r in range(self.rounds):
             steps = (warmup_steps(c) if r == 0 else 0) + (0 if frozen else per_round)
-            made = self.map_teachers(
+            made = self.context.map_teachers(
                 lambda t, n=steps: t.synthesize(params, self.session, n, pool), teachers
             )
             for k, synthesis in enumerate(made):

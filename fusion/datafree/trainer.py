@@ -39,7 +39,8 @@ from amalgam.fusion.datafree.losses import batch_entropy, kd_kl, softened_kl
 from amalgam.fusion.labels import as_logits
 from amalgam.fusion.models import Classifier, create_model
 from amalgam.fusion.progress import progress_bar
-from amalgam.fusion.teacher import GeneratorObjective, Teacher, TeacherMap, sequential_map
+from amalgam.fusion.run import RunContext
+from amalgam.fusion.teacher import GeneratorObjective, Teacher
 
 
 @dataclass(frozen=True)
@@ -257,17 +258,14 @@ class GeneratorTrainer:
 
 class DataFreeFusion:
     """One run of a variant over ``teachers``; :meth:`run` returns the trained student, a
-    ``student_arch`` (the assistants share its architecture), seeded by ``seed``."""
+    ``student_arch`` (the assistants share its architecture)."""
 
     def __init__(
         self,
         teachers: Sequence[Teacher],
         config: DataFreeConfig,
         student_arch: str = "small_cnn",
-        seed: int = 0,
-        map_teachers: TeacherMap = sequential_map,
-        progress: bool = True,
-        log: Callable[[str], None] = lambda message: None,
+        context: RunContext = RunContext(),
         own_generators: bool = True,
     ) -> None:
         classes = {t.info.class_names for t in teachers}
@@ -280,13 +278,11 @@ class DataFreeFusion:
                     f"party {name}: data-free fusion needs logits or probs, it releases {form!r}"
                 )
         self.teachers = list(teachers)
-        self.config, self.student_arch, self.seed = config, student_arch, seed
+        self.config, self.student_arch, self.context = config, student_arch, context
         self.variant = VARIANTS[config.variant]
-        self.map_teachers = map_teachers
-        self.progress = progress
-        torch.manual_seed(seed)
-        self.rng = torch.Generator().manual_seed(seed)
-        self.history = History(log)
+        torch.manual_seed(context.seed)
+        self.rng = torch.Generator().manual_seed(context.seed)
+        self.history = History(context.log)
         self.trainers = (
             [
                 GeneratorTrainer(t, config, k, self.history, self.rng, student_arch)
@@ -312,7 +308,7 @@ class DataFreeFusion:
 
     def student_targets(self, x: Tensor) -> Tensor:
         """The teachers' averaged soft labels at temperature tau (Eq. 1, w_k = 1 / K)."""
-        logits = self.map_teachers(
+        logits = self.context.map_teachers(
             lambda t: as_logits(t.predict(x), t.info.output_form, len(t.info.class_names)),
             self.teachers,
         )
@@ -340,7 +336,7 @@ class DataFreeFusion:
 
     def snapshot(self, count: int = 16) -> list[Tensor]:
         """``count`` samples of every generator, (count, C, H, W) each."""
-        rng = torch.Generator().manual_seed(self.seed + 1)
+        rng = torch.Generator().manual_seed(self.context.seed + 1)
         return [trainer.sample(count, rng) for trainer in self.trainers]
 
     def result(self, samples: list[list[Tensor]], generator_queries: list[int]) -> DataFreeResult:
@@ -364,8 +360,9 @@ class DataFreeFusion:
         c = self.config
         samples = [self.snapshot()]
         bar = progress_bar(
-            len(self.teachers) * warmup_steps(c) + c.iterations, c.variant, show=self.progress
-        )
+            len(self.teachers) * warmup_steps(c) + c.iterations, c.variant,
+            show=self.context.progress,
+        )  # fmt: skip
         for trainer in self.trainers:  # warm-up: fidelity only
             for _ in range(warmup_steps(c)):
                 trainer.step()

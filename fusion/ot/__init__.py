@@ -5,15 +5,8 @@ ResNets with biases and BatchNorm.
 The coordinator imports only what is listed here.
 """
 
-from amalgam.fusion.ot.fuse import (
-    AlignmentConfig,
-    FusionResult,
-    OTFusionConfig,
-    clafusion,
-    ot_fuse,
-    recompute_batchnorm,
-    vanilla_average,
-)
+from amalgam.fusion.ot.config import AlignmentConfig, OTFusionConfig
+from amalgam.fusion.ot.fuse import FusionResult, clafusion, ot_fuse
 from amalgam.fusion.ot.pipeline import (
     Incompatible,
     WeightFusion,
@@ -33,6 +26,4 @@ __all__ = [
     "clafusion",
     "fuse_parties",
     "ot_fuse",
-    "recompute_batchnorm",
-    "vanilla_average",
 ]

@@ -7,7 +7,7 @@ evaluate the fused network against each party's network and their ensemble."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +20,9 @@ from amalgam.fusion.data import Dataset, fit_to_shape
 from amalgam.fusion.evaluate import per_class_accuracy
 from amalgam.fusion.labels import relabel
 from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.ot.config import AlignmentConfig, OTFusionConfig
 from amalgam.fusion.ot.fuse import (
-    AlignmentConfig,
     FusionResult,
-    OTFusionConfig,
     clafusion,
     ot_fuse,
     recompute_batchnorm,
@@ -31,7 +30,8 @@ from amalgam.fusion.ot.fuse import (
 )
 from amalgam.fusion.ot.probe import Probe
 from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
-from amalgam.fusion.teacher import Normaliser, Teacher, TeacherInfo, TeacherMap, sequential_map
+from amalgam.fusion.run import RunContext
+from amalgam.fusion.teacher import Normaliser, Teacher, TeacherInfo
 from amalgam.fusion.train import StudentConfig, accuracy, fit, predict_logits
 
 BATCHNORM_IMAGES = 10_000  # unlabeled images for re-estimating BatchNorm statistics
@@ -176,11 +176,7 @@ def fuse_parties(
     unlabeled: Dataset | None = None,
     finetune: Dataset | None = None,
     student: StudentConfig | None = None,
-    seed: int = 0,
-    baselines: bool = True,
-    map_teachers: TeacherMap = sequential_map,
-    progress: bool = True,
-    log: Callable[[str], None] = lambda message: None,
+    context: RunContext = RunContext(),
 ) -> WeightFusion:
     """Fuse the networks the parties export into one (OT fusion, or CLAFusion with
     ``cross_layer``) and evaluate it on the labelled ``test`` images.
@@ -191,14 +187,16 @@ def fuse_parties(
     finetune : labelled images for ``config.finetune_epochs`` of fine-tuning with the
         ``student`` optimiser settings; the parties' networks are fine-tuned alike as
         baselines.
-    baselines : also evaluate vanilla averaging (equal shapes) and the fine-tuned inputs.
+    context : with ``baselines``, vanilla averaging (equal shapes) and the fine-tuned inputs are
+        evaluated too.
     """
+    seed, progress, log = context.seed, context.progress, context.log
     infos = [t.info for t in teachers]
     check_compatible(infos)
     names = [info.name for info in infos]
     normalise = Normaliser(infos[0])
     log(f"exporting the weights of {len(teachers)} parties")
-    models = [w.build() for w in map_teachers(lambda t: t.weights(), teachers)]
+    models = [w.build() for w in context.map_teachers(lambda t: t.weights(), teachers)]
     for k, (name, model) in enumerate(zip(names, models, strict=True)):
         try:
             fusion_spec(model)
@@ -219,7 +217,7 @@ def fuse_parties(
     classes = list(infos[0].class_names)
     networks = {f"teacher:{name}": m for name, m in zip(names, models, strict=True)}
     shapes = {tuple((n, p.shape) for n, p in m.state_dict().items()) for m in models}
-    if baselines and len(shapes) == 1:
+    if context.baselines and len(shapes) == 1:
         networks["vanilla_avg"] = vanilla_average(models, config.weights)
     if config.finetune_epochs:
         x, y = relabel(finetune, classes)
@@ -230,7 +228,7 @@ def fuse_parties(
                                seed, progress)  # fmt: skip
 
         networks["fused_one_shot"] = result.model
-        if baselines:
+        if context.baselines:
             networks |= {f"finetuned:{n}": tuned(m) for n, m in zip(names, models, strict=True)}
         networks["student"] = tuned(result.model)
     else:

@@ -68,15 +68,20 @@ def _batchnorm(spec: FusionSpec, prefix: str, group: str) -> None:
     spec.axes[f"{prefix}.num_batches_tracked"] = ()
 
 
-def _mlp_spec(model: MLP) -> FusionSpec:
-    spec = FusionSpec(sections=model.sections())
-    previous: str | None = None
-    for k, unit in enumerate(spec.sections[0].units):
+def _hidden_linear(spec: FusionSpec, section: Section, previous: str | None) -> str | None:
+    """Each linear layer of ``section`` is a group ``fc<k>`` reading the group ``previous``;
+    returns the last one."""
+    for k, unit in enumerate(section.units):
         group = f"fc{k}"
         spec.groups.append(Group(group, (f"{unit.module}.weight",), unit.output))
         _linear(spec, unit.module, group, previous)
         previous = group
-    _linear(spec, "head", None, previous)
+    return previous
+
+
+def _mlp_spec(model: MLP) -> FusionSpec:
+    spec = FusionSpec(sections=model.sections())
+    _linear(spec, "head", None, _hidden_linear(spec, spec.sections[0], None))
     return spec
 
 
@@ -94,12 +99,7 @@ def _vgg_spec(model: VGG) -> FusionSpec:
             spec.axes[f"{prefix}.conv.bias"] = (group,)
             _batchnorm(spec, f"{prefix}.bn", group)
             previous = group
-    for k, unit in enumerate(fc.units):
-        group = f"fc{k}"
-        spec.groups.append(Group(group, (f"{unit.module}.weight",), unit.output))
-        _linear(spec, unit.module, group, previous)
-        previous = group
-    _linear(spec, "head", None, previous)
+    _linear(spec, "head", None, _hidden_linear(spec, fc, previous))
     return spec
 
 

@@ -16,9 +16,9 @@ from amalgam.fusion.amalgamation import (
     parameter_counts,
 )
 from amalgam.fusion.data import load_source
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import TeacherInfo
-from amalgam.server.fanout import fan_out
-from amalgam.server.methods.base import Grants, Method, Need, Outcome, every_party
+from amalgam.server.methods.base import Grants, Method, Need, Outcome
 from amalgam.server.report import markdown_table
 
 
@@ -26,19 +26,6 @@ class AmalgamationParams(AmalgamationConfig):
     """Knowledge amalgamation; joint learning uses the job's ``student`` schedule."""
 
     half: bool = True  # float16 features on the wire
-
-
-def _check(spec) -> str | None:
-    if len(spec.parties) < 2:
-        return "parties: amalgamation needs two teachers or more"
-    if spec.data.unlabeled is None:
-        return "data.unlabeled: amalgamation needs unlabeled images"
-    if spec.student.arch != "vgg_cnn":
-        return (
-            f"student.arch: amalgamate builds a vgg_cnn student (the teachers' family), "
-            f"not {spec.student.arch}"
-        )
-    return None
 
 
 def _vgg_layers(info: TeacherInfo) -> str | None:
@@ -50,89 +37,85 @@ def _vgg_layers(info: TeacherInfo) -> str | None:
     return None
 
 
+class Amalgamate(Method):
+    name = "amalgamate"
+    summary = "teachers' features and scores, layer by layer, in one compact student (paper 004)"
+    params = AmalgamationParams
+    # the features of every vgg_cnn layer, and the score vectors
+    grants = (
+        Grants((Need("predict", ("logits", "probs")), Need("activations", layers=_vgg_layers))),
+    )
+    float16 = frozenset({"activations"})
+
+    def check(self, spec) -> str | None:
+        if len(spec.parties) < 2:
+            return "parties: amalgamation needs two teachers or more"
+        if spec.data.unlabeled is None:
+            return "data.unlabeled: amalgamation needs unlabeled images"
+        if spec.student.arch != "vgg_cnn":
+            return (
+                f"student.arch: amalgamate builds a vgg_cnn student (the teachers' family), "
+                f"not {spec.student.arch}"
+            )
+        return None
+
+    def run(self, spec, teachers, context: RunContext) -> Outcome:
+        config, cache = spec.method.params, feature_cache(spec)
+        unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
+        result = amalgamate(teachers, unlabeled.x, config, spec.student, cache, context)
+        students = {"layerwise": result.layerwise, "joint": result.joint, **result.baselines}
+        rows = amalgamation_rows(teachers, students, result.entries, test, context)
+        infos = [t.info for t in teachers]
+        params = parameter_counts(infos, result.widths, result.joint)
+        scores = sum(len(unlabeled) * len(info.class_names) * 4 for info in infos)  # float32 logits
+        moved = {
+            "features": dict(cache.bytes_moved),
+            "features_from_cache": dict(cache.bytes_reused),
+            "scores": scores,
+            "total": sum(cache.bytes_moved.values()) + scores,
+        }
+        names = [info.name for info in infos]
+        width_rows = [
+            [layer] + [str(w[name]) for name in names] + [str(w["student"])]
+            for layer, w in result.widths.items()
+        ]
+        summary = [
+            f"Unlabeled: {spec.data.unlabeled} ({len(unlabeled)} images; features of "
+            f"{min(config.feature_samples, len(unlabeled))}); test: {spec.data.test}. "
+            f"Feature amalgamation {config.scheme.upper()}; joint learning on "
+            f"{TARGETS[config.score_target]} (T = {config.temperature}).",
+            "",
+            "Channels per amalgamated layer:",
+            "",
+            markdown_table(["layer", *names, "student"], width_rows),
+            "",
+            f"Parameters: student {params['student']:,}, teachers together "
+            f"{params['teachers']:,} ("
+            + ", ".join(f"{n} {params[f'teacher:{n}']:,}" for n in names)
+            + ").",
+            f"Moved to the coordinator: {moved['total'] / 1e6:.1f} MB ("
+            f"features {sum(cache.bytes_moved.values()) / 1e6:.1f} MB in "
+            f"{'float16' if spec.method.params.half else 'float32'}, score vectors "
+            f"{scores / 1e6:.1f} MB); reused from the cache {cache.folder}: "
+            f"{sum(cache.bytes_reused.values()) / 1e6:.1f} MB.",
+            "Rows teacher:<party> are on the test images of the party's classes; <student>:part<k> "
+            "the student on party k's images, choosing among party k's classes.",
+        ]
+        extra = {
+            "params": params,
+            "bytes_moved": moved,
+            "widths": result.widths,
+            "entries": result.entries,
+            "losses": result.losses,
+            "parts": {f"part{k}": list(i.class_names) for k, i in enumerate(infos, start=1)},
+        }
+        return Outcome(result.joint, result.entries, rows, extra, summary)
+
+
 def feature_cache(spec) -> FeatureCache:
     """Kept beside the runs: a later job on the same images and parties asks nothing again."""
     folder = Path(spec.output_dir) / "cache" / "features"
     return FeatureCache(folder, wire_bytes=2 if spec.method.params.half else 4)
 
 
-def _run(spec, teachers, progress, log, checkpoints=None) -> Outcome:
-    config, cache = spec.method.params, feature_cache(spec)
-    unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
-    result = amalgamate(
-        teachers,
-        unlabeled.x,
-        config,
-        spec.student,
-        cache,
-        seed=spec.seed,
-        baselines=spec.baselines,
-        map_teachers=fan_out,
-        progress=progress,
-        log=log,
-        checkpoints=checkpoints,
-    )
-    students = {"layerwise": result.layerwise, "joint": result.joint, **result.baselines}
-    rows = amalgamation_rows(
-        teachers, students, result.entries, test, map_teachers=fan_out, progress=progress
-    )
-    infos = [t.info for t in teachers]
-    params = parameter_counts(infos, result.widths, result.joint)
-    scores = sum(len(unlabeled) * len(info.class_names) * 4 for info in infos)  # float32 logits
-    moved = {
-        "features": dict(cache.bytes_moved),
-        "features_from_cache": dict(cache.bytes_reused),
-        "scores": scores,
-        "total": sum(cache.bytes_moved.values()) + scores,
-    }
-    names = [info.name for info in infos]
-    width_rows = [
-        [layer] + [str(w[name]) for name in names] + [str(w["student"])]
-        for layer, w in result.widths.items()
-    ]
-    summary = [
-        f"Unlabeled: {spec.data.unlabeled} ({len(unlabeled)} images; features of "
-        f"{min(config.feature_samples, len(unlabeled))}); test: {spec.data.test}. "
-        f"Feature amalgamation {config.scheme.upper()}; joint learning on "
-        f"{TARGETS[config.score_target]} (T = {config.temperature}).",
-        "",
-        "Channels per amalgamated layer:",
-        "",
-        markdown_table(["layer", *names, "student"], width_rows),
-        "",
-        f"Parameters: student {params['student']:,}, teachers together "
-        f"{params['teachers']:,} ("
-        + ", ".join(f"{n} {params[f'teacher:{n}']:,}" for n in names)
-        + ").",
-        f"Moved to the coordinator: {moved['total'] / 1e6:.1f} MB ("
-        f"features {sum(cache.bytes_moved.values()) / 1e6:.1f} MB in "
-        f"{'float16' if spec.method.params.half else 'float32'}, score vectors "
-        f"{scores / 1e6:.1f} MB); reused from the cache {cache.folder}: "
-        f"{sum(cache.bytes_reused.values()) / 1e6:.1f} MB.",
-        "Rows teacher:<party> are on the test images of the party's classes; <student>:part<k> "
-        "the student on party k's images, choosing among party k's classes.",
-    ]
-    extra = {
-        "params": params,
-        "bytes_moved": moved,
-        "widths": result.widths,
-        "entries": result.entries,
-        "losses": result.losses,
-        "parts": {f"part{k}": list(i.class_names) for k, i in enumerate(infos, start=1)},
-    }
-    return Outcome(result.joint, result.entries, rows, extra, summary)
-
-
-METHOD = Method(
-    name="amalgamate",
-    summary="the teachers' features, layer by layer, and scores into one compact student "
-    "(paper 004)",
-    params=AmalgamationParams,
-    run=_run,
-    # the features of every vgg_cnn layer, and the score vectors
-    plan=every_party(
-        Grants((Need("predict", ("logits", "probs")), Need("activations", layers=_vgg_layers)))
-    ),
-    check=_check,
-    float16=frozenset({"activations"}),
-)
+METHOD = Amalgamate()

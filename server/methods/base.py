@@ -1,9 +1,10 @@
-"""What a fusion method is to the coordinator: one :class:`Method` record per method, in the
-method table (:mod:`amalgam.server.methods`). The job schema, the job checks, the planner, the
-clients and the job runner read the record; nothing else lists methods."""
+"""What a fusion method is to the coordinator: one :class:`Method` per method, in the method
+table (:mod:`amalgam.server.methods`). The job schema, the job checks, the planner, the clients
+and the job runner read it; nothing else lists methods."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, create_model
 
 from amalgam.fusion.models import Classifier
+from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Teacher, TeacherInfo
 
 if TYPE_CHECKING:
@@ -30,14 +32,6 @@ class Outcome:
     figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # PNG writers
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # other artefacts
     metric: str = "accuracy"  # what the results rows measure (detection: mAP)
-
-
-# runner(spec, teachers, progress, log, checkpoints): ``checkpoints(name)`` gives a
-# :class:`amalgam.fusion.train.Checkpoint` per training run (or is None); a runner that does
-# not use it restarts its training when a job is resumed (the parties' answers are replayed).
-Runner = Callable[
-    ["JobSpec", Sequence[Teacher], bool, Callable[[str], None], Callable | None], Outcome
-]
 
 
 @dataclass(frozen=True)
@@ -74,57 +68,53 @@ class Grants:
         return [p for need in self.needs if (p := need.problem(info)) is not None]
 
 
-# planner: the parties' infos -> (the labels of the ways every party allows, and, when there
-# is none, one reason per party that blocks the method)
-Planner = Callable[[Sequence[TeacherInfo]], tuple[list[str], list[str]]]
-
-
-def every_party(*ways: Grants) -> Planner:
-    """The planner of a method every party serves alike: possible in each way that every
-    party's policy allows; otherwise each blocking party's problems with the way it comes
-    closest to."""
-
-    def plan(infos: Sequence[TeacherInfo]) -> tuple[list[str], list[str]]:
-        possible = [w.label for w in ways if not any(w.problems(info) for info in infos)]
-        if possible:
-            return possible, []
-        reasons = []
-        for info in infos:
-            problems = min((w.problems(info) for w in ways), key=len)
-            if problems:
-                reasons.append(f"{info.name}: {'; '.join(problems)}")
-        return [], reasons
-
-    return plan
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class Method:
-    """One fusion method as the coordinator runs it.
+class Method(ABC):
+    """One fusion method as the coordinator runs it; a module of the method table defines a
+    subclass and exports one instance as ``METHOD``.
 
     Attributes
     ----------
     name : what a job's ``method.name`` says.
     summary : one line: what it does, and the paper.
     params : the model of the job's ``method.params``; its defaults are the method's.
-    run : turns a validated job and its teachers into an :class:`Outcome`.
-    plan : which ways the parties' policies allow (``amalgam plan``).
-    check : what the schema cannot see (e.g. a party named in the params that the job does
-        not list): a one-line problem ``<field>: <what is wrong>``, or None.
+    grants : the ways of running it, each with what every party must grant (``amalgam plan``).
     float16 : capabilities whose tensors travel as float16 when ``params.half`` is set.
     """
 
     name: str
     summary: str
     params: type[BaseModel]
-    run: Runner
-    plan: Planner
-    check: Callable[[JobSpec], str | None] = lambda spec: None
+    grants: tuple[Grants, ...] = ()
     float16: frozenset[str] = frozenset()
+
+    @abstractmethod
+    def run(self, spec: JobSpec, teachers: Sequence[Teacher], context: RunContext) -> Outcome:
+        """Fuse ``teachers`` as ``spec`` says; ``context`` carries the job's seed and baselines,
+        the parallel fan-out over the parties, progress, log and checkpoints (a method whose
+        training keeps none restarts it when a job is resumed; the parties' answers are
+        replayed anyway)."""
+
+    def check(self, spec: JobSpec) -> str | None:
+        """What the schema cannot see (e.g. a party named in the params that the job does not
+        list): a one-line problem ``<field>: <what is wrong>``, or None."""
+        return None
+
+    def plan(self, infos: Sequence[TeacherInfo]) -> tuple[list[str], list[str]]:
+        """The labels of the ways the parties' policies allow; where there is none, one reason
+        per party that blocks the method: its problems with the way it comes closest to."""
+        possible = [w.label for w in self.grants if not any(w.problems(i) for i in infos)]
+        if possible:
+            return possible, []
+        reasons = []
+        for info in infos:
+            problems = min((w.problems(info) for w in self.grants), key=len)
+            if problems:
+                reasons.append(f"{info.name}: {'; '.join(problems)}")
+        return [], reasons
 
     def section(self) -> type[BaseModel]:
         """The model of a job's ``method:`` section for this method; ``params`` may be left

@@ -3,6 +3,8 @@ over the union of their classes; detection parties are composed box by box (sect
 
 from __future__ import annotations
 
+import dataclasses
+
 from amalgam.fusion.composition import CompositionConfig, compose
 from amalgam.fusion.data import load_source
 from amalgam.fusion.detection import (
@@ -14,7 +16,8 @@ from amalgam.fusion.detection import (
     pseudo_label_grid,
     score_composition,
 )
-from amalgam.server.methods.base import Grants, Method, Need, Outcome, every_party
+from amalgam.fusion.run import RunContext
+from amalgam.server.methods.base import Grants, Method, Need, Outcome
 from amalgam.server.report import markdown_table
 from amalgam.server.roster import Roster
 
@@ -25,35 +28,33 @@ class CompositionParams(AggregationConfig, CompositionConfig):
     ``soft_nms_sigma``, ...)."""
 
 
-def _check(spec) -> str | None:
-    if spec.data.unlabeled is None:
-        return "data.unlabeled: composition needs unlabeled data"
-    return None
+class Composition(Method):
+    name = "composition"
+    summary = "pseudo-labels from every party's predictions train one student (paper 000)"
+    params = CompositionParams
+    grants = (Grants((Need("predict", ("probs", "logits", "topk", "label")),)),)
+
+    def check(self, spec) -> str | None:
+        if spec.data.unlabeled is None:
+            return "data.unlabeled: composition needs unlabeled data"
+        return None
+
+    def run(self, spec, teachers, context: RunContext) -> Outcome:
+        if {t.info.task for t in teachers} == {"detection"}:
+            return _compose_detectors(spec, teachers, context)
+        return _compose_classifiers(spec, teachers, context)
 
 
-def _run(spec, teachers, progress, log, checkpoints=None) -> Outcome:
+def _compose_classifiers(spec, teachers, context: RunContext) -> Outcome:
     tasks = {t.info.task for t in teachers}
-    if tasks == {"detection"}:
-        return _run_detection(spec, teachers, progress, log)
     if len(tasks) > 1:
         detectors = [t.info.name for t in teachers if t.info.task == "detection"]
         raise ValueError(f"parties: {', '.join(detectors)} detect and the others classify; "
                          "a composition job takes one kind")  # fmt: skip
     unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
-    roster = Roster(spec.min_parties or len(spec.parties), log)
-    result = compose(
-        teachers,
-        unlabeled,
-        test,
-        spec.method.params,
-        spec.student,
-        seed=spec.seed,
-        baselines=spec.baselines,
-        map_teachers=roster.map,
-        progress=progress,
-        log=log,
-        checkpoints=checkpoints,
-    )
+    roster = Roster(spec.min_parties or len(spec.parties), context.log)
+    context = dataclasses.replace(context, map_teachers=roster.map)  # lost parties are dropped
+    result = compose(teachers, unlabeled, test, spec.method.params, spec.student, context)
     extra = result.extra
     extra["dropped_parties"] = {name: d.reason for name, d in roster.dropped.items()}
     kept = f"Pseudo-labels kept: {100 * extra['retention']:.1f}%"
@@ -88,17 +89,17 @@ def _detection_config(spec, log) -> DetectionCompositionConfig:
                                       seed=spec.seed)  # fmt: skip
 
 
-def _run_detection(spec, teachers, progress, log) -> Outcome:
+def _compose_detectors(spec, teachers, context: RunContext) -> Outcome:
     """Composition of detection parties; ``data.unlabeled`` and ``data.test`` are canvas
     sources (``canvases:<glyph source>``)."""
     size = teachers[0].info.input_shape[-1]
     unlabeled = load_canvases(spec.data.unlabeled, size=size, seed=spec.seed)
     test = load_canvases(spec.data.test, size=size, seed=spec.seed + 1)
-    config = _detection_config(spec, log)
-    roster = Roster(spec.min_parties or len(spec.parties), log)
-    log(f"collecting detections of {len(teachers)} parties on {len(unlabeled)} canvases")
+    config = _detection_config(spec, context.log)
+    roster = Roster(spec.min_parties or len(spec.parties), context.log)
+    context.log(f"collecting detections of {len(teachers)} parties on {len(unlabeled)} canvases")
     composed = compose_detection(teachers, unlabeled.images, config, map_teachers=roster.map,
-                                 progress=progress)  # fmt: skip
+                                 progress=context.progress)  # fmt: skip
     alive = [t for t in teachers if t.info.name not in roster.dropped]
     scores = score_composition(alive, composed.student, test, config.aggregation)
     student, pseudo = scores.student, scores.pseudo_labels
@@ -141,11 +142,4 @@ def _run_detection(spec, teachers, progress, log) -> Outcome:
     )
 
 
-METHOD = Method(
-    name="composition",
-    summary="pseudo-labels from every party's predictions train one student (paper 000)",
-    params=CompositionParams,
-    run=_run,
-    plan=every_party(Grants((Need("predict", ("probs", "logits", "topk", "label")),))),
-    check=_check,
-)
+METHOD = Composition()

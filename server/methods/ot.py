@@ -3,39 +3,63 @@ aligned layer by layer by optimal transport and averaged into one network."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from amalgam.fusion.data import load_source
 from amalgam.fusion.ot import WeightFusion, WeightFusionParams, fuse_parties
-from amalgam.server.fanout import fan_out
-from amalgam.server.methods.base import Grants, Method, Need, Outcome, every_party
+from amalgam.fusion.run import RunContext
+from amalgam.server.methods.base import Grants, Method, Need, Outcome
 from amalgam.server.report import plot_heatmap, plot_transport_costs
 
-# CKA and activations are asked of parties that grant Gram / Activations, and otherwise
-# computed by the coordinator from the exported weights
-WEIGHTS = every_party(Grants((Need("weights"),)))
 
+class OT(Method):
+    """OT fusion; :class:`amalgam.server.methods.clafusion.CLAFusion` aligns depths first."""
 
-def check(spec) -> str | None:
-    """The job checks of both weight-fusion methods."""
-    params, names = spec.method.params, [p.name for p in spec.parties]
-    if params.weights is not None and len(params.weights) != len(names):
-        return f"method.params.weights: {len(params.weights)} given for {len(names)} parties"
-    if params.weights is not None and (min(params.weights) < 0 or sum(params.weights) <= 0):
-        return "method.params.weights: must be non-negative with a positive sum"
-    if params.base is not None and params.base not in names:
-        return f"method.params.base: {params.base!r} is not one of the parties"
-    if spec.data.unlabeled is None:
-        if spec.method.name == "clafusion":
-            return "data.unlabeled: clafusion needs probe images for CKA"
-        if params.ground_metric == "activation":
-            return (
-                "data.unlabeled: ground_metric activation (the default) needs probe images"
-                " (or set method.params.ground_metric: weight)"
-            )
-        if params.recompute_batchnorm:
-            return "data.unlabeled: recompute_batchnorm needs images (or set it to false)"
-    if params.finetune_epochs and spec.data.finetune is None:
-        return "data.finetune: finetune_epochs > 0 needs labelled images"
-    return None
+    name = "ot"
+    summary = "networks of one depth aligned by optimal transport and averaged (paper 002)"
+    params = WeightFusionParams
+    # CKA and activations are asked of parties that grant Gram / Activations, and otherwise
+    # computed by the coordinator from the exported weights
+    grants = (Grants((Need("weights"),)),)
+    cross_layer = False  # align networks of different depths first (CLAFusion)
+
+    def check(self, spec) -> str | None:
+        params, names = spec.method.params, [p.name for p in spec.parties]
+        if params.weights is not None and len(params.weights) != len(names):
+            return f"method.params.weights: {len(params.weights)} given for {len(names)} parties"
+        if params.weights is not None and (min(params.weights) < 0 or sum(params.weights) <= 0):
+            return "method.params.weights: must be non-negative with a positive sum"
+        if params.base is not None and params.base not in names:
+            return f"method.params.base: {params.base!r} is not one of the parties"
+        if spec.data.unlabeled is None:
+            if self.cross_layer:
+                return f"data.unlabeled: {self.name} needs probe images for CKA"
+            if params.ground_metric == "activation":
+                return (
+                    "data.unlabeled: ground_metric activation (the default) needs probe images"
+                    " (or set method.params.ground_metric: weight)"
+                )
+            if params.recompute_batchnorm:
+                return "data.unlabeled: recompute_batchnorm needs images (or set it to false)"
+        if params.finetune_epochs and spec.data.finetune is None:
+            return "data.finetune: finetune_epochs > 0 needs labelled images"
+        return None
+
+    def run(self, spec, teachers, context: RunContext) -> Outcome:
+        data = spec.data
+        fused = fuse_parties(
+            teachers,
+            spec.method.params,
+            load_source(data.test),
+            cross_layer=self.cross_layer,
+            unlabeled=load_source(data.unlabeled) if data.unlabeled else None,
+            finetune=load_source(data.finetune) if data.finetune else None,
+            student=spec.student,
+            context=dataclasses.replace(
+                context, log=lambda message: context.log(f"{self.name}: {message}")
+            ),
+        )
+        return _outcome(fused, spec.data.test, teachers[0].info)
 
 
 def _summary(fused: WeightFusion, test: str) -> list[str]:
@@ -77,23 +101,7 @@ def _figures(fused: WeightFusion) -> dict:
     return figures
 
 
-def run(spec, teachers, progress, log, checkpoints=None) -> Outcome:
-    """Both weight-fusion methods: ``clafusion`` aligns depths first."""
-    data = spec.data
-    fused = fuse_parties(
-        teachers,
-        spec.method.params,
-        load_source(data.test),
-        cross_layer=spec.method.name == "clafusion",
-        unlabeled=load_source(data.unlabeled) if data.unlabeled else None,
-        finetune=load_source(data.finetune) if data.finetune else None,
-        student=spec.student,
-        seed=spec.seed,
-        baselines=spec.baselines,
-        map_teachers=fan_out,
-        progress=progress,
-        log=lambda message: log(f"{spec.method.name}: {message}"),
-    )
+def _outcome(fused: WeightFusion, test: str, info) -> Outcome:
     result, names = fused.fusion, fused.names
     extra = {
         "per_class": fused.per_class,
@@ -104,19 +112,16 @@ def run(spec, teachers, progress, log, checkpoints=None) -> Outcome:
         },
         "transport_costs": {names[k]: c for k, c in enumerate(result.transport_costs)},
         "fused_architecture": result.model.arch,
-        "normalization": {"mean": list(teachers[0].info.mean), "std": list(teachers[0].info.std)},
+        "normalization": {"mean": list(info.mean), "std": list(info.std)},
     }
-    summary = _summary(fused, spec.data.test)
     return Outcome(
-        fused.networks["student"], fused.class_names, fused.rows, extra, summary, _figures(fused)
+        fused.networks["student"],
+        fused.class_names,
+        fused.rows,
+        extra,
+        _summary(fused, test),
+        _figures(fused),
     )
 
 
-METHOD = Method(
-    name="ot",
-    summary="networks of one depth aligned by optimal transport and averaged (paper 002)",
-    params=WeightFusionParams,
-    run=run,
-    plan=WEIGHTS,
-    check=check,
-)
+METHOD = OT()

@@ -1,0 +1,55 @@
+"""benchmarks/harness.py: every benchmark's command line, results folder, skip when its data
+is absent, and results in the shape ../shared/BENCHMARKS.md sets."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from amalgam.fusion.data import SourceUnavailable
+from benchmarks.harness import RESULTS, Benchmark, record
+
+KEYS = {"benchmark", "variant", "data", "seed", "budget", "metric", "wall_seconds", "results",
+        "extra"}  # fmt: skip
+
+
+def _measured(variant, args, results):
+    results.write(
+        record("toy", variant, data="none", seed=0, budget=f"quick={args.quick}",
+               results={"teacher:a": 0.5, "student": 0.875}, started=time.perf_counter())
+    )  # fmt: skip
+
+
+def test_results_are_one_json_per_variant_and_one_table(tmp_path, capsys):
+    toy = Benchmark("toy", "A toy.\n\nMore.", ["small", "large"], _measured)
+    assert toy.main(["--out", str(tmp_path)]) == 0
+    small = json.loads((tmp_path / "toy-small.json").read_text())
+    assert set(small) == KEYS and small["results"]["student"] == 0.875
+    assert small["budget"] == "quick=False"
+    table = (tmp_path / "toy.md").read_text()
+    assert "| row | small | large |" in table and "| student | 87.5 | 87.5 |" in table
+    assert f"results in {tmp_path}" in capsys.readouterr().out
+
+
+def test_quick_runs_write_to_a_temporary_folder(capsys):
+    toy = Benchmark("toy", "A toy.", ["small"], _measured)
+    assert toy.main(["--quick"]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results in "))
+    assert folder != RESULTS
+    assert json.loads((folder / "toy-small.json").read_text())["budget"] == "quick=True"
+
+
+def test_a_variant_without_its_data_is_skipped_and_says_why(tmp_path, capsys):
+    def absent(variant, args, results):
+        if variant == "gone":
+            raise SourceUnavailable("/nowhere/mnist not found")
+        _measured(variant, args, results)
+
+    toy = Benchmark("toy", "A toy.", ["gone", "here"], absent)
+    assert toy.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "gone skipped: /nowhere/mnist not found" in out
+    assert not (tmp_path / "toy-gone.json").exists() and (tmp_path / "toy-here.json").exists()
+    assert toy.main(["--out", str(tmp_path), "--variant", "gone"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("skipped: no variant's data")
