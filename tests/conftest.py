@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import psutil
 import pytest
 import torch
+from processes import describe, left_behind, snapshot
+
+pytest_plugins = ["pytester"]  # tests/test_processes.py runs a test that leaks on purpose
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(tmp_path_factory):
+    """Fail a test that leaves a process of its own, or of a federation it started, running
+    (and end that process)."""
+    folder = tmp_path_factory.getbasetemp()
+    before = snapshot(folder)
+    yield
+    leaked = left_behind(before, folder)
+    for process in leaked:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    if leaked:
+        pytest.fail("left running: " + "; ".join(describe(p) for p in leaked))
 
 
 @pytest.fixture(scope="module")

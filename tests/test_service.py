@@ -91,7 +91,7 @@ def test_party_serve_stops_gracefully_on_sigterm(tmp_path):
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "amalgam.server.cli",
             "party",
             "serve",
             "--config",

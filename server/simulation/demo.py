@@ -29,13 +29,14 @@ from amalgam.server.simulation.demo_parties import (
     demo_job,
     demo_party_config,
 )
+from amalgam.server.simulation.processes import end, spawn
 
 STARTUP_TIMEOUT_S = 120.0
 
 
 class PartyProcess:
-    """``amalgam party serve`` in a child process; the bound address is read from its first
-    line of output."""
+    """``amalgam party serve`` in a child process of its own process group; the bound address
+    is read from its first line of output."""
 
     def __init__(self, config: Path, insecure: bool = False) -> None:
         self.config = config
@@ -48,10 +49,8 @@ class PartyProcess:
             "--config",
             str(config),
         ]
-        self.process = subprocess.Popen(
-            command + (["--insecure"] if insecure else []),
-            stdout=subprocess.PIPE,
-            text=True,
+        self.process = spawn(
+            command + (["--insecure"] if insecure else []), stdout=subprocess.PIPE, text=True
         )
         self.address = self._wait_for_address()
 
@@ -68,12 +67,9 @@ class PartyProcess:
         return line[0].strip().rsplit(" ", 1)[1]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: graceful stop
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        """SIGTERM (the agent stops gracefully) to it and anything it started, SIGKILL for
+        what outlives the deadline."""
+        end([self.process])
         if self.process.stdout:
             self.process.stdout.close()
 

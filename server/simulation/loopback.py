@@ -2,15 +2,16 @@
 authentication, and one registered SuperNode per party agent, each bridging to its agent over
 mutual TLS. For tests, benchmarks and trying a federation out before deploying it for real.
 
-Every process it starts is stopped by pid on exit, the SuperLink's and SuperNodes'
-``flower-superexec`` helpers too (they run in sessions of their own).
+Every process it starts runs in a process group of its own, and leaving the federation (its
+``with`` block, or :meth:`LoopbackFederation.stop`) ends each group with everything in it --
+SuperExec helpers, ClientApp and ServerApp processes -- and the helpers the SuperLink detaches
+into sessions of their own (:mod:`amalgam.server.simulation.processes`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from amalgam.protocol.tls import write_federation
+from amalgam.server.simulation.processes import end, spawn
 
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app"  # in the repository
 CONNECTION = "loopback"
@@ -82,7 +84,7 @@ class LoopbackFederation:
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        process = subprocess.Popen(
+        process = spawn(
             command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder
         )
         log.close()
@@ -175,29 +177,11 @@ class LoopbackFederation:
 
     # -- tear-down ---------------------------------------------------------------------------
 
-    def _helpers(self, process: subprocess.Popen) -> list[int]:
-        """The pids of the helpers a Flower process started (``--parent-pid <pid>``)."""
-        found = subprocess.run(
-            ["pgrep", "-f", f"--parent-pid {process.pid}$"], capture_output=True, text=True
-        )
-        return [int(pid) for pid in found.stdout.split()]
-
     def stop(self) -> None:
-        helpers = [pid for p in self.processes for pid in self._helpers(p)]
-        for process in reversed(self.processes):  # SuperNodes first, the SuperLink last
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for pid in helpers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """End every process of the federation and everything they started (Flower's
+        SuperExec helpers and the ClientApp and ServerApp processes they launch)."""
+        end(self.processes)
+        self.processes.clear()
 
     def __enter__(self) -> LoopbackFederation:
         return self
