@@ -60,8 +60,8 @@ def tensor_from_proto(
     Raises
     ------
     CodecError
-        Unknown dtype, negative dimension, too many elements, byte length that does not match
-        the shape, or (with ``require_finite``) a NaN/inf value.
+        Unknown dtype, negative dimension, a dimension or too many elements above the cap, byte
+        length that does not match the shape, or (with ``require_finite``) a NaN/inf value.
     """
     if message.dtype not in _DTYPES:
         allowed = ", ".join(sorted(_DTYPES))
@@ -70,6 +70,8 @@ def tensor_from_proto(
     shape = tuple(message.shape)
     if any(dim < 0 for dim in shape):
         raise CodecError(f"{field}.shape", f"negative dimension in {list(shape)}")
+    if any(dim > max_elements for dim in shape):  # e.g. (0, 2**40, 2**40): no elements, no array
+        raise CodecError(f"{field}.shape", f"a dimension exceeds the cap of {max_elements}")
     elements = math.prod(shape)
     if elements > max_elements:
         raise CodecError(f"{field}.shape", f"{elements} elements exceed the cap of {max_elements}")

@@ -152,6 +152,14 @@ def test_element_cap_is_checked_before_allocating():
     assert info.value.field == "tensor.shape"
 
 
+def test_an_empty_tensor_with_huge_dimensions_is_refused_by_its_shape():
+    # no element at all, but numpy cannot even describe an array of this shape
+    with pytest.raises(CodecError) as info:
+        tensor_from_proto(_message(shape=(0, 2**40, 2**40), data=b""))
+    assert info.value.field == "tensor.shape"
+    assert tensor_from_proto(_message(shape=(0, 8), data=b"")).shape == (0, 8)
+
+
 @pytest.mark.parametrize("name", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_require_finite(name, bad):

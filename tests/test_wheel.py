@@ -8,6 +8,7 @@ install of the repository is not visible."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("protocol", "party", "server", "fusion")
+# what could point an interpreter at this environment's packages (an earlier test's libraries
+# may have set them in ours)
+CLEAN = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME",
+                                                          "VIRTUAL_ENV")}  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -56,22 +61,25 @@ def fresh(tmp_path_factory, wheel) -> Path:
     env = tmp_path_factory.mktemp("venv")
     venv.create(env, with_pip=False)
     python = env / "bin" / "python"
-    subprocess.run(
+    installed = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-index", "--quiet", str(wheel)],
-        check=True, capture_output=True,
+         "--no-index", str(wheel)],
+        capture_output=True, text=True, env=CLEAN,
     )  # fmt: skip
-    target = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    (Path(target) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    target = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True, capture_output=True, text=True, env=CLEAN,
+        ).stdout.strip()
+    )  # fmt: skip
+    assert (target / "amalgam").is_dir(), installed.stdout + installed.stderr
+    (target / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 
 
 def _run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(python), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+                          timeout=300, env=CLEAN)  # fmt: skip
 
 
 def test_the_wheel_holds_one_package_with_every_module_and_its_data(wheel):
@@ -104,11 +112,11 @@ def test_every_module_imports_and_the_command_runs_from_the_wheel(fresh, tmp_pat
     assert int(imported.stdout) >= 80
     amalgam = fresh.parent / "amalgam"
     version = subprocess.run([str(amalgam), "--version"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+                             text=True, timeout=120, env=CLEAN)  # fmt: skip
     assert version.returncode == 0 and version.stdout.strip() == "amalgam 0.1.0"
     for command in (["--help"], ["plan", "--help"], ["fuse", "--help"]):
         shown = subprocess.run([str(amalgam), *command], cwd=tmp_path, capture_output=True,
-                               text=True, timeout=120)  # fmt: skip
+                               text=True, timeout=120, env=CLEAN)  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.startswith("usage: amalgam")
     assert "amalgamate" in shown.stdout  # fuse --help lists the method table
