@@ -149,6 +149,7 @@ class Benchmark:
         folder = args.out or (
             Path(tempfile.mkdtemp(prefix=f"{self.name}-quick-")) if args.quick else RESULTS
         )
+        folder.mkdir(parents=True, exist_ok=True)  # figures may be written before any result
         results = Results(folder, self.name, self.variants, **self.results)
         ran = 0
         for variant in args.variant or self.variants:

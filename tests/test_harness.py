@@ -22,7 +22,12 @@ def _measured(variant, args, results):
 
 
 def test_results_are_one_json_per_variant_and_one_table(tmp_path, capsys):
-    toy = Benchmark("toy", "A toy.\n\nMore.", ["small", "large"], _measured)
+    def plotted_first(variant, args, results):
+        (results.folder / f"{variant}.png").write_bytes(b"")  # a figure before any result
+        _measured(variant, args, results)
+
+    toy = Benchmark("toy", "A toy.\n\nMore.", ["small", "large"], plotted_first)
+    tmp_path = tmp_path / "new"
     assert toy.main(["--out", str(tmp_path)]) == 0
     small = json.loads((tmp_path / "toy-small.json").read_text())
     assert set(small) == KEYS and small["results"]["student"] == 0.875
