@@ -9,6 +9,7 @@
     amalgam audit verify audit.jsonl          check an audit log's hash chain
     amalgam market --parties N --engine flower  N local parties composed over gRPC or Flower
     amalgam demo                              the simulated marketplace on loopback
+    amalgam --version                         the installed version
 
 Bad input ends with one line on stderr and exit code 2; an unreachable or refusing party
 with exit code 1; never a traceback.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +21,7 @@ from amalgam.party.audit import read_records
 from amalgam.party.service import create_server
 from amalgam.protocol._generated import party_pb2, party_pb2_grpc
 from amalgam.protocol.codec import tensor_to_proto
+from amalgam.server.simulation.demo import serve_command
 from amalgam.server.simulation.parties import serving
 
 
@@ -88,16 +88,7 @@ def test_party_serve_stops_gracefully_on_sigterm(tmp_path):
     }
     (tmp_path / "party.yaml").write_text(yaml.safe_dump(config))
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "amalgam.server.cli",
-            "party",
-            "serve",
-            "--config",
-            str(tmp_path / "party.yaml"),
-            "--insecure",
-        ],
+        serve_command(tmp_path / "party.yaml", insecure=True),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -40,17 +40,17 @@ class Composition(Method):
         return None
 
     def run(self, spec, teachers, context: RunContext) -> Outcome:
-        if {t.info.task for t in teachers} == {"detection"}:
+        tasks = {t.info.task for t in teachers}
+        if len(tasks) > 1:
+            detectors = [t.info.name for t in teachers if t.info.task == "detection"]
+            raise ValueError(f"parties: {', '.join(detectors)} detect and the others classify; "
+                             "a composition job takes one kind")  # fmt: skip
+        if tasks == {"detection"}:
             return _compose_detectors(spec, teachers, context)
         return _compose_classifiers(spec, teachers, context)
 
 
 def _compose_classifiers(spec, teachers, context: RunContext) -> Outcome:
-    tasks = {t.info.task for t in teachers}
-    if len(tasks) > 1:
-        detectors = [t.info.name for t in teachers if t.info.task == "detection"]
-        raise ValueError(f"parties: {', '.join(detectors)} detect and the others classify; "
-                         "a composition job takes one kind")  # fmt: skip
     unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
     roster = Roster(spec.min_parties or len(spec.parties), context.log)
     context = dataclasses.replace(context, map_teachers=roster.map)  # lost parties are dropped

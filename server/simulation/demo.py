@@ -34,24 +34,19 @@ from amalgam.server.simulation.processes import end, spawn
 STARTUP_TIMEOUT_S = 120.0
 
 
+def serve_command(config: Path, insecure: bool = False) -> list[str]:
+    """``amalgam party serve`` for ``config`` with this interpreter (plaintext: ``insecure``)."""
+    command = [sys.executable, "-m", "amalgam.server.cli", "party", "serve", "--config"]
+    return command + [str(config)] + (["--insecure"] if insecure else [])
+
+
 class PartyProcess:
     """``amalgam party serve`` in a child process of its own process group; the bound address
     is read from its first line of output."""
 
     def __init__(self, config: Path, insecure: bool = False) -> None:
         self.config = config
-        command = [
-            sys.executable,
-            "-m",
-            "amalgam.server.cli",
-            "party",
-            "serve",
-            "--config",
-            str(config),
-        ]
-        self.process = spawn(
-            command + (["--insecure"] if insecure else []), stdout=subprocess.PIPE, text=True
-        )
+        self.process = spawn(serve_command(config, insecure), stdout=subprocess.PIPE, text=True)
         self.address = self._wait_for_address()
 
     def _wait_for_address(self) -> str:
