@@ -20,11 +20,11 @@ from amalgam.fusion.data import DIGIT_NAMES, load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import fit
 from amalgam.party.audit import read_records
-from amalgam.party.service import create_server
 from amalgam.protocol.schemas import Policy, PredictPolicy, TlsFiles
 from amalgam.protocol.tls import server_credentials, write_federation
 from amalgam.server.job import connect, load_job, run_job
 from amalgam.server.simulation.loopback import LoopbackFederation
+from amalgam.server.simulation.parties import serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,11 +54,8 @@ def test_a_job_runs_over_an_authenticated_flower_deployment(tmp_path):
             )
             tls = TlsFiles(cert=str(certs / f"{party}.pem"), key=str(certs / f"{party}.key"),
                            ca=str(certs / "ca.pem"))  # fmt: skip
-            server = create_server(handler, "127.0.0.1:0", credentials=server_credentials(tls))
-            server.start()
-            stack.callback(server.stop, None)
             handlers.append(handler)
-            addresses.append(f"127.0.0.1:{server.port}")
+            addresses.append(stack.enter_context(serving(handler, server_credentials(tls))))
         job = {
             "name": "deployed",
             "parties": [{"name": p, "address": a} for p, a in zip(PARTIES, addresses)],

@@ -60,7 +60,7 @@ class Amalgamate(Method):
         return None
 
     def run(self, spec, teachers, context: RunContext) -> Outcome:
-        config, cache = spec.method.params, feature_cache(spec)
+        config, cache = spec.method.params, _feature_cache(spec)
         unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
         result = amalgamate(teachers, unlabeled.x, config, spec.student, cache, context)
         students = {"layerwise": result.layerwise, "joint": result.joint, **result.baselines}
@@ -112,7 +112,7 @@ class Amalgamate(Method):
         return Outcome(result.joint, result.entries, rows, extra, summary)
 
 
-def feature_cache(spec) -> FeatureCache:
+def _feature_cache(spec) -> FeatureCache:
     """Kept beside the runs: a later job on the same images and parties asks nothing again."""
     folder = Path(spec.output_dir) / "cache" / "features"
     return FeatureCache(folder, wire_bytes=2 if spec.method.params.half else 4)
