@@ -18,13 +18,14 @@ def no_process_left_behind(tmp_path_factory):
     before = snapshot(folder)
     yield
     leaked = left_behind(before, folder)
+    names = [describe(process) for process in leaked]  # while they still have a command line
     for process in leaked:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
     if leaked:
-        pytest.fail("left running: " + "; ".join(describe(p) for p in leaked))
+        pytest.fail("left running: " + "; ".join(names))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ as min_parties allows."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from contextlib import ExitStack
 
@@ -85,7 +86,9 @@ def test_a_job_over_flower_equals_the_job_over_grpc(models, tmp_path):
             spec, connect(spec, log=lambda m: None), progress=False, log=lambda m: None
         )
         marks = [len(read_records(h.audit.path)) for h in handlers]
+        pythonpath = os.environ.get("PYTHONPATH")
         over_flower, teachers = simulate(spec, addresses)
+    assert os.environ.get("PYTHONPATH") == pythonpath  # Ray's workers' setting did not leak
     results = {
         name: json.loads((run / "metrics.json").read_text())["results"]
         for name, run in {"grpc": direct, "flower": over_flower}.items()

@@ -21,8 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("protocol", "party", "server", "fusion")
-# what could point an interpreter at this environment's packages (an earlier test's libraries
-# may have set them in ours)
+# what could point an interpreter at this environment's packages: the fresh one must see only
+# the wheel and the plain path entry below
 CLEAN = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME",
                                                           "VIRTUAL_ENV")}  # fmt: skip
 

@@ -5,6 +5,7 @@ this machine, each bridging to its agent as a deployed SuperNode would
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import Context
@@ -38,12 +39,19 @@ def simulate(spec: JobSpec, agents: list[str], cpus_per_node: float = 1.0) -> tu
     from amalgam.party.flower_app import bridge_app
 
     outcome: list = []
-    run_simulation(
-        server_app=job_server_app(spec, outcome),
-        client_app=bridge_app(agents),
-        num_supernodes=len(agents),
-        backend_config={"client_resources": {"num_cpus": cpus_per_node}},
-    )
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(
+            server_app=job_server_app(spec, outcome),
+            client_app=bridge_app(agents),
+            num_supernodes=len(agents),
+            backend_config={"client_resources": {"num_cpus": cpus_per_node}},
+        )
+    finally:  # Flower's Ray backend sets PYTHONPATH to this process's sys.path for its workers
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
     if not outcome:
         raise RuntimeError("the Flower run ended without a result (see its log above)")
     if isinstance(outcome[0], Exception):
