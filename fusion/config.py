@@ -31,3 +31,10 @@ def validated(model: type[C], values: dict) -> C:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or model.__name__
         raise ValueError(f"{field}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type where the message is empty): what a
+    one-line refusal quotes of a library's exception."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -13,13 +13,18 @@ says how to build the same family with other sections. Nothing else spells out l
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from amalgam.fusion.config import first_line
 
 _REGISTRY: dict[str, Callable[..., Classifier]] = {}
 
@@ -36,13 +41,66 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def is_architecture(name: str) -> bool:
+    """Whether :func:`create_model` can build ``name``: a registered model, or a torchvision or
+    timm classifier (:mod:`amalgam.fusion.zoo`)."""
+    from amalgam.fusion.zoo import resolve
+
+    return name in _REGISTRY or resolve(name) is not None
+
+
 def create_model(name: str, **kwargs: Any) -> Classifier:
-    """Build a registered model; an unknown name raises ``ValueError`` listing the known ones."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
-    model = _REGISTRY[name](**kwargs)
+    """Build a registered model, or a torchvision or timm classifier by name
+    (:class:`amalgam.fusion.zoo.LibraryClassifier`, keywords ``in_shape``, ``num_classes``
+    and the library's own); an unknown name raises ``ValueError``."""
+    if name in _REGISTRY:
+        model = _REGISTRY[name](**kwargs)
+    elif is_architecture(name):
+        from amalgam.fusion.zoo import LibraryClassifier
+
+        model = LibraryClassifier(name, **kwargs)
+    else:
+        raise ValueError(
+            f"unknown architecture {name!r}: neither the registry ({', '.join(list_models())}), "
+            "torchvision nor timm has it"
+        )
     model.arch = {"name": name, "kwargs": dict(kwargs)}
     return model
+
+
+def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict from ``.safetensors`` or from ``torch.save`` (loaded with weights_only);
+    a file that is neither raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: not a readable state dict ({first_line(error)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def fit_problem(model: nn.Module, state: Mapping[str, Tensor]) -> str | None:
+    """Why ``state`` does not load into ``model`` exactly, in one line, or None."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        problems.append(
+            f"{len(wrong)} of another shape (e.g. {k}: {list(state[k].shape)} for "
+            f"{list(expected[k].shape)})"
+        )
+    return "; ".join(problems) or None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from amalgam.fusion.device import Hardware
 from amalgam.fusion.teacher import TeacherMap, sequential_map
 from amalgam.fusion.train import Checkpoint
 
@@ -27,6 +28,7 @@ class RunContext:
     log : where the run says what it is doing.
     checkpoints : ``checkpoints(name)`` keeps the progress of the training run ``name`` (see
         :func:`amalgam.fusion.train.fit`); None: nothing is kept.
+    hardware : the device and precision of its training loops.
     """
 
     seed: int = 0
@@ -35,6 +37,7 @@ class RunContext:
     progress: bool = True
     log: Callable[[str], None] = _silent
     checkpoints: Callable[[str], Checkpoint] | None = None
+    hardware: Hardware = Hardware()
 
     def checkpoint(self, name: str) -> Checkpoint | None:
         """Where the training run ``name`` keeps its progress, if anywhere."""

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from amalgam.fusion.config import Config
+from amalgam.fusion.config import Config, first_line
+from amalgam.fusion.device import Hardware, to_model
+from amalgam.fusion.models import Classifier, create_model, load_state_dict
 from amalgam.fusion.progress import progress_bar
+from amalgam.fusion.zoo import check_forward
 
 
 class StudentConfig(Config):
     """The student network and how it is trained (Adam with a cosine schedule, :func:`fit`);
-    a job's ``student:`` section. Data-free fusion uses ``arch`` and its own schedule (its
+    a job's ``student:`` section. Data-free fusion uses the network and its own schedule (its
     method parameters)."""
 
-    arch: str = "small_cnn"  # a name from amalgam.fusion.models.list_models()
+    # the registry's (amalgam.fusion.models.list_models()), torchvision's or timm's
+    arch: str = "small_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # the architecture's own keywords
+    init: str | None = None  # a local weights file (safetensors or state dict) to start from
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
@@ -27,7 +33,53 @@ class StudentConfig(Config):
 
     def schedule(self) -> dict:
         """The keywords of :func:`fit` it sets: epochs, batch size, learning rate, decay."""
-        return self.model_dump(exclude={"arch"})
+        return self.model_dump(exclude={"arch", "kwargs", "init"})
+
+
+def build_student(
+    student: StudentConfig,
+    in_shape: tuple[int, ...],
+    num_classes: int,
+    log: Callable[[str], None] = print,
+) -> Classifier:
+    """A fresh ``student.arch`` for (C, H, W) inputs and ``num_classes`` outputs, started
+    from ``student.init`` where given; a network that cannot take the inputs raises
+    ``ValueError`` naming ``student.arch`` (a dry forward pass)."""
+    try:
+        model = create_model(student.arch, in_shape=tuple(in_shape), num_classes=num_classes,
+                             **student.kwargs)  # fmt: skip
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"student.arch: {student.arch}: {first_line(error)}") from None
+    problem = check_forward(model, tuple(in_shape), num_classes)
+    if problem is not None:
+        raise ValueError(f"student.arch: {student.arch}: {problem[1]}")
+    if student.init is not None:
+        loaded, skipped = start_from(model, student.init)
+        log(f"student: {loaded} tensors from {student.init}, {skipped} left fresh")
+    return model
+
+
+def start_from(model: nn.Module, path: str) -> tuple[int, int]:
+    """Load the tensors of the state dict at ``path`` that fit ``model`` (or, for a torchvision
+    or timm student, its ``body`` under the library's own names); tensors of another shape,
+    such as a classifier over other classes, stay as they are. Returns (loaded, left fresh);
+    a file that fits nothing raises ``ValueError``."""
+    try:
+        state = load_state_dict(path)
+    except ValueError as error:
+        raise ValueError(f"student.init: {error}") from None
+    body = getattr(model, "body", None)
+    targets = [model, body] if isinstance(body, nn.Module) else [model]
+    best, fitting = model, {}
+    for target in targets:
+        own = target.state_dict()
+        matches = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if len(matches) > len(fitting):
+            best, fitting = target, matches
+    if not fitting:
+        raise ValueError(f"student.init: {path} fits none of the student's tensors")
+    best.load_state_dict(fitting, strict=False)
+    return len(fitting), len(model.state_dict()) - len(fitting)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -61,6 +113,7 @@ def fit(
     on_epoch: Callable[[int], None] | None = None,
     checkpoint: Checkpoint | None = None,
     loss: Callable[[Tensor, Tensor], Tensor] = soft_cross_entropy,
+    hardware: Hardware = Hardware(),
 ) -> list[float]:
     """Train ``model`` on (N, C, H, W) inputs against (N,) labels or (N, U) soft targets.
 
@@ -69,10 +122,15 @@ def fit(
     decay). ``on_epoch(k)`` runs after epoch k (1-based) with the model in eval mode, e.g. to
     record a learning curve. With ``checkpoint``, the model, optimiser, schedule, data order
     and random state are saved after every epoch, and a run that finds a saved state goes on
-    from it: the result is that of an uninterrupted run. Returns the mean loss of each epoch.
+    from it: the result is that of an uninterrupted run. The model and the data move to
+    ``hardware.device`` (the model stays there), where the steps run in
+    ``hardware.precision``. Returns the mean loss of each epoch.
     """
     if targets.ndim == 1:
         targets = F.one_hot(targets.long(), model.head.out_features).float()
+    hardware.place(model)
+    x, targets = hardware.put(x), hardware.put(targets)  # one copy, not one per batch
+    scaler = hardware.scaler()
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, -(-len(x) // batch_size))
     if optimizer == "adam":
@@ -97,19 +155,21 @@ def fit(
     bar = progress_bar(desc=desc, unit="epoch", show=progress, iterable=range(len(history), epochs))
     for epoch in bar:
         model.train()
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
+        order = torch.randperm(len(x), generator=generator, device="cpu").to(hardware.device)
+        total = torch.zeros((), device=hardware.device)  # summed on the device: no sync a step
         for start in range(0, len(x), batch_size):
             index = order[start : start + batch_size]
             if len(index) < 2:  # BatchNorm needs two samples
                 continue
-            value = loss(model(x[index]), targets[index])
+            with hardware.autocast():
+                value = loss(model(x[index]), targets[index])
             step_rule.zero_grad()
-            value.backward()
-            step_rule.step()
+            scaler.scale(value).backward()
+            scaler.step(step_rule)
+            scaler.update()
             schedule.step()
-            total += value.item() * len(index)
-        history.append(total / len(x))
+            total += value.detach().float() * len(index)
+        history.append(total.item() / len(x))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
         if checkpoint is not None:
             checkpoint.save(
@@ -131,9 +191,11 @@ def fit(
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    """(N, K) logits of ``model`` in eval mode."""
+    """(N, K) float32 logits of ``model`` in eval mode, on the host; the batches go to the
+    model's device."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    chunks = [model(to_model(model, x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+    return torch.cat(chunks).float().cpu()
 
 
 def accuracy(predictions: Tensor, labels: Tensor) -> float:

@@ -7,23 +7,27 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from amalgam.fusion.device import DeviceName
 from amalgam.protocol.loading import load_yaml
 from amalgam.protocol.schemas import Normalization, Policy, Strict, TlsFiles
 from amalgam.protocol.tls import resolve_tls
 
 
 class ModelSource(Strict):
-    """Either a TorchScript file, or a registered architecture plus a state dict."""
+    """One of: a ``torch.export`` program, a TorchScript file, or an architecture by name
+    (the registry's, torchvision's or timm's) with a state dict (:mod:`amalgam.party.model`)."""
 
+    program: str | None = None  # path to a torch.export.save file (.pt2)
     torchscript: str | None = None  # path to a torch.jit.save file
-    arch: str | None = None  # a name from fusion.models.list_models()
+    arch: str | None = None  # registry, torchvision (torchvision:<name>) or timm (timm:<name>)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # the architecture's keywords
     weights: str | None = None  # .safetensors, or a torch.save state dict (weights_only)
 
     @model_validator(mode="after")
     def _one_kind(self) -> ModelSource:
-        if (self.torchscript is None) == (self.arch is None):
-            raise ValueError("give either torchscript, or arch with weights")
+        given = [self.program, self.torchscript, self.arch]
+        if sum(value is not None for value in given) != 1:
+            raise ValueError("give one of program, torchscript, or arch with weights")
         if self.arch is not None and self.weights is None:
             raise ValueError("arch needs weights (a state dict file)")
         return self
@@ -38,6 +42,7 @@ class PartyConfig(Strict):
     normalization: Normalization = Normalization()
     policy: Policy = Policy()  # deny by default
     audit_log: str = "audit.jsonl"  # relative to the config file's folder
+    device: DeviceName = "auto"  # auto | cpu | cuda | cuda:N | mps: where the model runs
     max_message_mb: int = Field(64, ge=1)
     max_concurrent_rpcs: int = Field(16, ge=1)  # further calls are refused, not queued
     tls: TlsFiles | None = None  # mutual TLS; None needs `amalgam party serve --insecure`
@@ -78,6 +83,7 @@ def load_party_config(path: str | Path) -> PartyConfig:
 
     model = config.model.model_copy(
         update={
+            "program": resolve(config.model.program),
             "torchscript": resolve(config.model.torchscript),
             "weights": resolve(config.model.weights),
         }

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from amalgam.fusion.activations import layer_grams, layer_names, layer_outputs
 from amalgam.fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
 from amalgam.fusion.datafree.losses import teacher_side_loss
+from amalgam.fusion.device import resolve_device
 from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
+from amalgam.fusion.zoo import check_forward
 from amalgam.party.audit import AuditLog
 from amalgam.party.config import PartyConfig
 from amalgam.party.model import load_model
@@ -29,6 +31,15 @@ from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
 from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy, PredictPolicy
 
 __all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
+
+
+def batchnorm_count(model: nn.Module) -> int:
+    """The model's BatchNorm layers with running statistics, TorchScript's included (which
+    keep the name of their original class)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        names = [getattr(m, "original_name", "") for m in model.modules()]
+        return sum(name.startswith("BatchNorm") for name in names)
+    return len(batchnorm_layers(model))
 
 
 def release(logits: Tensor, rule: PredictPolicy) -> Tensor:
@@ -88,9 +99,11 @@ class PartyHandler:
         policy: Policy,
         audit: AuditLog,
         normalization: Normalization | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.name = name
-        self.model = model.eval()
+        self.device = device or torch.device("cpu")
+        self.model = model.eval().to(self.device)
         self.task = getattr(model, "task", "classification")
         self.class_names = list(class_names)
         self.input_shape = tuple(input_shape)
@@ -101,11 +114,15 @@ class PartyHandler:
         mean, std = self.normalization.mean, self.normalization.std
         if len(mean) not in (1, channels):
             raise ValueError(f"normalization has {len(mean)} values for {channels} channels")
-        self._mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self._std = torch.tensor(std).view(1, -1, 1, 1)
         parameter = next(self.model.parameters(), None)
         self._dtype = parameter.dtype if parameter is not None else torch.float32
-        self._batchnorm_layers = len(batchnorm_layers(self.model))
+        as_model = dict(device=self.device, dtype=self._dtype)
+        self._mean = torch.tensor(mean, **as_model).view(1, -1, 1, 1)  # (1, C or 1, 1, 1)
+        self._std = torch.tensor(std, **as_model).view(1, -1, 1, 1)
+        self._batchnorm_layers = batchnorm_count(self.model)
+        if self.task == "classification":
+            self._check_forward()
+        self._refuse_unhookable_grants()
         self._layers = {
             "Activations": self._released(policy.activations, "activations"),
             "Gram": self._released(policy.gram, "gram"),
@@ -119,15 +136,51 @@ class PartyHandler:
 
     @classmethod
     def from_config(cls, config: PartyConfig) -> PartyHandler:
+        """The handler of a party's configuration; a model that cannot be loaded or that does
+        not fit ``input_shape`` and ``class_names`` raises ``ValueError`` naming the field."""
+        try:
+            device = resolve_device(config.device)
+        except ValueError as error:
+            raise ValueError(f"device: {error}") from None
         return cls(
             name=config.name,
-            model=load_model(config.model),
+            model=load_model(config.model, config.input_shape, len(config.class_names)),
             class_names=config.class_names,
             input_shape=config.input_shape,
             policy=config.policy,
             audit=AuditLog(config.audit_log),
             normalization=config.normalization,
+            device=device,
         )
+
+    def _check_forward(self) -> None:
+        """A dry forward pass at start: the model takes ``input_shape`` and answers one logit
+        per class name."""
+        problem = check_forward(self.model, self.input_shape, len(self.class_names))
+        if problem is not None:
+            field, message = problem
+            raise ValueError(f"{field}: {message}")
+
+    def _refuse_unhookable_grants(self) -> None:
+        """A TorchScript model cannot run forward hooks: a policy granting what needs them is
+        refused now, naming the capability, rather than failing at every call."""
+        if not isinstance(self.model, torch.jit.ScriptModule):
+            return
+        advice = "serve the model as a torch.export program (.pt2) to grant it"
+        why = "forward hooks are not supported on TorchScript models"
+        for capability in ("activations", "gram"):
+            if getattr(self.policy, capability) is not None:
+                raise ValueError(
+                    f"policy.{capability}: a TorchScript model cannot release layer outputs "
+                    f"({why}); {advice}"
+                )
+        for capability in ("bn_feedback", "synthesize"):
+            if getattr(self.policy, capability) is not None and self._batchnorm_layers:
+                raise ValueError(
+                    f"policy.{capability}: the BatchNorm loss of a TorchScript model with "
+                    f"{self._batchnorm_layers} BatchNorm layers cannot be computed ({why}); "
+                    f"{advice}"
+                )
 
     def _released(self, rule: LayersPolicy | None, field: str) -> list[str]:
         """The layers ``rule`` releases, in the model's order; a name the model lacks is a
@@ -322,8 +375,8 @@ class PartyHandler:
         )
 
     def _normalize(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) inputs in [0, 1] -> the model's input, in the model's dtype."""
-        return (x.to(self._dtype) - self._mean.to(self._dtype)) / self._std.to(self._dtype)
+        """(B, C, H, W) inputs in [0, 1] -> the model's input, on its device in its dtype."""
+        return (x.to(device=self.device, dtype=self._dtype) - self._mean) / self._std
 
     def predict(self, x: Tensor, caller: str, request_id: str = "") -> Tensor:
         """Predictions on (B, C, H, W) inputs in [0, 1], released as the policy says.
@@ -336,7 +389,7 @@ class PartyHandler:
         rule = self.policy.predict
         samples = self._admit("Predict", "predict", x, caller, request_id)
         with torch.no_grad():
-            logits = self.model(self._normalize(x))  # (B, K)
+            logits = self.model(self._normalize(x)).cpu()  # (B, K)
         out = release(logits, rule)
         self._granted("Predict", caller, samples, request_id, out)
         return out
@@ -350,6 +403,7 @@ class PartyHandler:
         samples = self._admit("Predict", "predict", x, caller, request_id)
         with torch.no_grad():
             found = self.model(list(self._normalize(x)))  # B x {boxes, scores, labels}
+        found = [{key: value.cpu() for key, value in image.items()} for image in found]
         offset = getattr(self.model, "label_offset", 0)
         out = release_detections(found, self.policy.predict, offset)
         self._granted("Predict", caller, samples, request_id, *out)
@@ -399,7 +453,9 @@ class PartyHandler:
     ) -> Feedback:
         """The computation behind :meth:`bn_feedback`, without policy, budget or audit (the
         party's own generator uses it directly)."""
-        inputs = x.detach().to(self._dtype).requires_grad_(True)
+        inputs = x.detach().to(device=self.device, dtype=self._dtype).requires_grad_(True)
+        if adversary_logits is not None:
+            adversary_logits = adversary_logits.to(device=self.device)
         with torch.enable_grad(), bn_statistics_loss(self.model) as layer_losses:
             logits = self.model(self._normalize(inputs))  # (B, K)
             bn_loss = torch.stack(layer_losses).sum() if layer_losses else logits.new_zeros(())
@@ -410,7 +466,7 @@ class PartyHandler:
                 (input_grad,) = torch.autograd.grad(total, inputs)
             else:
                 input_grad = torch.zeros_like(inputs)
-        return Feedback(logits.detach(), losses, input_grad.detach())
+        return Feedback(logits.detach().cpu(), losses, input_grad.detach().cpu())
 
     def synthesize(
         self,
@@ -498,6 +554,7 @@ class PartyHandler:
         samples = self._admit(method, capability, x, caller, request_id, rule.cost)
         compute = layer_grams if gram else layer_outputs
         out = compute(self.model, self._normalize(x), list(dict.fromkeys(layers)))
+        out = {name: value.cpu() for name, value in out.items()}
         if half:
             out = {name: value.half() for name, value in out.items()}
         self._granted(method, caller, samples, request_id, *out.values())
@@ -510,11 +567,11 @@ class PartyHandler:
         self._authorize(method, "weights", caller, 0, request_id)
         if not self.exportable:
             error = PolicyDenied(
-                f"party {self.name}: its model has no registered architecture (TorchScript), "
-                "so its weights cannot be exported"
+                f"party {self.name}: its model is not a registered architecture, so its "
+                "weights cannot be exported"
             )
             self._deny(error, method, caller, 0, request_id, "denied")
-        state = {name: t.detach().contiguous() for name, t in self.model.state_dict().items()}
+        state = {name: t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
         payload = safetensors_bytes(state)
         self.audit.append(
             caller=caller,

@@ -1,34 +1,107 @@
-"""Load the owner's private model: TorchScript, or a registered architecture plus a state dict."""
+"""Load the owner's private model, in whichever form the owner keeps it.
+
+* a ``torch.export`` program (``.pt2``, ``torch.export.save``): run as its unflattened module,
+  so that forward hooks (Activations, Gram, BatchNorm feedback) reach its layers by their
+  original names;
+* a TorchScript file (``torch.jit.save``);
+* a torchvision or timm architecture by name with a local weights file;
+* a registered architecture (:func:`amalgam.fusion.models.create_model`) with a weights file.
+
+Every loader's problem is a ``ValueError`` in one line that names the file or field.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import warnings
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from amalgam.fusion.config import first_line
 from amalgam.fusion.detection.models import DETECTORS, create_detector
-from amalgam.fusion.models import create_model
+from amalgam.fusion.models import create_model, fit_problem, list_models, load_state_dict
+from amalgam.fusion.zoo import build_network
 from amalgam.party.config import ModelSource
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or from ``torch.save`` (loaded with weights_only)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_program(path: str) -> nn.Module:
+    """The unflattened module of a ``torch.export`` program with a dynamic batch dimension."""
+    try:
+        program = torch.export.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"model.program: {path} does not exist") from None
+    except Exception as error:  # torch raises several kinds for a file that is not a program
+        raise ValueError(
+            f"model.program: {path} is not a torch.export program ({first_line(error)})"
+        ) from None
+    inputs = [
+        node
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+    ]
+    if len(inputs) != 1:
+        raise ValueError(f"model.program: {path} takes {len(inputs)} inputs, not one image batch")
+    batch = inputs[0].meta["val"].shape[0]
+    if isinstance(batch, int):
+        raise ValueError(
+            f"model.program: {path} was exported for batches of exactly {batch}; export it "
+            "with a dynamic batch dimension (dynamic_shapes with torch.export.Dim)"
+        )
+    return torch.export.unflatten(program)
 
 
-def load_model(source: ModelSource) -> nn.Module:
-    """The model in eval mode with gradients off."""
-    if source.torchscript is not None:
-        model = torch.jit.load(source.torchscript, map_location="cpu")
+def _load_torchscript(path: str) -> nn.Module:
+    try:
+        with warnings.catch_warnings():  # its deprecation is stated once, in the docs
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated")
+            return torch.jit.load(path, map_location="cpu")
+    except ValueError as error:  # torch's message for a missing file
+        raise ValueError(f"model.torchscript: {path}: {first_line(error)}") from None
+    except RuntimeError as error:
+        raise ValueError(
+            f"model.torchscript: {path} is not a TorchScript file ({first_line(error)})"
+        ) from None
+
+
+def _load_architecture(source: ModelSource, input_shape: tuple, num_classes: int) -> nn.Module:
+    """A registered, torchvision or timm architecture with the owner's state dict."""
+    name = source.arch
+    kwargs = dict(source.kwargs)
+    if name in DETECTORS:
+        model = create_detector(name, **kwargs)
+    elif name in list_models():
+        kwargs.setdefault("in_shape", tuple(input_shape))
+        kwargs.setdefault("num_classes", num_classes)
+        model = create_model(name, **kwargs)
     else:
-        build = create_detector if source.arch in DETECTORS else create_model
-        model = build(source.arch, **source.kwargs)
-        model.load_state_dict(load_state_dict(source.weights))
+        try:
+            model = build_network(name, kwargs.pop("num_classes", num_classes), **kwargs)
+        except TypeError as error:
+            raise ValueError(f"model.kwargs: {first_line(error)}") from None
+        except ValueError as error:
+            raise ValueError(f"model.arch: {first_line(error)}") from None
+    try:
+        state = load_state_dict(source.weights)
+    except ValueError as error:
+        raise ValueError(f"model.weights: {error}") from None
+    problem = fit_problem(model, state)
+    if problem:
+        raise ValueError(f"model.weights: {source.weights} does not fit {name}: {problem}")
+    model.load_state_dict(state)
+    return model
+
+
+def load_model(
+    source: ModelSource, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10
+) -> nn.Module:
+    """The owner's model in eval mode with gradients off; ``input_shape`` and ``num_classes``
+    (the party's) complete a named architecture's keywords where the owner left them out."""
+    if source.program is not None:
+        model = _load_program(source.program)
+    elif source.torchscript is not None:
+        model = _load_torchscript(source.torchscript)
+    else:
+        model = _load_architecture(source, input_shape, num_classes)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -30,6 +30,7 @@ RUNTIME_ERROR = 1
 
 
 def _party_serve(args: argparse.Namespace) -> int:
+    from amalgam.fusion.config import first_line
     from amalgam.party.config import load_party_config
     from amalgam.party.handler import PartyHandler
     from amalgam.party.service import serve
@@ -44,8 +45,7 @@ def _party_serve(args: argparse.Namespace) -> int:
     try:
         handler = PartyHandler.from_config(config)
     except (OSError, RuntimeError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise _Failure(f"{args.config}: model: cannot load: {first_line}", USAGE_ERROR) from None
+        raise _Failure(f"{args.config}: {first_line(error)}", USAGE_ERROR) from None
     serve(config, handler, insecure=args.insecure)
     return 0
 
@@ -168,11 +168,36 @@ def _fuse(args: argparse.Namespace) -> int:
         job = store.create(spec)
         print(f"job {job.id} in {job.run_dir} (if interrupted: amalgam fuse --resume {job.id}"
               f" --runs {spec.output_dir})", flush=True)  # fmt: skip
-    run_dir = run_job(spec, teachers, progress=not args.quiet, store=store, job=job)
+    run_dir = run_job(spec, teachers, progress=not args.quiet, store=store, job=job,
+                      exports=tuple(args.export))  # fmt: skip
     import json
 
     print(results_table(json.loads((run_dir / "metrics.json").read_text())["results"]))
     print(f"wrote {run_dir}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """The student of a run folder on image files: the ``--top`` classes of each."""
+    import torch
+
+    from amalgam.fusion.data import read_images
+    from amalgam.fusion.detection import DETECTORS
+    from amalgam.server.student import load_student
+
+    student, card = load_student(args.run_dir)
+    if card["arch"] in DETECTORS:
+        raise _Failure(
+            f"{args.run_dir}: its student is a detector; predict classifies", USAGE_ERROR
+        )
+    images = read_images(args.images, tuple(card["input_shape"]))  # (N, C, H, W) in [0, 1]
+    with torch.no_grad():
+        probs = torch.softmax(student(images), dim=1)  # (N, K)
+    top = probs.topk(min(args.top, probs.shape[1]), dim=1)
+    for path, values, indices in zip(args.images, top.values, top.indices):
+        named = ", ".join(f"{card['class_names'][i]} {100 * v:.1f}%" for v, i in
+                          zip(values.tolist(), indices.tolist()))  # fmt: skip
+        print(f"{path}: {named}")
     return 0
 
 
@@ -295,7 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuse.add_argument("--quiet", action="store_true", help="no progress bars")
     fuse.add_argument("--insecure", action="store_true", help="plaintext, for a job without tls")
+    fuse.add_argument(
+        "--export", action="append", default=[], choices=["onnx"],
+        help="also write the student as student.onnx (beside student.pt2)",
+    )  # fmt: skip
     fuse.set_defaults(run=_fuse)
+
+    predict = commands.add_parser("predict", help="classify image files with a run's student")
+    predict.add_argument("--run", dest="run_dir", required=True,
+                         help="the run folder (runs/<job-id>)")  # fmt: skip
+    predict.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    predict.add_argument("--top", type=int, default=1, help="classes shown per image (1)")
+    predict.set_defaults(run=_predict)
 
     certs = commands.add_parser("certs", help="make a federation CA and mTLS certificates")
     certs.add_argument("--out", required=True, help="folder for the PEM files")

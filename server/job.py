@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from amalgam.fusion.detection import DETECTORS
-from amalgam.fusion.models import list_models
+from amalgam.fusion.data import check_source
+from amalgam.fusion.detection import CANVAS_PREFIX, DETECTORS
+from amalgam.fusion.device import Hardware, resolve_device
+from amalgam.fusion.models import is_architecture, list_models
 from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Teacher
 from amalgam.protocol.loading import ConfigError, load_yaml
@@ -25,6 +25,7 @@ from amalgam.server.remote import RemoteTeacher
 from amalgam.server.report import plot_accuracy, report_markdown
 from amalgam.server.roster import Roster
 from amalgam.server.store import Checkpoints, JobRecord, JobStore, ReplayTeacher, new_job_id
+from amalgam.server.student import write_student
 
 
 class PartyMismatch(ValueError):
@@ -32,20 +33,40 @@ class PartyMismatch(ValueError):
 
 
 def load_job(path: str | Path) -> JobSpec:
-    """Validate a job file, including the names that only the algorithms know; TLS files
-    are taken from the job file's folder."""
+    """Validate a job file, including what only the algorithms and this machine know (the
+    student's architecture, local files); TLS files and ``student.init`` are taken from the
+    job file's folder."""
     spec = load_yaml(path, JobSpec)
     problem = METHODS[spec.method.name].check(spec)
     if problem:
         raise ConfigError(f"{path}: {problem}")
+    folder = Path(path).resolve().parent
     if spec.tls is not None:
         spec = spec.model_copy(update={"tls": resolve_tls(spec.tls, Path(path))})
-    known = [*list_models(), *DETECTORS]  # detectors: for detection parties
-    if spec.student.arch not in known:
+    for field, source in spec.data.model_dump(exclude_none=True).items():
+        problem = None if source.startswith(CANVAS_PREFIX) else check_source(source)
+        if problem:
+            raise ConfigError(f"{path}: data.{field}: {problem}")
+    try:
+        device = resolve_device(spec.device)
+    except ValueError as error:
+        raise ConfigError(f"{path}: device: {error}") from None
+    try:
+        Hardware(device, spec.precision)
+    except ValueError as error:  # says which field
+        raise ConfigError(f"{path}: {error}") from None
+    student = spec.student
+    if student.arch not in DETECTORS and not is_architecture(student.arch):
         raise ConfigError(
-            f"{path}: student.arch: unknown architecture {spec.student.arch!r}"
-            f" (registered: {', '.join(known)})"
+            f"{path}: student.arch: unknown architecture {student.arch!r}: neither the registry "
+            f"({', '.join(list_models())}), torchvision nor timm has it"
         )
+    if student.init is not None:
+        init = folder / student.init
+        if not init.is_file():
+            raise ConfigError(f"{path}: student.init: {init} does not exist")
+        student = student.model_copy(update={"init": str(init)})
+        spec = spec.model_copy(update={"student": student})
     return spec
 
 
@@ -91,6 +112,24 @@ def connect(spec: JobSpec, log: Callable[[str], None] = print) -> list[RemoteTea
     return [teacher for teacher, info in zip(teachers, infos) if info is not None]
 
 
+def student_card(outcome, spec: JobSpec, job_id: str, teachers: Sequence[Teacher]) -> dict:
+    """What a user of the student needs besides its weights (``student.json``)."""
+    arch = outcome.student.arch
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in arch["kwargs"].items()}
+    in_shape = kwargs.get("in_shape") or list(teachers[0].info.input_shape)
+    return {
+        "arch": arch["name"],
+        "kwargs": kwargs,
+        "class_names": outcome.class_names,
+        "input_shape": list(in_shape),
+        "input_range": [0.0, 1.0],
+        # applied inside student.pt2 / student.onnx / load_student, not by the caller
+        "normalization": outcome.extra.get("normalization", {"mean": [0.0], "std": [1.0]}),
+        "job": {"id": job_id, "name": spec.name, "method": spec.method.name},
+        "metrics": outcome.results,
+    }
+
+
 def run_job(
     spec: JobSpec,
     teachers: Sequence[Teacher],
@@ -99,19 +138,22 @@ def run_job(
     log: Callable[[str], None] = print,
     store: JobStore | None = None,
     job: JobRecord | None = None,
+    exports: tuple[str, ...] = (),
 ) -> Path:
     """Fuse ``teachers`` as ``spec`` says; returns the run folder with the student,
     ``metrics.json``, ``report.md`` and its figures.
 
     With ``store`` the job is recorded there (``job``: one of its jobs to resume, else a new
     one): every party answer is kept and replayed on a resume, and training runs keep
-    checkpoints in ``<run folder>/checkpoints`` (removed once the job is done).
+    checkpoints in ``<run folder>/checkpoints`` (removed once the job is done). The student
+    is delivered as :mod:`amalgam.server.student` says, plus ``exports`` (``"onnx"``).
     """
     started = time.perf_counter()
     checkpoints = None
     if store is not None:
         job = job or store.create(spec)
         job_id, run_dir = job.id, job.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)  # gone where bad input stopped it before
         teachers = [ReplayTeacher(t, store, job_id) for t in teachers]
         checkpoints = Checkpoints(run_dir / "checkpoints")
     else:
@@ -119,30 +161,25 @@ def run_job(
         run_dir = Path(spec.output_dir) / job_id
         run_dir.mkdir(parents=True, exist_ok=False)
     try:
+        hardware = Hardware(resolve_device(spec.device), spec.precision)
+        log(f"computing on {hardware.device} in {hardware.precision}")
         context = RunContext(seed=spec.seed, baselines=spec.baselines, map_teachers=fan_out,
-                             progress=progress, log=log, checkpoints=checkpoints)  # fmt: skip
+                             progress=progress, log=log, checkpoints=checkpoints,
+                             hardware=hardware)  # fmt: skip
         outcome = METHODS[spec.method.name].run(spec, teachers, context)
     except Exception as error:
         if store is not None:
             store.set_status(job_id, "failed", str(error))
+        if isinstance(error, ValueError):  # bad input: no half run folder is left behind
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     reached = {t.info.name for t in teachers}
     unreached = [p.name for p in spec.parties if p.name not in reached]
     outcome.summary += [
         f"DEGRADED: party {name} was not reached at the start" for name in unreached
     ]
-    save_file(outcome.student.state_dict(), str(run_dir / "student.safetensors"))
-    architecture = {
-        "arch": outcome.student.arch["name"],
-        "kwargs": {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in outcome.student.arch["kwargs"].items()
-        },
-        "class_names": outcome.class_names,
-    }
-    if "normalization" in outcome.extra:  # the inputs a fused party network expects
-        architecture["normalization"] = outcome.extra["normalization"]
-    (run_dir / "student.json").write_text(json.dumps(architecture, indent=2))
+    write_student(run_dir, outcome.student, student_card(outcome, spec, job_id, teachers),
+                  exports, log)  # fmt: skip
     stats = {t.info.name: dataclasses.asdict(t.stats) for t in teachers if hasattr(t, "stats")}
     described = spec.model_dump(mode="json")
     metrics = {

@@ -8,6 +8,7 @@ from typing import Annotated, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from amalgam.fusion.device import DeviceName, Precision
 from amalgam.fusion.train import StudentConfig
 from amalgam.protocol.schemas import Strict, TlsFiles
 from amalgam.server.methods import METHODS
@@ -48,6 +49,8 @@ class JobSpec(Strict):
     tls: TlsFiles | None = None  # mutual TLS with every party; None needs --insecure
     min_parties: int | None = Field(None, ge=1)  # parties a job may drop to; None: all
     baselines: bool = True  # also train vanilla distillation and the supervised bound
+    device: DeviceName = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Precision = "fp32"  # bf16 / fp16: autocast in the student's training loops
 
     @field_validator("parties")
     @classmethod

@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from amalgam.fusion.data import load_source
-from amalgam.fusion.models import create_model
 from amalgam.party.audit import read_records, verify_chain
 from amalgam.party.config import load_party_config
 from amalgam.party.handler import PartyHandler
@@ -46,7 +44,7 @@ def finished_job(marketplace, tmp_path_factory):
     (folder / "job.yaml").write_text(yaml.safe_dump(job))
     spec = load_job(folder / "job.yaml")
     teachers = connect(spec)
-    run_dir = run_job(spec, teachers, progress=False, log=lambda message: None)
+    run_dir = run_job(spec, teachers, progress=False, log=lambda message: None, exports=("onnx",))
     return run_dir, teachers
 
 
@@ -74,17 +72,58 @@ def test_every_call_is_in_the_parties_audit_logs(finished_job, marketplace):
 
 
 def test_run_folder_holds_a_loadable_student(finished_job):
+    import amalgam
+
     run_dir, _ = finished_job
-    spec = json.loads((run_dir / "student.json").read_text())
-    student = create_model(spec["arch"], **spec["kwargs"])
-    student.load_state_dict(load_file(str(run_dir / "student.safetensors")))
-    student.eval()
+    student, card = amalgam.load_student(run_dir)
+    assert card["input_shape"] == [1, 8, 8] and card["input_range"] == [0.0, 1.0]
+    assert card["job"]["method"] == "composition" and card["job"]["id"] == run_dir.name
     test = load_source("digits:test")
-    union = spec["class_names"]
+    union = card["class_names"]
     y = torch.tensor([union.index(test.class_names[i]) for i in test.y])
     with torch.no_grad():
         accuracy = (student(test.x).argmax(dim=1) == y).float().mean().item()
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
     assert accuracy == pytest.approx(results["student"], abs=1e-6)
+    assert card["metrics"]["student"] == results["student"]
+
+
+def test_the_exported_program_and_onnx_model_answer_like_the_student(finished_job):
+    import onnxruntime
+
+    import amalgam
+
+    run_dir, _ = finished_job
+    student, card = amalgam.load_student(run_dir)
+    assert card["files"] == {"weights": "student.safetensors", "program": "student.pt2",
+                             "onnx": "student.onnx"}  # fmt: skip
+    x = load_source("digits:test").x[:37]  # a batch size the export never saw
+    with torch.no_grad():
+        expected = student(x)
+        program = torch.export.load(str(run_dir / "student.pt2")).module()(x)
+    session = onnxruntime.InferenceSession(str(run_dir / "student.onnx"))
+    (onnx,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(program, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(onnx), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_amalgam_predict_names_the_class_of_image_files(finished_job, tmp_path, capsys):
+    from torchvision.io import write_png
+
+    from amalgam.server.cli import main
+
+    run_dir, _ = finished_job
+    test = load_source("digits:test")
+    paths = []
+    for k in range(3):
+        paths.append(str(tmp_path / f"digit-{k}.png"))
+        write_png((test.x[k] * 255).round().to(torch.uint8), paths[-1])  # (1, 8, 8)
+    assert main(["predict", "--run", str(run_dir), *paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == paths
+    assert all(line.endswith("%") for line in lines)
+    assert main(["predict", "--run", str(run_dir), str(tmp_path / "nothing.png")]) == 2
+    assert capsys.readouterr().err.strip().endswith("nothing.png: no such file")
+
     assert "| student | fused student |" in (run_dir / "report.md").read_text()
     assert (run_dir / "accuracy.png").read_bytes().startswith(b"\x89PNG")

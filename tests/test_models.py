@@ -132,7 +132,7 @@ def test_register_a_new_model(monkeypatch):
 
 
 def test_unknown_model_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown model 'resnet1000'") as info:
+    with pytest.raises(ValueError, match="unknown architecture 'resnet1000'") as info:
         create_model("resnet1000")
     for name in list_models():
         assert name in str(info.value)

@@ -153,7 +153,7 @@ def test_torchscript_models_do_not_advertise_weights(tmp_path):
         tmp_path, Policy(predict=PredictPolicy(), weights=WeightsPolicy()), model=model
     )
     assert "weights" not in handler.info.capabilities
-    with pytest.raises(PermissionError, match="no registered architecture"):
+    with pytest.raises(PermissionError, match="not a registered architecture"):
         LocalTeacher(handler).weights()
 
 

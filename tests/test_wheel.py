@@ -102,6 +102,7 @@ def test_every_module_imports_and_the_command_runs_from_the_wheel(fresh, tmp_pat
         "import importlib, pathlib, amalgam\n"
         "root = pathlib.Path(next(iter(amalgam.__path__)))\n"
         "assert 'site-packages' in str(root), root\n"
+        "assert callable(amalgam.load_student)\n"
         "names = ['amalgam.' + '.'.join(p.relative_to(root).with_suffix('').parts)"
         "         .removesuffix('.__init__') for p in sorted(root.rglob('*.py'))]\n"
         "for name in names: importlib.import_module(name)\n"

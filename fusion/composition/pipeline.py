@@ -18,10 +18,10 @@ from amalgam.fusion.composition.rules import RULES, Rule, aggregate
 from amalgam.fusion.config import Config
 from amalgam.fusion.data import Dataset, fit_to_shape
 from amalgam.fusion.labels import collect_union_probs, relabel, union_classes
-from amalgam.fusion.models import Classifier, create_model
+from amalgam.fusion.models import Classifier
 from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Teacher, predict_all
-from amalgam.fusion.train import StudentConfig, accuracy, fit, predict_logits
+from amalgam.fusion.train import StudentConfig, accuracy, build_student, fit, predict_logits
 
 
 class CompositionConfig(Config):
@@ -154,9 +154,10 @@ def train_student(
     """A fresh ``student.arch`` over the union classes, trained on ``targets`` (a training run
     called ``name``)."""
     torch.manual_seed(context.seed)
-    model = create_model(student.arch, in_shape=tuple(p.x_test.shape[1:]), num_classes=len(p.union))
+    model = build_student(student, tuple(p.x_test.shape[1:]), len(p.union), context.log)
     curve = fit(model, x, targets, **student.schedule(), seed=context.seed, desc=name,
-                progress=context.progress, checkpoint=context.checkpoint(name))  # fmt: skip
+                progress=context.progress, checkpoint=context.checkpoint(name),
+                hardware=context.hardware)  # fmt: skip
     return model, curve
 
 
@@ -263,5 +264,6 @@ def _finetune(
         desc="fine-tune",
         progress=context.progress,
         checkpoint=context.checkpoint("fine-tune"),
+        hardware=context.hardware,
     )
     return count

@@ -19,12 +19,22 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.export.unflatten import InterpreterModule
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
-def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
-    """The model's BatchNorm layers that track running statistics, in module order."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers that track running statistics, in module order: BatchNorm
+    modules, and in the unflattened module of a ``torch.export`` program the layers that were
+    BatchNorm modules when it was exported (they keep ``running_mean`` and ``running_var``)."""
+    return [m for m in model.modules() if _is_batchnorm(m)]
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    if isinstance(module, _BatchNorm):
+        return module.running_mean is not None
+    exported = isinstance(module, InterpreterModule)
+    return exported and {"running_mean", "running_var"} <= module._buffers.keys()
 
 
 def gaussian_kl(mu_hat: Tensor, var_hat: Tensor, mu: Tensor, var: Tensor) -> Tensor:
@@ -54,7 +64,7 @@ def bn_statistics_loss(model: nn.Module, eps: float = 1e-5) -> Iterator[list[Ten
     losses: list[Tensor] = []
     owner = threading.get_ident()  # other threads may run the same model meanwhile
 
-    def hook(module: _BatchNorm, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if threading.get_ident() != owner:
             return
         mu_hat, var_hat = _batch_moments(inputs[0])

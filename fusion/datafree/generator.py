@@ -38,9 +38,11 @@ class Generator(nn.Module):
         )
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
-        """Images from ``batch`` draws of z ~ N(0, I)."""
-        z = torch.randn(batch, self.latent_dim, generator=generator)
-        return self(z)
+        """Images from ``batch`` draws of z ~ N(0, I), drawn on the host (the same draws on
+        every device) and made on the generator's device."""
+        z = torch.randn(batch, self.latent_dim, generator=generator)  # (B, latent)
+        parameter = next(self.parameters())
+        return self(z.to(device=parameter.device, dtype=parameter.dtype))
 
     def forward(self, z: Tensor) -> Tensor:
         out = self.fc(z).view(len(z), -1, self.start, self.start)  # (B, 2w, s, s)
@@ -58,8 +60,8 @@ def augment(x: Tensor, shift: int, generator: torch.Generator | None = None) -> 
         return x
     batch, _, height, width = x.shape
     padded = F.pad(x, (shift, shift, shift, shift))
-    offsets = torch.randint(0, 2 * shift + 1, (batch, 2), generator=generator)
-    rows = (offsets[:, 0, None] + torch.arange(height)).unsqueeze(2)  # (B, H, 1)
-    cols = (offsets[:, 1, None] + torch.arange(width)).unsqueeze(1)  # (B, 1, W)
-    index = torch.arange(batch)[:, None, None]
+    offsets = torch.randint(0, 2 * shift + 1, (batch, 2), generator=generator).to(x.device)
+    rows = (offsets[:, 0, None] + torch.arange(height, device=x.device)).unsqueeze(2)  # (B, H, 1)
+    cols = (offsets[:, 1, None] + torch.arange(width, device=x.device)).unsqueeze(1)  # (B, 1, W)
+    index = torch.arange(batch, device=x.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2)

@@ -36,11 +36,13 @@ from torch import Tensor, nn
 from amalgam.fusion.config import Config
 from amalgam.fusion.datafree.generator import Generator, augment
 from amalgam.fusion.datafree.losses import batch_entropy, kd_kl, softened_kl
+from amalgam.fusion.device import Hardware, to_host, to_model
 from amalgam.fusion.labels import as_logits
 from amalgam.fusion.models import Classifier, create_model
 from amalgam.fusion.progress import progress_bar
 from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import GeneratorObjective, Teacher
+from amalgam.fusion.train import StudentConfig, build_student
 
 
 @dataclass(frozen=True)
@@ -152,20 +154,24 @@ class GeneratorTrainer:
         history: History,
         rng: torch.Generator,
         assistant_arch: str = "small_cnn",
+        hardware: Hardware = Hardware(),
     ) -> None:
         self.teacher, self.config, self.index = teacher, config, index
+        self.hardware = hardware
         self.variant = VARIANTS[config.variant]
         self.history, self.rng = history, rng
         self.num_classes = len(teacher.info.class_names)
         in_shape = tuple(teacher.info.input_shape)
-        self.generator = Generator(in_shape, config.latent_dim, config.generator_width)
+        self.generator = hardware.place(
+            Generator(in_shape, config.latent_dim, config.generator_width)
+        )
         self.optimizer = torch.optim.Adam(
             self.generator.parameters(), lr=config.lr_generator, betas=(0.5, 0.999)
         )
         self.assistant: Classifier | None = None
         if self.variant.adversary == "assistant":
-            self.assistant = create_model(
-                assistant_arch, in_shape=in_shape, num_classes=self.num_classes
+            self.assistant = hardware.place(
+                create_model(assistant_arch, in_shape=in_shape, num_classes=self.num_classes)
             )
             self.assistant_opt, self.assistant_sched = sgd(self.assistant, config)
         self.queries = 0
@@ -198,10 +204,12 @@ class GeneratorTrainer:
             adversary.eval()
             adversary_logits = adversary(x)  # (B, K), graph into x through the adversary
         feedback = self.teacher.bn_feedback(
-            x.detach(), weights, None if adversary_logits is None else adversary_logits.detach()
+            to_host(x),
+            weights,
+            None if adversary_logits is None else to_host(adversary_logits),
         )
         self.queries += len(x)
-        teacher_logits = feedback.logits.to(x.dtype)
+        teacher_logits = feedback.logits.to(x)
         # the teacher's part of dL/dx came back from the party; the adversary's part is local
         tensors, grads = [x], [feedback.input_grad.to(x)]
         if adversary_logits is not None and weights.adversarial:
@@ -258,13 +266,13 @@ class GeneratorTrainer:
 
 class DataFreeFusion:
     """One run of a variant over ``teachers``; :meth:`run` returns the trained student, a
-    ``student_arch`` (the assistants share its architecture)."""
+    ``student`` network (the assistants share its architecture)."""
 
     def __init__(
         self,
         teachers: Sequence[Teacher],
         config: DataFreeConfig,
-        student_arch: str = "small_cnn",
+        student: StudentConfig = StudentConfig(),
         context: RunContext = RunContext(),
         own_generators: bool = True,
     ) -> None:
@@ -278,22 +286,24 @@ class DataFreeFusion:
                     f"party {name}: data-free fusion needs logits or probs, it releases {form!r}"
                 )
         self.teachers = list(teachers)
-        self.config, self.student_arch, self.context = config, student_arch, context
+        self.config, self.student_arch, self.context = config, student.arch, context
         self.variant = VARIANTS[config.variant]
         torch.manual_seed(context.seed)
         self.rng = torch.Generator().manual_seed(context.seed)
         self.history = History(context.log)
         self.trainers = (
             [
-                GeneratorTrainer(t, config, k, self.history, self.rng, student_arch)
+                GeneratorTrainer(
+                    t, config, k, self.history, self.rng, student.arch, context.hardware
+                )
                 for k, t in enumerate(teachers)
             ]
             if own_generators
             else []
         )
         in_shape = tuple(teachers[0].info.input_shape)
-        self.student = create_model(
-            student_arch, in_shape=in_shape, num_classes=len(next(iter(classes)))
+        self.student = context.hardware.place(
+            build_student(student, in_shape, len(next(iter(classes))), context.log)
         )
         self.student_opt, self.student_sched = sgd(self.student, config)
         self.student_queries = {t.info.name: 0 for t in teachers}
@@ -308,8 +318,9 @@ class DataFreeFusion:
 
     def student_targets(self, x: Tensor) -> Tensor:
         """The teachers' averaged soft labels at temperature tau (Eq. 1, w_k = 1 / K)."""
+        images = to_host(x)
         logits = self.context.map_teachers(
-            lambda t: as_logits(t.predict(x), t.info.output_form, len(t.info.class_names)),
+            lambda t: as_logits(t.predict(images), t.info.output_form, len(t.info.class_names)),
             self.teachers,
         )
         for teacher in self.teachers:
@@ -317,11 +328,14 @@ class DataFreeFusion:
         votes = torch.stack([z.argmax(dim=1) for z in logits])  # (K, B)
         self.history.record("samples/teacher_agreement", _agreement(votes))
         tau = self.config.temperature
-        return torch.stack([torch.softmax(z / tau, dim=1) for z in logits]).mean(dim=0)
+        probs = torch.stack([torch.softmax(z / tau, dim=1) for z in logits]).mean(dim=0)
+        return probs.to(x)  # (B, K), where the student learns
 
     def student_step(self, x: Tensor, target: Tensor) -> None:
         """One update of the student towards ``target`` (B, K) on augmented ``x``."""
         tau = self.config.temperature
+        x = to_model(self.student, x)
+        target = target.to(x)
         self.student.train()
         student_logits = self.student(augment(x, self.config.augment_shift, self.rng))
         log_s = torch.log_softmax(student_logits / tau, dim=1)
@@ -337,7 +351,7 @@ class DataFreeFusion:
     def snapshot(self, count: int = 16) -> list[Tensor]:
         """``count`` samples of every generator, (count, C, H, W) each."""
         rng = torch.Generator().manual_seed(self.context.seed + 1)
-        return [trainer.sample(count, rng) for trainer in self.trainers]
+        return [to_host(trainer.sample(count, rng)) for trainer in self.trainers]
 
     def result(self, samples: list[list[Tensor]], generator_queries: list[int]) -> DataFreeResult:
         self.student.eval()

@@ -7,7 +7,7 @@ The coordinator imports only what is listed here.
 """
 
 from amalgam.fusion.detection.aggregate import AggregationConfig
-from amalgam.fusion.detection.canvas import load_canvases
+from amalgam.fusion.detection.canvas import CANVAS_PREFIX, load_canvases
 from amalgam.fusion.detection.compose import (
     DetectionCompositionConfig,
     compose_detection,
@@ -17,6 +17,7 @@ from amalgam.fusion.detection.figures import pseudo_label_grid
 from amalgam.fusion.detection.models import DETECTORS, create_detector
 
 __all__ = [
+    "CANVAS_PREFIX",
     "DETECTORS",
     "AggregationConfig",
     "DetectionCompositionConfig",

@@ -158,12 +158,13 @@ def _rows(models: dict[str, Classifier], x: Tensor, y: Tensor, classes: int):
 
 
 def _fine_tuned(model: Classifier, x: Tensor, y: Tensor, epochs: int, student: StudentConfig,
-                seed: int, progress: bool) -> Classifier:  # fmt: skip
+                context: RunContext) -> Classifier:  # fmt: skip
+    """A copy of ``model`` fine-tuned on ``x``, ``y`` (on the run's hardware)."""
     clone = create_model(model.arch["name"], **model.arch["kwargs"])
     clone.load_state_dict(model.state_dict())
     fit(clone, x, y, epochs=epochs, batch_size=student.batch_size, lr=student.lr,
-        weight_decay=student.weight_decay, seed=seed, desc="fine-tune",
-        progress=progress)  # fmt: skip
+        weight_decay=student.weight_decay, seed=context.seed, desc="fine-tune",
+        progress=context.progress, hardware=context.hardware)  # fmt: skip
     return clone.eval()
 
 
@@ -190,7 +191,7 @@ def fuse_parties(
     context : with ``baselines``, vanilla averaging (equal shapes) and the fine-tuned inputs are
         evaluated too.
     """
-    seed, progress, log = context.seed, context.progress, context.log
+    seed, log = context.seed, context.log
     infos = [t.info for t in teachers]
     check_compatible(infos)
     names = [info.name for info in infos]
@@ -225,7 +226,7 @@ def fuse_parties(
 
         def tuned(model: Classifier) -> Classifier:
             return _fine_tuned(model, x, y, config.finetune_epochs, student or StudentConfig(),
-                               seed, progress)  # fmt: skip
+                               context)  # fmt: skip
 
         networks["fused_one_shot"] = result.model
         if context.baselines:

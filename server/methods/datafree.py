@@ -56,7 +56,7 @@ class DataFree(Method):
             f"data-free fusion ({params.variant}, generators at the {params.mode}) of "
             f"{len(teachers)} teachers, no data"
         )
-        options = dict(student_arch=spec.student.arch, context=context)
+        options = dict(student=spec.student, context=context)
         if params.mode == "party":
             fusion = PartySideFusion(teachers, params, rounds=params.rounds, **options)
         else:
