@@ -16,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
 from amalgam.fusion.data import Dataset
+from amalgam.fusion.device import to_model
 from amalgam.fusion.models import Classifier
 
 C_GRID = np.logspace(-3, 2, 6)  # inverse L2 strengths tried by cross-validation
@@ -25,8 +26,11 @@ C_GRID = np.logspace(-3, 2, 6)  # inverse L2 strengths tried by cross-validation
 def extract_features(model: Classifier, x: Tensor, batch_size: int = 512) -> np.ndarray:
     """(N, D) penultimate features phi(x) of ``model`` in eval mode on (N, C, H, W) images."""
     model.eval()
-    parts = [model.forward_features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return torch.cat(parts).float().numpy()
+    parts = [
+        model.forward_features(to_model(model, x[i : i + batch_size]))
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(parts).float().cpu().numpy()
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, rng: np.random.Generator) -> np.ndarray:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from amalgam.fusion.activations import layer_grams, layer_names, layer_outputs
 from amalgam.fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
 from amalgam.fusion.datafree.losses import teacher_side_loss
-from amalgam.fusion.device import resolve_device
+from amalgam.fusion.device import Hardware, resolve_device
 from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
 from amalgam.fusion.zoo import check_forward
 from amalgam.party.audit import AuditLog
@@ -131,7 +131,7 @@ class PartyHandler:
         rate = policy.rate_limit
         self._rates = TokenBuckets(rate.samples_per_s, rate.burst) if rate else None
         own = OwnTeacher(TeacherInfo.from_dict(self.info.model_dump()), self.teacher_side)
-        self._synthesis = SynthesisSessions(own)
+        self._synthesis = SynthesisSessions(own, Hardware(self.device))
         self._lock = threading.Lock()
 
     @classmethod

@@ -17,6 +17,7 @@ from torch import Tensor
 from amalgam.fusion.config import validated
 from amalgam.fusion.datafree.party_side import SynthesisParams
 from amalgam.fusion.datafree.trainer import GeneratorTrainer, History
+from amalgam.fusion.device import Hardware, to_host
 from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
 
 FeedbackFn = Callable[[Tensor, GeneratorObjective, Tensor | None], Feedback]
@@ -37,8 +38,9 @@ class OwnTeacher:
 class SynthesisSessions:
     """Generators by (caller, session); each keeps its state between calls."""
 
-    def __init__(self, teacher: OwnTeacher) -> None:
+    def __init__(self, teacher: OwnTeacher, hardware: Hardware = Hardware()) -> None:
         self.teacher = teacher
+        self.hardware = hardware  # where the generators and assistants train: the model's
         self._sessions: dict[tuple[str, str], tuple[GeneratorTrainer, dict, list[int]]] = {}
         self._lock = threading.Lock()
 
@@ -55,9 +57,8 @@ class SynthesisSessions:
                 config = self.config(params)
                 torch.manual_seed(config.seed)
                 rng = torch.Generator().manual_seed(config.seed)
-                trainer = GeneratorTrainer(
-                    self.teacher, config, 0, History(), rng, assistant_arch=config.student_arch
-                )
+                trainer = GeneratorTrainer(self.teacher, config, 0, History(), rng,
+                                           config.student_arch, self.hardware)  # fmt: skip
                 self._sessions[key] = (trainer, params, [0])
             trainer, first_params, done = self._sessions[key]
             if params != first_params:
@@ -85,4 +86,4 @@ class SynthesisSessions:
         }
         # "generator0/bn" -> "generator/bn": the caller numbers its parties itself
         losses = {name.replace("0/", "/", 1): sum(v) / len(v) for name, v in fresh.items()}
-        return Synthesis(trainer.sample(samples), losses, done[0])
+        return Synthesis(to_host(trainer.sample(samples)), losses, done[0])

@@ -169,3 +169,89 @@ def test_a_fused_network_is_fine_tuned_where_its_hardware_puts_it(tmp_path):
     assert {p.dtype for p in fused.networks["student"].parameters()} == {torch.float64}
     assert {p.dtype for p in fused.networks["fused_one_shot"].parameters()} == {torch.float32}
     assert 0 <= fused.rows["student"] <= 1
+
+
+def test_a_consolidated_student_trains_and_is_probed_where_its_hardware_puts_it(tmp_path):
+    from amalgam.fusion.consolidation import ConsolidationParams, consolidate_parties
+    from amalgam.protocol.schemas import LayersPolicy, WeightsPolicy
+
+    torch.manual_seed(0)
+    general = create_model("small_cnn", in_shape=(1, 8, 8), num_classes=5, width=8)
+    expert = create_model("small_cnn", in_shape=(1, 8, 8), num_classes=3, width=8)
+    shares = Policy(
+        predict=PredictPolicy(output="logits"), weights=WeightsPolicy(),
+        activations=LayersPolicy(layers=["penultimate"]), sample_budget=None,
+    )  # fmt: skip
+    teachers = [
+        LocalTeacher(local_party("general", general, list("01234"), (1, 8, 8), shares, tmp_path)),
+        LocalTeacher(local_party("expert", expert, list("567"), (1, 8, 8), shares, tmp_path)),
+    ]
+    task = {"name": "d89", "train": "digits:private-2", "test": "digits:test",
+            "classes": ["8", "9"]}  # fmt: skip
+    params = ConsolidationParams(generalist="general", epochs=1, draws=1, tasks=[task])
+    proxy, test = load_source("digits:public"), load_source("digits:test")
+    context = RunContext(progress=False, hardware=Float64Device())
+    result = consolidate_parties(teachers, params, proxy, test, context)
+    student = result.students["consolidated"]
+    assert {p.dtype for p in student.parameters()} == {torch.float64}
+    assert {"consolidated:d89", "kd:d89", "consolidated:upstream-expert"} <= set(result.rows)
+
+
+def test_amalgamation_trains_layers_autoencoders_and_student_where_its_hardware_puts_them(
+    tmp_path,
+):
+    from amalgam.fusion.amalgamation import AmalgamationConfig, FeatureCache, amalgamate
+    from amalgam.protocol.schemas import LayersPolicy
+
+    shares = Policy(predict=PredictPolicy(output="logits"),
+                    activations=LayersPolicy(layers=["*"]), sample_budget=None)  # fmt: skip
+    teachers = []
+    for shard, classes in enumerate([list("01234"), list("56789")]):
+        torch.manual_seed(shard)
+        model = create_model("vgg_cnn", num_classes=5, in_shape=(1, 8, 8), stages=((8,), (16,)),
+                             fc=(32,))  # fmt: skip
+        teachers.append(LocalTeacher(local_party(f"t{shard}", model, classes, (1, 8, 8), shares,
+                                                 tmp_path)))  # fmt: skip
+    config = AmalgamationConfig(feature_samples=64, layer_epochs=1, autoencoder_epochs=1)
+    context = RunContext(progress=False, hardware=Float64Device())
+    x = load_source("digits:public").x[:128]
+    result = amalgamate(teachers, x, config, StudentConfig(epochs=1, batch_size=32),
+                        FeatureCache(tmp_path / "cache"), context)  # fmt: skip
+    logits = predict_logits(result.joint, x[:8])  # folded into a plain network on the host
+    assert logits.shape == (8, 10) and logits.dtype == torch.float32
+    assert {"joint", "stages.0.0.bn"} <= set(result.losses)
+
+
+def test_a_detector_trains_and_detects_where_its_hardware_puts_it():
+    import numpy as np
+
+    from amalgam.fusion.detection.canvas import make_canvases
+    from amalgam.fusion.detection.models import create_detector
+    from amalgam.fusion.detection.train import detect, fit_detector
+
+    canvases = make_canvases(load_source("digits:train").subset(np.arange(100)), 32, size=64,
+                             seed=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = create_detector("fcos", 10, size=64)
+    history = fit_detector(model, canvases, epochs=1, batch_size=16, progress=False,
+                           hardware=Float64Device())  # fmt: skip
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    found = detect(model, canvases.images[:4])
+    assert len(found) == 4 and all(d.boxes.dtype == torch.float32 for d in found)
+    assert len(history) == 1 and np.isfinite(history[0])
+
+
+def test_a_partys_own_generator_trains_where_its_hardware_puts_it(teachers):
+    from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
+
+    handler = teachers[0].handler
+    sessions = SynthesisSessions(OwnTeacher(teachers[0].info, handler.teacher_side),
+                                 Float64Device())  # fmt: skip
+    params = DataFreeConfig(variant="dfmf", warmup=1, iterations=2, batch_size=8,
+                            generator_width=8).model_dump()  # fmt: skip
+    made = sessions.advance("c", "s", params, steps=3, samples=5)
+    trainer = sessions._sessions[("c", "s")][0]
+    assert {p.dtype for p in trainer.generator.parameters()} == {torch.float64}
+    assert {p.dtype for p in trainer.assistant.parameters()} == {torch.float64}
+    assert made.samples.shape == (5, 1, 8, 8) and made.samples.dtype == torch.float32
+    assert made.steps_done == 3

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from amalgam.fusion.device import Hardware, to_model
 from amalgam.fusion.train import fit
 
 SCHEMES = ("dfa", "ifa")
@@ -41,7 +42,8 @@ class FeatureAutoencoder(nn.Module):
         self.decoder.bias.copy_(mean)
 
     def encode(self, features: Tensor) -> Tensor:
-        return self.encoder(features.float())
+        """Stored (float16) features are computed on in the encoder's own type."""
+        return self.encoder(features.to(self.encoder.weight.dtype))
 
     def forward(self, features: Tensor) -> Tensor:
         return self.decoder(self.encode(features))
@@ -50,7 +52,8 @@ class FeatureAutoencoder(nn.Module):
 def half_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
     """``1/2 ||prediction - target||^2`` per sample, averaged over the batch: the
     reconstruction loss of Eq. 4 and the parameter-learning loss of Eq. 5."""
-    squared = (prediction - target.float()).pow(2)
+    dtype = torch.promote_types(prediction.dtype, torch.float32)  # half types sum in float32
+    squared = (prediction.to(dtype) - target.to(dtype)).pow(2)
     return 0.5 * squared.flatten(1).sum(dim=1).mean()
 
 
@@ -79,7 +82,16 @@ class Amalgamated:
     losses: list[float]
 
 
-def _compress(features: Tensor, width: int, config: AutoencoderConfig, desc: str, progress):
+def _compress(
+    features: Tensor,
+    width: int,
+    config: AutoencoderConfig,
+    desc: str,
+    progress: bool,
+    hardware: Hardware,
+) -> tuple[Tensor, float]:
+    """(t, ``width``, ...) float16 codes of ``features`` on the host, and the relative
+    reconstruction error of the auto-encoder trained on ``hardware``."""
     torch.manual_seed(config.seed)
     autoencoder = FeatureAutoencoder(features.shape[1], width, spatial=features.ndim == 4)
     autoencoder.init_from_pca(features)
@@ -96,15 +108,16 @@ def _compress(features: Tensor, width: int, config: AutoencoderConfig, desc: str
             desc=desc,
             progress=progress,
             loss=half_squared_error,
+            hardware=hardware,
         )
     with torch.no_grad():
-        parts = features.split(256)
+        parts = [to_model(autoencoder, part) for part in features.split(256)]
         codes = [autoencoder.encode(part) for part in parts]
         error = sum(
             float(half_squared_error(autoencoder.decoder(code), part)) * len(part)
             for code, part in zip(codes, parts, strict=True)
         ) / len(features)
-    return torch.cat(codes).to(torch.float16), error / max(mean_energy(features), 1e-12)
+    return torch.cat(codes).to(torch.float16).cpu(), error / max(mean_energy(features), 1e-12)
 
 
 def amalgamate_features(
@@ -115,6 +128,7 @@ def amalgamate_features(
     *,
     desc: str = "amalgamate",
     progress: bool = True,
+    hardware: Hardware = Hardware(),
 ) -> Amalgamated:
     """Compress the teachers' features of one layer, each (t, C_i, H, W) or (t, C_i), to
     (t, ``width``, ...).
@@ -130,12 +144,15 @@ def amalgamate_features(
         shapes = ", ".join(str(tuple(f.shape)) for f in features)
         raise ValueError(f"features: the teachers' shapes differ beyond the channels: {shapes}")
     if scheme == "dfa" or len(features) == 1:
-        codes, loss = _compress(torch.cat(list(features), dim=1), width, config, desc, progress)
+        codes, loss = _compress(
+            torch.cat(list(features), dim=1), width, config, desc, progress, hardware
+        )
         return Amalgamated(codes, [loss])
     codes, losses = features[0], []
     for k, more in enumerate(features[1:], start=2):
         codes, loss = _compress(
-            torch.cat([codes, more], dim=1), width, config, f"{desc} (IFA {k})", progress
-        )
+            torch.cat([codes, more], dim=1), width, config, f"{desc} (IFA {k})", progress,
+            hardware,
+        )  # fmt: skip
         losses.append(loss)
     return Amalgamated(codes, losses)

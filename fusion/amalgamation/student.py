@@ -92,7 +92,8 @@ class LayerStep(nn.Module):
         return self.layer[0].weight.shape[0]
 
     def forward(self, previous: Tensor) -> Tensor:
-        return self.layer(self.before(previous.float()))
+        """(t, ...) features of the previous layer (float16 when stored) -> this layer's."""
+        return self.layer(self.before(previous.to(self.layer[0].weight.dtype)))
 
 
 def layer_steps(student: VGG) -> list[LayerStep]:

@@ -152,7 +152,8 @@ def learn_layer_wise(
     learns the (t, E) targets ``scores`` from the last ones, with the batch size, learning rate
     and weight decay of ``training``. Returns each layer's losses."""
     seed, progress = context.seed, context.progress
-    train = dict(batch_size=training.batch_size, lr=training.lr, seed=seed, progress=progress)
+    train = dict(batch_size=training.batch_size, lr=training.lr, seed=seed, progress=progress,
+                 hardware=context.hardware)  # fmt: skip
     autoencoder = AutoencoderConfig(config.autoencoder_epochs, training.batch_size, 1e-3, seed)
     steps = layer_steps(student)
     losses: dict[str, object] = {}
@@ -168,6 +169,7 @@ def learn_layer_wise(
             autoencoder,
             desc=f"auto-encoder {layer}",
             progress=progress,
+            hardware=context.hardware,
         )
         _start_at_target_scale(step, amalgamated.features)
         history = fit(
@@ -257,7 +259,7 @@ def amalgamate(
         targets = score_targets(logits, target, temperature)
         return fit(model, x, targets, **training.schedule(), seed=context.seed, desc=name,
                    progress=progress, loss=score_loss(target, temperature),
-                   checkpoint=context.checkpoint(name))  # fmt: skip
+                   checkpoint=context.checkpoint(name), hardware=context.hardware)  # fmt: skip
 
     losses["joint"] = distil(student, form, "joint")
     trained = {}

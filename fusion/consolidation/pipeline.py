@@ -17,6 +17,7 @@ from amalgam.fusion.config import Config
 from amalgam.fusion.consolidation.student import MultiHeadStudent
 from amalgam.fusion.consolidation.trainer import ConsolidationConfig, consolidate
 from amalgam.fusion.data import Dataset, fit_to_shape, load_source
+from amalgam.fusion.device import to_model
 from amalgam.fusion.labels import as_logits, relabel, to_probs
 from amalgam.fusion.models import Classifier
 from amalgam.fusion.run import RunContext
@@ -115,7 +116,9 @@ def _upstream(test: Dataset, experts, students, normalise, progress) -> dict[str
         rows[f"teacher:{teacher.info.name}:{task}"] = accuracy(probs.argmax(dim=1), y)
         for name, student in students.items():
             with torch.no_grad():
-                logits = torch.cat([student(normalise(part))[k] for part in x.split(512)])
+                logits = torch.cat(
+                    [student(to_model(student, normalise(part)))[k].cpu() for part in x.split(512)]
+                )
             rows[f"{name}:{task}"] = accuracy(logits.argmax(dim=1), y)
     return rows
 
@@ -152,7 +155,8 @@ def consolidate_parties(
     students, losses = {}, {}
     for name, run_config in runs.items():
         log(f"consolidate: training {name} (lambda_0 = {run_config.generalist_weight})")
-        result = consolidate(generalist, x_proxy, logits, run_config, seed=seed, progress=progress)
+        result = consolidate(generalist, x_proxy, logits, run_config, seed=seed, progress=progress,
+                             hardware=context.hardware)  # fmt: skip
         students[name], losses[name] = result.student, result.losses
 
     represent = {"generalist": _local(generalist, normalise)}

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from amalgam.fusion.config import Config
 from amalgam.fusion.consolidation.loss import consolidation_loss
 from amalgam.fusion.consolidation.student import MultiHeadStudent
+from amalgam.fusion.device import Hardware
 from amalgam.fusion.models import Classifier
 from amalgam.fusion.progress import progress_bar
 from amalgam.fusion.train import predict_logits
@@ -88,7 +89,8 @@ def _train(
     progress: bool,
 ) -> list[float]:
     """``config.epochs`` passes over ``size`` samples in seeded random batches of indices;
-    ``batch_loss(index)`` gives the loss of one batch. Returns the mean loss of each epoch."""
+    ``batch_loss(index)`` gives the loss of one batch (on the student's device). Returns the
+    mean loss of each epoch."""
     optimiser, schedule = _optimiser(student, config, -(-size // config.batch_size))
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -127,6 +129,7 @@ def consolidate(
     config: ConsolidationConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    hardware: Hardware = Hardware(),
 ) -> ConsolidationResult:
     """Distil the generalist and the task-specific teachers into one multi-head student.
 
@@ -136,6 +139,7 @@ def consolidate(
     proxy : (P, C, H, W) unlabeled proxy images, already in the generalist's input form.
     teacher_logits : one (P, K_i) tensor per task-specific teacher on ``proxy`` (see
         :func:`amalgam.fusion.labels.as_logits` for released probabilities).
+    hardware : where the student trains (the proxy images and targets are copied there once).
     """
     config = config or ConsolidationConfig()
     weights = config.loss_weights(len(teacher_logits))
@@ -145,7 +149,10 @@ def consolidate(
                 f"teacher {i}: {logits.shape[0]} predictions for {len(proxy)} proxy images"
             )
     targets = [predict_logits(generalist, proxy), *teacher_logits]  # [(P, K_i)] * (N + 1)
-    student = MultiHeadStudent(generalist, [t.shape[1] for t in teacher_logits], seed)
+    student = hardware.place(
+        MultiHeadStudent(generalist, [t.shape[1] for t in teacher_logits], seed)
+    )
+    proxy, targets = hardware.put(proxy), [hardware.put(t) for t in targets]
 
     def batch_loss(index: Tensor) -> Tensor:
         outputs = student(proxy[index])
@@ -161,6 +168,7 @@ def multitask_oracle(
     config: ConsolidationConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    hardware: Hardware = Hardware(),
 ) -> ConsolidationResult:
     """The multi-task learning oracle of paper 001 (section 3, baseline 6): the same student,
     initialised from the generalist, trained with the same optimiser on labelled data instead
@@ -176,7 +184,8 @@ def multitask_oracle(
     config = config or ConsolidationConfig()
     weights = config.loss_weights(len(tasks) - 1)
     classes = [int(y.max()) + 1 for _, y in tasks[1:]]
-    student = MultiHeadStudent(generalist, classes, seed)
+    student = hardware.place(MultiHeadStudent(generalist, classes, seed))
+    tasks = [(hardware.put(x), hardware.put(y)) for x, y in tasks]
     generator = torch.Generator().manual_seed(seed + 1)
     orders = [torch.randperm(len(y), generator=generator) for _, y in tasks]
     cursor = [0] * len(tasks)

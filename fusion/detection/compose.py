@@ -16,6 +16,7 @@ from amalgam.fusion.detection.canvas import DetectionSet
 from amalgam.fusion.detection.coco import evaluate_map
 from amalgam.fusion.detection.models import create_detector
 from amalgam.fusion.detection.train import detect, fit_detector
+from amalgam.fusion.device import Hardware
 from amalgam.fusion.labels import known_mask, union_classes
 from amalgam.fusion.teacher import Detections, DetectorTeacher
 
@@ -84,10 +85,11 @@ def compose_detection(
     labelled: DetectionSet | None = None,
     map_teachers: Callable | None = None,
     progress: bool = True,
+    hardware: Hardware = Hardware(),
 ) -> DetectionComposition:
-    """Algorithm 1 for detection: gather, aggregate (Algorithm 2), train the student on the
-    pseudo-labels, then fine-tune on ``labelled`` canvases (categories in the union's order)
-    when given."""
+    """Algorithm 1 for detection: gather, aggregate (Algorithm 2), train the student (on
+    ``hardware``) on the pseudo-labels, then fine-tune on ``labelled`` canvases (categories in
+    the union's order) when given."""
     raw, union, knows = gather_detections(teachers, unlabeled, map_teachers)
     pseudo, stats = aggregate(raw, knows, config.aggregation)
     torch.manual_seed(config.seed)
@@ -95,11 +97,13 @@ def compose_detection(
                               width=config.width)  # fmt: skip
     fit_detector(student, DetectionSet(unlabeled, pseudo, union), epochs=config.epochs,
                  batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                 desc="student on pseudo-labels", progress=progress)  # fmt: skip
+                 desc="student on pseudo-labels", progress=progress,
+                 hardware=hardware)  # fmt: skip
     if labelled is not None and len(labelled):
         fit_detector(student, labelled, epochs=config.finetune_epochs,
                      batch_size=config.batch_size, lr=config.lr / 2, seed=config.seed,
-                     desc="fine-tune on labels", progress=progress)  # fmt: skip
+                     desc="fine-tune on labels", progress=progress,
+                     hardware=hardware)  # fmt: skip
     return DetectionComposition(student, pseudo, raw, stats, union)
 
 

@@ -9,11 +9,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from amalgam.fusion.detection.canvas import DetectionSet
+from amalgam.fusion.device import Hardware, to_host, to_model
 from amalgam.fusion.teacher import Detections
 
 
-def _targets(batch: list[Detections], offset: int) -> list[dict[str, Tensor]]:
-    return [{"boxes": d.boxes, "labels": d.labels + offset} for d in batch]
+def _targets(batch: list[Detections], offset: int, hardware: Hardware) -> list[dict[str, Tensor]]:
+    """torchvision's targets of a batch, on ``hardware``."""
+    return [
+        {"boxes": hardware.put(d.boxes), "labels": hardware.put(d.labels + offset)} for d in batch
+    ]
 
 
 def fit_detector(
@@ -27,13 +31,16 @@ def fit_detector(
     seed: int = 0,
     desc: str = "train detector",
     progress: bool = True,
+    hardware: Hardware = Hardware(),
 ) -> list[float]:
     """Train on ``data`` (labelled canvases) with Adam, a 5% linear warm-up and a cosine
-    decay; gradients are clipped at norm 10 (from-scratch detectors spike early). Returns
+    decay, on ``hardware`` (the model stays there); gradients are clipped at norm 10
+    (from-scratch detectors spike early). Returns
     each epoch's mean of the summed detection losses; a non-finite loss stops the run with
     ``FloatingPointError`` naming the step and the loss terms."""
     if data.targets is None:
         raise ValueError("fit_detector needs labelled canvases")
+    hardware.place(model)
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * max(1, -(-len(data) // batch_size))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -54,8 +61,8 @@ def fit_detector(
         total, count = 0.0, 0
         for start in range(0, len(data), batch_size):
             index = order[start : start + batch_size].tolist()
-            images = list(data.images[index])  # B x (1, S, S)
-            losses = model(images, _targets([data.targets[i] for i in index], offset))
+            images = list(hardware.put(data.images[index]))  # B x (1, S, S)
+            losses = model(images, _targets([data.targets[i] for i in index], offset, hardware))
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 parts = ", ".join(f"{k} {float(v):.3g}" for k, v in losses.items())
@@ -76,11 +83,13 @@ def fit_detector(
 
 @torch.no_grad()
 def detect(model: nn.Module, images: Tensor, batch_size: int = 64) -> list[Detections]:
-    """The detections of ``model`` on (N, 1, S, S) images, labels as category indices."""
+    """The detections of ``model`` on (N, 1, S, S) images, labels as category indices, on the
+    host (the images go to the model's device)."""
     model.eval()
     offset = getattr(model, "label_offset", 0)
     found = []
     for start in range(0, images.shape[0], batch_size):
-        for out in model(list(images[start : start + batch_size])):
-            found.append(Detections(out["boxes"], out["labels"] - offset, out["scores"]))
+        for out in model(list(to_model(model, images[start : start + batch_size]))):
+            boxes, scores = to_host(out["boxes"]), to_host(out["scores"])
+            found.append(Detections(boxes, out["labels"].cpu() - offset, scores))
     return found

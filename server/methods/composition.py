@@ -99,7 +99,7 @@ def _compose_detectors(spec, teachers, context: RunContext) -> Outcome:
     roster = Roster(spec.min_parties or len(spec.parties), context.log)
     context.log(f"collecting detections of {len(teachers)} parties on {len(unlabeled)} canvases")
     composed = compose_detection(teachers, unlabeled.images, config, map_teachers=roster.map,
-                                 progress=context.progress)  # fmt: skip
+                                 progress=context.progress, hardware=context.hardware)  # fmt: skip
     alive = [t for t in teachers if t.info.name not in roster.dropped]
     scores = score_composition(alive, composed.student, test, config.aggregation)
     student, pseudo = scores.student, scores.pseudo_labels

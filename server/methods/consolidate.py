@@ -117,7 +117,7 @@ def _heads_writer(result: Consolidation):
 
     def write(path):
         tensors = {
-            f"{teacher.info.name}.{key}": value.contiguous()
+            f"{teacher.info.name}.{key}": value.float().cpu().contiguous()
             for teacher, head in zip(result.experts, student.teacher_heads, strict=True)
             for key, value in head.state_dict().items()
         }
