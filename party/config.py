@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from amalgam.fusion.device import DeviceName
 from amalgam.protocol.loading import load_yaml
@@ -42,12 +42,25 @@ class PartyConfig(Strict):
     normalization: Normalization = Normalization()
     policy: Policy = Policy()  # deny by default
     audit_log: str = "audit.jsonl"  # relative to the config file's folder
+    # the agent's secret key for the log's MACs and seal (made at first start); null: none
+    audit_key: str | None = "audit.key"
     device: DeviceName = "auto"  # auto | cpu | cuda | cuda:N | mps: where the model runs
     max_message_mb: int = Field(64, ge=1)
     max_concurrent_rpcs: int = Field(16, ge=1)  # further calls are refused, not queued
     tls: TlsFiles | None = None  # mutual TLS; None needs `amalgam party serve --insecure`
     # identity -> "sha256:<hex digest of its bearer token>"; a caller must then present one
     tokens: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("address")
+    @classmethod
+    def _explicit_port(cls, address: str) -> str:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(
+                f"{address!r} is not host:port; give the port explicitly, e.g. 0.0.0.0:50051 "
+                "(port 0 picks a free one)"
+            )
+        return address
 
     @model_validator(mode="after")
     def _unique_classes(self) -> PartyConfig:
@@ -88,7 +101,11 @@ def load_party_config(path: str | Path) -> PartyConfig:
             "weights": resolve(config.model.weights),
         }
     )
-    update = {"model": model, "audit_log": resolve(config.audit_log)}
+    update = {
+        "model": model,
+        "audit_log": resolve(config.audit_log),
+        "audit_key": resolve(config.audit_key),
+    }
     if config.tls is not None:
         update["tls"] = resolve_tls(config.tls, Path(path))
     return config.model_copy(update=update)

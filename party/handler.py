@@ -22,7 +22,7 @@ from amalgam.fusion.datafree.losses import teacher_side_loss
 from amalgam.fusion.device import Hardware, resolve_device
 from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
 from amalgam.fusion.zoo import check_forward
-from amalgam.party.audit import AuditLog
+from amalgam.party.audit import AuditLog, load_key
 from amalgam.party.config import PartyConfig
 from amalgam.party.model import load_model
 from amalgam.party.ratelimit import TokenBuckets
@@ -127,7 +127,7 @@ class PartyHandler:
             "Activations": self._released(policy.activations, "activations"),
             "Gram": self._released(policy.gram, "gram"),
         }
-        self._used: dict[str, int] = defaultdict(int)
+        self._used: dict[str, int] = defaultdict(int, audit.spent)  # survives restarts
         rate = policy.rate_limit
         self._rates = TokenBuckets(rate.samples_per_s, rate.burst) if rate else None
         own = OwnTeacher(TeacherInfo.from_dict(self.info.model_dump()), self.teacher_side)
@@ -142,13 +142,17 @@ class PartyHandler:
             device = resolve_device(config.device)
         except ValueError as error:
             raise ValueError(f"device: {error}") from None
+        try:
+            key = None if config.audit_key is None else load_key(config.audit_key, create=True)
+        except ValueError as error:
+            raise ValueError(f"audit_key: {error}") from None
         return cls(
             name=config.name,
             model=load_model(config.model, config.input_shape, len(config.class_names)),
             class_names=config.class_names,
             input_shape=config.input_shape,
             policy=config.policy,
-            audit=AuditLog(config.audit_log),
+            audit=AuditLog(config.audit_log, key),
             normalization=config.normalization,
             device=device,
         )
@@ -301,6 +305,11 @@ class PartyHandler:
             raise InvalidRequest("inputs.dtype", f"{x.dtype} is not a floating dtype")
         if not torch.isfinite(x).all():
             raise InvalidRequest("inputs.data", "contains NaN or infinite values")
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            low, high = float(x.min()), float(x.max())
+            raise InvalidRequest(
+                "inputs.data", f"values in [{low:.3g}, {high:.3g}]; images must lie in [0, 1]"
+            )
         for name, logits in extra_logits.items():
             if logits is None:
                 continue
@@ -363,13 +372,22 @@ class PartyHandler:
         return samples
 
     def _granted(
-        self, method: str, caller: str, samples: int, request_id: str, *outputs: Tensor
+        self,
+        method: str,
+        caller: str,
+        samples: int,
+        request_id: str,
+        *outputs: Tensor,
+        charged: int | None = None,
     ) -> None:
+        """Audit a granted call and what it charged to the budget (``samples`` by default):
+        the log is what a restarted agent rebuilds each caller's spent budget from."""
         self.audit.append(
             caller=caller,
             method=method,
             decision="granted",
             samples=samples,
+            charged=samples if charged is None else charged,
             bytes_out=sum(t.numel() * t.element_size() for t in outputs),
             request_id=request_id,
         )
@@ -441,7 +459,8 @@ class PartyHandler:
         feedback = self.teacher_side(x, objective, adversary_logits, grad_logits)
         if half:
             feedback = Feedback(feedback.logits.half(), feedback.losses, feedback.input_grad.half())
-        self._granted(method, caller, samples, request_id, feedback.logits, feedback.input_grad)
+        self._granted(method, caller, samples, request_id, feedback.logits, feedback.input_grad,
+                      charged=samples * cost)  # fmt: skip
         return feedback
 
     def teacher_side(
@@ -512,7 +531,8 @@ class PartyHandler:
             )
         if half:
             result = Synthesis(result.samples.half(), result.losses, result.steps_done)
-        self._granted(method, caller, samples, request_id, result.samples)
+        self._granted(method, caller, samples, request_id, result.samples,
+                      charged=steps * batch * rule.cost)  # fmt: skip
         return result
 
     def layers(
@@ -557,7 +577,8 @@ class PartyHandler:
         out = {name: value.cpu() for name, value in out.items()}
         if half:
             out = {name: value.half() for name, value in out.items()}
-        self._granted(method, caller, samples, request_id, *out.values())
+        self._granted(method, caller, samples, request_id, *out.values(),
+                      charged=samples * rule.cost)  # fmt: skip
         return out
 
     def export_weights(self, caller: str, request_id: str = "") -> tuple[dict, bytes]:

@@ -12,7 +12,10 @@ Every loader's problem is a ``ValueError`` in one line that names the file or fi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -24,10 +27,23 @@ from amalgam.fusion.zoo import build_network
 from amalgam.party.config import ModelSource
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Only errors from ``logger`` while the block runs: the one-line refusal says the rest."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _load_program(path: str) -> nn.Module:
     """The unflattened module of a ``torch.export`` program with a dynamic batch dimension."""
     try:
-        program = torch.export.load(path)
+        with _quiet("torch.export"):  # its own warnings about a file it cannot read
+            program = torch.export.load(path)
     except FileNotFoundError:
         raise ValueError(f"model.program: {path} does not exist") from None
     except Exception as error:  # torch raises several kinds for a file that is not a program

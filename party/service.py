@@ -150,7 +150,8 @@ def create_server(
     """Build (not start) a server for ``handler`` on ``address`` (port 0: a free one).
 
     Message limits are raised deliberately to ``max_message_mb`` in both directions, and the
-    element cap of decoded tensors follows from it. ``credentials``: TLS (see
+    element cap of decoded tensors follows from it. A taken port raises ``ValueError`` (the
+    port is never shared with another server). ``credentials``: TLS (see
     :func:`amalgam.protocol.tls.server_credentials`); ``None`` serves plaintext, for loopback tests
     and ``--insecure``. Calls beyond ``max_concurrent_rpcs`` are refused with
     RESOURCE_EXHAUSTED.
@@ -162,6 +163,7 @@ def create_server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),  # a port another agent holds is an error, not shared
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -173,12 +175,18 @@ def create_server(
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # "Failed to bind to address"
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        raise ValueError(
+            f"address: cannot listen on {address}: the port is taken, or the host is not an "
+            "address of this machine"
+        )
     return PartyServer(server, port, health_servicer)
 
 
@@ -191,13 +199,6 @@ def serve(config: PartyConfig, handler: PartyHandler, insecure: bool = False, gr
             f"party {config.name}: no tls: section; make certificates with `amalgam certs` "
             "or pass --insecure for a plaintext agent on a private network"
         )
-    if config.tls is None:
-        print(
-            f"WARNING: party {config.name} serves without TLS: callers are not authenticated "
-            "and name themselves",
-            file=sys.stderr,
-            flush=True,
-        )
     party = create_server(
         handler,
         config.address,
@@ -206,6 +207,13 @@ def serve(config: PartyConfig, handler: PartyHandler, insecure: bool = False, gr
         credentials=server_credentials(config.tls) if config.tls else None,
         authenticator=Authenticator(tls=config.tls is not None, tokens=config.tokens),
     )
+    if config.tls is None:  # said once it serves: a refused start says only why
+        print(
+            f"WARNING: party {config.name} serves without TLS: callers are not authenticated "
+            "and name themselves",
+            file=sys.stderr,
+            flush=True,
+        )
     party.start()
     host = config.address.rsplit(":", 1)[0]
     print(f"party {handler.name} serving on {host}:{party.port}", flush=True)

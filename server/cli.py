@@ -6,7 +6,8 @@
     amalgam fuse job.yaml                     run a fusion job, write runs/<job-id>/
     amalgam fuse --resume JOB_ID              go on with an interrupted job
     amalgam certs --out certs --party NAME... a federation CA and mTLS certificates
-    amalgam audit verify audit.jsonl          check an audit log's hash chain
+    amalgam audit verify LOG --key KEY        check an audit log's chain, MACs and seal
+    amalgam predict --run RUN IMAGE...        a run's student on image files
     amalgam market --parties N --engine flower  N local parties composed over gRPC or Flower
     amalgam demo                              the simulated marketplace on loopback
     amalgam --version                         the installed version
@@ -46,7 +47,10 @@ def _party_serve(args: argparse.Namespace) -> int:
         handler = PartyHandler.from_config(config)
     except (OSError, RuntimeError, ValueError) as error:
         raise _Failure(f"{args.config}: {first_line(error)}", USAGE_ERROR) from None
-    serve(config, handler, insecure=args.insecure)
+    try:
+        serve(config, handler, insecure=args.insecure)
+    except ValueError as error:  # the address cannot be listened on
+        raise _Failure(f"{args.config}: {first_line(error)}", USAGE_ERROR) from None
     return 0
 
 
@@ -217,9 +221,15 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
-    from amalgam.party.audit import verify_file
+    from amalgam.party.audit import load_key, verify_file
 
-    report = verify_file(args.log)
+    key = None
+    if args.key is not None:
+        try:
+            key = load_key(args.key)
+        except ValueError as error:
+            raise _Failure(str(error), USAGE_ERROR) from None
+    report = verify_file(args.log, key)
     print(report.message)
     return 0 if report.intact else RUNTIME_ERROR
 
@@ -359,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser("verify", help="check a log's hash chain")
     verify.add_argument("log", help="the party's audit.jsonl")
+    verify.add_argument(
+        "--key", help="the agent's audit key: also check every MAC and the seal (a rewritten "
+        "chain, lines removed from the end)",
+    )  # fmt: skip
     verify.set_defaults(run=_audit_verify)
 
     market = commands.add_parser("market", help="a simulated marketplace of N local parties")

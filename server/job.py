@@ -55,6 +55,8 @@ def load_job(path: str | Path) -> JobSpec:
         Hardware(device, spec.precision)
     except ValueError as error:  # says which field
         raise ConfigError(f"{path}: {error}") from None
+    if Path(spec.output_dir).exists() and not Path(spec.output_dir).is_dir():
+        raise ConfigError(f"{path}: output_dir: {spec.output_dir} is a file, not a folder")
     student = spec.student
     if student.arch not in DETECTORS and not is_architecture(student.arch):
         raise ConfigError(

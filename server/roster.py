@@ -20,6 +20,12 @@ from amalgam.server.remote import MalformedResponse, PartyUnavailable
 LOST = (PartyUnavailable, MalformedResponse)
 
 
+def party_name(teacher: Teacher) -> str:
+    """The party's name without asking it: a lost party cannot answer Describe."""
+    name = getattr(teacher, "name", None)
+    return name if isinstance(name, str) else teacher.info.name
+
+
 class TooFewParties(RuntimeError):
     """Fewer parties than the job's ``min_parties`` are left."""
 
@@ -55,7 +61,7 @@ class Roster:
         answers = fan_out(guarded, teachers)
         for teacher, (_, error) in zip(teachers, answers):
             if error is not None:
-                self.drop(teacher.info.name, str(error))
+                self.drop(party_name(teacher), str(error))
         alive = sum(error is None for _, error in answers)
         if alive < self.min_parties:
             lost = "; ".join(f"{name}: {d.reason}" for name, d in self.dropped.items())

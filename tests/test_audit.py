@@ -193,9 +193,10 @@ def test_verify_reports_an_intact_log_with_its_head(log, capsys):
     _fill(log, 4)
     code, out = _verify(log.path, capsys)
     assert code == 0
-    assert (
-        out
-        == f"{log.path}: 4 records, hash chain intact, head {read_records(log.path)[-1]['hash']}"
+    head = read_records(log.path)[-1]["hash"]
+    assert out == (
+        f"{log.path}: 4 records, hash chain intact, head {head} (without the key a recomputed "
+        "chain or a removed tail would not show)"
     )
 
 
@@ -256,3 +257,76 @@ def test_a_killed_agent_leaves_every_answered_call_in_its_log(tmp_path):
     records = read_records(path)
     assert [r["samples"] for r in records] == list(range(25))
     assert verify_chain(records)
+
+
+# --- with the agent's key: tamper-evident end to end --------------------------------------------
+
+
+def _rechain(lines):
+    """Rewrite every record's hash chain from scratch, as someone without the key could."""
+    from amalgam.party.audit import GENESIS, _digest
+
+    prev = GENESIS
+    for k, text in enumerate(lines):
+        record = json.loads(text)
+        record["samples"] = 0  # the edit the recomputed chain is meant to hide
+        body = {key: v for key, v in record.items() if key not in ("hash", "mac")}
+        body["prev"] = prev
+        body["hash"] = prev = _digest({**body})
+        lines[k] = json.dumps({**body, "mac": record["mac"]}, sort_keys=True)
+
+
+def _rechain_without_macs(lines):
+    _rechain(lines)
+    for k, text in enumerate(lines):
+        record = json.loads(text)
+        del record["mac"]
+        lines[k] = json.dumps(record, sort_keys=True)
+
+
+KEYED = [
+    (lambda lines: _edit(lines), "line 3: edited"),
+    (lambda lines: lines.pop(3), "line 4: does not follow line 3"),
+    (lambda lines: lines.pop(), "ends at line 5, its seal names 6 records: lines were removed"),
+    (lambda lines: lines.clear(), "ends at line 0, its seal names 6 records"),
+    (lambda lines: lines.insert(2, lines.pop(4)), "line 3: does not follow line 2"),
+    (_rechain, "line 2: its MAC does not match: edited, or the chain recomputed"),  # 1: same
+    (_rechain_without_macs, "line 1: its MAC does not match"),
+]
+
+
+@pytest.mark.parametrize(("tamper", "what"), KEYED,
+                         ids=["edit", "delete-middle", "delete-tail", "truncate", "reorder",
+                              "recompute", "recompute-no-macs"])  # fmt: skip
+def test_with_the_key_every_tampering_is_detected(tmp_path, capsys, tamper, what):
+    from amalgam.party.audit import load_key
+
+    key_file = tmp_path / "audit.key"
+    log = AuditLog(tmp_path / "audit.jsonl", load_key(key_file, create=True))
+    _fill(log, 6)
+    assert main(["audit", "verify", str(log.path), "--key", str(key_file)]) == 0
+    assert "6 records, hash chain, MACs and seal intact" in capsys.readouterr().out
+    lines = log.path.read_text().splitlines()
+    tamper(lines)
+    log.path.write_text("".join(line + "\n" for line in lines))
+    assert main(["audit", "verify", str(log.path), "--key", str(key_file)]) == 1
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"{log.path}: ") and what in out
+
+
+def test_with_the_key_a_missing_seal_or_a_foreign_key_is_detected(tmp_path, capsys):
+    from amalgam.party.audit import load_key, seal_path
+
+    log = AuditLog(tmp_path / "audit.jsonl", load_key(tmp_path / "audit.key", create=True))
+    _fill(log, 3)
+    other = tmp_path / "other.key"
+    load_key(other, create=True)
+    assert main(["audit", "verify", str(log.path), "--key", str(other)]) == 1
+    assert "line 1: its MAC does not match" in capsys.readouterr().out
+    seal_path(log.path).unlink()
+    assert main(["audit", "verify", str(log.path), "--key", str(tmp_path / "audit.key")]) == 1
+    assert "no readable seal" in capsys.readouterr().out
+    reopened = AuditLog(log.path, load_key(tmp_path / "audit.key"))  # an agent restarts
+    reopened.append(caller="c", method="Describe", decision="granted")
+    assert main(["audit", "verify", str(log.path), "--key", str(tmp_path / "audit.key")]) == 0
+    assert oct((tmp_path / "audit.key").stat().st_mode & 0o777) == "0o600"

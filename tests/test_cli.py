@@ -187,3 +187,63 @@ def test_market_composes_local_parties(tmp_path, capsys):
     best = float(summary.split("best teacher ")[1].split("%")[0])
     assert student > best + 20  # each party knows half the classes
     assert len(list((tmp_path / "runs").glob("market-3-grpc-*/metrics.json"))) == 1
+
+
+def _party_file(tmp_path, **overrides) -> str:
+    """A valid party file over a saved three-class MLP, with ``overrides``."""
+    from safetensors.torch import save_file
+
+    from amalgam.fusion.models import create_model
+
+    model = create_model("mlp", in_shape=(1, 8, 8), num_classes=3, hidden=8)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    config = {
+        "name": "p",
+        "address": "127.0.0.1:0",
+        "model": {
+            "arch": "mlp",
+            "kwargs": {"in_shape": [1, 8, 8], "num_classes": 3, "hidden": 8},
+            "weights": "w.safetensors",
+        },
+        "class_names": ["a", "b", "c"],
+        "input_shape": [1, 8, 8],
+        "policy": {"predict": {}},
+        **overrides,
+    }
+    path = tmp_path / "party.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"address": "0.0.0.0"}, "address: '0.0.0.0' is not host:port; give the port"),
+        ({"input_shape": [3, 8, 8]}, "input_shape: a forward pass on inputs of shape [3, 8, 8]"),
+        ({"class_names": ["a", "b"]}, "class_names: 2 names for a model with 3 outputs"),
+        ({"model": {"arch": "mlp", "weights": "party.yaml"}}, "model.weights: "),
+        ({"model": {"program": "w.safetensors"}}, "is not a torch.export program"),
+        ({"device": "cuda:7"}, "device: cuda:7 is not present"),
+    ],
+)
+def test_a_party_that_cannot_start_says_why_in_one_line(tmp_path, capsys, overrides, message):
+    path = _party_file(tmp_path, **overrides)
+    assert main(["party", "serve", "--config", path, "--insecure"]) == 2
+    line = _one_error_line(capsys)
+    assert path in line and message in line
+
+
+def test_a_port_another_agent_holds_is_refused_not_shared(tmp_path, capsys):
+    with serving(tiny_handler(tmp_path)) as address:
+        path = _party_file(tmp_path, address=address)
+        assert main(["party", "serve", "--config", path, "--insecure"]) == 2
+    line = _one_error_line(capsys)
+    assert f"address: cannot listen on {address}: the port is taken" in line
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    path = _job(tmp_path, {"a": "127.0.0.1:1"}, output_dir=str(tmp_path / "runs"))
+    assert main(["fuse", str(path), "--insecure"]) == 2
+    line = _one_error_line(capsys)
+    assert f"output_dir: {tmp_path / 'runs'} is a file, not a folder" in line

@@ -194,3 +194,33 @@ def test_a_model_that_cannot_serve_is_refused_at_start_in_one_line(
     with pytest.raises(ValueError, match=message) as raised:
         _serve(tmp_path, section, classes=classes, shape=shape)
     assert "\n" not in str(raised.value)
+
+
+def test_a_spent_budget_stays_spent_across_a_restart(tmp_path, model):
+    import grpc
+
+    from amalgam.protocol import CALLER_METADATA_KEY
+    from amalgam.protocol._generated import party_pb2, party_pb2_grpc
+    from amalgam.protocol.codec import tensor_to_proto
+    from amalgam.server.simulation.parties import serving
+
+    folder = tmp_path / "sub"
+    folder.mkdir()
+    save_file(model.state_dict(), str(folder / "m.safetensors"))
+    section = {"arch": "mlp", "kwargs": KWARGS, "weights": "m.safetensors"}
+    path = _config(tmp_path, section)
+    config = yaml.safe_load(path.read_text())
+    config["policy"]["sample_budget"] = 10
+    path.write_text(yaml.safe_dump(config))
+    first = PartyHandler.from_config(load_party_config(path))
+    first.predict(torch.rand(6, 1, 8, 8), caller="owner")
+    restarted = PartyHandler.from_config(load_party_config(path))  # same config, same log
+    assert restarted.samples_used("owner") == 6
+    request = party_pb2.PredictRequest(inputs=tensor_to_proto(torch.rand(5, 1, 8, 8)))
+    with serving(restarted) as address, grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            party_pb2_grpc.PartyServiceStub(channel).Predict(
+                request, timeout=10, metadata=[(CALLER_METADATA_KEY, "owner")]
+            )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4 left, 5 asked" in refused.value.details()

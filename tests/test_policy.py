@@ -235,6 +235,17 @@ def test_non_finite_input_is_invalid(make_handler, x, bad):
     assert (record["decision"], record["samples"], record["bytes_out"]) == ("invalid", 6, 0)
 
 
+@pytest.mark.parametrize("extreme", [3e38, -3e38, 1.5, -0.01])
+def test_finite_values_outside_the_image_range_are_invalid(make_handler, x, extreme):
+    handler = make_handler(Policy(predict=PredictPolicy(output="probs")))
+    x = x.clone()
+    x[1, 0, 2, 2] = extreme
+    with pytest.raises(InvalidRequest, match=r"images must lie in \[0, 1\]") as info:
+        handler.predict(x, caller="bob")
+    assert info.value.field == "inputs.data"
+    assert handler.samples_used("bob") == 0 and records(handler)[-1]["decision"] == "invalid"
+
+
 def test_integer_input_is_invalid(make_handler):
     handler = make_handler(Policy(predict=PredictPolicy()))
     with pytest.raises(InvalidRequest) as info:

@@ -166,6 +166,33 @@ def test_below_min_parties_the_job_stops_naming_the_lost_party(teachers, tmp_pat
         assert time.monotonic() - started < 1.1 * DEADLINE_S + 30  # no hang
 
 
+def _closed_port() -> str:
+    """An address where nothing listens: a port the system gave out, then closed."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_party_down_at_the_start_is_left_out_as_min_parties_allows(teachers, tmp_path):
+    policy = Policy(predict=PredictPolicy(output="probs"), max_batch=64)
+    handlers = [
+        tiny_handler(tmp_path, policy, name=f"org{k}", classes=DIGIT_NAMES, model=model)
+        for k, model in enumerate(teachers[:2])
+    ]
+    with serving(handlers[0]) as a, serving(handlers[1]) as b:
+        addresses = {"org0": a, "org1": b, "org2": _closed_port()}
+        spec = load_job(_job(tmp_path, addresses, min_parties=2, deadline_s=2))
+        clients = connect(spec, log=lambda message: None)
+        assert [c.name for c in clients] == ["org0", "org1"]
+        run_dir = run_job(spec, clients, progress=False, log=lambda message: None)
+        with pytest.raises(TooFewParties, match=r"2 of 3 parties left, the job needs 3.*org2"):
+            connect(load_job(_job(tmp_path / "all", addresses, deadline_s=2)), log=lambda m: None)
+    report = (run_dir / "report.md").read_text()
+    assert "DEGRADED: party org2 was not reached at the start" in report
+
+
 # --- a party answers garbage ------------------------------------------------------------------
 
 

@@ -107,6 +107,7 @@ def demo_party_config(
             "sample_budget": 10_000,
         },
         "audit_log": f"{party.name}-audit.jsonl",
+        "audit_key": f"{party.name}-audit.key",
     }
     if certs is not None:
         config["tls"] = _tls_files(certs, party.name)
