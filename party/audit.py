@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from amalgam.protocol.errors import bounded
+
 GENESIS = "0" * 64
+MAX_FIELD = 200  # characters kept of a caller's own strings (its name, its request id)
 
 
 def _digest(record: dict[str, Any]) -> str:
@@ -199,14 +202,14 @@ class AuditLog:
         with self._lock:
             record = {
                 "time": time.time(),
-                "caller": caller,
+                "caller": bounded(caller, MAX_FIELD),
                 "method": method,
                 "samples": samples,
                 "charged": charged,
                 "bytes_out": bytes_out,
                 "decision": decision,
-                "request_id": request_id,
-                "reason": reason,
+                "request_id": bounded(request_id, MAX_FIELD),
+                "reason": bounded(reason),
                 "prev": self._prev,
             }
             record["hash"] = _digest(record)

@@ -32,6 +32,16 @@ from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Pol
 
 __all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
 
+CAPABILITIES = {  # the policy's capability behind each RPC (Describe: every admitted caller)
+    "Describe": None,
+    "Predict": "predict",
+    "BatchNormFeedback": "bn_feedback",
+    "Synthesize": "synthesize",
+    "Activations": "activations",
+    "Gram": "gram",
+    "ExportWeights": "weights",
+}
+
 
 def batchnorm_count(model: nn.Module) -> int:
     """The model's BatchNorm layers with running statistics, TorchScript's included (which
@@ -268,6 +278,19 @@ class PartyHandler:
                 f"party {self.name}: caller {caller!r} is not admitted by its policy"
             )
             self._deny(error, method, caller, 0, request_id, "denied")
+
+    def authorize(self, method: str, caller: str, request_id: str = "") -> None:
+        """Before a request is even decoded: deny (audited) unless the policy grants the
+        capability behind ``method`` and lets ``caller`` use it."""
+        self._authorize(method, CAPABILITIES[method], caller, 0, request_id)
+
+    def refuse_oversize(self, method: str, caller: str, size: int, limit: int) -> NoReturn:
+        """Refuse (audited) a request of ``size`` bytes over the agent's ``limit``."""
+        error = BudgetExceeded(
+            f"party {self.name}: a request of {size} bytes exceeds max_message_mb "
+            f"({limit} bytes); send smaller batches"
+        )
+        self._deny(error, method, caller, 0, "", "too_large")
 
     def _authorize(
         self, method: str, capability: str | None, caller: str, samples: int, request_id: str

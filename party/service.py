@@ -1,33 +1,86 @@
 """The gRPC face of a party: a thin servicer over :class:`amalgam.party.handler.PartyHandler`.
 
-Authenticate -> decode -> handler -> encode; domain errors map to status codes: a bad tensor or
-request -> INVALID_ARGUMENT, a denied capability or caller -> PERMISSION_DENIED, an exhausted
-budget or rate -> RESOURCE_EXHAUSTED, a missing or unknown bearer token -> UNAUTHENTICATED.
+Authenticate -> admit -> authorize -> decode -> handler -> encode, every call audited; domain
+errors map to status codes: a bad tensor or request -> INVALID_ARGUMENT, a denied capability or
+caller -> PERMISSION_DENIED, an exhausted budget or rate, a request too large or too many calls
+in flight -> RESOURCE_EXHAUSTED, a missing or unknown bearer token -> UNAUTHENTICATED; INTERNAL
+only for a failure of the agent itself.
 The server also serves the standard ``grpc.health.v1`` service, which turns NOT_SERVING as
 soon as the server starts to stop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import signal
 import sys
 import threading
+import traceback
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from amalgam.party.config import PartyConfig
 from amalgam.party.endpoint import PartyEndpoint
 from amalgam.party.handler import PartyHandler
 from amalgam.protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
-from amalgam.protocol._generated import party_pb2_grpc
-from amalgam.protocol.errors import PartyError, Unauthenticated, status_code
-from amalgam.protocol.rpcs import SERVICE_NAME
+from amalgam.protocol.errors import (
+    BudgetExceeded,
+    PartyError,
+    Unauthenticated,
+    bounded,
+    status_code,
+)
+from amalgam.protocol.rpcs import REQUESTS, RESPONSES, SERVICE_NAME, STREAMING
 from amalgam.protocol.tls import peer_identity, server_credentials, token_digest
+
+REFUSAL_WORKERS = 8  # threads beyond max_concurrent_rpcs that answer the refusals
+# answers that a repeated request (a retry, a resumed job) gets again without being charged
+REPLAYABLE = {"Predict", "BatchNormFeedback", "Activations", "Gram"}
+REPLAY_CACHE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Answer:
+    response: Message
+    samples: int
+    size: int  # bytes
+
+
+class AnswerCache:
+    """The most recent answers by (caller, method, SHA-256 of the request bytes), within
+    ``capacity`` bytes: the oldest go first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.size = capacity, 0
+        self._answers: OrderedDict[tuple, Answer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Answer | None:
+        with self._lock:
+            answer = self._answers.get(key)
+            if answer is not None:
+                self._answers.move_to_end(key)
+            return answer
+
+    def put(self, key: tuple, answer: Answer) -> None:
+        if answer.size > self.capacity:
+            return
+        with self._lock:
+            if key in self._answers:
+                return
+            self._answers[key] = answer
+            self.size += answer.size
+            while self.size > self.capacity:
+                _, oldest = self._answers.popitem(last=False)
+                self.size -= oldest.size
 
 
 @dataclass(frozen=True)
@@ -62,61 +115,106 @@ class Authenticator:
         return claimed
 
 
-class PartyServicer(party_pb2_grpc.PartyServiceServicer):
+class PartyServicer:
+    """The PartyService over raw request bytes, so that nothing is parsed before it is
+    allowed: authenticate the caller, admit it, check that the policy lets it use the
+    capability behind the method, check the size, and only then decode. Every call is
+    audited, whatever stops it: unauthenticated, not admitted, not granted, too large, more
+    calls in flight than ``max_concurrent`` (RESOURCE_EXHAUSTED, retry later), not a message
+    of the method's type (INVALID_ARGUMENT), or a failure of the agent itself (INTERNAL with a
+    short message; the traceback goes to the agent's log, stderr)."""
+
     def __init__(
-        self, handler: PartyHandler, max_elements: int, authenticator: Authenticator
+        self,
+        handler: PartyHandler,
+        max_elements: int,
+        authenticator: Authenticator,
+        max_request_bytes: int,
+        max_concurrent: int | None = None,
     ) -> None:
         self.handler = handler
         self.endpoint = PartyEndpoint(handler, max_elements)
         self.authenticator = authenticator
+        self.max_request_bytes = max_request_bytes
+        self.max_concurrent = max_concurrent
+        self._slots = threading.BoundedSemaphore(max_concurrent) if max_concurrent else None
+        self.answers = AnswerCache(REPLAY_CACHE_BYTES)
 
-    def _caller(self, context: grpc.ServicerContext, method: str, request_id: str) -> str:
-        """The authenticated caller, admitted by the policy; anyone else is audited and
-        aborted before the request is even decoded."""
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Every RPC of the service, taking the request as bytes."""
+        table = {}
+        for method, response in RESPONSES.items():
+            serialize = response.SerializeToString
+            if method in STREAMING:
+                table[method] = grpc.unary_stream_rpc_method_handler(
+                    lambda raw, context, m=method: iter(self._call(m, raw, context)),
+                    response_serializer=serialize,
+                )
+            else:
+                table[method] = grpc.unary_unary_rpc_method_handler(
+                    lambda raw, context, m=method: self._call(m, raw, context),
+                    response_serializer=serialize,
+                )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, table)
+
+    def _call(self, method: str, raw: bytes, context: grpc.ServicerContext):
+        if self._slots is not None and not self._slots.acquire(blocking=False):
+            error = BudgetExceeded(
+                f"party {self.handler.name}: {self.max_concurrent} calls in flight already; "
+                "retry shortly"
+            )
+            self._refuse(context, method, "concurrency", error)
+        try:
+            code, message = None, ""
+            try:
+                return self._answer(method, raw, context)
+            except PartyError as error:
+                code, message = status_code(error), str(error)
+            except Exception:  # the agent's own failure: logged whole, answered briefly
+                traceback.print_exc(file=sys.stderr)
+                self.handler.audit.append(caller="?", method=method, decision="error",
+                                          reason="internal error, see the agent's log")  # fmt: skip
+                code = grpc.StatusCode.INTERNAL
+                message = f"party {self.handler.name}: internal error"
+            context.abort(code, bounded(message))
+        finally:
+            if self._slots is not None:
+                self._slots.release()
+
+    def _refuse(self, context, method: str, decision: str, error: PartyError) -> NoReturn:
+        self.handler.audit.append(caller="?", method=method, decision=decision, reason=str(error))
+        context.abort(status_code(error), bounded(str(error)))
+
+    def _answer(self, method: str, raw: bytes, context: grpc.ServicerContext):
         try:
             caller = self.authenticator.identity(context)
         except Unauthenticated as error:
-            self.handler.audit.append(
-                caller="unauthenticated",
-                method=method,
-                decision="unauthenticated",
-                request_id=request_id,
-                reason=str(error),
-            )
-            context.abort(status_code(error), f"party {self.handler.name}: {error}")
+            self.handler.audit.append(caller="unauthenticated", method=method,
+                                      decision="unauthenticated", reason=str(error))  # fmt: skip
+            raise Unauthenticated(f"party {self.handler.name}: {error}") from None
+        self.handler.admit(caller, method)
+        self.handler.authorize(method, caller)
+        if len(raw) > self.max_request_bytes:
+            self.handler.refuse_oversize(method, caller, len(raw), self.max_request_bytes)
         try:
-            self.handler.admit(caller, method, request_id)
-        except PartyError as error:
-            context.abort(status_code(error), str(error))
-        return caller
-
-    def _serve(self, method: str, request, context):
-        caller = self._caller(context, method, request.request_id)
-        try:
+            request = REQUESTS[method].FromString(raw)
+        except DecodeError:
+            kind = REQUESTS[method].__name__
+            self.handler.reject_malformed(method, caller, "", "request", f"not a {kind}")
+        if method not in REPLAYABLE:
             return self.endpoint.answer(method, request, caller)
-        except PartyError as error:
-            context.abort(status_code(error), str(error))
-
-    def Describe(self, request, context):  # noqa: N802 (gRPC method name)
-        return self._serve("Describe", request, context)
-
-    def Predict(self, request, context):  # noqa: N802
-        return self._serve("Predict", request, context)
-
-    def BatchNormFeedback(self, request, context):  # noqa: N802
-        return self._serve("BatchNormFeedback", request, context)
-
-    def Synthesize(self, request, context):  # noqa: N802
-        return self._serve("Synthesize", request, context)
-
-    def Activations(self, request, context):  # noqa: N802
-        return self._serve("Activations", request, context)
-
-    def Gram(self, request, context):  # noqa: N802
-        return self._serve("Gram", request, context)
-
-    def ExportWeights(self, request, context):  # noqa: N802
-        yield from self._serve("ExportWeights", request, context)
+        key = (caller, method, hashlib.sha256(raw).digest())
+        answered = self.answers.get(key)
+        if answered is not None:  # the same request again: the same answer, charged once
+            self.handler.audit.append(
+                caller=caller, method=method, decision="replayed", samples=answered.samples,
+                request_id=request.request_id,
+            )  # fmt: skip
+            return answered.response
+        response = self.endpoint.answer(method, request, caller)
+        samples = request.inputs.shape[0] if request.inputs.shape else 0
+        self.answers.put(key, Answer(response, samples, response.ByteSize()))
+        return response
 
 
 @dataclass
@@ -154,23 +252,25 @@ def create_server(
     port is never shared with another server). ``credentials``: TLS (see
     :func:`amalgam.protocol.tls.server_credentials`); ``None`` serves plaintext, for loopback tests
     and ``--insecure``. Calls beyond ``max_concurrent_rpcs`` are refused with
-    RESOURCE_EXHAUSTED.
+    RESOURCE_EXHAUSTED and audited (gRPC itself refuses, unaudited, only beyond
+    :data:`REFUSAL_WORKERS` more, or requests over twice the message limit).
     """
     limit = max_message_mb * 1024 * 1024
+    # gRPC itself refuses (unaudited) only far beyond what the servicer refuses and audits
+    spare = max_concurrent_rpcs + REFUSAL_WORKERS if max_concurrent_rpcs else None
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+        futures.ThreadPoolExecutor(max_workers=max(max_workers, spare or 0)),
         interceptors=list(interceptors),
         options=[
-            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_receive_message_length", 2 * limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),  # a port another agent holds is an error, not shared
         ],
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        maximum_concurrent_rpcs=spare,
     )
     authenticator = authenticator or Authenticator(tls=credentials is not None)
-    party_pb2_grpc.add_PartyServiceServicer_to_server(
-        PartyServicer(handler, max_elements=limit // 2, authenticator=authenticator), server
-    )
+    servicer = PartyServicer(handler, limit // 2, authenticator, limit, max_concurrent_rpcs)
+    server.add_generic_rpc_handlers((servicer.generic_handler(),))
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

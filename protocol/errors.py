@@ -34,6 +34,17 @@ class InvalidRequest(PartyError, ValueError):
         self.field = field
 
 
+MAX_DETAIL = 500  # characters of a message that may come from a caller's own strings
+
+
+def bounded(text: str, limit: int = MAX_DETAIL) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out: what an error
+    detail or an audit record may carry of untrusted strings."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 STATUS_CODES: dict[type[PartyError], grpc.StatusCode] = {
     PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -132,6 +132,14 @@ def student_card(outcome, spec: JobSpec, job_id: str, teachers: Sequence[Teacher
     }
 
 
+def _scope_requests(teachers: Sequence[Teacher], job_id: str) -> None:
+    """Derive the parties' request ids from ``job_id``: the job, resumed, asks its chunks again
+    in the same words (answered without a second charge); another job is charged anew."""
+    for teacher in teachers:
+        if isinstance(teacher, RemoteTeacher):
+            teacher.request_scope = job_id
+
+
 def run_job(
     spec: JobSpec,
     teachers: Sequence[Teacher],
@@ -156,12 +164,14 @@ def run_job(
         job = job or store.create(spec)
         job_id, run_dir = job.id, job.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)  # gone where bad input stopped it before
+        _scope_requests(teachers, job_id)
         teachers = [ReplayTeacher(t, store, job_id) for t in teachers]
         checkpoints = Checkpoints(run_dir / "checkpoints")
     else:
         job_id = new_job_id(spec)
         run_dir = Path(spec.output_dir) / job_id
         run_dir.mkdir(parents=True, exist_ok=False)
+        _scope_requests(teachers, job_id)
     try:
         hardware = Hardware(resolve_device(spec.device), spec.precision)
         log(f"computing on {hardware.device} in {hardware.precision}")

@@ -18,9 +18,11 @@ import time
 import uuid
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
 from torch import Tensor
 
 from amalgam.fusion.teacher import (
@@ -95,7 +97,15 @@ class RemoteTeacher:
     stub : instead of a gRPC channel to ``address``, any object whose attributes ``Describe``,
         ``Predict``, ... are called like a gRPC stub's methods and raise ``grpc.RpcError``
         (:class:`amalgam.server.flower.FlowerStub` carries the calls over a Flower Grid).
+
+    Attributes
+    ----------
+    request_scope : what request ids of Predict, Activations and Gram are derived from with
+        the request's content (the job runner sets it to the job id): the party answers a
+        chunk asked again within the scope from its cache, without charging twice.
     """
+
+    request_scope: str = ""
 
     def __init__(
         self,
@@ -201,7 +211,8 @@ class RemoteTeacher:
         return min(max_batch, by_bytes)
 
     def _predict_once(self, x: Tensor) -> Tensor:
-        request = party_pb2.PredictRequest(request_id=_request_id(), inputs=tensor_to_proto(x))
+        request = party_pb2.PredictRequest(inputs=tensor_to_proto(x))
+        request = _by_content(request, self.request_scope)
         response = self._call("Predict", request)
         out = self._checked_predictions(response, len(x))
         with self._lock:
@@ -239,8 +250,8 @@ class RemoteTeacher:
         chunk = self._chunk_size(x)
         for start in range(0, len(x), chunk):
             part = x[start : start + chunk].contiguous()
-            request = party_pb2.PredictRequest(
-                request_id=_request_id(), inputs=tensor_to_proto(part)
+            request = _by_content(
+                party_pb2.PredictRequest(inputs=tensor_to_proto(part)), self.request_scope
             )
             response = self._call("Predict", request)
             if response.output_form != "detections":
@@ -311,8 +322,9 @@ class RemoteTeacher:
 
     def _layers_once(self, x: Tensor, layers: list[str], gram: bool) -> dict[str, Tensor]:
         half = ("gram" if gram else "activations") in self.half
-        request = party_pb2.LayersRequest(
-            request_id=_request_id(), inputs=tensor_to_proto(x), layers=layers, half=half
+        request = _by_content(
+            party_pb2.LayersRequest(inputs=tensor_to_proto(x), layers=layers, half=half),
+            self.request_scope,
         )
         response = self._call("Gram" if gram else "Activations", request)
         out = tensors_from_proto(response.outputs, "outputs")
@@ -370,5 +382,19 @@ class RemoteTeacher:
         self.close()
 
 
+M = TypeVar("M", bound=Message)
+
+
 def _request_id() -> str:
     return uuid.uuid4().hex
+
+
+def _by_content(request: M, scope: str) -> M:
+    """``request`` with an id derived from ``scope`` (the job) and its content: a retry, or the
+    same chunk asked again by the resumed job, sends the same bytes, which the party answers
+    again without charging (its answer cache); another job is charged anew. The id also names
+    the chunk in both sides' logs."""
+    digest = hashlib.sha256(scope.encode())
+    digest.update(request.SerializeToString(deterministic=True))
+    request.request_id = digest.hexdigest()
+    return request

@@ -176,3 +176,18 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_not_queued(tmp_path):
     finally:
         release.set()
         server.stop(None)
+
+
+def test_the_same_request_again_is_answered_again_but_charged_once(tmp_path):
+    from amalgam.party.audit import read_records
+
+    handler = tiny_handler(tmp_path)
+    asked, other = _good(), _good()
+    with serving(handler) as address, grpc.insecure_channel(address) as channel:
+        stub = party_pb2_grpc.PartyServiceStub(channel)
+        first, again = _predict(stub, asked), _predict(stub, asked)  # a retry, a resumed job
+        _predict(stub, other)
+    assert first == again
+    assert handler.samples_used("anonymous") == 4  # two distinct requests of two samples
+    decisions = [r["decision"] for r in read_records(handler.audit.path)]
+    assert decisions == ["granted", "replayed", "granted"]
