@@ -27,7 +27,7 @@ from amalgam.party.config import PartyConfig
 from amalgam.party.model import load_model
 from amalgam.party.ratelimit import TokenBuckets
 from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
-from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, PolicyDenied
+from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, ModelFailure, PolicyDenied
 from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy, PredictPolicy
 
 __all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
@@ -415,6 +415,22 @@ class PartyHandler:
             request_id=request_id,
         )
 
+    def _released_finite(
+        self, method: str, caller: str, samples: int, request_id: str, charged: int,
+        *outputs: Tensor,
+    ) -> None:  # fmt: skip
+        """Refuse (audited, the ``charged`` budget given back) to release outputs of the
+        model that are not finite: its failure, not the caller's."""
+        if all(bool(torch.isfinite(t).all()) for t in outputs):
+            return
+        with self._lock:
+            self._used[caller] -= charged
+        error = ModelFailure(
+            f"party {self.name}: its model answered NaN or infinite values on these inputs; "
+            "nothing was released"
+        )
+        self._deny(error, method, caller, samples, request_id, "model_failure")
+
     def _normalize(self, x: Tensor) -> Tensor:
         """(B, C, H, W) inputs in [0, 1] -> the model's input, on its device in its dtype."""
         return (x.to(device=self.device, dtype=self._dtype) - self._mean) / self._std
@@ -431,6 +447,7 @@ class PartyHandler:
         samples = self._admit("Predict", "predict", x, caller, request_id)
         with torch.no_grad():
             logits = self.model(self._normalize(x)).cpu()  # (B, K)
+        self._released_finite("Predict", caller, samples, request_id, samples, logits)
         out = release(logits, rule)
         self._granted("Predict", caller, samples, request_id, out)
         return out
@@ -480,6 +497,8 @@ class PartyHandler:
             error = InvalidRequest("objective.adversary_logits", "required when adversarial != 0")
             self._deny(error, method, caller, samples, request_id, "invalid")
         feedback = self.teacher_side(x, objective, adversary_logits, grad_logits)
+        self._released_finite(method, caller, samples, request_id, samples * cost,
+                              feedback.logits, feedback.input_grad)  # fmt: skip
         if half:
             feedback = Feedback(feedback.logits.half(), feedback.losses, feedback.input_grad.half())
         self._granted(method, caller, samples, request_id, feedback.logits, feedback.input_grad,
@@ -598,6 +617,8 @@ class PartyHandler:
         compute = layer_grams if gram else layer_outputs
         out = compute(self.model, self._normalize(x), list(dict.fromkeys(layers)))
         out = {name: value.cpu() for name, value in out.items()}
+        self._released_finite(method, caller, samples, request_id, samples * rule.cost,
+                              *out.values())  # fmt: skip
         if half:
             out = {name: value.half() for name, value in out.items()}
         self._granted(method, caller, samples, request_id, *out.values(),

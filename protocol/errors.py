@@ -26,6 +26,11 @@ class Unauthenticated(PartyError):
     """The caller did not prove an identity the party accepts (a bearer token it lacks)."""
 
 
+class ModelFailure(PartyError):
+    """The party's own model answered NaN or infinite values: nothing is released, nothing
+    charged; the caller should treat the party as broken."""
+
+
 class InvalidRequest(PartyError, ValueError):
     """A request that is malformed for this party; ``field`` names the offending field."""
 
@@ -50,6 +55,7 @@ STATUS_CODES: dict[type[PartyError], grpc.StatusCode] = {
     BudgetExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ModelFailure: grpc.StatusCode.INTERNAL,
 }
 
 

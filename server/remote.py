@@ -58,7 +58,8 @@ class PartyUnavailable(ConnectionError):
 
 
 class MalformedResponse(RuntimeError):
-    """The party answered with data that cannot be what it advertised; quarantine it."""
+    """The party answered with data that cannot be what it advertised, or failed inside its
+    agent (INTERNAL); quarantine it."""
 
 
 class PartyCallError(RuntimeError):
@@ -177,6 +178,11 @@ class RemoteTeacher:
                     raise PartyUnavailable(
                         f"party {self.name} at {self.address} is unreachable "
                         f"({code.name} after {attempt + 1} attempts, deadline {deadline_s}s)"
+                    ) from None
+                if code == grpc.StatusCode.INTERNAL:  # the agent failed: a broken party
+                    raise MalformedResponse(
+                        f"party {self.name} at {self.address}: {method} failed inside the "
+                        f"agent: {error.details()}"
                     ) from None
                 domain_error = error_from_status(code, error.details())
                 if domain_error is not None:

@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from amalgam.fusion.teacher import Teacher
+from amalgam.protocol.errors import ModelFailure
 from amalgam.server.fanout import fan_out
 from amalgam.server.remote import MalformedResponse, PartyUnavailable
 
-LOST = (PartyUnavailable, MalformedResponse)
+LOST = (PartyUnavailable, MalformedResponse, ModelFailure)  # in-process parties raise the last
 
 
 def party_name(teacher: Teacher) -> str:

@@ -246,6 +246,25 @@ def test_finite_values_outside_the_image_range_are_invalid(make_handler, x, extr
     assert handler.samples_used("bob") == 0 and records(handler)[-1]["decision"] == "invalid"
 
 
+def test_non_finite_outputs_of_the_model_are_never_released_nor_charged(tmp_path, x):
+    from amalgam.protocol.errors import ModelFailure
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, inputs):
+            return torch.full((inputs.shape[0], 4), float("nan")) * self.scale
+
+    handler = PartyHandler("p", Broken(), list("abcd"), IN_SHAPE, Policy(predict=PredictPolicy()),
+                           AuditLog(tmp_path / "audit.jsonl"))  # fmt: skip
+    with pytest.raises(ModelFailure, match="NaN or infinite values on these inputs"):
+        handler.predict(x, caller="bob")
+    assert handler.samples_used("bob") == 0
+    assert records(handler)[-1]["decision"] == "model_failure"
+
+
 def test_integer_input_is_invalid(make_handler):
     handler = make_handler(Policy(predict=PredictPolicy()))
     with pytest.raises(InvalidRequest) as info:
