@@ -12,23 +12,23 @@ from collections import defaultdict
 from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from amalgam.fusion.activations import layer_grams, layer_names, layer_outputs
-from amalgam.fusion.datafree.bn_loss import batchnorm_layers, bn_statistics_loss
+from amalgam.fusion.datafree.bn_loss import bn_statistics_loss
 from amalgam.fusion.datafree.losses import teacher_side_loss
 from amalgam.fusion.device import Hardware, resolve_device
 from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
 from amalgam.fusion.zoo import check_forward
 from amalgam.party.audit import AuditLog, load_key
 from amalgam.party.config import PartyConfig
-from amalgam.party.model import load_model
+from amalgam.party.model import batchnorm_count, load_model, refuse_unhookable_grants
 from amalgam.party.ratelimit import TokenBuckets
+from amalgam.party.release import release, release_detections
 from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
 from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, ModelFailure, PolicyDenied
-from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy, PredictPolicy
+from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy
 
 __all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
 
@@ -41,60 +41,6 @@ CAPABILITIES = {  # the policy's capability behind each RPC (Describe: every adm
     "Gram": "gram",
     "ExportWeights": "weights",
 }
-
-
-def batchnorm_count(model: nn.Module) -> int:
-    """The model's BatchNorm layers with running statistics, TorchScript's included (which
-    keep the name of their original class)."""
-    if isinstance(model, torch.jit.ScriptModule):
-        names = [getattr(m, "original_name", "") for m in model.modules()]
-        return sum(name.startswith("BatchNorm") for name in names)
-    return len(batchnorm_layers(model))
-
-
-def release(logits: Tensor, rule: PredictPolicy) -> Tensor:
-    """Apply the policy's output form to (B, K) logits.
-
-    logits -> ``z / T``; probs -> ``softmax(z / T)``; topk -> probs with zeros outside the
-    ``top_k`` largest; label -> (B,) int64 argmax. Then optional rounding.
-    """
-    if rule.output == "label":
-        return logits.argmax(dim=1)
-    scaled = logits / rule.temperature
-    if rule.output == "logits":
-        out = scaled
-    else:
-        out = F.softmax(scaled, dim=1)
-        if rule.output == "topk":
-            k = min(rule.top_k, out.shape[1])
-            top = out.topk(k, dim=1)
-            out = torch.zeros_like(out).scatter_(1, top.indices, top.values)
-    if rule.round_decimals is not None:
-        out = torch.round(out, decimals=rule.round_decimals)
-    return out.float()
-
-
-def release_detections(
-    found: list[dict[str, Tensor]], rule: PredictPolicy, label_offset: int = 0
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Apply the policy to a detector's per-image outputs (torchvision's ``boxes``,
-    ``scores``, ``labels``): no box below ``score_threshold``, the ``max_detections`` most
-    confident per image, optional rounding of boxes and scores. Returns the batch as rows:
-    (M, 4) boxes, (M,) scores, (M,) labels (category indices), (B,) counts per image."""
-    boxes, scores, labels, counts = [], [], [], []
-    for image in found:
-        confident = torch.nonzero(image["scores"] >= rule.score_threshold).flatten()
-        order = confident[image["scores"][confident].argsort(descending=True)]
-        order = order[: rule.max_detections]
-        boxes.append(image["boxes"][order].float())
-        scores.append(image["scores"][order].float())
-        labels.append(image["labels"][order].long() - label_offset)
-        counts.append(len(order))
-    rows = [torch.cat(boxes).reshape(-1, 4), torch.cat(scores), torch.cat(labels)]
-    if rule.round_decimals is not None:
-        rows[0] = torch.round(rows[0], decimals=rule.round_decimals)
-        rows[1] = torch.round(rows[1], decimals=rule.round_decimals)
-    return rows[0], rows[1], rows[2], torch.tensor(counts, dtype=torch.long)
 
 
 class PartyHandler:
@@ -132,7 +78,7 @@ class PartyHandler:
         self._batchnorm_layers = batchnorm_count(self.model)
         if self.task == "classification":
             self._check_forward()
-        self._refuse_unhookable_grants()
+        refuse_unhookable_grants(self.model, self.policy, self._batchnorm_layers)
         self._layers = {
             "Activations": self._released(policy.activations, "activations"),
             "Gram": self._released(policy.gram, "gram"),
@@ -174,27 +120,6 @@ class PartyHandler:
         if problem is not None:
             field, message = problem
             raise ValueError(f"{field}: {message}")
-
-    def _refuse_unhookable_grants(self) -> None:
-        """A TorchScript model cannot run forward hooks: a policy granting what needs them is
-        refused now, naming the capability, rather than failing at every call."""
-        if not isinstance(self.model, torch.jit.ScriptModule):
-            return
-        advice = "serve the model as a torch.export program (.pt2) to grant it"
-        why = "forward hooks are not supported on TorchScript models"
-        for capability in ("activations", "gram"):
-            if getattr(self.policy, capability) is not None:
-                raise ValueError(
-                    f"policy.{capability}: a TorchScript model cannot release layer outputs "
-                    f"({why}); {advice}"
-                )
-        for capability in ("bn_feedback", "synthesize"):
-            if getattr(self.policy, capability) is not None and self._batchnorm_layers:
-                raise ValueError(
-                    f"policy.{capability}: the BatchNorm loss of a TorchScript model with "
-                    f"{self._batchnorm_layers} BatchNorm layers cannot be computed ({why}); "
-                    f"{advice}"
-                )
 
     def _released(self, rule: LayersPolicy | None, field: str) -> list[str]:
         """The layers ``rule`` releases, in the model's order; a name the model lacks is a

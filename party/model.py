@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from amalgam.fusion.config import first_line
+from amalgam.fusion.datafree.bn_loss import batchnorm_layers
 from amalgam.fusion.detection.models import DETECTORS, create_detector
 from amalgam.fusion.models import create_model, fit_problem, list_models, load_state_dict
 from amalgam.fusion.zoo import build_network
 from amalgam.party.config import ModelSource
+from amalgam.protocol.schemas import Policy
 
 
 @contextlib.contextmanager
@@ -122,3 +124,33 @@ def load_model(
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def batchnorm_count(model: nn.Module) -> int:
+    """The model's BatchNorm layers with running statistics, TorchScript's included (which
+    keep the name of their original class)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        names = [getattr(m, "original_name", "") for m in model.modules()]
+        return sum(name.startswith("BatchNorm") for name in names)
+    return len(batchnorm_layers(model))
+
+
+def refuse_unhookable_grants(model: nn.Module, policy: Policy, batchnorm: int) -> None:
+    """A TorchScript model cannot run forward hooks: a policy granting what needs them is
+    refused at start (``ValueError`` naming the capability), not at every call."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return
+    advice = "serve the model as a torch.export program (.pt2) to grant it"
+    why = "forward hooks are not supported on TorchScript models"
+    for capability in ("activations", "gram"):
+        if getattr(policy, capability) is not None:
+            raise ValueError(
+                f"policy.{capability}: a TorchScript model cannot release layer outputs "
+                f"({why}); {advice}"
+            )
+    for capability in ("bn_feedback", "synthesize"):
+        if getattr(policy, capability) is not None and batchnorm:
+            raise ValueError(
+                f"policy.{capability}: the BatchNorm loss of a TorchScript model with "
+                f"{batchnorm} BatchNorm layers cannot be computed ({why}); {advice}"
+            )

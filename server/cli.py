@@ -185,8 +185,8 @@ def _predict(args: argparse.Namespace) -> int:
     """The student of a run folder on image files: the ``--top`` classes of each."""
     import torch
 
-    from amalgam.fusion.data import read_images
     from amalgam.fusion.detection import DETECTORS
+    from amalgam.fusion.imagefiles import read_images
     from amalgam.server.student import load_student
 
     student, card = load_student(args.run_dir)

@@ -12,7 +12,7 @@ import torch
 from torch.utils import data as torch_data
 from torchvision.io import encode_png, write_png
 
-from amalgam.fusion import data as data_module
+from amalgam.fusion import imagefiles
 from amalgam.fusion.data import SourceUnavailable, check_source, load_source
 
 
@@ -142,9 +142,9 @@ def test_worker_processes_decode_a_large_folder_as_one_process_does(tmp_path, mo
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(torch_data, "DataLoader", Recording)
-    monkeypatch.setattr(data_module, "FOLDER_WORKERS_FROM", 10)
-    monkeypatch.setattr(data_module, "FOLDER_WORKERS", 2)
-    monkeypatch.setattr(data_module, "FOLDER_BATCH", 4)
+    monkeypatch.setattr(imagefiles, "FOLDER_WORKERS_FROM", 10)
+    monkeypatch.setattr(imagefiles, "FOLDER_WORKERS", 2)
+    monkeypatch.setattr(imagefiles, "FOLDER_BATCH", 4)
     parallel = load_source(str(tmp_path / "many"))
     assert workers == [2]
     assert torch.equal(parallel.x, alone.x) and torch.equal(parallel.y, alone.y)
