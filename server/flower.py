@@ -24,9 +24,10 @@ from amalgam.server.fanout import fan_out
 from amalgam.server.job import load_job, run_job
 from amalgam.server.jobspec import JobSpec
 from amalgam.server.remote import RemoteTeacher
+from amalgam.server.roster import TooFewParties
 
 NODES_TIMEOUT_S = 120.0  # how long a run waits for the SuperNodes it needs to register
-FIRST_CONTACT_S = 60.0  # deadline of the first message to a node (it may start its ClientApp)
+FIRST_CONTACT_S = 180.0  # deadline of a node's first message (it starts its ClientApp)
 POLL_S = 0.1
 
 
@@ -142,34 +143,39 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float = NODES_TIMEOUT_S) -
 
 def flower_teachers(grid: Grid, spec: JobSpec, caller: str = "coordinator") -> list:
     """One :class:`RemoteTeacher` per party of ``spec``, reached through the SuperNode whose
-    agent answers Describe with that party's name; parties no node serves are left out (the
-    job's ``min_parties`` decides whether it may go on)."""
+    agent answers Describe with that party's name; parties no node serves are left out while
+    the job's ``min_parties`` allows (else :class:`TooFewParties` names them and why)."""
     mailbox = GridMailbox(grid)
-    nodes = wait_for_nodes(grid, spec.min_parties or len(spec.parties))
+    needed = spec.min_parties or len(spec.parties)
+    nodes = wait_for_nodes(grid, needed)
     stubs = [FlowerStub(mailbox, node, caller) for node in nodes]
+    silent: dict[int, str] = {}
 
     def name_of(stub: FlowerStub) -> str | None:
         try:  # a node's first message also starts its ClientApp: allow for that
             reply = stub.Describe(
                 party_pb2.DescribeRequest(), timeout=max(spec.deadline_s, FIRST_CONTACT_S)
             )
-        except grpc.RpcError:
-            return None  # its agent does not answer: it serves no party of this job
+        except grpc.RpcError as error:  # its agent does not answer: it serves no party here
+            silent[stub.node_id] = f"{error.code().name}: {error.details()}"
+            return None
         return reply.info.name
 
     by_name = {name: stub for stub, name in zip(stubs, fan_out(name_of, stubs)) if name}
-    teachers = []
-    for party in spec.parties:
-        if party.name in by_name:
-            teachers.append(
-                RemoteTeacher(
-                    party.name,
-                    f"flower node {by_name[party.name].node_id}",
-                    deadline_s=spec.deadline_s,
-                    caller=caller,
-                    stub=by_name[party.name],
-                )
-            )
+    teachers = [
+        RemoteTeacher(party.name, f"flower node {by_name[party.name].node_id}",
+                      deadline_s=spec.deadline_s, caller=caller, stub=by_name[party.name])
+        for party in spec.parties
+        if party.name in by_name
+    ]  # fmt: skip
+    if len(teachers) < needed:
+        missing = ", ".join(p.name for p in spec.parties if p.name not in by_name)
+        why = "; ".join(f"node {node}: {reason}" for node, reason in silent.items())
+        raise TooFewParties(
+            f"{len(teachers)} of {len(spec.parties)} parties answered through Flower, the job "
+            f"needs {needed} (min_parties): no node answered for {missing}"
+            + (f" ({why})" if why else "")
+        )
     return teachers
 
 

@@ -208,9 +208,10 @@ class RemoteTeacher:
             self._info = TeacherInfo.from_dict(party_info_from_proto(response.info).model_dump())
         return self._info
 
-    def _chunk_size(self, x: Tensor) -> int:
-        """Samples per call: within the party's max_batch and, with room for the reply and
-        framing, within the message limit."""
+    def chunk_size(self, x: Tensor) -> int:
+        """Samples of ``x`` per call: within the party's max_batch and, with room for the
+        reply and framing, within the message limit (the job store records answers in the
+        same chunks)."""
         per_sample = max(1, x[0].numel() * x.element_size())
         by_bytes = max(1, (self.max_message_bytes // 2) // per_sample)
         max_batch = self.info.max_batch or by_bytes
@@ -246,14 +247,14 @@ class RemoteTeacher:
 
     def predict(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> the party's released predictions, in as many calls as needed."""
-        return in_chunks(self._predict_once, x.contiguous(), self._chunk_size(x))
+        return in_chunks(self._predict_once, x.contiguous(), self.chunk_size(x))
 
     def detect(self, x: Tensor) -> list[Detections]:
         """A detection party's boxes on (B, C, H, W) inputs, one entry per image, in as many
         calls as needed; rows that do not add up, labels outside the party's categories or
         non-finite boxes are quarantined as malformed."""
         found: list[Detections] = []
-        chunk = self._chunk_size(x)
+        chunk = self.chunk_size(x)
         for start in range(0, len(x), chunk):
             part = x[start : start + chunk].contiguous()
             request = _by_content(
@@ -343,13 +344,13 @@ class RemoteTeacher:
         return concat_chunks(
             lambda chunk: self._layers_once(chunk, layers, gram=False),
             x.contiguous(),
-            self._chunk_size(x),
+            self.chunk_size(x),
         )
 
     def gram(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
         """Centered (t, t) Gram matrices of the named layers; one call, since a Gram matrix
         spans the whole batch (t must fit the party's ``max_batch``)."""
-        limit = self._chunk_size(x)
+        limit = self.chunk_size(x)
         if len(x) > limit:
             raise ValueError(
                 f"party {self.name}: a Gram matrix of {len(x)} samples exceeds one call's limit "

@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,16 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from amalgam.fusion.teacher import Feedback, Synthesis, Teacher, TeacherInfo, Weights
+from amalgam.fusion.teacher import (
+    Detections,
+    Feedback,
+    Synthesis,
+    Teacher,
+    TeacherInfo,
+    Weights,
+    concat_chunks,
+    in_chunks,
+)
 from amalgam.server.jobspec import JobSpec
 
 STORE_NAME = "jobs.sqlite"
@@ -144,10 +154,12 @@ def _request_key(method: str, *parts: object) -> str:
 
 class ReplayTeacher:
     """A :class:`amalgam.fusion.teacher.Teacher` that records each answer of ``teacher`` in the job
-    store and replays it when the same call comes again (a resumed job asks what it asked
-    before). Predict, Activations, Gram and ExportWeights are recorded; BatchNormFeedback and
-    Synthesize are passed through (generator training sends too much, and Synthesize changes
-    the party's state)."""
+    store, one chunk (one call to the party) at a time, and replays it when the same chunk is
+    asked again (a resumed job asks what it asked before): a job killed at any point re-pays
+    nothing it has recorded, and the one chunk in flight at the kill is answered again from
+    the party's replay cache. Predict, Activations, Gram, ExportWeights and detections are
+    recorded; BatchNormFeedback and Synthesize are passed through (generator training sends
+    too much, and Synthesize changes the party's state)."""
 
     def __init__(self, teacher: Teacher, store: JobStore, job_id: str) -> None:
         self.teacher, self.store, self.job_id = teacher, store, job_id
@@ -160,7 +172,13 @@ class ReplayTeacher:
     def stats(self):
         return self.teacher.stats
 
-    def _replayed(self, key: str, ask) -> dict[str, Tensor]:
+    def _chunk_size(self, x: Tensor) -> int:
+        """The samples of one call to the party: the teacher's own chunking where it has one
+        (a remote party's message limit), else the party's ``max_batch`` (0: all at once)."""
+        sized = getattr(self.teacher, "chunk_size", None)
+        return sized(x) if callable(sized) else self.info.max_batch
+
+    def _replayed(self, key: str, ask: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
         party = self.info.name
         payload = self.store.answer(self.job_id, party, key)
         if payload is None:
@@ -169,15 +187,32 @@ class ReplayTeacher:
         return safetensors_load(payload)
 
     def predict(self, x: Tensor) -> Tensor:
-        key = _request_key("Predict", x)
-        return self._replayed(key, lambda: {"outputs": self.teacher.predict(x)})["outputs"]
+        def chunk(part: Tensor) -> Tensor:
+            key = _request_key("Predict", part)
+            return self._replayed(key, lambda: {"outputs": self.teacher.predict(part)})["outputs"]
+
+        return in_chunks(chunk, x, self._chunk_size(x))
+
+    def detect(self, x: Tensor) -> list[Detections]:
+        def chunk(part: Tensor) -> list[Detections]:
+            key = _request_key("Detect", part)
+            rows = self._replayed(key, lambda: _detection_rows(self.teacher.detect(part)))
+            return Detections.split(rows["boxes"], rows["scores"], rows["labels"], rows["counts"])
+
+        step = self._chunk_size(x) or len(x)
+        return [
+            found for start in range(0, len(x), step) for found in chunk(x[start : start + step])
+        ]
 
     def activations(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
-        key = _request_key("Activations", x, layers)
-        return self._replayed(key, lambda: self.teacher.activations(x, layers))
+        def chunk(part: Tensor) -> dict[str, Tensor]:
+            key = _request_key("Activations", part, layers)
+            return self._replayed(key, lambda: self.teacher.activations(part, layers))
+
+        return concat_chunks(chunk, x, self._chunk_size(x))
 
     def gram(self, x: Tensor, layers: list[str]) -> dict[str, Tensor]:
-        key = _request_key("Gram", x, layers)
+        key = _request_key("Gram", x, layers)  # one call: a Gram matrix spans the batch
         return self._replayed(key, lambda: self.teacher.gram(x, layers))
 
     def weights(self) -> Weights:
@@ -198,6 +233,16 @@ class ReplayTeacher:
 
     def synthesize(self, *args, **kwargs) -> Synthesis:
         return self.teacher.synthesize(*args, **kwargs)
+
+
+def _detection_rows(found: list[Detections]) -> dict[str, Tensor]:
+    """Per-image detections as the rows :meth:`Detections.split` takes back."""
+    return {
+        "boxes": torch.cat([d.boxes for d in found]).reshape(-1, 4),
+        "scores": torch.cat([d.scores for d in found]).reshape(-1),
+        "labels": torch.cat([d.labels for d in found]).reshape(-1),
+        "counts": torch.tensor([len(d) for d in found], dtype=torch.long),
+    }
 
 
 def _metadata(payload: bytes) -> dict[str, str]:

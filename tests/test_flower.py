@@ -130,3 +130,32 @@ def test_a_node_whose_agent_is_down_is_left_out_as_min_parties_allows(models, tm
     assert (
         "DEGRADED: party org2 was not reached at the start" in (run_dir / "report.md").read_text()
     )
+
+
+def test_a_ray_start_that_times_out_is_tried_again_and_other_failures_are_not(monkeypatch, capsys):
+    import ray
+
+    from amalgam.server.simulation import flower
+
+    failures = [RuntimeError("Timed out waiting for file gcs_server_port"),
+                Exception("The current node timed out during startup.")]  # fmt: skip
+    started: list[dict] = []
+
+    def init(**options):
+        if failures:
+            raise failures.pop(0)
+        started.append(options)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    flower.start_ray()
+    assert len(started) == 1 and started[0]["include_dashboard"] is False
+    assert capsys.readouterr().err.count("Ray did not start in time") == 2
+    failures[:] = [RuntimeError("Timed out")] * flower.RAY_START_ATTEMPTS  # every attempt
+    with pytest.raises(RuntimeError, match="Timed out"):
+        flower.start_ray()
+    failures[:] = [ValueError("bad option")]  # not a timeout: raised at once
+    with pytest.raises(ValueError, match="bad option"):
+        flower.start_ray()
+    assert failures == []

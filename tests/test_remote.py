@@ -87,9 +87,9 @@ def test_batches_are_split_under_the_message_limit(tmp_path):
         # party's max_batch (16) is the tighter bound here, so check both bounds directly
         with RemoteTeacher("acme", address, max_message_mb=1) as teacher:
             big = torch.rand(4096, *INPUT_SHAPE)
-            assert teacher._chunk_size(big) == 16
+            assert teacher.chunk_size(big) == 16
             wide = torch.rand(2, 1, 256, 256)  # 256 KiB a sample -> 2 per call
-            assert teacher._chunk_size(wide) == 2
+            assert teacher.chunk_size(wide) == 2
             out = teacher.predict(big[:40])
         assert out.shape == (40, 3)
         samples = [

@@ -1,18 +1,20 @@
 """Failures on either side lose nothing: a party killed mid-job is dropped and the job finishes
 degraded (or stops naming it, below min_parties); a party answering NaN is quarantined; a
-coordinator killed mid-job resumes from its job store with the same result and without
-charging any party twice."""
+coordinator killed at any point of a job resumes from its job store with the same result and
+without charging any party twice."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import pytest
@@ -245,46 +247,101 @@ def _wait_for(condition, timeout_s: float) -> bool:
     return False
 
 
-def _predict_samples(handler) -> int:
+def _charged(handler, decision: str = "granted") -> int:
+    """The samples of the Predict calls the party's audit log shows with ``decision``."""
+    records = read_records(handler.audit.path)
     return sum(
-        r["samples"]
-        for r in read_records(handler.audit.path)
-        if r["method"] == "Predict" and r["decision"] == "granted"
+        r["samples"] for r in records if (r["method"], r["decision"]) == ("Predict", decision)
     )
 
 
-def test_a_killed_coordinator_resumes_to_the_same_result_without_charging_twice(teachers, tmp_path):
+def _progress(runs: Path, job_id: str) -> int:
+    """How far a job has come: the party answers its store recorded plus the student's
+    epochs checkpointed."""
+    with closing(sqlite3.connect(runs / "jobs.sqlite")) as db:
+        query = "SELECT COUNT(*) FROM answers WHERE job_id = ?"
+        answers = db.execute(query, (job_id,)).fetchone()[0]
+    checkpoint = runs / job_id / "checkpoints" / "student.pt"
+    epochs = len(torch.load(checkpoint, weights_only=True)["history"]) if checkpoint.exists() else 0
+    return answers + epochs
+
+
+KILLS = 10
+
+
+def test_a_coordinator_killed_at_ten_random_points_resumes_to_the_same_result_paying_once(
+    teachers, tmp_path
+):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     policy = Policy(predict=PredictPolicy(output="probs"), max_batch=64)
     handlers = {
         name: tiny_handler(tmp_path / name, policy, name=name, classes=DIGIT_NAMES, model=model)
         for name, model in zip(["org0", "org1", "org2"], teachers)
     }
+    epochs = 12
+    overrides = {"student": {"arch": "small_cnn", "epochs": epochs, "batch_size": 32}}
     with ExitStack() as stack:
         addresses = {name: stack.enter_context(serving(h)) for name, h in handlers.items()}
-        overrides = {"student": {"arch": "small_cnn", "epochs": 40, "batch_size": 32}}
         # an uninterrupted run, for reference
         reference = _fuse(str(_job(tmp_path / "ref", addresses, **overrides)), env=env)
         assert reference.wait(timeout=600) == 0, reference.stderr.read()
-        charged = {name: _predict_samples(h) for name, h in handlers.items()}
-        # the same job, killed once its student has a checkpoint
-        interrupted = _fuse(str(_job(tmp_path / "cut", addresses, **overrides)), env=env)
-        first = interrupted.stdout.readline()
-        job_id = re.match(r"job (\S+) in (\S+)", first).group(1)
-        checkpoint = tmp_path / "cut" / "runs" / job_id / "checkpoints" / "student.pt"
-        assert _wait_for(checkpoint.exists, timeout_s=300)
-        interrupted.send_signal(signal.SIGKILL)
-        interrupted.wait(timeout=30)
-        assert JobStore.beside(tmp_path / "cut" / "runs").get(job_id).status == "running"
-        resumed = _fuse("--resume", job_id, "--runs", str(tmp_path / "cut" / "runs"), env=env)
+        charged = {name: _charged(h) for name, h in handlers.items()}
+        with closing(sqlite3.connect(tmp_path / "ref" / "runs" / "jobs.sqlite")) as db:
+            answers = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        # the same job, killed (SIGKILL) at 10 random points, half while it gathers the
+        # parties' answers, half while it trains, and resumed after each
+        draw = random.Random(0)
+        gather = draw.sample(range(1, answers), KILLS // 2)
+        training = draw.sample(range(answers + 1, answers + epochs), KILLS - KILLS // 2)
+        runs = tmp_path / "cut" / "runs"
+        job_file, job_id = _job(tmp_path / "cut", addresses, **overrides), None
+        for point in sorted(gather) + sorted(training):
+            if job_id is None:
+                process = _fuse(str(job_file), env=env)
+                job_id = re.match(r"job (\S+) in", process.stdout.readline()).group(1)
+            else:
+                process = _fuse("--resume", job_id, "--runs", str(runs), env=env)
+            reached = _wait_for(
+                lambda at=point, job=job_id: _progress(runs, job) >= at, timeout_s=300
+            )
+            process.kill()
+            assert process.wait(timeout=30) == -signal.SIGKILL, process.stderr.read()
+            assert reached and JobStore.beside(runs).get(job_id).status == "running"
+        resumed = _fuse("--resume", job_id, "--runs", str(runs), env=env)
         assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    runs = {
-        name: next((tmp_path / name / "runs").glob("resilience-*/metrics.json"))
+    results = {
+        name: json.loads(next((tmp_path / name / "runs").glob("resilience-*/metrics.json"))
+                         .read_text())["results"]
         for name in ("ref", "cut")
-    }
-    results = {name: json.loads(path.read_text())["results"] for name, path in runs.items()}
+    }  # fmt: skip
     assert results["cut"] == results["ref"]  # bit for bit: the resumed training is the same
-    for name, handler in handlers.items():
-        assert _predict_samples(handler) == 2 * charged[name]  # once per job, never twice
-    assert JobStore.beside(tmp_path / "cut" / "runs").get(job_id).status == "done"
-    assert not (tmp_path / "cut" / "runs" / job_id / "checkpoints").exists()
+    for name, handler in handlers.items():  # each sample paid once per job, never twice
+        assert _charged(handler) == 2 * charged[name]
+        print(f"{name}: {charged[name]} samples charged per job; chunks in flight at a kill "
+              f"answered again uncharged: {_charged(handler, 'replayed')} samples")  # fmt: skip
+    assert JobStore.beside(runs).get(job_id).status == "done"
+    assert not (runs / job_id / "checkpoints").exists()
+
+
+def test_a_job_failing_on_bad_input_after_paying_leaves_its_reason_and_no_run_folder(
+    teachers, tmp_path
+):
+    policy = Policy(predict=PredictPolicy(output="probs"), max_batch=64)
+    handler = tiny_handler(tmp_path, policy, name="org0", classes=DIGIT_NAMES, model=teachers[0])
+    bad_student = {"student": {"arch": "mlp", "kwargs": {"depth": 3}}}  # mlp has no depth
+    store = JobStore(tmp_path / "runs" / "jobs.sqlite")
+    with serving(handler) as address:
+        spec = load_job(_job(tmp_path, {"org0": address}, **bad_student))
+        job = store.create(spec)
+        for attempt in ("first", "resumed"):
+            with pytest.raises(ValueError, match="student.arch: mlp: .*depth"):
+                run_job(spec, connect(spec), progress=False, log=lambda m: None, store=store,
+                        job=store.get(job.id))  # fmt: skip
+            if attempt == "first":
+                charged = _charged(handler)
+    record = store.get(job.id)
+    assert record.status == "failed" and "student.arch: mlp" in record.error
+    assert not record.run_dir.exists()  # bad input: no half run folder
+    assert charged == 314 + 540  # the unlabeled and the test images, paid for once ...
+    assert _charged(handler) == charged  # ... and replayed from the store on the resume,
+    assert _charged(handler, "replayed") == 0  # without asking the party again
