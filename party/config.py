@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,11 @@ class PartyConfig(Strict):
         return self
 
 
-def load_party_config(path: str | Path) -> PartyConfig:
-    """Validate ``path``; relative file paths inside it are taken from the file's folder."""
-    config = load_yaml(path, PartyConfig)
+def load_party_config(path: str | Path, overrides: Sequence[str] = ()) -> PartyConfig:
+    """Validate ``path`` with ``overrides`` (``key.path=value``, see
+    :func:`amalgam.protocol.loading.apply_overrides`); relative file paths inside it are taken
+    from the file's folder."""
+    config = load_yaml(path, PartyConfig, overrides)
     base = Path(path).resolve().parent
 
     def resolve(p: str | None) -> str | None:

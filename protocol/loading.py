@@ -1,7 +1,9 @@
-"""Read a YAML file into a pydantic model; every problem becomes one :class:`ConfigError` line."""
+"""Read a YAML file into a pydantic model, with command-line overrides; every problem becomes one
+:class:`ConfigError` line."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -12,7 +14,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
-    """A bad configuration file: ``str(error)`` is one line naming the file, field and problem."""
+    """A bad configuration file: ``str(error)`` has one line per problem, each naming the
+    file, the field and the problem."""
 
 
 def _field(data: object, error: dict) -> str:
@@ -34,13 +37,50 @@ def _field(data: object, error: dict) -> str:
     return ".".join(parts) or "(top level)"
 
 
-def load_yaml(path: str | Path, model: type[M]) -> M:
-    """Load ``path`` and validate it as ``model``.
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """``data`` with each ``key.path=value`` of ``overrides`` set, the value read as YAML
+    (``student.epochs=3``, ``method.params.rule=max-prob``, ``parties.0.address=h:50051``);
+    missing mappings on the way are created. A malformed override raises :class:`ConfigError`
+    naming it."""
+    for override in overrides:
+        key, equals, text = override.partition("=")
+        parts = key.strip().split(".")
+        if not equals or not all(parts):
+            raise ConfigError(f"--set {override}: expected key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {override}: the value is not valid YAML") from None
+        node: object = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    where = ".".join(parts[:depth]) or "the top level"
+                    raise ConfigError(f"--set {override}: {where} has no item {part}")
+                index: int | str = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if not last and node.get(part) is None:
+                    node[part] = {}
+            else:
+                raise ConfigError(f"--set {override}: {'.'.join(parts[:depth])} is not a mapping")
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+    return data
+
+
+def load_yaml(path: str | Path, model: type[M], overrides: Sequence[str] = ()) -> M:
+    """Load ``path``, apply ``overrides`` (:func:`apply_overrides`) and validate it as
+    ``model``.
 
     Raises
     ------
     ConfigError
-        Missing file, invalid YAML, or a validation failure (the first one, with its field).
+        Missing file, invalid YAML, a bad override, or validation failures: one line per
+        problem, each naming the file and the field.
     """
     path = Path(path)
     try:
@@ -56,11 +96,17 @@ def load_yaml(path: str | Path, model: type[M]) -> M:
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides)
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        more = error.error_count() - 1
-        extra = f" (and {more} more)" if more else ""
-        message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{path}: {_field(data, first)}: {message}{extra}") from None
+        lines = [f"{path}: {_field(data, e)}: {_plain(e)}" for e in error.errors()]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _plain(error: dict) -> str:
+    """pydantic's message in the user's words: no "Value error, " prefix, no regular
+    expression."""
+    if error["type"] == "string_pattern_mismatch":
+        return f"{error['input']!r} does not have the expected form"
+    return error["msg"].removeprefix("Value error, ")

@@ -131,30 +131,26 @@ def make_ca(
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
 
 
-def issue(
-    ca: Issued,
-    identity: str,
-    hosts: list[str],
-    *,
-    days: int = MAX_VALIDITY_DAYS,
-    key_type: str = "ec",
-    not_before: datetime.datetime | None = None,
-) -> Issued:
-    """A certificate for ``identity`` (its subject common name) signed by ``ca``, usable as
-    a TLS server (for ``hosts``, the subject alternative names) and as a TLS client."""
+def _check_identity(identity: str) -> None:
     if not IDENTITY.fullmatch(identity):
         raise ValueError(
             f"identity {identity!r}: use letters, digits, '.', '_' and '-' (it names files)"
         )
+
+
+def _certificate(ca: Issued, identity: str, public_key, hosts: list[str], days: int,
+                 not_before: datetime.datetime | None) -> bytes:  # fmt: skip
+    """The PEM certificate of ``public_key`` for ``identity``, signed by ``ca``: a TLS server
+    (for ``hosts``, its subject alternative names) and client."""
+    _check_identity(identity)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
-    key = _new_key(key_type)
     start, end = _window(days, not_before)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(identity))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -166,14 +162,73 @@ def issue(
             critical=False,
         )
         .add_extension(_san(hosts or [identity]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
-    return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def issue(
+    ca: Issued,
+    identity: str,
+    hosts: list[str],
+    *,
+    days: int = MAX_VALIDITY_DAYS,
+    key_type: str = "ec",
+    not_before: datetime.datetime | None = None,
+) -> Issued:
+    """A new key and its certificate for ``identity`` (its subject common name) signed by
+    ``ca``, usable as a TLS server (for ``hosts``, the subject alternative names) and as a TLS
+    client."""
+    _check_identity(identity)
+    key = _new_key(key_type)
+    cert = _certificate(ca, identity, key.public_key(), hosts, days, not_before)
+    return Issued(cert, _pem_key(key))
+
+
+def request(identity: str, hosts: list[str], key_type: str = "ec") -> tuple[bytes, bytes]:
+    """A new private key and a certificate signing request for ``identity`` with ``hosts``
+    (PEM, PEM): what an organization makes at home and sends to the federation's CA, keeping
+    its key."""
+    _check_identity(identity)
+    key = _new_key(key_type)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(identity))
+        .add_extension(_san(hosts or [identity]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return _pem_key(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_request(ca: Issued, csr_pem: bytes, hosts: list[str] = (),
+                 days: int = MAX_VALIDITY_DAYS) -> tuple[str, bytes]:  # fmt: skip
+    """The identity (the request's common name) and a PEM certificate for an organization's
+    certificate signing request, for the hosts it asks for plus ``hosts``. A request that is
+    not PEM, whose signature does not verify, or without one valid common name raises
+    ``ValueError``."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise ValueError("not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise ValueError("its signature does not verify: it was altered or not signed by its key")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise ValueError("it must name exactly one identity as its common name (CN)")
+    identity = str(names[0].value)
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        asked = [str(v) for v in san.get_values_for_type(x509.DNSName)]
+        asked += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        asked = []
+    wanted = list(dict.fromkeys([*asked, *hosts])) or DEFAULT_HOSTS
+    return identity, _certificate(ca, identity, csr.public_key(), wanted, days, None)
 
 
 def token_digest(token: str) -> str:
@@ -259,11 +314,13 @@ def write_federation(
     days: int = MAX_VALIDITY_DAYS,
     key_type: str = "ec",
     supernodes: list[str] = (),
+    force: bool = False,
 ) -> list[Path]:
     """Certificates for a federation in ``folder``: ``ca.pem`` / ``ca.key`` (made once and
     reused, so that identities can be added later) and ``<identity>.pem`` / ``.key`` for each
     party, coordinator and SuperNode; a SuperNode also gets its authentication key pair
-    ``<identity>.ssh`` / ``<identity>.ssh.pub``. Returns the files written."""
+    ``<identity>.ssh`` / ``<identity>.ssh.pub``. An identity that ``folder`` holds already
+    raises ``ValueError`` unless ``force``. Returns the files written."""
     folder = Path(folder)
     identities = [*parties, *coordinators, *supernodes]
     if not identities:
@@ -271,13 +328,8 @@ def write_federation(
     repeated = sorted({i for i in identities if identities.count(i) > 1})
     if repeated or "ca" in identities:
         raise ValueError(f"identities must be unique and not 'ca': {', '.join(repeated or ['ca'])}")
-    ca_cert, ca_key = folder / "ca.pem", folder / "ca.key"
-    written: list[Path] = []
-    if ca_cert.exists() and ca_key.exists():
-        ca = Issued(ca_cert.read_bytes(), ca_key.read_bytes())
-    else:
-        ca = make_ca(days=days, key_type=key_type)
-        written += ca.write(folder, "ca")
+    _refuse_existing(folder, identities, force)
+    ca, written = federation_ca(folder, days, key_type)
     for identity in identities:
         written += issue(ca, identity, hosts or DEFAULT_HOSTS, days=days, key_type=key_type).write(
             folder, identity
@@ -288,3 +340,50 @@ def write_federation(
         write_private(folder / f"{identity}.ssh", private)
         written += [folder / f"{identity}.ssh.pub", folder / f"{identity}.ssh"]
     return written
+
+
+def federation_ca(folder: Path, days: int = MAX_VALIDITY_DAYS, key_type: str = "ec"):
+    """The CA of ``folder`` (``ca.pem``, ``ca.key``), made there if it has none; returns it
+    and the files written."""
+    ca_cert, ca_key = folder / "ca.pem", folder / "ca.key"
+    if ca_cert.exists() and ca_key.exists():
+        return Issued(ca_cert.read_bytes(), ca_key.read_bytes()), []
+    ca = make_ca(days=days, key_type=key_type)
+    return ca, list(ca.write(folder, "ca"))
+
+
+def _refuse_existing(folder: Path, identities: list[str], force: bool) -> None:
+    existing = [i for i in identities if (folder / f"{i}.pem").exists()]
+    if existing and not force:
+        raise ValueError(
+            f"{folder} already holds {', '.join(existing)}: pass --force to issue again (a "
+            "certificate issued before stays valid until it expires)"
+        )
+
+
+def write_signed(folder: str | Path, csr_pem: bytes, hosts: list[str] = (),
+                 days: int = MAX_VALIDITY_DAYS, force: bool = False) -> list[Path]:  # fmt: skip
+    """Sign an organization's certificate request with the CA of ``folder`` (made there if it
+    has none) into ``<identity>.pem``; the organization keeps its key. Returns the files
+    written."""
+    folder = Path(folder)
+    ca, written = federation_ca(folder, days)
+    identity, cert = sign_request(ca, csr_pem, list(hosts), days)
+    _refuse_existing(folder, [identity], force)
+    (folder / f"{identity}.pem").write_bytes(cert)
+    return [*written, folder / f"{identity}.pem"]
+
+
+def write_request(folder: str | Path, identity: str, hosts: list[str] = (),
+                  key_type: str = "ec") -> list[Path]:  # fmt: skip
+    """``<identity>.key`` (owner-readable) and ``<identity>.csr`` in ``folder``: the request
+    an organization sends to the federation's CA (``amalgam certs --csr``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file, csr_file = folder / f"{identity}.key", folder / f"{identity}.csr"
+    if key_file.exists():
+        raise ValueError(f"{key_file} exists: a request keeps the key it was made with")
+    key, csr = request(identity, list(hosts), key_type)
+    write_private(key_file, key)
+    csr_file.write_bytes(csr)
+    return [key_file, csr_file]

@@ -32,11 +32,12 @@ class PartyMismatch(ValueError):
     """The address of a party in the job answers with another party's name."""
 
 
-def load_job(path: str | Path) -> JobSpec:
-    """Validate a job file, including what only the algorithms and this machine know (the
-    student's architecture, local files); TLS files and ``student.init`` are taken from the
-    job file's folder."""
-    spec = load_yaml(path, JobSpec)
+def load_job(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Validate a job file with ``overrides`` (``key.path=value``, see
+    :func:`amalgam.protocol.loading.apply_overrides`), including what only the algorithms and
+    this machine know (the student's architecture, local files); TLS files and
+    ``student.init`` are taken from the job file's folder."""
+    spec = load_yaml(path, JobSpec, overrides)
     problem = METHODS[spec.method.name].check(spec)
     if problem:
         raise ConfigError(f"{path}: {problem}")
@@ -132,6 +133,21 @@ def student_card(outcome, spec: JobSpec, job_id: str, teachers: Sequence[Teacher
     }
 
 
+class JobStopped(BaseException):
+    """The job was asked to stop (``amalgam jobs stop``: SIGTERM); like an interrupt, it
+    leaves the job resumable."""
+
+
+def _recorded(log: Callable[[str], None], store: JobStore, job_id: str) -> Callable[[str], None]:
+    """``log`` that also keeps each line in the job store (``amalgam jobs log``)."""
+
+    def both(line: str) -> None:
+        log(line)
+        store.log(job_id, line)
+
+    return both
+
+
 def _scope_requests(teachers: Sequence[Teacher], job_id: str) -> None:
     """Derive the parties' request ids from ``job_id``: the job, resumed, asks its chunks again
     in the same words (answered without a second charge); another job is charged anew."""
@@ -164,6 +180,8 @@ def run_job(
         job = job or store.create(spec)
         job_id, run_dir = job.id, job.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)  # gone where bad input stopped it before
+        store.claim(job_id)
+        log = _recorded(log, store, job_id)
         _scope_requests(teachers, job_id)
         teachers = [ReplayTeacher(t, store, job_id) for t in teachers]
         checkpoints = Checkpoints(run_dir / "checkpoints")
@@ -179,6 +197,10 @@ def run_job(
                              progress=progress, log=log, checkpoints=checkpoints,
                              hardware=hardware)  # fmt: skip
         outcome = METHODS[spec.method.name].run(spec, teachers, context)
+    except (KeyboardInterrupt, JobStopped) as error:
+        if store is not None:
+            store.set_status(job_id, "stopped", str(error) or "interrupted")
+        raise
     except Exception as error:
         if store is not None:
             store.set_status(job_id, "failed", str(error))

@@ -4,6 +4,7 @@ method table, so a job accepts exactly the methods the coordinator runs."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -16,8 +17,15 @@ from amalgam.server.methods import METHODS
 
 class PartyRef(Strict):
     name: str = Field(min_length=1)
-    address: str = Field(pattern=r"^[^\s:]+:\d{1,5}$")  # host:port
+    address: str  # host:port
     token_env: str | None = None  # environment variable holding a bearer token for it
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, address: str) -> str:
+        if not re.fullmatch(r"[^\s:]+:\d{1,5}", address):
+            raise ValueError(f"{address!r} is not host:port, e.g. org1.example.com:50051")
+        return address
 
 
 class DataSpec(Strict):
@@ -38,7 +46,7 @@ MethodSection = Annotated[
 
 
 class JobSpec(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(min_length=1)  # letters, digits, '_', '.', '-': it names run folders
     seed: int = 0
     parties: list[PartyRef] = Field(min_length=1)
     method: MethodSection
@@ -51,6 +59,14 @@ class JobSpec(Strict):
     baselines: bool = True  # also train vanilla distillation and the supervised bound
     device: DeviceName = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Precision = "fp32"  # bf16 / fp16: autocast in the student's training loops
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"{name!r}: use only letters, digits, '_', '.' and '-' (it names "
+                             "the run folders)")  # fmt: skip
+        return name
 
     @field_validator("parties")
     @classmethod

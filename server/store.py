@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
@@ -38,16 +39,23 @@ from amalgam.fusion.teacher import (
 from amalgam.server.jobspec import JobSpec
 
 STORE_NAME = "jobs.sqlite"
+# columns added since the first stores: (name, declaration), added where missing
+LATER_COLUMNS = [("pid", "INTEGER NOT NULL DEFAULT 0"), ("pid_started", "REAL NOT NULL DEFAULT 0")]
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     spec TEXT NOT NULL,
-    status TEXT NOT NULL,          -- running | done | failed
+    status TEXT NOT NULL,          -- running | done | failed | stopped
     run_dir TEXT NOT NULL,
     created REAL NOT NULL,
     updated REAL NOT NULL,
     error TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS log (
+    job_id TEXT NOT NULL REFERENCES jobs(id),
+    time REAL NOT NULL,
+    line TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS answers (
     job_id TEXT NOT NULL REFERENCES jobs(id),
@@ -70,11 +78,46 @@ class UnknownJob(LookupError):
 
 @dataclass(frozen=True)
 class JobRecord:
+    """A job as the store has it.
+
+    Attributes
+    ----------
+    status : running | done | failed | stopped, as the job's process last wrote it.
+    pid, pid_started : the process that runs (or ran) it and its start time, which tell it
+        from a later process that got the same pid.
+    """
+
     id: str
     spec: JobSpec
     status: str
     run_dir: Path
     error: str
+    created: float
+    updated: float
+    pid: int
+    pid_started: float
+
+    @property
+    def state(self) -> str:
+        """``status``, except ``interrupted`` for a job marked running whose process is gone
+        (killed; ``amalgam fuse --resume`` goes on with it)."""
+        return "interrupted" if self.status == "running" and not self.alive() else self.status
+
+    def alive(self) -> bool:
+        """Whether the process that runs the job is still running."""
+        try:
+            process = psutil.Process(self.pid)
+            return self.pid > 0 and abs(process.create_time() - self.pid_started) < 1.0
+        except psutil.Error:
+            return False
+
+
+JOB_COLUMNS = "id, spec, status, run_dir, error, created, updated, pid, pid_started"
+
+
+def _job(row: tuple) -> JobRecord:
+    spec = JobSpec.model_validate_json(row[1])
+    return JobRecord(row[0], spec, row[2], Path(row[3]), *row[4:])
 
 
 class JobStore:
@@ -86,6 +129,10 @@ class JobStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in LATER_COLUMNS:
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
         self._lock = threading.Lock()
 
     @classmethod
@@ -100,7 +147,8 @@ class JobStore:
         now = time.time()
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, 'running', ?, ?, ?, '')",
+                "INSERT INTO jobs (id, name, spec, status, run_dir, created, updated) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
                 (job_id, spec.name, spec.model_dump_json(), str(run_dir), now, now),
             )
         return self.get(job_id)
@@ -108,11 +156,48 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord:
         with self._lock:
             row = self._db.execute(
-                "SELECT id, spec, status, run_dir, error FROM jobs WHERE id = ?", (job_id,)
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
         if row is None:
             raise UnknownJob(f"no job {job_id!r} in {self.path}")
-        return JobRecord(row[0], JobSpec.model_validate_json(row[1]), row[2], Path(row[3]), row[4])
+        return _job(row)
+
+    def jobs(self) -> list[JobRecord]:
+        """Every job, oldest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY created").fetchall()
+        return [_job(row) for row in rows]
+
+    def claim(self, job_id: str) -> None:
+        """Mark the job running in this process (what ``amalgam jobs stop`` signals)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = 'running', error = '', pid = ?, pid_started = ?, "
+                "updated = ? WHERE id = ?",
+                (os.getpid(), psutil.Process().create_time(), time.time(), job_id),
+            )
+
+    def log(self, job_id: str, line: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO log VALUES (?, ?, ?)", (job_id, time.time(), line))
+
+    def lines(self, job_id: str, after: int = 0) -> list[tuple[int, float, str]]:
+        """The job's log lines after row ``after``: (row, time, line), in order."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT rowid, time, line FROM log WHERE job_id = ? AND rowid > ? ORDER BY rowid",
+                (job_id, after),
+            ).fetchall()
+
+    def paid(self, job_id: str) -> dict[str, tuple[int, int]]:
+        """Per party: the answers recorded for the job and their bytes."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT party, COUNT(*), SUM(LENGTH(payload)) FROM answers WHERE job_id = ? "
+                "GROUP BY party ORDER BY party",
+                (job_id,),
+            ).fetchall()
+        return {party: (count, size) for party, count, size in rows}
 
     def set_status(self, job_id: str, status: str, error: str = "") -> None:
         with self._lock:

@@ -30,11 +30,12 @@ def _job(tmp_path, party_addresses, **overrides):
 
 
 def _one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    err = [line for line in err if not line.startswith("WARNING: calling the parties")]
-    assert len(err) == 1, err
-    assert err[0].startswith("amalgam: error: ")
-    return err[0]
+    """The one error line on stderr (beside the job's messages), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("amalgam: error: ")]
+    assert len(errors) == 1, err
+    return errors[0]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 from parties import INPUT_SHAPE, tiny_handler
 
 from amalgam.party.audit import read_records
@@ -32,6 +33,7 @@ from amalgam.protocol.tls import (
 )
 from amalgam.server.cli import main
 from amalgam.server.remote import RemoteTeacher
+from amalgam.server.simulation.parties import serving
 
 pytestmark = pytest.mark.integration
 
@@ -259,6 +261,41 @@ def test_amalgam_certs_makes_a_federation(tmp_path, capsys):
     assert x509.load_pem_x509_certificate((out / "globex.pem").read_bytes()).issuer == ca.subject
 
 
+def test_an_organization_keeps_its_key_and_the_ca_signs_its_request(tmp_path, capsys):
+    federation, home = tmp_path / "federation", tmp_path / "acme-home"
+    assert main(["certs", "--out", str(federation), "--coordinator", "coordinator"]) == 0
+    assert main(["certs", "--out", str(home), "--request", "acme", "--host", "acme.example"]) == 0
+    assert stat.S_IMODE((home / "acme.key").stat().st_mode) == 0o600
+    csr = home / "acme.csr"
+    assert main(["certs", "--out", str(federation), "--csr", str(csr), "--host", "127.0.0.1"]) == 0
+    assert not (federation / "acme.key").exists()  # the key never left home
+    cert = x509.load_pem_x509_certificate((federation / "acme.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["acme.example"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # the organization's key and the CA's certificate serve mutual TLS together
+    acme = TlsFiles(cert=str(federation / "acme.pem"), key=str(home / "acme.key"),
+                    ca=str(federation / "ca.pem"))  # fmt: skip
+    policy = Policy(predict=PredictPolicy(output="probs"), callers={"coordinator": ["predict"]})
+    with serving(tiny_handler(tmp_path, policy), server_credentials(acme)) as address:
+        coordinator = channel_credentials(_files(federation, "coordinator"))
+        with RemoteTeacher("acme", address, credentials=coordinator) as teacher:
+            assert teacher.info.name == "acme"
+    capsys.readouterr()
+    # an identity the folder holds is issued again only with --force
+    assert main(["certs", "--out", str(federation), "--csr", str(csr)]) == 2
+    assert "already holds acme: pass --force" in capsys.readouterr().err
+    assert main(["certs", "--out", str(federation), "--csr", str(csr), "--force"]) == 0
+    assert main(["certs", "--out", str(federation), "--coordinator", "coordinator"]) == 2
+    # a request altered on the way is refused
+    der = bytearray(x509.load_pem_x509_csr(csr.read_bytes()).public_bytes(Encoding.DER))
+    der[-1] ^= 0xFF  # inside the signature
+    altered = tmp_path / "altered.csr"
+    altered.write_bytes(x509.load_der_x509_csr(bytes(der)).public_bytes(Encoding.PEM))
+    assert main(["certs", "--out", str(federation), "--csr", str(altered), "--force"]) == 2
+    assert "its signature does not verify" in capsys.readouterr().err
+
+
 def test_amalgam_certs_rsa_keys_are_3072_bits(tmp_path):
     assert main(["certs", "--out", str(tmp_path), "--party", "acme", "--key-type", "rsa"]) == 0
     key = x509.load_pem_x509_certificate((tmp_path / "acme.pem").read_bytes()).public_key()
@@ -270,7 +307,7 @@ def test_amalgam_certs_rsa_keys_are_3072_bits(tmp_path):
     [
         (["--party", "acme", "--days", "400"], "days=400: a certificate is valid for 1 to 365"),
         (["--party", "a/b"], "identity 'a/b'"),
-        ([], "name at least one --party, --coordinator or --supernode"),
+        ([], "give identities (--party, --coordinator, --supernode), or --csr FILE, or"),
         (["--party", "acme", "--coordinator", "acme"], "must be unique"),
     ],
 )

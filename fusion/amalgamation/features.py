@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from amalgam.fusion.data import fit_to_shape
+from amalgam.fusion.progress import progress_bar
 from amalgam.fusion.teacher import Teacher
 
 CHUNK_BYTES = 16 * 1024 * 1024  # feature bytes asked for in one call
@@ -81,13 +81,8 @@ class FeatureCache:
             )
             for layer in layers
         }
-        with tqdm(
-            total=len(x),
-            desc=f"features {name}",
-            unit="img",
-            position=position,
-            leave=False,
-            disable=None if progress else True,
+        with progress_bar(
+            len(x), f"features {name}", unit="img", position=position, show=progress
         ) as bar:
             start, out = 0, first
             while True:

@@ -6,10 +6,10 @@ import math
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from amalgam.fusion.detection.canvas import DetectionSet
 from amalgam.fusion.device import Hardware, to_host, to_model
+from amalgam.fusion.progress import progress_bar
 from amalgam.fusion.teacher import Detections
 
 
@@ -54,7 +54,7 @@ def fit_detector(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     offset = getattr(model, "label_offset", 0)
     history = []
-    bar = tqdm(total=steps, desc=desc, disable=None if progress else True, leave=False)
+    bar = progress_bar(steps, desc, unit="step", show=progress)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from amalgam.fusion.data import DIGIT_NAMES, cache_dir, load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.train import accuracy, fit, predict_logits
-from amalgam.protocol.tls import write_federation
+from amalgam.protocol.tls import DEFAULT_HOSTS, write_federation
 
 
 @dataclass(frozen=True)
@@ -152,24 +152,33 @@ assert set(DIGIT_NAMES) == {c for p in DEMO_PARTIES for c in p.classes}
 PARTY_PORT = 50051
 
 
-def prepare_federation(folder: Path) -> list[Path]:
-    """Everything the three-party Flower deployment of ``deploy/compose.yaml`` reads, with
-    the services' host names: certificates for the parties, their SuperNodes, the SuperLink
-    and the coordinator; each party's weights and config; the job. Returns the files."""
+def prepare_federation(folder: Path, one_host: bool = False) -> list[Path]:
+    """Everything a three-party federation reads: certificates (a CA, each party, the
+    coordinator), each party's weights and config, the job; returns the files.
+
+    By default the files of the Flower deployment of ``deploy/compose.yaml``: the services'
+    host names, every party on port 50051, a SuperNode and the SuperLink certificates too.
+    With ``one_host``, files that run on this machine as they are: the parties on
+    127.0.0.1:50051, 50052, 50053 and the job calling them there. Files of an earlier
+    preparation in ``folder`` are replaced."""
+    folder = folder.resolve()  # the configs name their files absolutely
     names = [p.name for p in DEMO_PARTIES]
     certs = folder / "certs"
-    hosts = ["localhost", "127.0.0.1", "superlink", *names]
-    written = write_federation(
-        certs, names, [COORDINATOR, "superlink"], hosts, supernodes=[f"{n}-node" for n in names]
-    )
+    if one_host:
+        written = write_federation(certs, names, [COORDINATOR], DEFAULT_HOSTS, force=True)
+    else:
+        hosts = [*DEFAULT_HOSTS, "superlink", *names]
+        written = write_federation(certs, names, [COORDINATOR, "superlink"], hosts,
+                                   supernodes=[f"{n}-node" for n in names], force=True)  # fmt: skip
     addresses = {}
-    for party in DEMO_PARTIES:
+    for index, party in enumerate(DEMO_PARTIES):
         weights = folder / f"{party.name}.safetensors"
         shutil.copy(demo_weights(party), weights)
-        written += [weights, demo_party_config(
-            party, folder, certs, f"0.0.0.0:{PARTY_PORT}", weights, bridge=True
-        )]  # fmt: skip
-        addresses[party.name] = f"{party.name}:{PARTY_PORT}"
+        port = PARTY_PORT + index if one_host else PARTY_PORT
+        listen = f"127.0.0.1:{port}" if one_host else f"0.0.0.0:{port}"
+        config = demo_party_config(party, folder, certs, listen, weights, bridge=not one_host)
+        written += [weights, config]
+        addresses[party.name] = f"127.0.0.1:{port}" if one_host else f"{party.name}:{port}"
     job = demo_job(addresses, str(folder / "runs"), certs)
     (folder / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
     return [*written, folder / "job.yaml"]
