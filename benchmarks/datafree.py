@@ -38,7 +38,7 @@ from amalgam.fusion.run import RunContext
 from amalgam.fusion.train import fit
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
-from amalgam.server.report import plot_curves
+from amalgam.server.figures import plot_curves
 from amalgam.server.simulation.parties import local_party
 from benchmarks.harness import Benchmark, Results
 

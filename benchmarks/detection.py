@@ -191,7 +191,8 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
         if row == "student_0pct":
             extra["student_per_category"] = metrics["per_category"]
             pseudo_label_grid(unlabeled.images, composed.raw, composed.pseudo_labels, union,
-                              out / f"detection-{variant}-pseudo-labels.png")  # fmt: skip
+                              out / f"detection-{variant}-pseudo-labels.png",
+                              [p.info.name for p in parties])  # fmt: skip
             state = {k: v.clone() for k, v in composed.student.state_dict().items()}
     if variant == "same-dist":
         steps = budget["finetune_steps"]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from amalgam.fusion.data import SourceUnavailable, shared_data_dir
+from amalgam.server.figures import plot_benchmark
 from amalgam.server.report import markdown_table, ordered_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,7 +57,8 @@ class Results:
 
     Rows are fractions shown as percentages with ``decimals``, except those starting with one
     of ``raw_rows`` (seconds, bytes), shown as they are; ``markdown``, where given, writes the
-    table instead."""
+    table instead; ``figure``: also draw the variants in ``<benchmark>.png``, linked below the
+    table."""
 
     folder: Path
     benchmark: str
@@ -64,6 +66,7 @@ class Results:
     decimals: int = 1
     raw_rows: tuple[str, ...] = ()
     markdown: Callable[[list[dict]], str] | None = None
+    figure: bool = True  # <benchmark>.png, :func:`amalgam.server.figures.plot_benchmark`
 
     def write(self, result: dict) -> str:
         """Write ``result`` and the table; returns the table (printed too)."""
@@ -77,6 +80,8 @@ class Results:
                            r["variant"]),
         )  # fmt: skip
         text = (self.markdown or self._table)(records)
+        if self.figure and plot_benchmark(records, self.folder / f"{self.benchmark}.png"):
+            text += f"\n![{self.benchmark}]({self.benchmark}.png)\n"
         (self.folder / f"{self.benchmark}.md").write_text(text)
         print(text, flush=True)
         return text

@@ -45,7 +45,7 @@ from amalgam.fusion.ot.fuse import (
     vanilla_average,
 )
 from amalgam.fusion.train import accuracy, fit, predict_logits
-from amalgam.server.report import plot_heatmap
+from amalgam.server.figures import plot_heatmap
 from benchmarks.harness import Benchmark, Results, record
 
 SEED = 0  # the first seed; --seeds runs more

@@ -231,7 +231,7 @@ BENCHMARK = Benchmark(
     __doc__,
     [VARIANT],
     run_variant,
-    results={"markdown": lambda records: markdown(records[0])},
+    results={"markdown": lambda records: markdown(records[0]), "figure": False},
 )
 
 if __name__ == "__main__":

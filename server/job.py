@@ -18,11 +18,14 @@ from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Teacher
 from amalgam.protocol.loading import ConfigError, load_yaml
 from amalgam.protocol.tls import channel_credentials, resolve_tls
+from amalgam.server.confusion import student_confusion
 from amalgam.server.fanout import fan_out
+from amalgam.server.figures import plot_accuracy, plot_confusion
+from amalgam.server.html_report import report_html
 from amalgam.server.jobspec import JobSpec
 from amalgam.server.methods import METHODS
 from amalgam.server.remote import RemoteTeacher
-from amalgam.server.report import plot_accuracy, report_markdown
+from amalgam.server.report import report_markdown
 from amalgam.server.roster import Roster
 from amalgam.server.store import Checkpoints, JobRecord, JobStore, ReplayTeacher, new_job_id
 from amalgam.server.student import write_student
@@ -148,6 +151,41 @@ def _recorded(log: Callable[[str], None], store: JobStore, job_id: str) -> Calla
     return both
 
 
+def _write_reports(run_dir: Path, outcome, metrics: dict, test_source: str) -> None:
+    """``metrics.json``, the figures, ``report.md`` and ``report.html`` of a finished run; for a
+    student that classifies, also its confusion matrix and accuracy per class on the test
+    set (where the method reported none of its own)."""
+    figures = {"accuracy.png": lambda path: plot_accuracy(outcome.results, path, outcome.metric)}
+    per_class, class_names = outcome.extra.get("per_class"), outcome.class_names
+    confusion = student_confusion(run_dir, test_source)
+    if confusion is not None:
+        metrics["confusion"] = dataclasses.asdict(confusion)
+        figures["confusion.png"] = lambda path: plot_confusion(
+            confusion.class_names, confusion.matrix, path
+        )
+        if not per_class:
+            per_class, class_names = {"student": confusion.per_class}, confusion.class_names
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    figures.update(outcome.figures)
+    for name, write in {**figures, **outcome.files}.items():
+        write(run_dir / name)
+    shown = list(figures)
+    markdown = report_markdown(
+        metrics["job"],
+        metrics["results"],
+        outcome.summary,
+        metrics["parties"],
+        shown,
+        per_class,
+        class_names,
+        outcome.metric,
+    )
+    page = report_html(run_dir, metrics, outcome.summary, shown, per_class, class_names,
+                       outcome.metric)  # fmt: skip
+    (run_dir / "report.md").write_text(markdown)
+    (run_dir / "report.html").write_text(page)
+
+
 def _scope_requests(teachers: Sequence[Teacher], job_id: str) -> None:
     """Derive the parties' request ids from ``job_id``: the job, resumed, asks its chunks again
     in the same words (answered without a second charge); another job is charged anew."""
@@ -215,31 +253,15 @@ def run_job(
     write_student(run_dir, outcome.student, student_card(outcome, spec, job_id, teachers),
                   exports, log)  # fmt: skip
     stats = {t.info.name: dataclasses.asdict(t.stats) for t in teachers if hasattr(t, "stats")}
-    described = spec.model_dump(mode="json")
     metrics = {
         "job_id": job_id,
-        "job": described,
+        "job": spec.model_dump(mode="json"),
         "results": outcome.results,
         "extra": outcome.extra,
         "parties": stats,
         "wall_seconds": time.perf_counter() - started,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    figures = {"accuracy.png": lambda path: plot_accuracy(outcome.results, path, outcome.metric)}
-    figures.update(outcome.figures)
-    for name, write in {**figures, **outcome.files}.items():
-        write(run_dir / name)
-    report = report_markdown(
-        described,
-        outcome.results,
-        outcome.summary,
-        stats,
-        list(figures),
-        outcome.extra.get("per_class"),
-        outcome.class_names,
-        outcome.metric,
-    )
-    (run_dir / "report.md").write_text(report)
+    _write_reports(run_dir, outcome, metrics, spec.data.test)
     if store is not None:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         store.set_status(job_id, "done")

@@ -35,6 +35,38 @@ def test_results_are_one_json_per_variant_and_one_table(tmp_path, capsys):
     table = (tmp_path / "toy.md").read_text()
     assert "| row | small | large |" in table and "| student | 87.5 | 87.5 |" in table
     assert f"results in {tmp_path}" in capsys.readouterr().out
+    # one figure of every variant, linked below the table
+    assert (tmp_path / "toy.png").read_bytes().startswith(b"\x89PNG")
+    assert table.rstrip().endswith("![toy](toy.png)")
+
+
+def test_a_benchmark_figure_has_a_panel_per_variant_and_none_without_fractions(tmp_path):
+    from amalgam.server.figures import benchmark_rows, plot_benchmark
+
+    composed = {
+        "variant": "a",
+        "benchmark": "b",
+        "results": {
+            "teacher:x": 0.5,
+            "teacher:y": 0.6,
+            "ensemble": 0.8,
+            "student": 0.9,
+            "seconds": 12.0,
+        },
+    }
+    rows = benchmark_rows(composed, kinds_only=False)
+    assert [(label, value) for label, value, _ in rows] == [
+        ("best_teacher", 0.6),
+        ("ensemble", 0.8),
+        ("student", 0.9),
+    ]  # no seconds
+    tasks = {"variant": "c", "benchmark": "b", "results": {"kd:t1": 0.4, "kd:t2": 0.6}}
+    assert [(label, value) for label, value, _ in benchmark_rows(tasks, kinds_only=True)] == [
+        ("kd (mean of 2)", 0.5)
+    ]
+    assert plot_benchmark([composed, tasks], tmp_path / "b.png")
+    timing = {"variant": "t", "benchmark": "b", "results": {"img_per_s": 900.0}}
+    assert not plot_benchmark([timing], tmp_path / "t.png") and not (tmp_path / "t.png").exists()
 
 
 def test_quick_runs_write_to_a_temporary_folder(capsys):

@@ -60,6 +60,20 @@ def test_a_job_in_json_and_the_store_listing_showing_and_logging_it(tmp_path, ca
     done = json.loads(captured.out)  # stdout holds the JSON document only
     assert done["status"] == "done" and 0 < done["results"]["student"] <= 1
     assert f"job {done['job_id']} in" in captured.err
+    run_dir = Path(done["run_dir"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    confusion = metrics["confusion"]
+    assert confusion["class_names"] == DIGIT_NAMES
+    assert sum(map(sum, confusion["matrix"])) == 540  # every test image, once
+    correct = sum(confusion["matrix"][k][k] for k in range(10))
+    assert abs(correct / 540 - done["results"]["student"]) < 1e-6  # the same student
+    page = (run_dir / "report.html").read_text()
+    pictures = sorted(p.name for p in run_dir.glob("*.png"))
+    assert pictures == ["accuracy.png", "confusion.png"]
+    assert page.count('src="data:image/png;base64,') == len(pictures)  # self-contained
+    assert (
+        "Accuracy per class" in page and "Accuracy per class" in (run_dir / "report.md").read_text()
+    )
     assert main(["jobs", "ls", "--runs", runs, "--json"]) == 0
     [listed] = _json(capsys)
     assert (listed["id"], listed["state"], listed["method"]) == (

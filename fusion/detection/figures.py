@@ -17,11 +17,12 @@ def pseudo_label_grid(
     after: Sequence[Detections],
     class_names: Sequence[str],
     path: Path,
+    party_names: Sequence[str],
     count: int = 6,
 ) -> Path:
     """Save a 2 x ``count`` PNG: top row each party's detections on canvas i (one colour per
-    party), bottom row the aggregated pseudo-labels. ``before[m][i]``: party m on image i;
-    (N, 1, S, S) ``images``."""
+    party, named in the key below), bottom row the aggregated pseudo-labels.
+    ``before[m][i]``: party ``party_names[m]`` on image i; (N, 1, S, S) ``images``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +50,12 @@ def pseudo_label_grid(
         axes[0][i].set_title(f"canvas {i}", fontsize=7)
     axes[0][0].set_ylabel("every party", fontsize=8)
     axes[1][0].set_ylabel("pseudo-labels", fontsize=8)
-    fig.tight_layout()
+    keys = [(colours(m % 10), f"party {name}") for m, name in enumerate(party_names)]
+    keys.append(("lime", "aggregated pseudo-label"))
+    handles = [Rectangle((0, 0), 1, 1, fill=False, edgecolor=colour, lw=2) for colour, _ in keys]
+    fig.legend(handles, [label for _, label in keys], loc="lower center", ncol=len(keys),
+               fontsize=7, frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path

@@ -31,6 +31,8 @@ class FusionResult:
     alignments : per section, per model, the cross-layer map (CLAFusion only).
     cka : per section, per model, the (m, n) CKA matrix between the deeper and the
         shallower network's units (CLAFusion only).
+    cka_layers : per section, per model, the layer names of the CKA matrix's rows (the
+        deeper network) and columns (the shallower).
     balanced : the depth-aligned input models.
     """
 
@@ -39,6 +41,7 @@ class FusionResult:
     transport_costs: list[dict[str, float]] = field(default_factory=list)
     alignments: dict[str, dict[int, list[int]]] = field(default_factory=dict)
     cka: dict[str, dict[int, Tensor]] = field(default_factory=dict)
+    cka_layers: dict[str, dict[int, tuple[list[str], list[str]]]] = field(default_factory=dict)
     balanced: list[Classifier] = field(default_factory=list)
 
 
@@ -202,6 +205,8 @@ def _depth_align_pair(
         mapping = cross_layer_alignment(cost)
         result.alignments.setdefault(ours.name, {})[k] = mapping
         result.cka.setdefault(ours.name, {})[k] = 1.0 - cost
+        layers = ([u.output for u in deep.units], [u.output for u in shallow.units])
+        result.cka_layers.setdefault(ours.name, {})[k] = layers
         if m == n:
             continue
         if config.balance == "add":
@@ -262,6 +267,7 @@ def clafusion(
         _, balanced[k] = _depth_align_pair(target, models[k], probe, config, second_pass, k)
     fused = ot_fuse(balanced, _with_base(config, base), probe)
     fused.alignments, fused.cka, fused.balanced = result.alignments, result.cka, balanced
+    fused.cka_layers = result.cka_layers
     return fused
 
 

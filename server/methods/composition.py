@@ -134,8 +134,13 @@ def _compose_detectors(spec, teachers, context: RunContext) -> Outcome:
     ]
     figures = {
         "pseudo-labels.png": lambda path: pseudo_label_grid(
-            unlabeled.images, composed.raw, composed.pseudo_labels, composed.union, path
-        )
+            unlabeled.images,
+            composed.raw,
+            composed.pseudo_labels,
+            composed.union,
+            path,
+            [t.info.name for t in alive],
+        )  # fmt: skip
     }
     return Outcome(
         composed.student, composed.union, scores.rows, extra, summary, figures, metric="mAP"

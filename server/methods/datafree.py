@@ -13,8 +13,8 @@ from amalgam.fusion.datafree import VARIANTS, DataFreeConfig, DataFreeFusion, Pa
 from amalgam.fusion.evaluate import evaluate
 from amalgam.fusion.labels import relabel
 from amalgam.fusion.run import RunContext
+from amalgam.server.figures import plot_curves, plot_samples
 from amalgam.server.methods.base import Grants, Method, Need, Outcome
-from amalgam.server.report import plot_curves, plot_samples
 
 
 class DataFreeParams(DataFreeConfig):

@@ -8,8 +8,8 @@ import dataclasses
 from amalgam.fusion.data import load_source
 from amalgam.fusion.ot import WeightFusion, WeightFusionParams, fuse_parties
 from amalgam.fusion.run import RunContext
+from amalgam.server.figures import plot_heatmap, plot_transport_costs
 from amalgam.server.methods.base import Grants, Method, Need, Outcome
-from amalgam.server.report import plot_heatmap, plot_transport_costs
 
 
 class OT(Method):
@@ -87,11 +87,15 @@ def _figures(fused: WeightFusion) -> dict:
 
     def heatmap(section: str, k: int):
         mapping = result.alignments[section][k]
+        deep, shallow = result.cka_layers[section][k]
         return lambda path: plot_heatmap(
             result.cka[section][k].numpy(),
             path,
-            title=f"linear CKA, {names[k]} and the base (rows: the deeper); red: cross-layer map",
+            title=f"linear CKA between {names[k]} and the base, section {section}; red: the "
+            "cross-layer map",
             marks=[(j, i) for i, j in enumerate(mapping)],
+            rows=("the deeper network's layers", deep),
+            columns=("the shallower network's layers", shallow),
         )
 
     figures = {"transport-cost.png": transport}

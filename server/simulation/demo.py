@@ -103,7 +103,7 @@ def run_demo(output_dir: str = "runs", progress: bool = True) -> Path:
         chain = "intact" if verify_chain(records) else "BROKEN"
         print(f"audit log of {name}: {len(records)} calls recorded, hash chain {chain}")
     print(
-        f"\nstudent, metrics.json and report.md in {run_dir} "
+        f"\nstudent, metrics.json, report.md and report.html in {run_dir} "
         f"({time.perf_counter() - started:.0f}s in all)"
     )
     return run_dir
