@@ -27,6 +27,7 @@ from amalgam.server.methods import METHODS
 from amalgam.server.remote import RemoteTeacher
 from amalgam.server.report import report_markdown
 from amalgam.server.roster import Roster
+from amalgam.server.stopping import JobStopped
 from amalgam.server.store import Checkpoints, JobRecord, JobStore, ReplayTeacher, new_job_id
 from amalgam.server.student import write_student
 
@@ -134,11 +135,6 @@ def student_card(outcome, spec: JobSpec, job_id: str, teachers: Sequence[Teacher
         "job": {"id": job_id, "name": spec.name, "method": spec.method.name},
         "metrics": outcome.results,
     }
-
-
-class JobStopped(BaseException):
-    """The job was asked to stop (``amalgam jobs stop``: SIGTERM); like an interrupt, it
-    leaves the job resumable."""
 
 
 def _recorded(log: Callable[[str], None], store: JobStore, job_id: str) -> Callable[[str], None]:

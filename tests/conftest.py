@@ -40,3 +40,12 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory):
+    """A wheel of the project, built once from a copy of its sources."""
+    from wheels import build_wheel
+
+    parts = ("protocol", "party", "server", "fusion")
+    return build_wheel(tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("dist"), parts)

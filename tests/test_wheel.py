@@ -8,72 +8,25 @@ install of the repository is not visible."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import sysconfig
-import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+from wheels import CLEAN, fresh_environment, site_packages, sources
 
-ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("protocol", "party", "server", "fusion")
-# what could point an interpreter at this environment's packages: the fresh one must see only
-# the wheel and the plain path entry below
-CLEAN = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME",
-                                                          "VIRTUAL_ENV")}  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
 
-def _sources(*paths: str) -> list[str]:
-    """The files of the checkout below ``paths`` that git tracks or would (not ignored)."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", *paths],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return [name for name in listed.stdout.split() if (ROOT / name).is_file()]
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """A wheel built from a copy of the sources (the checkout is left untouched)."""
-    source = tmp_path_factory.mktemp("source")
-    for name in _sources(*PARTS, "pyproject.toml", "README.md"):
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, source / name)
-    out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--quiet", "--wheel-dir", str(out), str(source)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    (built,) = out.glob("amalgam-*.whl")
-    return built
-
-
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory, wheel) -> Path:
-    """The ``python`` of a new virtual environment with only the wheel installed."""
-    env = tmp_path_factory.mktemp("venv")
-    venv.create(env, with_pip=False)
-    python = env / "bin" / "python"
-    installed = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-index", str(wheel)],
-        capture_output=True, text=True, env=CLEAN,
-    )  # fmt: skip
-    target = Path(
-        subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True, env=CLEAN,
-        ).stdout.strip()
-    )  # fmt: skip
-    assert (target / "amalgam").is_dir(), installed.stdout + installed.stderr
-    (target / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    """The ``python`` of a new virtual environment with only the wheel installed, its
+    dependencies taken from this environment's site-packages."""
+    python = fresh_environment(tmp_path_factory.mktemp("venv"), wheel)
+    (site_packages(python) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return python
 
 
@@ -86,12 +39,12 @@ def test_the_wheel_holds_one_package_with_every_module_and_its_data(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names if not name.startswith("amalgam-")}
     assert tops == {"amalgam"}
-    sources = {
+    packaged = {
         f"amalgam/{name}"
-        for name in _sources(*PARTS)
-        if Path(name).suffix in (".py", ".proto", ".pyi")
+        for name in sources(*PARTS)
+        if Path(name).suffix in (".py", ".proto", ".pyi", ".j2")
     }
-    assert sources <= set(names), sorted(sources - set(names))
+    assert packaged <= set(names), sorted(packaged - set(names))
     assert "amalgam/protocol/party.proto" in names and "amalgam/fusion/py.typed" in names
 
 

@@ -11,8 +11,6 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from amalgam.fusion.teacher import Detections
 
@@ -44,7 +42,9 @@ def to_coco(
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def _coco(data: dict) -> COCO:
+def _coco(data: dict):
+    from pycocotools.coco import COCO  # the detection extra: amalgam[detection]
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -69,6 +69,8 @@ def evaluate_map(
         return {"map": 0.0, "map50": 0.0, "per_category": {n: 0.0 for n in class_names}}
     with contextlib.redirect_stdout(io.StringIO()):
         found = gt.loadRes(detections)
+        from pycocotools.cocoeval import COCOeval
+
         evaluation = COCOeval(gt, found, iouType="bbox")
         evaluation.evaluate()
         evaluation.accumulate()

@@ -35,6 +35,21 @@ from amalgam.server.cli.common import (
     configure_logging,
 )
 
+# the optional dependency group (pyproject.toml) that brings each optional package
+EXTRAS = {
+    "timm": "party",
+    "ot": "coordinator",
+    "sklearn": "coordinator",
+    "matplotlib": "coordinator",
+    "jinja2": "coordinator",
+    "flwr": "flower",
+    "ray": "flower",
+    "pycocotools": "detection",
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+}
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
@@ -81,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     from amalgam.fusion.data import SourceUnavailable
     from amalgam.protocol.errors import PartyError
     from amalgam.protocol.loading import ConfigError
-    from amalgam.server.job import JobStopped
     from amalgam.server.remote import MalformedResponse, PartyCallError, PartyUnavailable
     from amalgam.server.roster import TooFewParties
+    from amalgam.server.stopping import JobStopped
 
     try:
         return args.run(args)
@@ -107,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         code, message = STOPPED, str(error)
     except KeyboardInterrupt:
         code, message = 130, "interrupted"
+    except ModuleNotFoundError as error:  # an optional group this install lacks
+        package = (error.name or "").partition(".")[0]
+        if package not in EXTRAS:
+            raise
+        extra = EXTRAS[package]
+        code = USAGE_ERROR
+        message = (f"this needs amalgam[{extra}] ({package} is not installed): "
+                   f"pip install 'amalgam[{extra}]'")  # fmt: skip
     except BrokenPipeError:  # stdout closed early (`amalgam jobs ls | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return RUNTIME_ERROR

@@ -4,11 +4,9 @@ store, ``<runs>/jobs.sqlite``)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import signal
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -70,28 +68,10 @@ def plan_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _stopped_by_sigterm():
-    """Within the block, SIGTERM (``amalgam jobs stop``) raises :class:`JobStopped` in the
-    main thread; the previous handler comes back after it."""
-    from amalgam.server.job import JobStopped
-
-    def stop(signum, frame) -> None:
-        raise JobStopped("stopped (SIGTERM)")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def fuse(args: argparse.Namespace) -> int:
     from amalgam.server.job import connect, load_job, run_job
     from amalgam.server.report import results_table
+    from amalgam.server.stopping import stopped_by_sigterm
     from amalgam.server.store import JobStore, UnknownJob
 
     if (args.job is None) == (args.resume is None):
@@ -120,7 +100,7 @@ def fuse(args: argparse.Namespace) -> int:
         job = store.create(spec)
         say(args, f"job {job.id} in {job.run_dir} (if interrupted: amalgam fuse --resume "
                   f"{job.id} --runs {spec.output_dir})")  # fmt: skip
-    with _stopped_by_sigterm():
+    with stopped_by_sigterm():
         run_dir = run_job(spec, teachers, progress=not args.quiet, log=logger.info,
                           store=store, job=job, exports=tuple(args.export))  # fmt: skip
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
