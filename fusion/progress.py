@@ -33,9 +33,14 @@ class LineProgress(tqdm):
                          leave=True)  # fmt: skip
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        if msg is None:  # tqdm passes a message only to clear or finish the bar
+        # tqdm passes a message only to clear or finish the bar; nothing done: nothing to say
+        if msg is None and self.n:
             logger.info(self.format_meter(**self.format_dict))
         return True
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        """Kept for the next line, not a line of its own."""
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
 
     def close(self) -> None:
         if not self.disable and self.n and self.n != self.last_print_n:
