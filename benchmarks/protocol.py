@@ -4,7 +4,10 @@ Variant ``loopback``: the demo CNN (random weights) behind a
 :class:`amalgam.party.handler.PartyHandler`,
 
 - throughput in images/s at batch 256 of :class:`amalgam.party.local.LocalTeacher` and of
-  :class:`amalgam.server.remote.RemoteTeacher` against a real server on ``127.0.0.1``;
+  :class:`amalgam.server.remote.RemoteTeacher` against a real server on ``127.0.0.1``, every
+  call on a new batch (a repeated one would be answered from the agent's replay cache);
+- the protocol's own cost: remote minus in-process in a worker thread (where the agent runs
+  the model), against a bare gRPC unary call of the same request and response sizes;
 - fan-out efficiency: eight servers whose handlers sleep 50 ms before answering (simulated
   network latency), called at once through :func:`amalgam.server.fanout.fan_out`; efficiency
   is the sum of the parties' own call times over the wall time, divided by the number of parties
@@ -22,9 +25,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import grpc
 import torch
 from torch import Tensor
 
@@ -74,16 +79,43 @@ def served(handler: PartyHandler) -> Iterator[RemoteTeacher]:
         yield teacher
 
 
-def median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+def median_seconds(fn: Callable[[Tensor], object], batches: Iterator[Tensor], warmup: int,
+                   repeats: int) -> float:  # fmt: skip
+    """Median wall time of ``fn(x)`` over ``repeats`` calls, after ``warmup`` untimed calls,
+    each on the next of ``batches``: a party answers a request it has answered before from
+    its replay cache, so the same batch twice would time the cache."""
     for _ in range(warmup):
-        fn()
+        fn(next(batches))
     times = []
     for _ in range(repeats):
+        x = next(batches)
         started = time.perf_counter()
-        fn()
+        fn(x)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def fresh_batches(shape: tuple[int, ...]) -> Iterator[Tensor]:
+    """Endless distinct random (BATCH, *shape) batches."""
+    while True:
+        yield torch.rand(BATCH, *shape)
+
+
+@contextmanager
+def echo(response_bytes: int) -> Iterator[Callable[[bytes], bytes]]:
+    """A bare gRPC unary method on ``127.0.0.1`` that answers any request with
+    ``response_bytes`` bytes: the floor of one call of those sizes, without the protocol."""
+    answer = bytes(response_bytes)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    methods = {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: answer)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", methods),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel.unary_unary("/echo.Echo/Call")
+    finally:
+        server.stop(None)
 
 
 def message_bytes(remote: RemoteTeacher, x: Tensor) -> tuple[int, int]:
@@ -95,32 +127,49 @@ def message_bytes(remote: RemoteTeacher, x: Tensor) -> tuple[int, int]:
 
 
 def bench_throughput(audit_dir: Path, repeats: int) -> tuple[dict, dict]:
-    """Images/s at batch ``BATCH``, in process and through gRPC.
+    """Images/s at batch ``BATCH``, in process and through gRPC, and the protocol's own cost
+    against the floor of a bare gRPC call of the same sizes.
+
+    The agent runs the model in a gRPC worker thread, so the in-process time that the remote
+    one is compared with is measured in a worker thread too (``local_worker``); the caller's
+    own thread (``local``) is shown beside it. Every call carries a batch not seen before.
 
     Returns
     -------
     results : dict
-        Rows ``local_img_per_s``, ``remote_img_per_s`` and ``remote_over_local``.
+        Rows ``local_img_per_s``, ``remote_img_per_s``, ``remote_over_local``,
+        ``bare_grpc_ms``, ``remote_overhead_ms`` (remote minus local in a worker thread) and
+        ``overhead_over_floor`` (that overhead over ``bare_grpc_ms``).
     extra : dict
         Median milliseconds per call and the Predict message sizes in bytes.
     """
     handler = build_handler("throughput", audit_dir)
-    x = torch.rand(BATCH, *handler.input_shape)
+    batches = fresh_batches(handler.input_shape)
     local = LocalTeacher(handler)
-    local_s = median_seconds(lambda: local.predict(x), warmup=5, repeats=repeats)
+    local_s = median_seconds(local.predict, batches, warmup=5, repeats=repeats)
+    with futures.ThreadPoolExecutor(max_workers=1) as worker:
+        worker_s = median_seconds(lambda x: worker.submit(local.predict, x).result(), batches,
+                                  warmup=5, repeats=repeats)  # fmt: skip
     with served(handler) as remote:
-        remote_s = median_seconds(lambda: remote.predict(x), warmup=5, repeats=repeats)
-        sent, received = message_bytes(remote, x)
+        remote_s = median_seconds(remote.predict, batches, warmup=5, repeats=repeats)
+        sent, received = message_bytes(remote, next(batches))
+    with echo(received) as call:
+        request = bytes(sent)
+        bare_s = median_seconds(lambda x: call(request), batches, warmup=5, repeats=repeats)
+    overhead_s = remote_s - worker_s
     results = {
         "local_img_per_s": BATCH / local_s,
         "remote_img_per_s": BATCH / remote_s,
         "remote_over_local": local_s / remote_s,
+        "bare_grpc_ms": 1000 * bare_s,
+        "remote_overhead_ms": 1000 * overhead_s,
+        "overhead_over_floor": overhead_s / bare_s,
     }
     extra = {
         "batch": BATCH,
         "local_ms_per_call": 1000 * local_s,
+        "local_worker_ms_per_call": 1000 * worker_s,
         "remote_ms_per_call": 1000 * remote_s,
-        "remote_overhead_ms_per_call": 1000 * (remote_s - local_s),
         "request_bytes": sent,
         "response_bytes": received,
     }
@@ -152,14 +201,16 @@ def bench_fanout(audit_dir: Path, repeats: int) -> tuple[dict, dict]:
     extra : dict
         Median wall and per-party milliseconds, and the set-up.
     """
-    x = torch.rand(FANOUT_BATCH, *DEMO_ARCH["kwargs"]["in_shape"])
+    shape = DEMO_ARCH["kwargs"]["in_shape"]
     with ExitStack() as stack:
         teachers = [
             stack.enter_context(served(build_handler(f"party-{i}", audit_dir, LATENCY_S)))
             for i in range(FANOUT_PARTIES)
         ]
-        fanout_round(teachers, x)  # warm-up: connects every channel and fetches Describe
-        rounds = [fanout_round(teachers, x) for _ in range(repeats)]
+        # warm-up: connects every channel and fetches Describe; then a new batch each round,
+        # which the parties have not answered before (no replay from their caches)
+        fanout_round(teachers, torch.rand(FANOUT_BATCH, *shape))
+        rounds = [fanout_round(teachers, torch.rand(FANOUT_BATCH, *shape)) for _ in range(repeats)]
     efficiency = [sum(party_s) / wall / FANOUT_PARTIES for wall, party_s in rounds]
     results = {"fanout_efficiency": statistics.median(efficiency)}
     extra = {
