@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 
 from amalgam.fusion.models import create_model
+from amalgam.party.allocator import keep_freed_memory
+from amalgam.party.config import PartyConfig
 from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import Policy, PredictPolicy
@@ -51,6 +53,7 @@ BATCH = 256
 FANOUT_PARTIES = 8
 FANOUT_BATCH = 32
 LATENCY_S = 0.05
+KEEP_FREED_MB = PartyConfig.model_fields["keep_freed_mb"].default
 
 
 def build_handler(name: str, audit_dir: Path, latency_s: float = 0.0) -> PartyHandler:
@@ -249,6 +252,7 @@ def markdown(payload: dict) -> str:
 def run_variant(variant: str, args: argparse.Namespace, results: Results) -> None:
     """Both measurements, seeded, with their audit logs in a temporary folder."""
     repeats, fanout_repeats = (3, 2) if args.quick else (30, 10)
+    kept = keep_freed_memory(KEEP_FREED_MB)  # as `amalgam party serve` does, for both sides
     torch.manual_seed(SEED)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="amalgam-bench-audit-") as audit_dir:
@@ -270,6 +274,7 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
                 "repeats": repeats,
                 "fanout_repeats": fanout_repeats,
                 "torch_threads": torch.get_num_threads(),
+                "keep_freed_mb": KEEP_FREED_MB if kept else 0,
                 "torch": torch.__version__,
             },
             metric="images/s and ratios",

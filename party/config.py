@@ -48,6 +48,8 @@ class PartyConfig(Strict):
     device: DeviceName = "auto"  # auto | cpu | cuda | cuda:N | mps: where the model runs
     max_message_mb: int = Field(64, ge=1)
     max_concurrent_rpcs: int = Field(16, ge=1)  # further calls are refused, not queued
+    # freed memory the agent keeps for its next calls (glibc; 0: the C library's defaults)
+    keep_freed_mb: int = Field(1024, ge=0, le=2047)
     tls: TlsFiles | None = None  # mutual TLS; None needs `amalgam party serve --insecure`
     # identity -> "sha256:<hex digest of its bearer token>"; a caller must then present one
     tokens: dict[str, str] = Field(default_factory=dict)

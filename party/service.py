@@ -27,6 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from amalgam.party.allocator import keep_freed_memory
 from amalgam.party.config import PartyConfig
 from amalgam.party.endpoint import PartyEndpoint
 from amalgam.party.handler import PartyHandler
@@ -299,6 +300,7 @@ def serve(config: PartyConfig, handler: PartyHandler, insecure: bool = False, gr
             f"party {config.name}: no tls: section; make certificates with `amalgam certs` "
             "or pass --insecure for a plaintext agent on a private network"
         )
+    keep_freed_memory(config.keep_freed_mb)
     party = create_server(
         handler,
         config.address,

@@ -191,3 +191,12 @@ def test_the_same_request_again_is_answered_again_but_charged_once(tmp_path):
     assert handler.samples_used("anonymous") == 4  # two distinct requests of two samples
     decisions = [r["decision"] for r in read_records(handler.audit.path)]
     assert decisions == ["granted", "replayed", "granted"]
+
+
+def test_an_agent_keeps_freed_memory_where_the_c_library_is_glibc():
+    import platform
+
+    from amalgam.party.allocator import keep_freed_memory
+
+    assert keep_freed_memory(0) is False  # 0: the C library's own defaults
+    assert keep_freed_memory(64) is (platform.libc_ver()[0] == "glibc")
