@@ -12,9 +12,8 @@ from sklearn.metrics import confusion_matrix
 
 from amalgam.fusion.data import fit_to_shape, load_source
 from amalgam.fusion.detection import DETECTORS
+from amalgam.fusion.train import predict_logits
 from amalgam.server.student import load_student
-
-BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,6 @@ def student_confusion(run_dir: Path, test_source: str) -> Confusion | None:
     if not keep.any():
         return None
     x = fit_to_shape(test.x[keep], tuple(card["input_shape"]))  # (M, C, H, W) in [0, 1]
-    with torch.no_grad():
-        predicted = torch.cat([student(x[i : i + BATCH]).argmax(dim=1) for i in
-                               range(0, len(x), BATCH)])  # fmt: skip
+    predicted = predict_logits(student, x).argmax(dim=1)  # (M,)
     matrix = confusion_matrix(truth[keep].numpy(), predicted.numpy(), labels=range(len(names)))
     return Confusion(names, matrix.tolist())

@@ -10,12 +10,21 @@ from pathlib import Path
 
 from amalgam.server.report import ordered_rows
 
-ROW_KINDS = {  # kind of row: (colour, legend entry)
-    "teacher": ("tab:blue", "one party's teacher"),
-    "ensemble": ("tab:purple", "teachers' ensemble (a rule)"),
-    "vanilla_kd": ("tab:orange", "vanilla distillation"),
-    "student": ("tab:green", "fused student"),
-    "supervised": ("tab:gray", "supervised bound (true labels)"),
+ROW_COLOURS = {  # the colour of a kind of row (``teacher:<party>``) or of a row, in every figure
+    "teacher": "tab:blue",
+    "best_teacher": "tab:blue",
+    "ensemble": "tab:purple",
+    "vanilla_kd": "tab:orange",
+    "student": "tab:green",
+    "gold": "tab:olive",
+    "supervised": "tab:gray",
+}
+ROW_KINDS = {  # the kinds of row of a run's accuracy bars, with their legend entries
+    "teacher": "one party's teacher",
+    "ensemble": "teachers' ensemble (a rule)",
+    "vanilla_kd": "vanilla distillation",
+    "student": "fused student",
+    "supervised": "supervised bound (true labels)",
 }
 
 
@@ -26,15 +35,15 @@ def plot_accuracy(results: Mapping[str, float], path: Path, metric: str = "accur
     rows = [r for r in ordered_rows(results) if r not in ("best_teacher", "ensemble")]
     kinds = [r.partition(":")[0] if r.partition(":")[0] in ROW_KINDS else "student" for r in rows]
     figure, axes = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.4))
-    axes.barh(rows, [100 * results[r] for r in rows], color=[ROW_KINDS[k][0] for k in kinds])
+    axes.barh(rows, [100 * results[r] for r in rows], color=[ROW_COLOURS[k] for k in kinds])
     axes.invert_yaxis()
     axes.set_xlim(0, 100)
     axes.set_xlabel(f"{metric} on the union classes, %")
     for y, row in enumerate(rows):
         axes.text(100 * results[row] + 0.5, y, f"{100 * results[row]:.1f}", va="center", fontsize=8)
     shown = list(dict.fromkeys(kinds))
-    handles = [plt.Rectangle((0, 0), 1, 1, color=ROW_KINDS[k][0]) for k in shown]
-    figure.legend(handles, [ROW_KINDS[k][1] for k in shown], loc="lower center", fontsize=7,
+    handles = [plt.Rectangle((0, 0), 1, 1, color=ROW_COLOURS[k]) for k in shown]
+    figure.legend(handles, [ROW_KINDS[k] for k in shown], loc="lower center", fontsize=7,
                   ncol=min(3, len(shown)), frameon=False)  # fmt: skip
     legend_rows = -(-len(shown) // 3)
     height = figure.get_figheight()  # inches: keep the legend's rows below the axes
@@ -170,14 +179,8 @@ def plot_confusion(class_names: list[str], matrix: list[list[int]], path: Path) 
     plt.close(figure)
 
 
-SUMMARY_ROWS = {  # rows a benchmark figure colours: row -> colour
-    "best_teacher": "tab:blue",
-    "ensemble": "tab:purple",
-    "vanilla_kd": "tab:orange",
-    "student": "tab:green",
-    "gold": "tab:olive",
-    "supervised": "tab:gray",
-}
+# rows a benchmark figure colours (ROW_COLOURS), in the order of its bars
+SUMMARY_ROWS = ("best_teacher", "ensemble", "vanilla_kd", "student", "gold", "supervised")
 OTHER_ROW = "tab:cyan"  # a variant of the method, a baseline the benchmark adds
 
 
@@ -192,9 +195,10 @@ def benchmark_rows(record: dict, kinds_only: bool) -> list[tuple[str, float, str
     if plain and teachers and "best_teacher" not in results:
         results["best_teacher"] = max(teachers)
         plain.append("best_teacher")
-    plain.sort(key=lambda row: list(SUMMARY_ROWS).index(row) if row in SUMMARY_ROWS else 99)
+    plain.sort(key=lambda row: SUMMARY_ROWS.index(row) if row in SUMMARY_ROWS else 99)
     if plain:
-        return [(row, results[row], SUMMARY_ROWS.get(row, OTHER_ROW)) for row in plain]
+        colour = {row: ROW_COLOURS[row] for row in SUMMARY_ROWS}
+        return [(row, results[row], colour.get(row, OTHER_ROW)) for row in plain]
     if not kinds_only:
         return [(row, v, OTHER_ROW) for row, v in results.items() if 0 <= v <= 1]
     kinds: dict[str, list[float]] = {}
@@ -231,7 +235,8 @@ def plot_benchmark(records: list[dict], path: Path) -> bool:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     shown = {c for _, rows in panels for _, _, c in rows}
-    keys = [(c, name.replace("_", " ")) for name, c in SUMMARY_ROWS.items() if c in shown]
+    keys = [(ROW_COLOURS[row], row.replace("_", " ")) for row in SUMMARY_ROWS
+            if ROW_COLOURS[row] in shown]  # fmt: skip
     keys += [(OTHER_ROW, "the method's variants, other baselines")] if OTHER_ROW in shown else []
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c, _ in keys]
     figure.legend(handles, [label for _, label in keys], loc="lower center", fontsize=7,

@@ -105,9 +105,10 @@ class JobRecord:
 
     def alive(self) -> bool:
         """Whether the process that runs the job is still running."""
+        if self.pid <= 0:
+            return False
         try:
-            process = psutil.Process(self.pid)
-            return self.pid > 0 and abs(process.create_time() - self.pid_started) < 1.0
+            return abs(psutil.Process(self.pid).create_time() - self.pid_started) < 1.0
         except psutil.Error:
             return False
 

@@ -173,6 +173,7 @@ def test_one_host_federation_files_run_as_they_are(tmp_path, capsys):
     from amalgam.party.handler import PartyHandler
     from amalgam.party.service import create_server
     from amalgam.protocol.tls import server_credentials
+    from amalgam.server.simulation.demo_parties import PARTY_PORT
 
     assert main(["demo", "--prepare", str(tmp_path / "federation"), "--one-host"]) == 0
     out = capsys.readouterr().out
@@ -181,7 +182,8 @@ def test_one_host_federation_files_run_as_they_are(tmp_path, capsys):
     spec = load_job(job_file)
     listen = {c.name: c.address for c in map(load_party_config, configs)}
     assert listen == {p.name: p.address for p in spec.parties}  # each party where the job calls
-    assert sorted(listen.values()) == ["127.0.0.1:50051", "127.0.0.1:50052", "127.0.0.1:50053"]
+    written = [f"127.0.0.1:{PARTY_PORT + k}" for k in range(3)]  # what the files say, unbound
+    assert sorted(listen.values()) == written
     servers, moved = [], []
     try:
         for config_file in configs:  # here on free ports, as tests must
