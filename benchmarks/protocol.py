@@ -1,7 +1,7 @@
 """Cost of the party protocol on loopback: gRPC versus in-process, and parallel fan-out.
 
-Variant ``loopback``: the demo CNN (random weights) behind a
-:class:`amalgam.party.handler.PartyHandler`,
+Variant ``loopback``: the demo CNN at 8x8 and, in rows ending ``:vgg_cnn``, the compute-heavy
+``vgg_cnn`` at 32x32 (random weights) behind a :class:`amalgam.party.handler.PartyHandler`,
 
 - throughput in images/s at batch 256 of :class:`amalgam.party.local.LocalTeacher` and of
   :class:`amalgam.server.remote.RemoteTeacher` against a real server on ``127.0.0.1``, every
@@ -56,14 +56,23 @@ LATENCY_S = 0.05
 KEEP_FREED_MB = PartyConfig.model_fields["keep_freed_mb"].default
 
 
-def build_handler(name: str, audit_dir: Path, latency_s: float = 0.0) -> PartyHandler:
-    """The demo CNN, randomly initialised, behind a party that releases probabilities, after
-    sleeping ``latency_s`` in every Predict (simulated network latency)."""
-    model = create_model(DEMO_ARCH["name"], **DEMO_ARCH["kwargs"], num_classes=NUM_CLASSES)
+MODELS = {  # row suffix -> (registered architecture, its keywords)
+    "": (DEMO_ARCH["name"], DEMO_ARCH["kwargs"]),
+    ":vgg_cnn": ("vgg_cnn", {"in_shape": (3, 32, 32)}),  # compute-heavy: 32x32 colour images
+}
+
+
+def build_handler(
+    name: str, audit_dir: Path, latency_s: float = 0.0, arch: tuple[str, dict] = MODELS[""]
+) -> PartyHandler:
+    """``arch`` (the demo CNN by default), randomly initialised, behind a party that releases
+    probabilities, after sleeping ``latency_s`` in every Predict (simulated network
+    latency)."""
+    model = create_model(arch[0], **arch[1], num_classes=NUM_CLASSES)
     policy = Policy(predict=PredictPolicy(output="probs"), max_batch=BATCH, sample_budget=None)
     classes = [str(k) for k in range(NUM_CLASSES)]
-    shape = tuple(DEMO_ARCH["kwargs"]["in_shape"])
-    handler = local_party(name, model.eval(), classes, shape, policy, audit_dir)
+    handler = local_party(name, model.eval(), classes, tuple(arch[1]["in_shape"]), policy,
+                          audit_dir)  # fmt: skip
     if latency_s:
         answer = handler.predict
 
@@ -82,20 +91,23 @@ def served(handler: PartyHandler) -> Iterator[RemoteTeacher]:
         yield teacher
 
 
-def median_seconds(fn: Callable[[Tensor], object], batches: Iterator[Tensor], warmup: int,
-                   repeats: int) -> float:  # fmt: skip
-    """Median wall time of ``fn(x)`` over ``repeats`` calls, after ``warmup`` untimed calls,
-    each on the next of ``batches``: a party answers a request it has answered before from
-    its replay cache, so the same batch twice would time the cache."""
-    for _ in range(warmup):
-        fn(next(batches))
-    times = []
-    for _ in range(repeats):
-        x = next(batches)
-        started = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def interleaved_medians(
+    calls: dict[str, Callable[[Tensor], object]], batches: Iterator[Tensor], warmup: int,
+    repeats: int,
+) -> dict[str, float]:  # fmt: skip
+    """Median wall seconds of each of ``calls`` over ``repeats`` rounds, after ``warmup``
+    untimed ones. A round calls each once, in turn, so that every call meets the machine in
+    the same state; each on the next of ``batches``: a party answers a request it has answered
+    before from its replay cache, so the same batch twice would time the cache."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, fn in calls.items():
+            x = next(batches)
+            started = time.perf_counter()
+            fn(x)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def fresh_batches(shape: tuple[int, ...]) -> Iterator[Tensor]:
@@ -129,54 +141,65 @@ def message_bytes(remote: RemoteTeacher, x: Tensor) -> tuple[int, int]:
     return after.bytes_sent - before.bytes_sent, after.bytes_received - before.bytes_received
 
 
-def bench_throughput(audit_dir: Path, repeats: int) -> tuple[dict, dict]:
-    """Images/s at batch ``BATCH``, in process and through gRPC, and the protocol's own cost
-    against the floor of a bare gRPC call of the same sizes.
+def bench_throughput(audit_dir: Path, repeats: int, suffix: str = "") -> tuple[dict, dict]:
+    """Images/s at batch ``BATCH`` of ``MODELS[suffix]``, in process and through gRPC, and
+    the protocol's own cost against the floor of a bare gRPC call of the same sizes.
 
     The agent runs the model in a gRPC worker thread, so the in-process time that the remote
     one is compared with is measured in a worker thread too (``local_worker``); the caller's
-    own thread (``local``) is shown beside it. Every call carries a batch not seen before.
+    own thread (``local``) is shown beside it. All four are timed in turn, round after round
+    (:func:`interleaved_medians`), each call on a batch not seen before.
 
     Returns
     -------
     results : dict
-        Rows ``local_img_per_s``, ``remote_img_per_s``, ``remote_over_local``,
-        ``bare_grpc_ms``, ``remote_overhead_ms`` (remote minus local in a worker thread) and
+        Rows, each ending in ``suffix``: ``local_img_per_s``, ``remote_img_per_s``,
+        ``remote_over_local`` (against the worker thread), ``bare_grpc_ms``,
+        ``remote_overhead_ms`` (remote minus local in a worker thread) and
         ``overhead_over_floor`` (that overhead over ``bare_grpc_ms``).
     extra : dict
         Median milliseconds per call and the Predict message sizes in bytes.
     """
-    handler = build_handler("throughput", audit_dir)
+    handler = build_handler(f"throughput{suffix.replace(':', '-')}", audit_dir,
+                            arch=MODELS[suffix])  # fmt: skip
     batches = fresh_batches(handler.input_shape)
     local = LocalTeacher(handler)
-    local_s = median_seconds(local.predict, batches, warmup=5, repeats=repeats)
-    with futures.ThreadPoolExecutor(max_workers=1) as worker:
-        worker_s = median_seconds(lambda x: worker.submit(local.predict, x).result(), batches,
-                                  warmup=5, repeats=repeats)  # fmt: skip
-    with served(handler) as remote:
-        remote_s = median_seconds(remote.predict, batches, warmup=5, repeats=repeats)
+    with ExitStack() as stack:
+        worker = stack.enter_context(futures.ThreadPoolExecutor(max_workers=1))
+        remote = stack.enter_context(served(handler))
         sent, received = message_bytes(remote, next(batches))
-    with echo(received) as call:
+        call = stack.enter_context(echo(received))
         request = bytes(sent)
-        bare_s = median_seconds(lambda x: call(request), batches, warmup=5, repeats=repeats)
-    overhead_s = remote_s - worker_s
+        seconds = interleaved_medians(
+            {
+                "local": local.predict,
+                "local_worker": lambda x: worker.submit(local.predict, x).result(),
+                "remote": remote.predict,
+                "bare": lambda x: call(request),
+            },
+            batches,
+            warmup=5,
+            repeats=repeats,
+        )
+    overhead_s = seconds["remote"] - seconds["local_worker"]
     results = {
-        "local_img_per_s": BATCH / local_s,
-        "remote_img_per_s": BATCH / remote_s,
-        "remote_over_local": local_s / remote_s,
-        "bare_grpc_ms": 1000 * bare_s,
+        "local_img_per_s": BATCH / seconds["local"],
+        "remote_img_per_s": BATCH / seconds["remote"],
+        "remote_over_local": seconds["local_worker"] / seconds["remote"],
+        "bare_grpc_ms": 1000 * seconds["bare"],
         "remote_overhead_ms": 1000 * overhead_s,
-        "overhead_over_floor": overhead_s / bare_s,
+        "overhead_over_floor": overhead_s / seconds["bare"],
     }
     extra = {
         "batch": BATCH,
-        "local_ms_per_call": 1000 * local_s,
-        "local_worker_ms_per_call": 1000 * worker_s,
-        "remote_ms_per_call": 1000 * remote_s,
+        "local_ms_per_call": 1000 * seconds["local"],
+        "local_worker_ms_per_call": 1000 * seconds["local_worker"],
+        "remote_ms_per_call": 1000 * seconds["remote"],
         "request_bytes": sent,
         "response_bytes": received,
     }
-    return results, extra
+    return ({row + suffix: value for row, value in results.items()},
+            {key + suffix: value for key, value in extra.items()})  # fmt: skip
 
 
 def timed_predict(teacher: RemoteTeacher, x: Tensor) -> float:
@@ -256,13 +279,16 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
     torch.manual_seed(SEED)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="amalgam-bench-audit-") as audit_dir:
-        rows, extra = bench_throughput(Path(audit_dir), repeats)
+        rows, extra = {}, {}
+        for suffix in MODELS:
+            model_rows, model_extra = bench_throughput(Path(audit_dir), repeats, suffix)
+            rows, extra = rows | model_rows, extra | model_extra
         fanout_rows, fanout_extra = bench_fanout(Path(audit_dir), fanout_repeats)
     results.write(
         record(
             NAME,
             variant,
-            data="synthetic inputs, demo CNN",
+            data="synthetic inputs; the demo CNN at 8x8, vgg_cnn at 32x32 (rows :vgg_cnn)",
             seed=SEED,
             budget=f"{repeats} timed calls (median) at batch {BATCH}; {fanout_repeats} fan-out "
             f"rounds (median) over {FANOUT_PARTIES} parties at batch {FANOUT_BATCH}",

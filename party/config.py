@@ -50,6 +50,9 @@ class PartyConfig(Strict):
     max_concurrent_rpcs: int = Field(16, ge=1)  # further calls are refused, not queued
     # freed memory the agent keeps for its next calls (glibc; 0: the C library's defaults)
     keep_freed_mb: int = Field(1024, ge=0, le=2047)
+    # intra-op threads of the model thread; 0: torch's default, one per core. Agents that share
+    # a machine each take their share of its cores
+    torch_threads: int = Field(0, ge=0)
     tls: TlsFiles | None = None  # mutual TLS; None needs `amalgam party serve --insecure`
     # identity -> "sha256:<hex digest of its bearer token>"; a caller must then present one
     tokens: dict[str, str] = Field(default_factory=dict)

@@ -24,6 +24,7 @@ from amalgam.fusion.zoo import check_forward
 from amalgam.party.audit import AuditLog, load_key
 from amalgam.party.config import PartyConfig
 from amalgam.party.model import batchnorm_count, load_model, refuse_unhookable_grants
+from amalgam.party.model_thread import on_model_thread
 from amalgam.party.ratelimit import TokenBuckets
 from amalgam.party.release import release, release_detections
 from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
@@ -251,10 +252,10 @@ class PartyHandler:
             )
         if not x.is_floating_point():
             raise InvalidRequest("inputs.dtype", f"{x.dtype} is not a floating dtype")
-        if not torch.isfinite(x).all():
+        low, high = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+        if not (math.isfinite(low) and math.isfinite(high)):  # NaN propagates to both
             raise InvalidRequest("inputs.data", "contains NaN or infinite values")
-        if x.numel() and (x.min() < 0 or x.max() > 1):
-            low, high = float(x.min()), float(x.max())
+        if low < 0 or high > 1:
             raise InvalidRequest(
                 "inputs.data", f"values in [{low:.3g}, {high:.3g}]; images must lie in [0, 1]"
             )
@@ -360,6 +361,18 @@ class PartyHandler:
         """(B, C, H, W) inputs in [0, 1] -> the model's input, on its device in its dtype."""
         return (x.to(device=self.device, dtype=self._dtype) - self._mean) / self._std
 
+    def _logits(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) inputs in [0, 1] -> (B, K) logits on the CPU."""
+        with torch.no_grad():
+            return self.model(self._normalize(x)).cpu()
+
+    def _detections(self, x: Tensor) -> list[dict[str, Tensor]]:
+        """(B, C, H, W) inputs in [0, 1] -> a detector's boxes, scores and labels per image,
+        on the CPU."""
+        with torch.no_grad():
+            found = self.model(list(self._normalize(x)))
+        return [{key: value.cpu() for key, value in image.items()} for image in found]
+
     def predict(self, x: Tensor, caller: str, request_id: str = "") -> Tensor:
         """Predictions on (B, C, H, W) inputs in [0, 1], released as the policy says.
 
@@ -370,8 +383,7 @@ class PartyHandler:
         """
         rule = self.policy.predict
         samples = self._admit("Predict", "predict", x, caller, request_id)
-        with torch.no_grad():
-            logits = self.model(self._normalize(x)).cpu()  # (B, K)
+        logits = on_model_thread(self._logits, x)  # (B, K)
         self._released_finite("Predict", caller, samples, request_id, samples, logits)
         out = release(logits, rule)
         self._granted("Predict", caller, samples, request_id, out)
@@ -384,9 +396,7 @@ class PartyHandler:
         (see :func:`release_detections`), under the same grant, budget and audit as
         :meth:`predict`."""
         samples = self._admit("Predict", "predict", x, caller, request_id)
-        with torch.no_grad():
-            found = self.model(list(self._normalize(x)))  # B x {boxes, scores, labels}
-        found = [{key: value.cpu() for key, value in image.items()} for image in found]
+        found = on_model_thread(self._detections, x)  # B x {boxes, scores, labels}
         offset = getattr(self.model, "label_offset", 0)
         out = release_detections(found, self.policy.predict, offset)
         self._granted("Predict", caller, samples, request_id, *out)
@@ -421,7 +431,7 @@ class PartyHandler:
         if objective.adversarial and adversary_logits is None:
             error = InvalidRequest("objective.adversary_logits", "required when adversarial != 0")
             self._deny(error, method, caller, samples, request_id, "invalid")
-        feedback = self.teacher_side(x, objective, adversary_logits, grad_logits)
+        feedback = on_model_thread(self.teacher_side, x, objective, adversary_logits, grad_logits)
         self._released_finite(method, caller, samples, request_id, samples * cost,
                               feedback.logits, feedback.input_grad)  # fmt: skip
         if half:
@@ -540,7 +550,7 @@ class PartyHandler:
             self._deny(error, method, caller, samples, request_id, decision)
         samples = self._admit(method, capability, x, caller, request_id, rule.cost)
         compute = layer_grams if gram else layer_outputs
-        out = compute(self.model, self._normalize(x), list(dict.fromkeys(layers)))
+        out = on_model_thread(compute, self.model, self._normalize(x), list(dict.fromkeys(layers)))
         out = {name: value.cpu() for name, value in out.items()}
         self._released_finite(method, caller, samples, request_id, samples * rule.cost,
                               *out.values())  # fmt: skip

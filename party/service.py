@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
+import torch
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -301,6 +302,8 @@ def serve(config: PartyConfig, handler: PartyHandler, insecure: bool = False, gr
             "or pass --insecure for a plaintext agent on a private network"
         )
     keep_freed_memory(config.keep_freed_mb)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)  # before the model thread starts its team
     party = create_server(
         handler,
         config.address,

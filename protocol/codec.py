@@ -76,13 +76,14 @@ def tensor_from_proto(
     if elements > max_elements:
         raise CodecError(f"{field}.shape", f"{elements} elements exceed the cap of {max_elements}")
     expected = elements * np_dtype.itemsize
-    if len(message.data) != expected:
+    data = message.data  # each read of a bytes field is a copy of it
+    if len(data) != expected:
         raise CodecError(
             f"{field}.data",
-            f"{len(message.data)} bytes, expected {expected} for {message.dtype} {list(shape)}",
+            f"{len(data)} bytes, expected {expected} for {message.dtype} {list(shape)}",
         )
-    array = np.frombuffer(message.data, dtype=np_dtype).reshape(shape)
-    tensor = torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))
+    array = np.frombuffer(data, dtype=np_dtype).reshape(shape)  # read-only view of the bytes
+    tensor = torch.from_numpy(array.astype(np_dtype.newbyteorder("="), copy=True))  # writable
     if require_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise CodecError(f"{field}.data", "contains NaN or infinite values")
     return tensor
