@@ -5,9 +5,13 @@ Variant ``marketplace``: ``amalgam market`` on MNIST from ``../shared/data`` (th
 training images split among N parties, each a seeded half of the classes, small BN-CNN 5
 epochs and at least 200 steps; the coordinator's 5,000 next training images unlabeled; test:
 the first 2,000 MNIST test images; student 10 epochs; seed 0) over Flower's simulation
-engine for N = 3, 10, 50, 100. Rows ``student:n<N>`` (accuracy) and ``wall_seconds:n<N>``
-(the composition, the parties' training excluded); ``extra`` has the best teacher, the
-ensemble and the pseudo-label retention per N.
+engine for N = 3, 10, 50, 100; variant ``marketplace-grpc``: the same over direct gRPC for
+N = 100, 300, 1,000. Every agent runs in the benchmark's process (a thousand agent processes
+do not fit a 24 GiB machine); teachers are kept in ``--teachers`` between runs. Rows
+``student:n<N>`` (accuracy), ``wall_seconds:n<N>`` (the composition, the parties' training
+excluded), ``peak_rss_mb:n<N>`` and ``threads:n<N>`` (the process, sampled every 0.25 s);
+``extra`` has the best teacher, the ensemble, the pseudo-label retention and the parties
+that answered per N.
 
 Variant ``grpc-vs-flower``: the same composition job of 3 such parties (agents on loopback
 over mutual TLS) run by the coordinator over direct gRPC, and submitted with ``flwr run`` to a
@@ -15,9 +19,12 @@ Flower deployment on loopback (:class:`~amalgam.server.simulation.loopback.Loopb
 SuperLink with TLS and SuperNode authentication, a SuperNode bridging to each agent). Rows
 ``student:<engine>``, ``wall_seconds:<engine>`` (the job as the coordinator timed it;
 ``extra.flower_submit_to_end_s`` adds Flower's start of the run), ``bytes:<engine>`` (request
-and reply bytes of the party calls, all parties) and ``rounds:<engine>`` (calls per party).
+and reply bytes of the party calls, all parties), ``rounds:<engine>`` (calls per party, each
+checked, charged and audited by its agent) and ``messages:<engine>`` (the transport messages
+that carried them: over Flower, one carries every prediction chunk of a data set that fits
+the 64 MiB limit).
 
-    python -m benchmarks.flower [--variant marketplace] [--parties 3 10] [--quick]
+    python -m benchmarks.flower [--variant marketplace-grpc] [--parties 300 1000] [--quick]
 """
 
 from __future__ import annotations
@@ -25,15 +32,19 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+
+import psutil
 
 from amalgam.server.job import connect, load_job, run_job
 from amalgam.server.simulation.loopback import LoopbackFederation
 from amalgam.server.simulation.market import (
     market_data,
     market_job,
+    market_min_parties,
     market_parties,
     run_market,
     start_agents,
@@ -41,27 +52,68 @@ from amalgam.server.simulation.market import (
 from benchmarks.harness import Benchmark, Results, record
 
 SEED = 0
-MARKET_SIZES = [3, 10, 50, 100]
-VARIANTS = ["marketplace", "grpc-vs-flower"]
-RAW_ROWS = ("wall_seconds:", "bytes:", "rounds:")
+MARKET_SIZES = {"marketplace": [3, 10, 50, 100], "marketplace-grpc": [100, 300, 1000]}
+ENGINE = {"marketplace": "flower", "marketplace-grpc": "grpc"}
+VARIANTS = ["marketplace", "marketplace-grpc", "grpc-vs-flower"]
+RAW_ROWS = ("wall_seconds:", "bytes:", "rounds:", "messages:", "peak_rss_mb:", "threads:")
+TEACHERS = Path.home() / ".cache" / "amalgam" / "market-teachers"
+SAMPLE_S = 0.25
 
 
-def marketplace(sizes: list[int], data: str, epochs: int) -> dict:
+class Peaks:
+    """The largest resident memory (MB) and thread count of this process, sampled every
+    :data:`SAMPLE_S` while the block runs (the market's agents run in this process too)."""
+
+    def __enter__(self) -> Peaks:
+        self.rss_mb, self.threads = 0.0, 0
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.rss_mb = max(self.rss_mb, process.memory_info().rss / 2**20)
+            self.threads = max(self.threads, process.num_threads())
+            if self._stop.wait(SAMPLE_S):
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._sampler.join()
+
+
+def marketplace(variant: str, sizes: list[int], data: str, epochs: int, teachers: Path) -> dict:
     started = time.perf_counter()
-    results, extra = {}, {"best_teacher": {}, "ensemble": {}, "engine": "flower simulation"}
+    engine = ENGINE[variant]
+    results, extra = {}, {"best_teacher": {}, "ensemble": {}, "min_parties": {}}
+    extra["engine"] = "flower simulation" if engine == "flower" else "direct gRPC"
     for n in sizes:
         print(f"{n} parties ...", flush=True)
-        with tempfile.TemporaryDirectory(prefix="flower-market-") as runs:
-            metrics = run_market(n, "flower", data, SEED, runs, epochs, log=lambda m: None)
+        with tempfile.TemporaryDirectory(prefix="flower-market-") as runs, Peaks() as peaks:
+            metrics = run_market(n, engine, data, SEED, runs, epochs, log=print,
+                                 pretrained=teachers)  # fmt: skip
         results[f"student:n{n}"] = metrics["results"]["student"]
         extra.setdefault("retention", {})[f"n{n}"] = metrics["extra"]["retention"]
         results[f"wall_seconds:n{n}"] = round(metrics["seconds"], 1)
+        results[f"peak_rss_mb:n{n}"] = round(peaks.rss_mb)
+        results[f"threads:n{n}"] = peaks.threads
         extra["best_teacher"][f"n{n}"] = metrics["results"]["best_teacher"]
         extra["ensemble"][f"n{n}"] = metrics["results"]["ensemble"]
-    extra["units"] = {"student:n<N>": "accuracy", "wall_seconds:n<N>": "seconds"}
+        extra["min_parties"][f"n{n}"] = market_min_parties(n)
+        extra.setdefault("parties_answered", {})[f"n{n}"] = sum(
+            k.startswith("teacher:") for k in metrics["results"]
+        )
+    extra["units"] = {
+        "student:n<N>": "accuracy",
+        "wall_seconds:n<N>": "seconds of the composition (teachers cached or trained before)",
+        "peak_rss_mb:n<N>": "MB, the whole process: coordinator and every agent",
+        "threads:n<N>": "the process's largest thread count",
+    }
     return record(
         "flower",
-        "marketplace",
+        variant,
         data=(
             "digits: the three private shards split among the parties; public unlabeled; test"
             if data == "digits"
@@ -83,7 +135,8 @@ def grpc_vs_flower(data: str, epochs: int) -> dict:
     market = market_data(data)
     parties = market_parties(3, market, SEED)
     names = [p[0] for p in parties]
-    results, extra = {}, {"units": {"wall_seconds": "s", "bytes": "bytes", "rounds": "calls"}}
+    results, extra = {}, {"units": {"wall_seconds": "s", "bytes": "bytes", "rounds": "calls",
+                                     "messages": "messages"}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="grpc-vs-flower-") as tmp, ExitStack() as stack:
         folder = Path(tmp)
         federation = LoopbackFederation(folder)
@@ -122,6 +175,7 @@ def grpc_vs_flower(data: str, epochs: int) -> dict:
             results[f"wall_seconds:{engine}"] = round(metrics["wall_seconds"], 1)
             results[f"bytes:{engine}"] = sum(p["bytes_sent"] + p["bytes_received"] for p in stats)
             results[f"rounds:{engine}"] = max(p["calls"] for p in stats)
+            results[f"messages:{engine}"] = max(p["messages"] for p in stats)
     return record(
         "flower",
         "grpc-vs-flower",
@@ -135,16 +189,20 @@ def grpc_vs_flower(data: str, epochs: int) -> dict:
 
 
 def run_variant(variant: str, args: argparse.Namespace, results: Results) -> None:
-    """``--quick``: digits, 3 parties; else MNIST and ``--parties``."""
-    data, sizes, epochs = ("digits", [3], 20) if args.quick else ("mnist", args.parties, 10)
-    if variant == "marketplace":
-        results.write(marketplace(sizes, data, epochs))
-    else:
-        results.write(grpc_vs_flower(data, epochs))
+    """``--quick``: digits, 3 parties; else MNIST and ``--parties`` (default: the variant's
+    :data:`MARKET_SIZES`)."""
+    if variant == "grpc-vs-flower":
+        results.write(grpc_vs_flower(*(("digits", 20) if args.quick else ("mnist", 10))))
+        return
+    sizes = args.parties or MARKET_SIZES[variant]
+    data, sizes, epochs = ("digits", [3], 20) if args.quick else ("mnist", sizes, 10)
+    results.write(marketplace(variant, sizes, data, epochs, Path(args.teachers)))
 
 
 def options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--parties", type=int, nargs="+", default=MARKET_SIZES)
+    parser.add_argument("--parties", type=int, nargs="+")
+    parser.add_argument("--teachers", default=str(TEACHERS),
+                        help="where the parties' teachers are kept between runs")  # fmt: skip
 
 
 BENCHMARK = Benchmark(

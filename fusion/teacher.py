@@ -256,7 +256,7 @@ def sequential_map(fn: Callable[[Teacher], object], teachers: Sequence[Teacher])
     return [fn(t) for t in teachers]
 
 
-PREDICT_CHUNK = 2048  # images per progress step when collecting predictions
+PREDICT_CHUNK = 8192  # images per progress step (over Flower, per message) collecting predictions
 
 
 def predict_all(teacher: Teacher, x: Tensor, position: int = 0, progress: bool = True) -> Tensor:
@@ -273,11 +273,18 @@ def predict_all(teacher: Teacher, x: Tensor, position: int = 0, progress: bool =
     return torch.cat(outputs)
 
 
+def split_chunks(x: Tensor, chunk: int) -> list[Tensor]:
+    """Consecutive slices of ``x`` of at most ``chunk`` samples (``chunk <= 0``: all of it);
+    an empty ``x`` is one empty slice."""
+    if chunk <= 0 or len(x) <= chunk:
+        return [x]
+    return [x[i : i + chunk] for i in range(0, len(x), chunk)]
+
+
 def in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int) -> Tensor:
     """Apply ``fn`` to consecutive slices of at most ``chunk`` samples and concatenate."""
-    if chunk <= 0 or len(x) <= chunk:
-        return fn(x)
-    return torch.cat([fn(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    parts = split_chunks(x, chunk)
+    return fn(x) if len(parts) == 1 else torch.cat([fn(part) for part in parts])
 
 
 def concat_chunks(

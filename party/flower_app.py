@@ -4,10 +4,11 @@ and sends the agent's answer back.
 
 So the owner's policy, budgets and audit log stay inside the one agent the owner runs, whatever
 the coordinator ships: the bridge decodes nothing and decides nothing. A query message has
-type ``query.<rpc in lower case>`` and content ``{"query": {"request": bytes, "caller": str,
-"deadline_s": float}}``; the reply carries ``{"answer": {"response": bytes}}`` (ExportWeights:
-``"chunks"``, a list of bytes) or ``{"answer": {"code": int, "details": str}}`` with the
-agent's gRPC status.
+type ``query.<rpc in lower case>`` and content ``{"query": {"requests": [bytes, ...],
+"caller": str, "deadline_s": float}}``: one or more requests of that RPC, each its own call to
+the agent (checked, charged and audited there), in order. The reply carries ``{"answer":
+{"responses": [bytes, ...]}}`` (ExportWeights, one request: ``"chunks"``, its stream) or
+``{"answer": {"code": int, "details": str}}`` with the gRPC status of the first refused call.
 
 Which agent: the SuperNode's node config ``agent="host:port"`` (deployment; with
 ``tls-cert`` / ``tls-key`` / ``tls-ca`` for mutual TLS, the bridge's certificate being the
@@ -62,22 +63,25 @@ def _agent(context: Context, agents: Sequence[str]) -> tuple[str, TlsFiles | Non
 
 
 def forward(method: str, message: Message, address: str, tls: TlsFiles | None) -> Message:
-    """Send the query's request bytes to the agent as ``method`` and wrap its answer."""
+    """Send each of the query's requests to the agent as ``method``, one call after the other,
+    each with the query's deadline, and wrap the answers; the first refused call ends the
+    message with its status."""
     query = message.content["query"]
     channel = _channel(address, tls)
     path = f"/{SERVICE_NAME}/{method}"
     metadata = ((CALLER_METADATA_KEY, str(query["caller"])),)
     timeout = float(query["deadline_s"])
+    requests = [bytes(request) for request in query["requests"]]
     try:
         if method in STREAMING:
             call = channel.unary_stream(path)
-            chunks = list(call(bytes(query["request"]), timeout=timeout, metadata=metadata))
-            answer = ConfigRecord({"chunks": chunks})
+            (request,) = requests
+            answer = ConfigRecord({"chunks": list(call(request, timeout=timeout,
+                                                       metadata=metadata))})  # fmt: skip
         else:
             call = channel.unary_unary(path)
-            answer = ConfigRecord(
-                {"response": call(bytes(query["request"]), timeout=timeout, metadata=metadata)}
-            )
+            responses = [call(request, timeout=timeout, metadata=metadata) for request in requests]
+            answer = ConfigRecord({"responses": responses})
     except grpc.RpcError as error:
         answer = ConfigRecord({"code": error.code().value[0], "details": error.details() or ""})
     return Message(RecordDict({"answer": answer}), reply_to=message)

@@ -58,31 +58,48 @@ class Answer:
 
 class AnswerCache:
     """The most recent answers by (caller, method, SHA-256 of the request bytes), within
-    ``capacity`` bytes: the oldest go first."""
+    ``capacity`` bytes: the oldest go first. A request whose twin is still being answered (a
+    retry after the caller's deadline, while the agent is merely slow) waits for that answer
+    rather than being answered, and charged, a second time."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity, self.size = capacity, 0
         self._answers: OrderedDict[tuple, Answer] = OrderedDict()
+        self._in_flight: dict[tuple, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> Answer | None:
+    def claim(self, key: tuple) -> Answer | None:
+        """The answer to ``key`` if there is one (after waiting for a twin in flight), else
+        ``None``, and the caller must answer it and then :meth:`put` or :meth:`release`."""
+        while True:
+            with self._lock:
+                answer = self._answers.get(key)
+                if answer is not None:
+                    self._answers.move_to_end(key)
+                    return answer
+                twin = self._in_flight.get(key)
+                if twin is None:
+                    self._in_flight[key] = threading.Event()
+                    return None
+            twin.wait()  # answered (then replayed) or failed (then answered here)
+
+    def release(self, key: tuple) -> None:
+        """The claimed ``key`` was not answered: a waiting twin answers it itself."""
         with self._lock:
-            answer = self._answers.get(key)
-            if answer is not None:
-                self._answers.move_to_end(key)
-            return answer
+            event = self._in_flight.pop(key, None)
+        if event is not None:
+            event.set()
 
     def put(self, key: tuple, answer: Answer) -> None:
-        if answer.size > self.capacity:
-            return
+        """Keep the answer to the claimed ``key`` and wake its waiting twins."""
         with self._lock:
-            if key in self._answers:
-                return
-            self._answers[key] = answer
-            self.size += answer.size
-            while self.size > self.capacity:
-                _, oldest = self._answers.popitem(last=False)
-                self.size -= oldest.size
+            if answer.size <= self.capacity and key not in self._answers:
+                self._answers[key] = answer
+                self.size += answer.size
+                while self.size > self.capacity:
+                    _, oldest = self._answers.popitem(last=False)
+                    self.size -= oldest.size
+        self.release(key)
 
 
 @dataclass(frozen=True)
@@ -206,14 +223,18 @@ class PartyServicer:
         if method not in REPLAYABLE:
             return self.endpoint.answer(method, request, caller)
         key = (caller, method, hashlib.sha256(raw).digest())
-        answered = self.answers.get(key)
+        answered = self.answers.claim(key)
         if answered is not None:  # the same request again: the same answer, charged once
             self.handler.audit.append(
                 caller=caller, method=method, decision="replayed", samples=answered.samples,
                 request_id=request.request_id,
             )  # fmt: skip
             return answered.response
-        response = self.endpoint.answer(method, request, caller)
+        try:
+            response = self.endpoint.answer(method, request, caller)
+        except BaseException:
+            self.answers.release(key)
+            raise
         samples = request.inputs.shape[0] if request.inputs.shape else 0
         self.answers.put(key, Answer(response, samples, response.ByteSize()))
         return response

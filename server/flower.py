@@ -1,8 +1,10 @@
 """Amalgam jobs on Flower: the coordinator as a ServerApp that reaches the parties through a
 Flower Grid (SuperLink and SuperNodes in deployment, virtual nodes in simulation).
 
-Each party RPC travels as one query message carrying the serialized protobuf request (see
-:mod:`amalgam.party.flower_app`, the bridge on the other side); :class:`FlowerStub` gives
+Each party RPC travels in a query message carrying the serialized protobuf request (see
+:mod:`amalgam.party.flower_app`, the bridge on the other side), and a message may carry many:
+the prediction chunks of a whole data set travel in as few messages as the message limit
+allows, since each message costs seconds of Flower's own latency; :class:`FlowerStub` gives
 :class:`amalgam.server.remote.RemoteTeacher` the same call signature as a gRPC stub, so deadlines,
 retries, chunking, answer checks and the job runner are the ones of direct gRPC.
 """
@@ -84,7 +86,9 @@ class GridMailbox:
 
 class FlowerStub:
     """The PartyService stub of one SuperNode: ``stub.Predict(request, timeout=...,
-    metadata=...)`` sends a query message through ``mailbox`` and decodes the answer."""
+    metadata=...)`` sends a query message through ``mailbox`` and decodes the answer;
+    ``stub.call_many("Predict", requests, timeout=...)`` carries several calls in one message
+    (the bridge makes each its own call to the agent, in order, with ``timeout`` each)."""
 
     def __init__(self, mailbox: GridMailbox, node_id: int, caller: str) -> None:
         self.mailbox, self.node_id, self.caller = mailbox, node_id, caller
@@ -94,14 +98,21 @@ class FlowerStub:
             raise AttributeError(method)
 
         def call(request, timeout: float | None = None, metadata=None):
-            return self._call(method, request, timeout or 30.0)
+            (response,) = self._call(method, [request], timeout or 30.0)
+            return response
 
         return call
 
-    def _call(self, method: str, request, timeout_s: float):
+    def call_many(self, method: str, requests: list, timeout: float | None = None, metadata=None):
+        """The responses to ``requests``, in order, from one message; the first refused
+        request fails the whole message (the answers before it stay in the agent's replay
+        cache, so asking again does not charge them twice)."""
+        return self._call(method, requests, timeout or 30.0)
+
+    def _call(self, method: str, requests: list, timeout_s: float) -> list:
         query = ConfigRecord(
             {
-                "request": request.SerializeToString(),
+                "requests": [request.SerializeToString() for request in requests],
                 "caller": self.caller,
                 "deadline_s": float(timeout_s),
             }
@@ -111,10 +122,12 @@ class FlowerStub:
             dst_node_id=self.node_id,
             message_type=query_type(method),
         )
-        reply = self.mailbox.request(message, timeout_s)
+        message_timeout_s = timeout_s * len(requests)  # the agent answers them one by one
+        reply = self.mailbox.request(message, message_timeout_s)
         if reply is None:
             raise FlowerRpcError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"node {self.node_id}: no reply in {timeout_s}s"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"node {self.node_id}: no reply in {message_timeout_s}s",
             )
         if reply.has_error():
             raise FlowerRpcError(
@@ -123,9 +136,9 @@ class FlowerStub:
         answer = reply.content["answer"]
         if "code" in answer:
             raise FlowerRpcError(CODES[int(answer["code"])], str(answer["details"]))
-        if method in STREAMING:
-            return [RESPONSES[method].FromString(chunk) for chunk in answer["chunks"]]
-        return RESPONSES[method].FromString(answer["response"])
+        if method in STREAMING:  # one call, its stream of messages
+            return [[RESPONSES[method].FromString(chunk) for chunk in answer["chunks"]]]
+        return [RESPONSES[method].FromString(response) for response in answer["responses"]]
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float = NODES_TIMEOUT_S) -> list[int]:

@@ -2,8 +2,9 @@
 agent.
 
 Every call carries a deadline; large batches are split on the client so that no message
-exceeds the limit or the party's ``max_batch``; only UNAVAILABLE is retried, and only for
-idempotent calls, with exponential back-off (at most 5 attempts by default). A party's
+exceeds the limit or the party's ``max_batch``. Only idempotent calls are retried: on
+UNAVAILABLE with exponential back-off (at most 5 attempts by default), and on DEADLINE_EXCEEDED
+twice, each with double the deadline, for a party that is merely slow. A party's
 refusals come back as the same domain errors an in-process teacher raises
 (:mod:`amalgam.protocol.errors`); predictions that are not what the party advertised (wrong shape,
 NaN or infinite values) raise :class:`MalformedResponse` and are never used.
@@ -11,12 +12,13 @@ NaN or infinite values) raise :class:`MalformedResponse` and are never used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
@@ -33,7 +35,7 @@ from amalgam.fusion.teacher import (
     TeacherInfo,
     Weights,
     concat_chunks,
-    in_chunks,
+    split_chunks,
 )
 from amalgam.protocol import AUTHORIZATION_METADATA_KEY, CALLER_METADATA_KEY
 from amalgam.protocol._generated import party_pb2, party_pb2_grpc
@@ -50,6 +52,7 @@ from amalgam.protocol.codec import (
 from amalgam.protocol.errors import error_from_status
 
 SYNTHESIZE_DEADLINE_S = 900.0
+SLOW_RETRIES = 2  # tries of an idempotent call after DEADLINE_EXCEEDED, each deadline doubled
 WEIGHTS_DEADLINE_S = 120.0
 
 
@@ -72,7 +75,8 @@ class PartyCallError(RuntimeError):
 
 @dataclass
 class CallStats:
-    calls: int = 0
+    calls: int = 0  # party calls, each checked, charged and audited by the agent
+    messages: int = 0  # transport messages that carried them (Flower packs several in one)
     samples: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -157,13 +161,23 @@ class RemoteTeacher:
         retry: bool = True,
         deadline_s: float | None = None,
         stream: bool = False,
+        many: bool = False,
     ):
-        """One RPC with retries on UNAVAILABLE; ``stream``: a server-streaming RPC whose
-        messages are collected into a list."""
-        rpc = getattr(self._stub, method)
-        retries = self.retries if retry else 0
+        """One RPC; an idempotent one (``retry``) is tried again on UNAVAILABLE, with
+        exponential back-off, and, where the party is merely slow, on DEADLINE_EXCEEDED with
+        twice the deadline (:data:`SLOW_RETRIES` times): the request is the same, so the party
+        answers what it answered already from its replay cache, uncharged. ``stream``: a
+        server-streaming RPC whose messages are collected into a list; ``many``: ``request``
+        is a list of requests that the stub's ``call_many`` carries in one message (each its
+        own call, with its own deadline), answered by the list of responses."""
+        if many:
+            rpc = functools.partial(self._stub.call_many, method)
+        else:
+            rpc = getattr(self._stub, method)
+        retries, slow_retries = (self.retries, SLOW_RETRIES) if retry else (0, 0)
         deadline_s = deadline_s or self.deadline_s
-        for attempt in range(retries + 1):
+        attempt = slow = 0
+        while True:
             started = time.perf_counter()
             try:
                 response = rpc(request, timeout=deadline_s, metadata=self._metadata)
@@ -173,11 +187,16 @@ class RemoteTeacher:
                 code = error.code()
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < retries:
                     time.sleep(self.backoff_s * 2**attempt)
+                    attempt += 1
+                    continue
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and slow < slow_retries:
+                    deadline_s, slow = 2 * deadline_s, slow + 1
                     continue
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise PartyUnavailable(
                         f"party {self.name} at {self.address} is unreachable "
-                        f"({code.name} after {attempt + 1} attempts, deadline {deadline_s}s)"
+                        f"({code.name} after {attempt + slow + 1} attempts, last deadline "
+                        f"{deadline_s:g}s)"
                     ) from None
                 if code == grpc.StatusCode.INTERNAL:  # the agent failed: a broken party
                     raise MalformedResponse(
@@ -193,13 +212,14 @@ class RemoteTeacher:
                     code,
                 ) from None
             with self._lock:
-                self.stats.calls += 1
-                self.stats.bytes_sent += request.ByteSize()
-                received = response if stream else [response]
+                sent = request if many else [request]
+                self.stats.calls += len(sent)
+                self.stats.messages += 1
+                self.stats.bytes_sent += sum(m.ByteSize() for m in sent)
+                received = response if stream or many else [response]
                 self.stats.bytes_received += sum(m.ByteSize() for m in received)
                 self.stats.seconds += time.perf_counter() - started
             return response
-        raise AssertionError("unreachable")
 
     @property
     def info(self) -> TeacherInfo:
@@ -217,14 +237,45 @@ class RemoteTeacher:
         max_batch = self.info.max_batch or by_bytes
         return min(max_batch, by_bytes)
 
-    def _predict_once(self, x: Tensor) -> Tensor:
-        request = party_pb2.PredictRequest(inputs=tensor_to_proto(x))
-        request = _by_content(request, self.request_scope)
-        response = self._call("Predict", request)
-        out = self._checked_predictions(response, len(x))
-        with self._lock:
-            self.stats.samples += len(x)
-        return out
+    def _exchange(self, method: str, requests: list) -> Iterator[tuple[int, Message]]:
+        """``(index, response)`` of each request, in order, each its own party call: one
+        message per call over gRPC; over a stub that packs (``call_many``, Flower), as many
+        calls in one message as fit within the message limit."""
+        if not hasattr(self._stub, "call_many"):
+            for index, request in enumerate(requests):
+                yield index, self._call(method, request)
+            return
+        group: list[int] = []
+        size = 0
+        for index, request in enumerate([*requests, None]):
+            if group and (request is None or size + request.ByteSize() > self.max_message_bytes):
+                responses = self._call(method, [requests[i] for i in group], many=True)
+                yield from zip(group, responses)
+                group, size = [], 0
+            if request is not None:
+                group.append(index)
+                size += request.ByteSize()
+
+    def predict_chunks(
+        self, parts: list[Tensor], on_answer: Callable[[int, Tensor], None] | None = None
+    ) -> list[Tensor]:
+        """The party's released predictions on each of ``parts`` ((B, C, H, W), each within
+        :meth:`chunk_size`), one party call each, carried in as few messages as the transport
+        allows (:meth:`_exchange`); ``on_answer(index, predictions)`` as each arrives."""
+        requests = [
+            _by_content(party_pb2.PredictRequest(inputs=tensor_to_proto(part.contiguous())),
+                        self.request_scope)
+            for part in parts
+        ]  # fmt: skip
+        answers: list[Tensor] = []
+        for index, response in self._exchange("Predict", requests):
+            out = self._checked_predictions(response, len(parts[index]))
+            with self._lock:
+                self.stats.samples += len(parts[index])
+            if on_answer is not None:
+                on_answer(index, out)
+            answers.append(out)
+        return answers
 
     def _checked_predictions(self, response, batch: int) -> Tensor:
         """(B, K) finite values, or (B,) labels in 0..K-1 for ``label``; anything else is
@@ -247,7 +298,7 @@ class RemoteTeacher:
 
     def predict(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> the party's released predictions, in as many calls as needed."""
-        return in_chunks(self._predict_once, x.contiguous(), self.chunk_size(x))
+        return torch.cat(self.predict_chunks(split_chunks(x, self.chunk_size(x))))
 
     def detect(self, x: Tensor) -> list[Detections]:
         """A detection party's boxes on (B, C, H, W) inputs, one entry per image, in as many

@@ -63,6 +63,7 @@ def party_table(stats: Mapping[str, Mapping[str, float]]) -> str:
             name,
             f"{s['seconds']:.2f}",
             str(int(s["calls"])),
+            str(int(s.get("messages", s["calls"]))),
             str(int(s["samples"])),
             f"{s['bytes_sent'] / 1e6:.2f}",
             f"{s['bytes_received'] / 1e6:.2f}",
@@ -70,7 +71,8 @@ def party_table(stats: Mapping[str, Mapping[str, float]]) -> str:
         for name, s in stats.items()
     ]
     return markdown_table(
-        ["party", "time in calls s", "calls", "samples", "MB sent", "MB received"], rows
+        ["party", "time in calls s", "calls", "messages", "samples", "MB sent", "MB received"],
+        rows,
     )
 
 

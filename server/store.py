@@ -34,7 +34,7 @@ from amalgam.fusion.teacher import (
     TeacherInfo,
     Weights,
     concat_chunks,
-    in_chunks,
+    split_chunks,
 )
 from amalgam.server.jobspec import JobSpec
 
@@ -264,20 +264,39 @@ class ReplayTeacher:
         sized = getattr(self.teacher, "chunk_size", None)
         return sized(x) if callable(sized) else self.info.max_batch
 
-    def _replayed(self, key: str, ask: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-        party = self.info.name
-        payload = self.store.answer(self.job_id, party, key)
-        if payload is None:
-            payload = safetensors_save({k: v.contiguous() for k, v in ask().items()})
-            self.store.record(self.job_id, party, key, payload)
+    def _recorded(self, key: str) -> dict[str, Tensor] | None:
+        payload = self.store.answer(self.job_id, self.info.name, key)
+        return None if payload is None else safetensors_load(payload)
+
+    def _record(self, key: str, answer: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Record ``answer`` under ``key``; returns it as a replay would (the same bits)."""
+        payload = safetensors_save({k: v.contiguous() for k, v in answer.items()})
+        self.store.record(self.job_id, self.info.name, key, payload)
         return safetensors_load(payload)
 
-    def predict(self, x: Tensor) -> Tensor:
-        def chunk(part: Tensor) -> Tensor:
-            key = _request_key("Predict", part)
-            return self._replayed(key, lambda: {"outputs": self.teacher.predict(part)})["outputs"]
+    def _replayed(self, key: str, ask: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        recorded = self._recorded(key)
+        return recorded if recorded is not None else self._record(key, ask())
 
-        return in_chunks(chunk, x, self._chunk_size(x))
+    def predict(self, x: Tensor) -> Tensor:
+        """The chunks not recorded yet are asked together, where the teacher can carry them
+        in fewer messages (``predict_chunks``), each recorded as its answer arrives."""
+        parts = split_chunks(x, self._chunk_size(x))
+        keys = [_request_key("Predict", part) for part in parts]
+        answers = [self._recorded(key) for key in keys]
+        missing = [index for index, answer in enumerate(answers) if answer is None]
+
+        def record(position: int, out: Tensor) -> None:
+            index = missing[position]
+            answers[index] = self._record(keys[index], {"outputs": out})
+
+        ask_many = getattr(self.teacher, "predict_chunks", None)
+        if ask_many is not None:
+            ask_many([parts[index] for index in missing], on_answer=record)
+        else:
+            for position, index in enumerate(missing):
+                record(position, self.teacher.predict(parts[index]))
+        return torch.cat([answer["outputs"] for answer in answers])
 
     def detect(self, x: Tensor) -> list[Detections]:
         def chunk(part: Tensor) -> list[Detections]:

@@ -6,6 +6,8 @@ apart from the coordinator core."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,11 @@ def test_the_checks_would_see_an_import_inside_a_function(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from amalgam.server.job import run_job\n")
     assert _imports(module) == ["amalgam.server.job"]
+
+
+def test_the_flower_bridge_imports_without_pytorch():
+    """A SuperNode starts the bridge afresh for every message: PyTorch's import (seconds)
+    would be paid by each one."""
+    code = "import sys, amalgam.party.flower_app; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

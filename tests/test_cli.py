@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -178,8 +179,11 @@ def test_a_party_answering_under_another_name_is_refused(tmp_path, capsys):
     assert f"parties.0: the party at {address} is 'globex', not 'acme'" in line
 
 
-def test_market_composes_local_parties(tmp_path, capsys):
-    args = ["market", "--parties", "3", "--engine", "grpc", "--epochs", "20"]
+def test_market_composes_local_parties_and_reuses_their_teachers(tmp_path, capsys, monkeypatch):
+    from amalgam.server.simulation import market
+
+    args = ["market", "--parties", "3", "--engine", "grpc", "--epochs", "20",
+            "--pretrained", str(tmp_path / "teachers")]  # fmt: skip
     assert main([*args, "--output-dir", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "3 parties over grpc" in out
@@ -187,7 +191,29 @@ def test_market_composes_local_parties(tmp_path, capsys):
     student = float(summary.split("student ")[1].split("%")[0])
     best = float(summary.split("best teacher ")[1].split("%")[0])
     assert student > best + 20  # each party knows half the classes
-    assert len(list((tmp_path / "runs").glob("market-3-grpc-*/metrics.json"))) == 1
+    (first,) = (tmp_path / "runs").glob("market-3-grpc-*/metrics.json")
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "teachers").iterdir()) == [
+        "org000", "org001", "org002"
+    ]  # fmt: skip
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept teacher was trained again")
+
+    monkeypatch.setattr(market, "train_party", no_training)
+    assert main([*args, "--output-dir", str(tmp_path / "again")]) == 0
+    (second,) = (tmp_path / "again").glob("market-3-grpc-*/metrics.json")
+    teachers = [
+        {k: v for k, v in json.loads(p.read_text())["results"].items() if k.startswith("teacher")}
+        for p in (first, second)
+    ]
+    assert teachers[0] == teachers[1] and len(teachers[0]) == 3
+
+
+def test_a_market_larger_than_its_data_says_how_many_parties_it_supports(capsys):
+    assert main(["market", "--parties", "200"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("amalgam: error: parties: 200 parties leave org")
+    assert "digits supports about 23 parties" in line
 
 
 def _party_file(tmp_path, **overrides) -> str:

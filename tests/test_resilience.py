@@ -109,17 +109,20 @@ def _party_processes(folder: Path, teachers, stack: ExitStack) -> dict[str, Part
 
 def _kill_after_first_answer(teacher, process: PartyProcess, killed: dict) -> None:
     """SIGKILL the party right after it answered its first Predict call."""
-    answer_once = teacher._predict_once
+    ask = teacher.predict_chunks
 
-    def answer_then_die(x):
-        out = answer_once(x)
-        if not killed:
-            process.process.kill()
-            process.process.wait()
-            killed["at"] = time.monotonic()
-        return out
+    def ask_then_die(parts, on_answer=None):
+        def answered(index, out):
+            if on_answer is not None:
+                on_answer(index, out)
+            if not killed:
+                process.process.kill()
+                process.process.wait()
+                killed["at"] = time.monotonic()
 
-    teacher._predict_once = answer_then_die
+        return ask(parts, on_answer=answered)
+
+    teacher.predict_chunks = ask_then_die
 
 
 class TimedLog:

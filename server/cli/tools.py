@@ -76,9 +76,11 @@ def audit_verify(args: argparse.Namespace) -> int:
 def market(args: argparse.Namespace) -> int:
     from amalgam.server.simulation.market import run_market
 
-    metrics = run_market(
-        args.parties, args.engine, args.data, args.seed, args.output_dir, args.epochs
-    )
+    try:
+        metrics = run_market(args.parties, args.engine, args.data, args.seed, args.output_dir,
+                             args.epochs, pretrained=args.pretrained)  # fmt: skip
+    except ValueError as error:  # e.g. more parties than the data set has images for
+        raise Failure(str(error), USAGE_ERROR) from None
     results = metrics["results"]
     teachers = [v for k, v in results.items() if k.startswith("teacher:")]
     print(f"\n{args.parties} parties over {args.engine}, composition in {metrics['seconds']:.1f}s")
@@ -183,6 +185,10 @@ def add_commands(commands) -> None:
     simulated.add_argument("--seed", type=int, default=0)
     simulated.add_argument("--epochs", type=int, default=20, help="student epochs")
     simulated.add_argument("--output-dir", default="runs")
+    simulated.add_argument(
+        "--pretrained", metavar="DIR", help="keep the parties' teachers in DIR and reuse them on "
+        "the next run with the same data, parties and seed (default: train them every run)",
+    )  # fmt: skip
     simulated.set_defaults(run=market)
 
     show = commands.add_parser(
