@@ -84,10 +84,31 @@ class Peaks:
         self._sampler.join()
 
 
-def marketplace(variant: str, sizes: list[int], data: str, epochs: int, teachers: Path) -> dict:
+def earlier_sizes(path: Path, sizes: list[int]) -> tuple[dict, dict]:
+    """The rows and per-size extras of the other sizes in the variant's earlier results at
+    ``path`` (none where it is absent): a run of one more size adds its column to them."""
+    if not path.exists():
+        return {}, {}
+    earlier = json.loads(path.read_text())
+    ours = {f"n{n}" for n in sizes}
+    results = {k: v for k, v in earlier["results"].items() if k.split(":")[-1] not in ours}
+    extra = {
+        key: {size: v for size, v in value.items() if size not in ours}
+        for key, value in earlier["extra"].items()
+        if isinstance(value, dict) and key != "units"
+    }
+    return results, extra
+
+
+def marketplace(
+    variant: str, sizes: list[int], data: str, epochs: int, teachers: Path, earlier: Path
+) -> dict:
+    """``sizes`` over the variant's engine, added to the other sizes in ``earlier``."""
     started = time.perf_counter()
     engine = ENGINE[variant]
-    results, extra = {}, {"best_teacher": {}, "ensemble": {}, "min_parties": {}}
+    results, extra = earlier_sizes(earlier, sizes)
+    for key in ("best_teacher", "ensemble", "min_parties", "retention", "parties_answered"):
+        extra.setdefault(key, {})
     extra["engine"] = "flower simulation" if engine == "flower" else "direct gRPC"
     for n in sizes:
         print(f"{n} parties ...", flush=True)
@@ -95,14 +116,14 @@ def marketplace(variant: str, sizes: list[int], data: str, epochs: int, teachers
             metrics = run_market(n, engine, data, SEED, runs, epochs, log=print,
                                  pretrained=teachers)  # fmt: skip
         results[f"student:n{n}"] = metrics["results"]["student"]
-        extra.setdefault("retention", {})[f"n{n}"] = metrics["extra"]["retention"]
+        extra["retention"][f"n{n}"] = metrics["extra"]["retention"]
         results[f"wall_seconds:n{n}"] = round(metrics["seconds"], 1)
         results[f"peak_rss_mb:n{n}"] = round(peaks.rss_mb)
         results[f"threads:n{n}"] = peaks.threads
         extra["best_teacher"][f"n{n}"] = metrics["results"]["best_teacher"]
         extra["ensemble"][f"n{n}"] = metrics["results"]["ensemble"]
         extra["min_parties"][f"n{n}"] = market_min_parties(n)
-        extra.setdefault("parties_answered", {})[f"n{n}"] = sum(
+        extra["parties_answered"][f"n{n}"] = sum(
             k.startswith("teacher:") for k in metrics["results"]
         )
     extra["units"] = {
@@ -196,7 +217,8 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
         return
     sizes = args.parties or MARKET_SIZES[variant]
     data, sizes, epochs = ("digits", [3], 20) if args.quick else ("mnist", sizes, 10)
-    results.write(marketplace(variant, sizes, data, epochs, Path(args.teachers)))
+    earlier = results.folder / f"flower-{variant}.json"
+    results.write(marketplace(variant, sizes, data, epochs, Path(args.teachers), earlier))
 
 
 def options(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,9 @@ import grpc
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from amalgam.fusion.teacher import TeacherInfo
 from amalgam.protocol._generated import party_pb2
+from amalgam.protocol.codec import party_info_from_proto
 from amalgam.protocol.rpcs import RESPONSES, STREAMING, query_type
 from amalgam.server.fanout import fan_out
 from amalgam.server.job import load_job, run_job
@@ -164,7 +166,7 @@ def flower_teachers(grid: Grid, spec: JobSpec, caller: str = "coordinator") -> l
     stubs = [FlowerStub(mailbox, node, caller) for node in nodes]
     silent: dict[int, str] = {}
 
-    def name_of(stub: FlowerStub) -> str | None:
+    def describe(stub: FlowerStub) -> TeacherInfo | None:
         try:  # a node's first message also starts its ClientApp: allow for that
             reply = stub.Describe(
                 party_pb2.DescribeRequest(), timeout=max(spec.deadline_s, FIRST_CONTACT_S)
@@ -172,12 +174,15 @@ def flower_teachers(grid: Grid, spec: JobSpec, caller: str = "coordinator") -> l
         except grpc.RpcError as error:  # its agent does not answer: it serves no party here
             silent[stub.node_id] = f"{error.code().name}: {error.details()}"
             return None
-        return reply.info.name
+        return TeacherInfo.from_dict(party_info_from_proto(reply.info).model_dump())
 
-    by_name = {name: stub for stub, name in zip(stubs, fan_out(name_of, stubs)) if name}
+    by_name = {
+        info.name: (stub, info) for stub, info in zip(stubs, fan_out(describe, stubs)) if info
+    }
     teachers = [
-        RemoteTeacher(party.name, f"flower node {by_name[party.name].node_id}",
-                      deadline_s=spec.deadline_s, caller=caller, stub=by_name[party.name])
+        RemoteTeacher(party.name, f"flower node {by_name[party.name][0].node_id}",
+                      deadline_s=spec.deadline_s, caller=caller, stub=by_name[party.name][0],
+                      info=by_name[party.name][1])
         for party in spec.parties
         if party.name in by_name
     ]  # fmt: skip

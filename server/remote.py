@@ -102,6 +102,8 @@ class RemoteTeacher:
     stub : instead of a gRPC channel to ``address``, any object whose attributes ``Describe``,
         ``Predict``, ... are called like a gRPC stub's methods and raise ``grpc.RpcError``
         (:class:`amalgam.server.flower.FlowerStub` carries the calls over a Flower Grid).
+    info : the party's Describe answer where the caller has it already (one message less
+        over Flower); ``None``: asked on first use.
 
     Attributes
     ----------
@@ -126,6 +128,7 @@ class RemoteTeacher:
         token: str | None = None,
         half: Collection[str] = (),
         stub=None,
+        info: TeacherInfo | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -150,7 +153,7 @@ class RemoteTeacher:
         self._metadata = ((CALLER_METADATA_KEY, caller),)
         if token is not None:
             self._metadata += ((AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),)
-        self._info: TeacherInfo | None = None
+        self._info = info
         self._lock = threading.Lock()
         self.stats = CallStats()
 

@@ -98,15 +98,16 @@ def test_a_job_over_flower_equals_the_job_over_grpc(models, tmp_path):
     for handler, mark, teacher in zip(handlers, marks, teachers):
         records = read_records(handler.audit.path)[mark:]  # the Flower run's calls
         granted = [r for r in records if r["decision"] == "granted"]
-        # every call reached the agent, plus the Describe that found which node serves it
+        # every call reached the agent, and the Describe that found which node serves it
         assert len(granted) == teacher.stats.calls + 1
         assert {r["caller"] for r in granted} == {"coordinator"}
         assert sum(r["samples"] for r in granted if r["method"] == "Predict") == 854
-        # Describe, then the unlabeled set's two parts (314 and 540) in chunks of at most
-        # 128: each part's chunks travelled as separate calls in one message
+        # the unlabeled set (314) and the test set (540) in chunks of at most 128: each set's
+        # chunks travelled as separate calls in one message; the Describe that found the
+        # party's node also gave its teacher the party's description
         predicts = [r["samples"] for r in granted if r["method"] == "Predict"]
         assert predicts == [128, 128, 58, 128, 128, 128, 128, 28]
-        assert (teacher.stats.calls, teacher.stats.messages) == (1 + 8, 1 + 2)
+        assert (teacher.stats.calls, teacher.stats.messages) == (8, 2)
 
 
 def test_a_denial_comes_back_through_flower_as_the_partys_error(models, tmp_path):
