@@ -345,3 +345,35 @@ def test_restricted_fit_differs_from_the_mean_when_class_sets_differ():
 
 def test_every_rule_a_job_may_name_is_registered_once_in_order():
     assert tuple(RULES) == get_args(Rule)
+
+
+def _restricted_fit_by_definition(probs, known, steps=150, lr=0.2):
+    """The KL objective written out over (T, B, U) tensors, as the paper states it."""
+    p = probs.double()
+    mask = known.unsqueeze(1).double()  # (T, 1, U)
+    counts = known.sum(dim=0).clamp_min(1).double()
+    init = probs.double().sum(dim=0) / counts  # the known-class mean
+    init = init / init.sum(dim=1, keepdim=True)
+    logits = init.clamp_min(1e-6).log().requires_grad_(True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        log_q = F.log_softmax(logits, dim=1).unsqueeze(0)  # (1, B, U)
+        masked = log_q.masked_fill(mask == 0, -math.inf)
+        log_restricted = log_q - torch.logsumexp(masked, dim=2, keepdim=True)  # (T, B, U)
+        loss = -(p * log_restricted * mask).sum() / p.shape[1]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return F.softmax(logits.detach(), dim=1).float()
+
+
+def test_restricted_fit_equals_the_objective_written_out_over_every_teacher():
+    generator = torch.Generator().manual_seed(3)
+    teachers, batch, classes = 9, 40, 10
+    known = torch.rand(teachers, classes, generator=generator) < 0.5
+    known[:, :2] = True  # every teacher knows at least two classes
+    logits = 3 * torch.randn(teachers, batch, classes, generator=generator)
+    probs = torch.softmax(logits.masked_fill(~known.unsqueeze(1), -1e9), dim=2)
+    probs = probs * known.unsqueeze(1)
+    expected = _restricted_fit_by_definition(probs, known)
+    torch.testing.assert_close(restricted_fit(probs, known), expected, atol=1e-6, rtol=0)

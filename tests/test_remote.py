@@ -1,4 +1,5 @@
-"""RemoteTeacher's client behaviour: retries only on UNAVAILABLE, deadlines, micro-batching."""
+"""RemoteTeacher's client behaviour: retries on UNAVAILABLE and, for a slow party, on
+DEADLINE_EXCEEDED; micro-batching; packing many calls into one message."""
 
 from __future__ import annotations
 

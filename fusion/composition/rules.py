@@ -21,7 +21,6 @@ The distribution rules filter on the normalized entropy of the aggregated ``q``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -157,6 +156,9 @@ def restricted_fit(probs: Tensor, known: Tensor, steps: int = 150, lr: float = 0
 
     Minimizes ``sum_t KL(p_t || q_{S_t} / sum(q_{S_t}))`` over the logits of ``q`` with Adam,
     starting from the known-class mean (Vongkulbhisal et al., CVPR 2019, Eq. for the KL form).
+    Up to terms without ``q``, the loss is ``-sum_u P_u log q_u + sum_t s_t log(q . m_t)``, with
+    ``P = sum_t p_t``, ``s_t = sum(p_t)`` and ``m_t`` the mask of ``S_t``: each step costs a
+    (B, U) x (U, T) product, not (T, B, U) tensors, so a thousand teachers fit in memory.
 
     Parameters
     ----------
@@ -168,16 +170,18 @@ def restricted_fit(probs: Tensor, known: Tensor, steps: int = 150, lr: float = 0
     Tensor
         (B, U) distributions, same dtype as ``probs``.
     """
+    mask = known.double()  # (T, U)
     p = probs.detach().double()
-    mask = known.unsqueeze(1).to(p.dtype)  # (T, 1, U)
+    total = torch.einsum("tbu,tu->bu", p, mask)  # (B, U) P: summed over the teachers
+    mass = torch.einsum("tbu,tu->bt", p, mask)  # (B, T) s: each teacher's own total
+    del p
     init = _known_mean(probs, known, 1.0).targets.double()
     logits = init.clamp_min(1e-6).log().requires_grad_(True)  # (B, U)
     optimizer = torch.optim.Adam([logits], lr=lr)
     for _ in range(steps):
-        log_q = F.log_softmax(logits, dim=1).unsqueeze(0)  # (1, B, U)
-        masked = log_q.masked_fill(mask == 0, -math.inf)
-        log_restricted = log_q - torch.logsumexp(masked, dim=2, keepdim=True)  # (T, B, U)
-        loss = -(p * log_restricted * mask).sum() / p.shape[1]
+        log_q = F.log_softmax(logits, dim=1)  # (B, U)
+        within = (log_q.exp() @ mask.T).clamp_min(1e-300)  # (B, T) q's mass on each S_t
+        loss = -((total * log_q).sum() - (mass * within.log()).sum()) / len(logits)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
