@@ -291,7 +291,7 @@ def concat_chunks(
     fn: Callable[[Tensor], dict[str, Tensor]], x: Tensor, chunk: int
 ) -> dict[str, Tensor]:
     """Like :func:`in_chunks` for functions that return named tensors."""
-    if chunk <= 0 or len(x) <= chunk:
-        return fn(x)
-    parts = [fn(x[i : i + chunk]) for i in range(0, len(x), chunk)]
+    parts = [fn(part) for part in split_chunks(x, chunk)]
+    if len(parts) == 1:
+        return parts[0]
     return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}

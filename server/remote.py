@@ -248,16 +248,18 @@ class RemoteTeacher:
             for index, request in enumerate(requests):
                 yield index, self._call(method, request)
             return
-        group: list[int] = []
-        size = 0
-        for index, request in enumerate([*requests, None]):
-            if group and (request is None or size + request.ByteSize() > self.max_message_bytes):
-                responses = self._call(method, [requests[i] for i in group], many=True)
-                yield from zip(group, responses)
-                group, size = [], 0
-            if request is not None:
-                group.append(index)
-                size += request.ByteSize()
+        groups: list[list[int]] = []
+        room = 0
+        for index, request in enumerate(requests):
+            size = request.ByteSize()
+            if not groups or size > room:
+                groups.append([])
+                room = self.max_message_bytes
+            groups[-1].append(index)
+            room -= size
+        for group in groups:
+            responses = self._call(method, [requests[i] for i in group], many=True)
+            yield from zip(group, responses)
 
     def predict_chunks(
         self, parts: list[Tensor], on_answer: Callable[[int, Tensor], None] | None = None
