@@ -8,6 +8,10 @@ Variant ``loopback``: the demo CNN at 8x8 and, in rows ending ``:vgg_cnn``, the 
   call on a new batch (a repeated one would be answered from the agent's replay cache);
 - the protocol's own cost: remote minus in-process in a worker thread (where the agent runs
   the model), against a bare gRPC unary call of the same request and response sizes;
+- cache-sized slices: images/s of an in-process Predict at batch 1,024 with the model run in
+  the slices that :func:`amalgam.party.slicing.slice_size` chooses against in one pass, for the
+  small BN-CNN at 28x28, ``vgg_cnn`` and ``resnet20_cifar`` at 32x32 (rows
+  ``sliced_over_whole:<model>``);
 - fan-out efficiency: eight servers whose handlers sleep 50 ms before answering (simulated
   network latency), called at once through :func:`amalgam.server.fanout.fan_out`; efficiency
   is the sum of the parties' own call times over the wall time, divided by the number of parties
@@ -38,6 +42,7 @@ from amalgam.party.allocator import keep_freed_memory
 from amalgam.party.config import PartyConfig
 from amalgam.party.handler import PartyHandler
 from amalgam.party.local import LocalTeacher
+from amalgam.party.slicing import SLICE_BYTES, slice_size
 from amalgam.protocol.schemas import Policy, PredictPolicy
 from amalgam.server.fanout import fan_out
 from amalgam.server.remote import RemoteTeacher
@@ -50,6 +55,7 @@ VARIANT = "loopback"
 SEED = 0
 NUM_CLASSES = 10
 BATCH = 256
+SLICE_BATCH = 1024  # where slicing applies to every model of SLICED_MODELS
 FANOUT_PARTIES = 8
 FANOUT_BATCH = 32
 LATENCY_S = 0.05
@@ -63,16 +69,18 @@ MODELS = {  # row suffix -> (registered architecture, its keywords)
 
 
 def build_handler(
-    name: str, audit_dir: Path, latency_s: float = 0.0, arch: tuple[str, dict] = MODELS[""]
-) -> PartyHandler:
+    name: str, audit_dir: Path, latency_s: float = 0.0, arch: tuple[str, dict] = MODELS[""],
+    slice_bytes: int = SLICE_BYTES, max_batch: int = BATCH,
+) -> PartyHandler:  # fmt: skip
     """``arch`` (the demo CNN by default), randomly initialised, behind a party that releases
-    probabilities, after sleeping ``latency_s`` in every Predict (simulated network
-    latency)."""
+    probabilities on up to ``max_batch`` images a call, after sleeping ``latency_s`` in every
+    Predict (simulated network latency); its forward passes in slices of ``slice_bytes``."""
     model = create_model(arch[0], **arch[1], num_classes=NUM_CLASSES)
-    policy = Policy(predict=PredictPolicy(output="probs"), max_batch=BATCH, sample_budget=None)
+    policy = Policy(predict=PredictPolicy(output="probs"), max_batch=max_batch,
+                    sample_budget=None)  # fmt: skip
     classes = [str(k) for k in range(NUM_CLASSES)]
     handler = local_party(name, model.eval(), classes, tuple(arch[1]["in_shape"]), policy,
-                          audit_dir)  # fmt: skip
+                          audit_dir, slice_bytes=slice_bytes)  # fmt: skip
     if latency_s:
         answer = handler.predict
 
@@ -110,10 +118,10 @@ def interleaved_medians(
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
-def fresh_batches(shape: tuple[int, ...]) -> Iterator[Tensor]:
-    """Endless distinct random (BATCH, *shape) batches."""
+def fresh_batches(shape: tuple[int, ...], batch: int = BATCH) -> Iterator[Tensor]:
+    """Endless distinct random (batch, *shape) batches."""
     while True:
-        yield torch.rand(BATCH, *shape)
+        yield torch.rand(batch, *shape)
 
 
 @contextmanager
@@ -202,6 +210,47 @@ def bench_throughput(audit_dir: Path, repeats: int, suffix: str = "") -> tuple[d
             {key + suffix: value for key, value in extra.items()})  # fmt: skip
 
 
+SLICED_MODELS = {  # row suffix -> (registered architecture, its keywords)
+    "small_cnn": ("small_cnn", {"in_shape": (1, 28, 28), "width": 16}),  # the market's parties
+    "vgg_cnn": ("vgg_cnn", {"in_shape": (3, 32, 32)}),
+    "resnet20_cifar": ("resnet20_cifar", {"in_shape": (3, 32, 32)}),
+}
+
+
+def bench_slicing(audit_dir: Path, repeats: int) -> tuple[dict, dict]:
+    """A party's Predict at batch ``SLICE_BATCH`` in process, its model run in cache-sized
+    slices (:mod:`amalgam.party.slicing`, the default) against whole (``slice_bytes=0``), for
+    each of ``SLICED_MODELS``; the two parties hold the same weights and are called in turn,
+    round after round.
+
+    Returns
+    -------
+    results : dict
+        Rows ``sliced_over_whole:<model>``: sliced images/s over whole-batch images/s.
+    extra : dict
+        Each model's slice and both speeds in images/s.
+    """
+    results, extra = {}, {}
+    for row, arch in SLICED_MODELS.items():
+        torch.manual_seed(SEED)
+        sliced = build_handler(f"sliced-{row}", audit_dir, arch=arch, max_batch=SLICE_BATCH)
+        torch.manual_seed(SEED)
+        whole = build_handler(f"whole-{row}", audit_dir, arch=arch, slice_bytes=0,
+                              max_batch=SLICE_BATCH)  # fmt: skip
+        batches = fresh_batches(sliced.input_shape, SLICE_BATCH)
+        seconds = interleaved_medians(
+            {"whole": LocalTeacher(whole).predict, "sliced": LocalTeacher(sliced).predict},
+            batches, warmup=3, repeats=repeats,
+        )  # fmt: skip
+        results[f"sliced_over_whole:{row}"] = seconds["whole"] / seconds["sliced"]
+        extra |= {
+            f"slice:{row}": slice_size(sliced.model, next(batches)),
+            f"whole_img_per_s:{row}": SLICE_BATCH / seconds["whole"],
+            f"sliced_img_per_s:{row}": SLICE_BATCH / seconds["sliced"],
+        }
+    return results, extra
+
+
 def timed_predict(teacher: RemoteTeacher, x: Tensor) -> float:
     """Seconds that one ``teacher.predict(x)`` takes, as seen by its own caller thread."""
     started = time.perf_counter()
@@ -284,18 +333,22 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
             model_rows, model_extra = bench_throughput(Path(audit_dir), repeats, suffix)
             rows, extra = rows | model_rows, extra | model_extra
         fanout_rows, fanout_extra = bench_fanout(Path(audit_dir), fanout_repeats)
+        slicing_rows, slicing_extra = bench_slicing(Path(audit_dir), repeats)
     results.write(
         record(
             NAME,
             variant,
-            data="synthetic inputs; the demo CNN at 8x8, vgg_cnn at 32x32 (rows :vgg_cnn)",
+            data="synthetic inputs; the demo CNN at 8x8, vgg_cnn at 32x32 (rows :vgg_cnn); "
+            "slicing: small_cnn at 28x28, vgg_cnn and resnet20_cifar at 32x32",
             seed=SEED,
-            budget=f"{repeats} timed calls (median) at batch {BATCH}; {fanout_repeats} fan-out "
+            budget=f"{repeats} timed calls (median) at batch {BATCH} (slicing: {SLICE_BATCH}); "
+            f"{fanout_repeats} fan-out "
             f"rounds (median) over {FANOUT_PARTIES} parties at batch {FANOUT_BATCH}",
-            results={**rows, **fanout_rows},
+            results={**rows, **slicing_rows, **fanout_rows},
             started=started,
             extra={
                 **extra,
+                **slicing_extra,
                 **fanout_extra,
                 "repeats": repeats,
                 "fanout_repeats": fanout_repeats,

@@ -53,6 +53,9 @@ class PartyConfig(Strict):
     # intra-op threads of the model thread; 0: torch's default, one per core. Agents that share
     # a machine each take their share of its cores
     torch_threads: int = Field(0, ge=0)
+    # a Predict's forward pass runs in slices whose widest activation fits this many MiB of
+    # cache (CPU only); 0: the whole request at once
+    slice_mb: float = Field(4.0, ge=0)
     tls: TlsFiles | None = None  # mutual TLS; None needs `amalgam party serve --insecure`
     # identity -> "sha256:<hex digest of its bearer token>"; a caller must then present one
     tokens: dict[str, str] = Field(default_factory=dict)

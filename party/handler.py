@@ -27,6 +27,7 @@ from amalgam.party.model import batchnorm_count, load_model, refuse_unhookable_g
 from amalgam.party.model_thread import on_model_thread
 from amalgam.party.ratelimit import TokenBuckets
 from amalgam.party.release import release, release_detections
+from amalgam.party.slicing import PROBE_BATCH, SLICE_BYTES, slice_size, sliced_forward
 from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
 from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, ModelFailure, PolicyDenied
 from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy
@@ -57,6 +58,7 @@ class PartyHandler:
         audit: AuditLog,
         normalization: Normalization | None = None,
         device: torch.device | None = None,
+        slice_bytes: int = SLICE_BYTES,
     ) -> None:
         self.name = name
         self.device = device or torch.device("cpu")
@@ -77,8 +79,11 @@ class PartyHandler:
         self._mean = torch.tensor(mean, **as_model).view(1, -1, 1, 1)  # (1, C or 1, 1, 1)
         self._std = torch.tensor(std, **as_model).view(1, -1, 1, 1)
         self._batchnorm_layers = batchnorm_count(self.model)
+        self._slice = 0  # samples per forward pass of a Predict (0: the whole request)
         if self.task == "classification":
             self._check_forward()
+            probe = torch.zeros(PROBE_BATCH, *self.input_shape, **as_model)
+            self._slice = slice_size(self.model, probe, slice_bytes)
         refuse_unhookable_grants(self.model, self.policy, self._batchnorm_layers)
         self._layers = {
             "Activations": self._released(policy.activations, "activations"),
@@ -112,6 +117,7 @@ class PartyHandler:
             audit=AuditLog(config.audit_log, key),
             normalization=config.normalization,
             device=device,
+            slice_bytes=int(config.slice_mb * 2**20),
         )
 
     def _check_forward(self) -> None:
@@ -362,9 +368,10 @@ class PartyHandler:
         return (x.to(device=self.device, dtype=self._dtype) - self._mean) / self._std
 
     def _logits(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) inputs in [0, 1] -> (B, K) logits on the CPU."""
+        """(B, C, H, W) inputs in [0, 1] -> (B, K) logits on the CPU, computed in slices that
+        fit the CPU's caches (:mod:`amalgam.party.slicing`)."""
         with torch.no_grad():
-            return self.model(self._normalize(x)).cpu()
+            return sliced_forward(self.model, self._normalize(x), self._slice).cpu()
 
     def _detections(self, x: Tensor) -> list[dict[str, Tensor]]:
         """(B, C, H, W) inputs in [0, 1] -> a detector's boxes, scores and labels per image,

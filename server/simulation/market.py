@@ -184,7 +184,10 @@ def start_agents(
             predict=PredictPolicy(output="probs"), max_batch=256, sample_budget=None,
             callers=callers,
         )  # fmt: skip
-        handler = local_party(name, model, classes, tuple(shard.x.shape[1:]), policy, folder)
+        # every agent in this one process: whole batches leave the interpreter's lock to the
+        # model (amalgam.party.slicing)
+        handler = local_party(name, model, classes, tuple(shard.x.shape[1:]), policy, folder,
+                              slice_bytes=0)  # fmt: skip
         addresses.append(stack.enter_context(serving(handler, credentials, max_workers=1)))
     return addresses
 

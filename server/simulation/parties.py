@@ -13,6 +13,7 @@ from torch import nn
 from amalgam.party.audit import AuditLog
 from amalgam.party.handler import PartyHandler
 from amalgam.party.service import create_server
+from amalgam.party.slicing import SLICE_BYTES
 from amalgam.protocol.schemas import Normalization, Policy
 
 
@@ -24,12 +25,14 @@ def local_party(
     policy: Policy,
     folder: str | Path,
     normalization: Normalization | None = None,
+    slice_bytes: int = SLICE_BYTES,
 ) -> PartyHandler:
     """The agent of party ``name``: ``model`` (predicting ``classes`` from ``input_shape``
-    images) behind ``policy``, its audit log ``<folder>/<name>-audit.jsonl``."""
+    images) behind ``policy``, its audit log ``<folder>/<name>-audit.jsonl``; forward passes
+    in slices of ``slice_bytes`` (:mod:`amalgam.party.slicing`)."""
     audit = AuditLog(Path(folder) / f"{name}-audit.jsonl")
     return PartyHandler(name, model, list(classes), tuple(input_shape), policy, audit,
-                        normalization)  # fmt: skip
+                        normalization, slice_bytes=slice_bytes)  # fmt: skip
 
 
 @contextlib.contextmanager
