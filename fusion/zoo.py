@@ -77,6 +77,20 @@ def _last_linear(network: nn.Module, num_classes: int) -> str:
     return names[-1]
 
 
+def adapt_input(x: Tensor, channels: int | None, side: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) images as a library network takes them: one channel repeated to
+    ``channels`` (where given), sides resized to ``side``. One call in a traced graph
+    (``torch.fx.wrap``): its branches depend on the shape of ``x``."""
+    if channels is not None:
+        x = x.expand(-1, channels, -1, -1)  # (B, 1, H, W) -> (B, channels, H, W)
+    if tuple(x.shape[2:]) != side:
+        x = F.interpolate(x, size=side, mode="bilinear", align_corners=False)
+    return x
+
+
+torch.fx.wrap("adapt_input")
+
+
 class LibraryClassifier(Classifier):
     """A torchvision or timm network behind the registry's interface (``forward_features``,
     ``head``, ``num_features``): its classifier becomes ``head``, everything before it
@@ -108,11 +122,7 @@ class LibraryClassifier(Classifier):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, num_features)."""
-        if self.channels is not None:
-            x = x.expand(-1, self.channels, -1, -1)  # (B, 1, H, W) -> (B, 3, H, W)
-        if tuple(x.shape[2:]) != self.side:
-            x = F.interpolate(x, size=self.side, mode="bilinear", align_corners=False)
-        return self.body(x)
+        return self.body(adapt_input(x, self.channels, self.side))
 
 
 def check_forward(

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from permuted import permuted_copy
 from torch import nn
 
 from amalgam.fusion.activations import centered_gram, layer_grams, layer_outputs
@@ -49,18 +50,7 @@ def _inputs(kind: str, count: int = 32, seed: int = 1) -> torch.Tensor:
 
 def _permuted_copy(model: nn.Module, seed: int = 2) -> nn.Module:
     """The same function with the neurons of every group in a random order."""
-    spec = fusion_spec(model)
-    generator = torch.Generator().manual_seed(seed)
-    state = model.state_dict()
-    for group, size in spec.group_sizes(model).items():
-        permutation = torch.eye(size)[torch.randperm(size, generator=generator)]
-        for name, axes in spec.axes.items():
-            for axis, g in enumerate(axes):
-                if g == group:
-                    state[name] = apply_transport(state[name], axis, permutation)
-    clone = copy.deepcopy(model)
-    clone.load_state_dict(state)
-    return clone.eval()
+    return permuted_copy(model, fusion_spec(model), seed)
 
 
 # ---- OT fusion ----------------------------------------------------------------------------

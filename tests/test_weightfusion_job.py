@@ -9,9 +9,11 @@ import pytest
 import torch
 import yaml
 from parties import tiny_handler
+from permuted import permuted_copy
 
 from amalgam.fusion.data import load_source
 from amalgam.fusion.models import create_model
+from amalgam.fusion.ot import fusion_spec
 from amalgam.fusion.train import fit
 from amalgam.party.audit import read_records
 from amalgam.party.local import LocalTeacher
@@ -120,6 +122,23 @@ def test_ot_job_with_activation_metric_and_fine_tuning(parties, tmp_path):
 
 
 WEIGHT_METRIC_ONLY = {"ground_metric": "weight", "recompute_batchnorm": False}  # no probe images
+
+
+def test_ot_job_fuses_torchvision_parties_back(tmp_path):
+    # a torchvision network, and its twin with every neuron group permuted (the same function
+    # in other weights), exported by two parties: fused, they give back the network
+    torch.manual_seed(0)
+    model = create_model("torchvision:mobilenet_v3_small", in_shape=(1, 8, 8), num_classes=10)
+    data = load_source("digits:private-0")
+    fit(model, data.x, data.y, epochs=1, batch_size=64, progress=False)
+    model.eval()
+    twin = permuted_copy(model, fusion_spec(model))
+    handlers = [local_party(name, network, DIGITS, (1, 8, 8), SHARING, tmp_path)
+                for name, network in (("own", model), ("twin", twin))]  # fmt: skip
+    run_dir = _run(tmp_path, handlers, "ot", WEIGHT_METRIC_ONLY, {})
+    results = json.loads((run_dir / "metrics.json").read_text())["results"]
+    assert results["teacher:own"] == results["teacher:twin"]
+    assert results["student"] == results["teacher:own"]
 
 
 def test_ot_refuses_networks_of_different_depth(parties, tmp_path):

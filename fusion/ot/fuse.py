@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ from amalgam.fusion.ot.cka import cka_cost
 from amalgam.fusion.ot.cla import cross_layer_alignment
 from amalgam.fusion.ot.config import OTFusionConfig
 from amalgam.fusion.ot.probe import Probe
-from amalgam.fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec
+from amalgam.fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec, input_shape
 from amalgam.fusion.ot.transport import align
 
 
@@ -64,8 +65,8 @@ def _weighted_average(states: list[dict[str, Tensor]], weights: list[float]) -> 
     return fused
 
 
-def _check_inputs(models: list[Classifier]) -> None:
-    shapes = [tuple(m.arch["kwargs"].get("in_shape", ())) for m in models]
+def _check_inputs(models: list[nn.Module]) -> None:
+    shapes = [input_shape(m) for m in models]
     for k, shape in enumerate(shapes[1:], start=1):
         if shape != shapes[0]:
             raise UnsupportedNetwork(f"model {k}: input shape {shape} differs from {shapes[0]}")
@@ -84,18 +85,22 @@ def _check_same_structure(specs: list[FusionSpec]) -> None:
 
 
 def ot_fuse(
-    models: list[Classifier],
+    models: list[nn.Module],
     config: OTFusionConfig | None = None,
     probe: Tensor | Probe | None = None,
+    in_shape: tuple[int, ...] | None = None,
 ) -> FusionResult:
     """Fuse equally deep networks of one family by layer-wise OT alignment and averaging.
 
     Parameters
     ----------
-    models : N >= 1 networks with the same groups (widths may differ).
+    models : N >= 1 networks with the same groups (widths may differ): registry networks,
+        or any network whose graph :func:`amalgam.fusion.ot.graph.traced_spec` can follow.
     config : see :class:`OTFusionConfig`; ``balance`` and ``sign`` are not used here.
     probe : (t, C, H, W) inputs (or a :class:`Probe` with answers the parties supplied) for
         ``ground_metric="activation"``.
+    in_shape : the (C, H, W) inputs of networks outside the registry (for tracing them);
+        by default that of the probe, if any.
     """
     config = config or OTFusionConfig()
     config.check(len(models))
@@ -105,7 +110,8 @@ def ot_fuse(
             "ground_metric='activation' needs probe inputs (or use ground_metric='weight')"
         )
     _check_inputs(models)
-    specs = [fusion_spec(m) for m in models]
+    shape = in_shape or (tuple(probe.x.shape[1:]) if probe is not None else None)
+    specs = [fusion_spec(m, shape) for m in models]
     _check_same_structure(specs)
     base = config.base if config.base is not None else 0
     weights = _normalised(config.weights, len(models))
@@ -154,10 +160,15 @@ def vanilla_average(models: list[Classifier], weights: list[float] | None = None
     return _build_like(models[0], _weighted_average([m.state_dict() for m in models], weights))
 
 
-def _build_like(model: Classifier, state: dict[str, Tensor]) -> Classifier:
-    reference = next(model.parameters())
-    fused = create_model(model.arch["name"], **model.arch["kwargs"]).to(reference.dtype)
-    fused = fused.to(reference.device)
+def _build_like(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """A network of ``model``'s architecture holding ``state``: a registry network is built
+    anew from its description, any other is a copy of ``model``."""
+    if not hasattr(model, "arch"):
+        fused = copy.deepcopy(model)
+    else:
+        reference = next(model.parameters())
+        fused = create_model(model.arch["name"], **model.arch["kwargs"]).to(reference.dtype)
+        fused = fused.to(reference.device)
     fused.load_state_dict(state)
     return fused.eval()
 
@@ -245,9 +256,13 @@ def clafusion(
     config = config or OTFusionConfig()
     config.check(len(models))
     _check_inputs(models)
-    for model in models:
-        fusion_spec(model)  # unsupported networks fail here, before any work
     probe = _as_probe(probe)
+    for model in models:  # unsupported networks fail here, before any work
+        if not fusion_spec(model, tuple(probe.x.shape[1:])).sections:
+            raise UnsupportedNetwork(
+                f"{type(model).__name__}: cross-layer alignment needs the sections of the "
+                "registry's MLP, VGG or ResNet; fuse networks of equal depth with OT"
+            )
     if config.base is None:
         depths = [_unit_count(m) for m in models]
         base = depths.index(min(depths))

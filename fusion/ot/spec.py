@@ -132,14 +132,32 @@ def _resnet_spec(model: ResNetCifar) -> FusionSpec:
     return spec
 
 
-def fusion_spec(model: nn.Module) -> FusionSpec:
-    """The alignment structure of ``model``; raises :class:`UnsupportedNetwork` naming the
-    first layer that cannot be aligned."""
+def input_shape(model: nn.Module, given: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+    """The (C, H, W) inputs of ``model``: ``given``, else those its registry description
+    names (``model.arch``), else ``None``."""
+    if given is not None:
+        return tuple(given)
+    arch = getattr(model, "arch", None)
+    return tuple(arch["kwargs"]["in_shape"]) if arch and "in_shape" in arch["kwargs"] else None
+
+
+def fusion_spec(model: nn.Module, in_shape: tuple[int, ...] | None = None) -> FusionSpec:
+    """The alignment structure of ``model``: the hand-written one of the registry's own
+    families, else derived from the traced graph of ``model`` on (B, *in_shape) inputs
+    (:func:`amalgam.fusion.ot.graph.traced_spec`; ``in_shape`` defaults to
+    :func:`input_shape`). Raises :class:`UnsupportedNetwork` naming the first layer that
+    cannot be aligned."""
     builders = {MLP: _mlp_spec, VGG: _vgg_spec, ResNetCifar: _resnet_spec}
     builder = builders.get(type(model))
     if builder is None:
-        supported = ", ".join(b.__name__ for b in builders)
-        raise UnsupportedNetwork(f"{type(model).__name__}: weight fusion supports {supported}")
+        from amalgam.fusion.ot.graph import traced_spec  # it builds on this module's classes
+
+        in_shape = input_shape(model, in_shape)
+        if in_shape is None:
+            raise UnsupportedNetwork(
+                f"{type(model).__name__}: give the input shape to trace its alignment structure"
+            )
+        return traced_spec(model, in_shape)
     spec = builder(model)
     state = model.state_dict()
     unknown = [name for name in state if name not in spec.axes]
