@@ -20,7 +20,7 @@ from amalgam.fusion.ot.config import OTFusionConfig
 from amalgam.fusion.ot.fuse import clafusion, ot_fuse, recompute_batchnorm
 from amalgam.fusion.ot.probe import Probe
 from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
-from amalgam.fusion.ot.transport import apply_transport, transport_plan
+from amalgam.fusion.ot.transport import align, apply_transport, transport_plan
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -96,6 +96,22 @@ def test_three_permuted_copies_fuse_back_to_the_model(mode):
     result = ot_fuse([model, *copies], config, probe=x)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_the_base_is_not_aligned_to_itself():
+    # an entropic plan of the base onto itself would blur its neurons: the base stays as is,
+    # and only the other network is aligned (its weight 0 here)
+    model, other = _trained_like("mlp"), _trained_like("mlp", seed=1)
+    calls = []
+    config = OTFusionConfig(plan="sinkhorn", ground_metric="weight", weights=[1.0, 0.0])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            "amalgam.fusion.ot.fuse.align", lambda *a, **k: calls.append(1) or align(*a, **k)
+        )
+        result = ot_fuse([model, other], config)
+    assert len(calls) == 1 and set(result.transport_costs[0].values()) == {0.0}
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[key], tensor, atol=1e-6, rtol=0)
 
 
 def test_fused_model_takes_the_base_widths_and_keeps_dtype():

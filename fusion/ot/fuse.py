@@ -137,13 +137,16 @@ def ot_fuse(
         costs[k] = result.costs
         return result.state
 
+    costs[base] = {g.name: 0.0 for g in spec.groups}  # the base is the target, never aligned
     if config.mode == "many_to_one":
         base_acts = activations(models[base])
-        states = [aligned_to(models[base], base_acts, k) for k in range(len(models))]
+        states = [
+            models[base].state_dict() if k == base else aligned_to(models[base], base_acts, k)
+            for k in range(len(models))
+        ]
         fused = _build_like(models[base], _weighted_average(states, weights))
     else:
         fused, total = models[base], weights[base]
-        costs[base] = {g.name: 0.0 for g in spec.groups}
         for k in (k for k in range(len(models)) if k != base and weights[k] > 0):
             state = aligned_to(fused, activations(fused), k)
             share = weights[k] / (total + weights[k])
