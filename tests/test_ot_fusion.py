@@ -140,7 +140,7 @@ def test_networks_of_different_depth_are_refused_by_plain_ot():
 
 
 def test_unsupported_network_names_the_model():
-    with pytest.raises(UnsupportedNetwork, match="SmallCNN"):
+    with pytest.raises(UnsupportedNetwork, match="small_cnn: cross-layer alignment needs"):
         fusion_spec(create_model("small_cnn"))
 
 
@@ -435,7 +435,7 @@ def test_networks_with_other_inputs_are_refused_before_any_work():
     b = create_model("mlp", in_shape=(1, 28, 28), hidden=(8,))
     with pytest.raises(UnsupportedNetwork, match=r"model 1: input shape \(1, 28, 28\) differs"):
         clafusion([a, b], torch.rand(4, 1, 8, 8))
-    with pytest.raises(UnsupportedNetwork, match="SmallCNN"):
+    with pytest.raises(UnsupportedNetwork, match="small_cnn: cross-layer alignment needs"):
         clafusion([a, create_model("small_cnn", in_shape=(1, 8, 8))], torch.rand(4, 1, 8, 8))
 
 

@@ -139,6 +139,9 @@ def test_ot_job_fuses_torchvision_parties_back(tmp_path):
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
     assert results["teacher:own"] == results["teacher:twin"]
     assert results["student"] == results["teacher:own"]
+    refused = r"parties.0 \(own\): torchvision:mobilenet_v3_small: cross-layer alignment needs"
+    with pytest.raises(ValueError, match=refused):
+        _run(tmp_path, handlers, "clafusion", WEIGHT_METRIC_ONLY, {"unlabeled": "digits:public"})
 
 
 def test_ot_refuses_networks_of_different_depth(parties, tmp_path):

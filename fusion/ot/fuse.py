@@ -65,6 +65,19 @@ def _weighted_average(states: list[dict[str, Tensor]], weights: list[float]) -> 
     return fused
 
 
+def cross_layer_spec(model: nn.Module, in_shape: tuple[int, ...] | None = None) -> FusionSpec:
+    """:func:`fusion_spec` of a network that cross-layer alignment can balance: one whose
+    sections (units between resolution changes) the registry declares."""
+    spec = fusion_spec(model, in_shape)
+    if not spec.sections:
+        name = getattr(model, "arch", {}).get("name", type(model).__name__)
+        raise UnsupportedNetwork(
+            f"{name}: cross-layer alignment needs the sections of the registry's MLP, VGG or "
+            "ResNet; fuse networks of equal depth with OT"
+        )
+    return spec
+
+
 def _check_inputs(models: list[nn.Module]) -> None:
     shapes = [input_shape(m) for m in models]
     for k, shape in enumerate(shapes[1:], start=1):
@@ -261,11 +274,7 @@ def clafusion(
     _check_inputs(models)
     probe = _as_probe(probe)
     for model in models:  # unsupported networks fail here, before any work
-        if not fusion_spec(model, tuple(probe.x.shape[1:])).sections:
-            raise UnsupportedNetwork(
-                f"{type(model).__name__}: cross-layer alignment needs the sections of the "
-                "registry's MLP, VGG or ResNet; fuse networks of equal depth with OT"
-            )
+        cross_layer_spec(model, tuple(probe.x.shape[1:]))
     if config.base is None:
         depths = [_unit_count(m) for m in models]
         base = depths.index(min(depths))

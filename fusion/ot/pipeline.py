@@ -24,6 +24,7 @@ from amalgam.fusion.ot.config import AlignmentConfig, OTFusionConfig
 from amalgam.fusion.ot.fuse import (
     FusionResult,
     clafusion,
+    cross_layer_spec,
     ot_fuse,
     recompute_batchnorm,
     vanilla_average,
@@ -200,7 +201,7 @@ def fuse_parties(
     models = [w.build() for w in context.map_teachers(lambda t: t.weights(), teachers)]
     for k, (name, model) in enumerate(zip(names, models, strict=True)):
         try:
-            fusion_spec(model)
+            cross_layer_spec(model) if cross_layer else fusion_spec(model)
         except UnsupportedNetwork as error:
             raise UnsupportedNetwork(f"parties.{k} ({name}): {error}") from None
     probe, supplied = _probe(unlabeled, normalise, teachers, models, cross_layer, config, seed)
