@@ -139,9 +139,11 @@ def test_networks_of_different_depth_are_refused_by_plain_ot():
         ot_fuse([a, b], probe=torch.rand(4, 1, 8, 8))
 
 
-def test_unsupported_network_names_the_model():
-    with pytest.raises(UnsupportedNetwork, match="small_cnn: cross-layer alignment needs"):
+def test_network_outside_the_registry_is_traced_given_its_input_shape():
+    with pytest.raises(UnsupportedNetwork, match="SmallCNN: give the input shape"):
         fusion_spec(create_model("small_cnn"))
+    spec = fusion_spec(create_model("small_cnn", width=8), (1, 28, 28))
+    assert [len(g.producers) for g in spec.groups] == [1] * 5  # 4 convolutions, 1 linear
 
 
 def test_bad_configuration_names_the_field():
