@@ -10,6 +10,7 @@ import torch
 import torchvision
 from permuted import permuted_copy
 from torch import nn
+from torchvision.models.convnext import CNBlockConfig
 
 from amalgam.fusion.models import create_model
 from amalgam.fusion.ot.config import OTFusionConfig
@@ -71,6 +72,13 @@ def _vgg11_bn() -> nn.Module:
     return model
 
 
+def _convnext() -> nn.Module:
+    """torchvision's ConvNeXt (channels-last blocks, layer scale, stochastic depth) in two
+    narrow stages of one block each: convnext_tiny's graph at a test's size."""
+    stages = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]
+    return torchvision.models.convnext.ConvNeXt(stages, stochastic_depth_prob=0.1, num_classes=10)
+
+
 ECOSYSTEM = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32)),
     "vgg11_bn": (_vgg11_bn, (3, 32, 32)),
@@ -78,6 +86,8 @@ ECOSYSTEM = {
         lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
         (3, 32, 32),
     ),  # fmt: skip
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), (3, 32, 32)),
+    "convnext": (_convnext, (3, 32, 32)),
     "timm-efficientnet_b0": (
         lambda: timm.create_model("efficientnet_b0", num_classes=10),
         (3, 32, 32),
@@ -90,7 +100,7 @@ ECOSYSTEM = {
 
 
 @pytest.mark.parametrize("name", sorted(ECOSYSTEM))
-def test_ecosystem_network_fuses_back_from_apermuted_copy(name):
+def test_ecosystem_network_fuses_back_from_a_permuted_copy(name):
     build, in_shape = ECOSYSTEM[name]
     torch.manual_seed(0)
     model = _trained_like(build(), in_shape)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.ops import stochastic_depth
 
 from amalgam.fusion.ot.spec import FusionSpec, Group, UnsupportedNetwork
 
@@ -53,7 +54,7 @@ PASS_MODULES = (
 PASS_FUNCTIONS = {
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.leaky_relu, F.dropout,
     F.adaptive_avg_pool2d, F.max_pool2d, F.avg_pool2d, torch.relu, torch.sigmoid, torch.tanh,
-    operator.neg,
+    operator.neg, stochastic_depth,  # torchvision's drop path: the identity in evaluation
 }  # fmt: skip
 PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "float"}
 ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.imul,
@@ -211,7 +212,7 @@ class _Tracer:
             shape = node.meta["tensor_meta"].shape
             if len(shape) == 2 and x.dim == 1:  # (B, -1): a flatten
                 return self._channels(node, x.group, 1)
-        elif is_method and target == "permute":
+        elif target is torch.permute or (is_method and target == "permute"):
             order = [a if isinstance(a, int) else None for a in _flat(node.args[1:])]
             order = [d % x.rank for d in order if d is not None]
             if sorted(order) == list(range(x.rank)):
