@@ -5,10 +5,10 @@ outgrow the caches: every layer then streams its whole batch out to memory and b
 whose widest activation outgrows :data:`WHOLE_SLICES` slices of :data:`SLICE_BYTES` (a large
 last-level cache) is run in slices of that size; a smaller one is run whole, as the Python
 calls of each slice cost more there than they save. Measured on this project's 2-core machine
-(32 MiB L3), in an agent's Predict (``python -m benchmarks.protocol``) and over 2,048 images:
-the small BN-CNN at 28x28 answers 3,600 against 10,000 images/s, ``resnet20_cifar`` 550 against
-1,770, ``vgg_cnn`` at 32x32 970 against 1,480; networks whose activations are small anyway (an
-MLP, the demo CNN at 8x8) are as fast either way.
+(32 MiB L3) in an agent's Predict at batch 1,024 (``python -m benchmarks.protocol``), sliced
+against whole: 1.19 times the images/s for the small BN-CNN at 28x28, 1.71 for ``vgg_cnn`` and
+2.57 for ``resnet20_cifar`` at 32x32; networks whose activations are small anyway (an MLP, the
+demo CNN at 8x8) are as fast either way.
 Slicing changes nothing in the answer of a network in evaluation mode, where every sample is
 computed on its own; one that normalizes with the statistics of its batch (a BatchNorm without
 running statistics) is never sliced, nor is a model on an accelerator, whose memory is not a

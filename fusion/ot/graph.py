@@ -80,10 +80,10 @@ class _Tracer:
         self.parent = [FIXED]  # union-find over group ids; FIXED is group 0
         self.values: dict[fx.Node, Channels | None] = {}
         self.axes: dict[str, tuple[int | None, ...]] = {}
-        self.created: list[tuple[str, int]] = []  # (producing weight, group), forward order
+        # (producing weight, its output group, the output's shape), in forward order
+        self.created: list[tuple[str, int, tuple[int, ...]]] = []
         # (module called once, group it outputs on axis 1, the output's shape)
         self.outputs: list[tuple[str, int, tuple[int, ...]]] = []
-        self.shapes: dict[int, tuple[int, ...]] = {}  # each created group's first output shape
         self.calls = Counter(n.target for n in graph.graph.nodes if n.op == "call_module")
 
     # -- union-find --------------------------------------------------------------------------
@@ -157,8 +157,7 @@ class _Tracer:
                 self.axes[f"{prefix}.weight"] = (out, None, *spatial)
             else:
                 raise self._unsupported(node, f"a grouped convolution (groups={module.groups})")
-            self.created.append((f"{prefix}.weight", out))
-            self.shapes.setdefault(out, _shape(node))
+            self.created.append((f"{prefix}.weight", out, _shape(node)))
             self.axes[f"{prefix}.bias"] = (out,)
             return self._record(node, self._channels(node, out, 1))
         if isinstance(module, nn.Linear):
@@ -167,13 +166,11 @@ class _Tracer:
             out = self.new_group()
             self.axes[f"{prefix}.weight"] = (out, x.group)
             self.axes[f"{prefix}.bias"] = (out,)
-            self.created.append((f"{prefix}.weight", out))
-            self.shapes[out] = _shape(node)
+            self.created.append((f"{prefix}.weight", out, _shape(node)))
             return self._record(node, self._channels(node, out, x.dim))
         if isinstance(module, nn.modules.batchnorm._NormBase):
             for name in ("weight", "bias", "running_mean", "running_var"):
                 self.axes[f"{prefix}.{name}"] = (x.group,)
-            self.axes[f"{prefix}.num_batches_tracked"] = ()
         elif isinstance(module, nn.LayerNorm):
             if len(module.normalized_shape) != 1 or x.dim != x.rank - 1:
                 raise self._unsupported(node, "a LayerNorm over more than the channels")
@@ -346,15 +343,14 @@ def traced_spec(model: nn.Module, in_shape: tuple[int, ...]) -> FusionSpec:
 def _assemble(tracer: _Tracer, model: nn.Module) -> FusionSpec:
     """Groups in the order they are created, named after their first producer's module."""
     order: dict[int, int] = {}  # root -> rank in forward order
-    for _, group in tracer.created:
+    names: dict[int, str] = {}
+    first_shape: dict[int, tuple[int, ...]] = {}  # the output shape of its first producer
+    for weight, group, shape in tracer.created:
         root = tracer.find(group)
-        if root != FIXED:
-            order.setdefault(root, len(order))
-    names = {}
-    for weight, group in tracer.created:
-        root = tracer.find(group)
-        if root in order:
-            names.setdefault(root, weight.rpartition(".")[0])
+        if root != FIXED and root not in order:
+            order[root] = len(order)
+            names[root] = weight.rpartition(".")[0]
+            first_shape[root] = shape
 
     def resolved(axes: tuple[int | None, ...]) -> tuple[str | None, ...]:
         return tuple(names.get(tracer.find(g)) if g is not None else None for g in axes)
@@ -364,13 +360,10 @@ def _assemble(tracer: _Tracer, model: nn.Module) -> FusionSpec:
     spec = FusionSpec(axes={name: resolved(axes) for name, axes in tracer.axes.items()
                             if name in state})  # fmt: skip
     # the probe: the last output of the group's first shape (before pooling or flattening)
-    first_shape = {}
-    for _, group in tracer.created:
-        first_shape.setdefault(tracer.find(group), tracer.shapes[group])
     probes = {tracer.find(group): module for module, group, shape in tracer.outputs
               if shape == first_shape.get(tracer.find(group))}  # fmt: skip
     for root in sorted(order, key=order.get):
-        writers = [weight for weight, group in tracer.created if tracer.find(group) == root]
+        writers = [weight for weight, group, _ in tracer.created if tracer.find(group) == root]
         producers = [
             weight for weight in writers
             if all(order.get(tracer.find(g), -1) < order[root]
