@@ -3,6 +3,9 @@ and CNN cases on CIFAR-10).
 
 Variants (paper 002, Appendix B-D): ``mlp-same`` — two MLPs 784-400-200-100-10 from different
 seeds: each model, the prediction ensemble, vanilla weight averaging and one-shot OT fusion;
+``otfusion-anchor`` -- the same on the original OTFusion code's MLP (784-400-200-100-10, no
+biases), its two checkpoints given with ``--anchor`` or trained here by its recipe, with each
+fusion's median seconds over 5 runs against that code's (0.72 s weights / 0.53 s activations);
 ``mlp-hetero`` — MLPs with hidden layers 400-200-100-50-25 and 400-200-100 (Table 10): the
 cross-layer map, CLAFusion with add / merge (sign of sum) / merge (average of sign) before
 fine-tuning, and after a short fine-tune (``--ft-epochs``) next to each input fine-tuned for
@@ -17,15 +20,20 @@ CKA, alignment and merging: 200 training images (the paper's 200 samples). ``cif
 (VGG-style with BatchNorm and biases, 2 vs 1 conv layers per stage) and ``cifar-resnet``
 (ResNet-14 vs ResNet-8): a few epochs each, CLAFusion, then a short fine-tune next to each
 input fine-tuned for the same budget (rows as ``mlp-hetero``; merging does not apply to
-convolutions).
+convolutions). ``tv-resnet18`` and ``tv-vgg11bn`` (CIFAR-10): torchvision's networks (vgg11_bn
+with a classifier for 32x32 inputs) from two seeds on ``--tv-images`` training images, OT
+fusion on the traced graph, then the same fine-tune. CNN rows ``*_bn`` re-estimate BatchNorm on
+10,000 training images, ``*_repair`` apply REPAIR on the 200 probe images alone.
 
     python -m benchmarks.otfusion [--variant mlp-same] [--epochs 10] [--ft-epochs 2]
-        [--ft-curve-epochs 10] [--cnn-ft-epochs 2] [--seeds 0 1 2] [--tag ft5] [--quick]
+        [--ft-curve-epochs 10] [--cnn-ft-epochs 2] [--tv-images 20000] [--anchor A B]
+        [--seeds 0 1 2] [--tag ft5] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -33,7 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from torch import nn
 
+from amalgam.fusion.activations import layer_outputs
 from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.models import Classifier, create_model
 from amalgam.fusion.ot.config import OTFusionConfig
@@ -44,6 +55,8 @@ from amalgam.fusion.ot.fuse import (
     recompute_batchnorm,
     vanilla_average,
 )
+from amalgam.fusion.ot.repair import repair, repair_points
+from amalgam.fusion.ot.spec import fusion_spec
 from amalgam.fusion.train import accuracy, fit, predict_logits
 from amalgam.server.figures import plot_heatmap
 from benchmarks.harness import Benchmark, Results, record
@@ -59,6 +72,8 @@ ADAM_FT = {"optimizer": "adam", "lr": 1e-3, "batch_size": 64}
 BATCHNORM_IMAGES = 10_000
 PROBE_SIZE = 200
 SKILL_DIGIT, SKILL_SHARE = 4, 0.1
+# the original OTFusion code's fusion of its two MNIST MLPs on this kind of machine (seconds)
+ORIGINAL_SECONDS = {"weight": 0.72, "activation": 0.53}
 FINE_TUNED = "cla_merge_sum"  # the fused network cla_ft fine-tunes (the paper's best, Table 10)
 
 
@@ -69,17 +84,12 @@ def train_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: int, de
     return model.eval()
 
 
-def _copy(model: Classifier) -> Classifier:
-    clone = create_model(model.arch["name"], **model.arch["kwargs"])
-    clone.load_state_dict(model.state_dict())
-    return clone
-
-
 def fine_tuned(
-    model: Classifier, data: Dataset, epochs: int, seed: int, desc: str, optimiser: dict = SGD
+    model: nn.Module, data: Dataset, epochs: int, seed: int, desc: str, optimiser: dict = SGD
 ) -> Classifier:
-    clone = _copy(model)
-    fit(clone, data.x, data.y, epochs=epochs, seed=seed + 7, desc=desc, **optimiser)
+    clone = copy.deepcopy(model)
+    targets = F.one_hot(data.y.long(), 10).float()  # (N, 10)
+    fit(clone, data.x, targets, epochs=epochs, seed=seed + 7, desc=desc, **optimiser)
     return clone.eval()
 
 
@@ -88,7 +98,7 @@ def fine_tuning_curve(
 ) -> list[float]:
     """Test accuracy after each epoch of one ``epochs``-epoch fine-tune with the MLPs' SGD:
     at its constant rate the value after epoch k is that of :func:`fine_tuned` for k epochs."""
-    clone, curve = _copy(model), []
+    clone, curve = copy.deepcopy(model), []
     fit(
         clone, train.x, train.y, epochs=epochs, seed=seed + 7, desc=desc,
         on_epoch=lambda _: curve.append(test_accuracy(clone, test)), **SGD,
@@ -108,7 +118,7 @@ def ensemble_accuracy(models: list[Classifier], test: Dataset) -> float:
 def timed(fn, *args, **kwargs):
     started = time.perf_counter()
     value = fn(*args, **kwargs)
-    return value, round(time.perf_counter() - started, 2)
+    return value, round(time.perf_counter() - started, 4)
 
 
 def probe_inputs(train: Dataset, seed: int) -> torch.Tensor:
@@ -116,16 +126,20 @@ def probe_inputs(train: Dataset, seed: int) -> torch.Tensor:
     return train.x[torch.from_numpy(index)]
 
 
-def mlp_same(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
-    a = train_mlp(train, SAME, b["epochs"], b["seed"], "model_a")
-    m_b = train_mlp(train, SAME, b["epochs"], b["seed"] + 1, "model_b")
-    vanilla, t_vanilla = timed(vanilla_average, [a, m_b])
-    fused, t_ot = timed(ot_fuse, [a, m_b], OTFusionConfig(ground_metric="weight"))
-    fused_act, t_act = timed(
-        ot_fuse,
-        [a, m_b],
-        OTFusionConfig(ground_metric="activation"),
-        probe_inputs(train, b["seed"]),
+def median_timed(fn, *args, repeats: int = 5):
+    """``fn(*args)`` and the median of ``repeats`` runs' seconds."""
+    runs = [timed(fn, *args) for _ in range(repeats)]
+    return runs[0][0], float(np.median([seconds for _, seconds in runs]))
+
+
+def same_depth_rows(a: nn.Module, m_b: nn.Module, probe: torch.Tensor, test: Dataset):
+    """Rows of two equally deep networks: each, their ensemble, vanilla averaging and OT
+    fusion on weights and on activations, with the median seconds of each fusion."""
+    vanilla, t_vanilla = median_timed(vanilla_average, [a, m_b])
+    by_weights, shape = OTFusionConfig(ground_metric="weight"), tuple(probe.shape[1:])
+    fused, t_ot = median_timed(ot_fuse, [a, m_b], by_weights, None, shape)
+    fused_act, t_act = median_timed(
+        ot_fuse, [a, m_b], OTFusionConfig(ground_metric="activation"), probe
     )
     results = {
         "model_a": test_accuracy(a, test),
@@ -142,6 +156,62 @@ def mlp_same(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, d
             "ot_fused_activation": t_act,
         },
         "transport_cost": fused.transport_costs[1],
+    }
+    return results, extra
+
+
+def mlp_same(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
+    a = train_mlp(train, SAME, b["epochs"], b["seed"], "model_a")
+    m_b = train_mlp(train, SAME, b["epochs"], b["seed"] + 1, "model_b")
+    return same_depth_rows(a, m_b, probe_inputs(train, b["seed"]), test)
+
+
+class AnchorMLP(nn.Module):
+    """The MNIST MLP of the original OTFusion code (``MlpNetBase``): 784-400-200-100-10
+    without biases; the ``model_state_dict`` of its checkpoints loads into it. It returns
+    logits where that code returns their log-softmax (the same predictions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 400, bias=False)
+        self.fc2 = nn.Linear(400, 200, bias=False)
+        self.fc3 = nn.Linear(200, 100, bias=False)
+        self.fc4 = nn.Linear(100, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # (B, 1, 28, 28) -> (B, 784)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc4(F.relu(self.fc3(x)))
+
+
+def anchor_model(checkpoint: str | None, train: Dataset, b: dict, k: int) -> nn.Module:
+    """Model ``k`` of the pair: loaded from ``checkpoint`` (the original code's file), else
+    trained here as that code trains it (SGD lr 0.01, momentum 0.5, batch 64, no decay)."""
+    model = AnchorMLP()
+    if checkpoint:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved.get("model_state_dict", saved))
+        return model.eval()
+    torch.manual_seed(b["seed"] + k)
+    targets = F.one_hot(train.y.long(), 10).float()  # (N, 10)
+    fit(model, train.x, targets, epochs=b["epochs"], seed=b["seed"] + k, desc=f"model_{k}",
+        **SGD)  # fmt: skip
+    return model.eval()
+
+
+def otfusion_anchor(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
+    checkpoints = b["anchor"] or [None, None]
+    a, m_b = (anchor_model(path, train, b, k) for k, path in enumerate(checkpoints))
+    results, extra = same_depth_rows(a, m_b, probe_inputs(train, b["seed"]), test)
+    extra["models"] = b["anchor"] or "trained here (the original code's recipe)"
+    extra["original_code_seconds"] = ORIGINAL_SECONDS
+    seconds = extra["fusion_seconds"]
+    extra["seconds_over_original"] = {
+        "ot_fused": round(seconds["ot_fused"] / ORIGINAL_SECONDS["weight"], 3),
+        "ot_fused_activation": round(
+            seconds["ot_fused_activation"] / ORIGINAL_SECONDS["activation"], 3
+        ),
     }
     return results, extra
 
@@ -254,6 +324,52 @@ def train_cnn(data: Dataset, arch: dict, epochs: int, seed: int, desc: str) -> C
     return model.eval()
 
 
+ONE_SHOT_ROWS = (
+    "BatchNorm statistics averaged with the weights; _bn: re-estimated on "
+    f"{BATCHNORM_IMAGES} training images; _repair: REPAIR on the {PROBE_SIZE} probe images "
+    "alone (where every hidden channel passes a BatchNorm, it sets what re-estimation would)"
+)
+
+
+def bn_estimated(model: nn.Module, train: Dataset) -> nn.Module:
+    """A copy of ``model`` with BatchNorm statistics re-estimated on training images."""
+    return recompute_batchnorm(copy.deepcopy(model), train.x[:BATCHNORM_IMAGES])
+
+
+@torch.no_grad()
+def matched_correlation(result: FusionResult, probe: torch.Tensor) -> dict[str, float]:
+    """Per repair point, the mean correlation on the probe between each channel of the base
+    and the channel aligned to it from the other network: averaging two channels of
+    correlation r keeps sqrt((1 + r) / 2) of their standard deviation (REPAIR, section 3)."""
+    base, other = result.aligned_models()[result.base], result.aligned_models()[1 - result.base]
+    points = repair_points(result.model, fusion_spec(result.model, tuple(probe.shape[1:])))
+    ours, theirs = (layer_outputs(m, probe, points) for m in (base, other))
+    found = {}
+    for point in points:
+        dim = -1 if ours[point].dim() == 2 else 1
+        a, b = (z[point].movedim(dim, -1).reshape(-1, z[point].shape[dim]).double()
+                for z in (ours, theirs))  # fmt: skip
+        a, b = a - a.mean(0), b - b.mean(0)  # (N, C)
+        r = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-12)  # (C,)
+        found[point] = round(float(r.mean()), 3)
+    return found
+
+
+def one_shot_rows(
+    row: str, result: FusionResult, train: Dataset, test: Dataset, probe: torch.Tensor
+) -> tuple[dict[str, float], nn.Module, float]:
+    """Test accuracy of the one-shot fused network (rows ``row``, ``row_bn``, ``row_repair``:
+    :data:`ONE_SHOT_ROWS`), the repaired network and the seconds REPAIR took."""
+    repaired = copy.deepcopy(result.model)
+    _, seconds = timed(repair, repaired, result.aligned_models(), probe)
+    rows = {
+        row: test_accuracy(result.model, test),
+        f"{row}_bn": test_accuracy(bn_estimated(result.model, train), test),
+        f"{row}_repair": test_accuracy(repaired, test),
+    }
+    return rows, repaired, seconds
+
+
 def cnn_pair(arch_a: dict, arch_b: dict):
     """A CNN case: two networks of one family and different depths, CLAFusion with identity
     layers / zero-residual blocks, BatchNorm statistics averaged or re-estimated, then a short
@@ -269,14 +385,15 @@ def cnn_pair(arch_a: dict, arch_b: dict):
             "model_a": test_accuracy(a, test),
             "model_b": test_accuracy(m_b, test),
             "ensemble": ensemble_accuracy([a, m_b], test),
-            "cla_add": test_accuracy(fused.model, test),
         }
-        for row, result in {"cla_add_bn": fused, "cla_add_bn_weight_metric": by_weights}.items():
-            recompute_batchnorm(result.model, train.x[:BATCHNORM_IMAGES])
-            results[row] = test_accuracy(result.model, test)
+        rows, _, repair_seconds = one_shot_rows("cla_add", fused, train, test, probe)
+        results |= rows
+        recompute_batchnorm(by_weights.model, train.x[:BATCHNORM_IMAGES])
+        results["cla_add_bn_weight_metric"] = test_accuracy(by_weights.model, test)
         ft = b["cnn_ft_epochs"]
         results["cla_ft"] = test_accuracy(
-            fine_tuned(fused.model, train, ft, b["seed"], "cla_ft", ADAM_FT), test
+            fine_tuned(bn_estimated(fused.model, train), train, ft, b["seed"], "cla_ft", ADAM_FT),
+            test,
         )
         results["model_a_ft"] = test_accuracy(
             fine_tuned(a, train, ft, b["seed"], "model_a_ft", ADAM_FT), test
@@ -290,10 +407,72 @@ def cnn_pair(arch_a: dict, arch_b: dict):
             "cka": {s: {k: c.tolist() for k, c in m.items()} for s, m in fused.cka.items()},
             "transport_cost": fused.transport_costs,
             "fusion_seconds": seconds,
+            "repair_seconds": repair_seconds,
+            "matched_correlation": matched_correlation(fused, probe),
             "depth_aligned_accuracy": [test_accuracy(m, test) for m in fused.balanced],
-            "rows": "cla_add: activation-based alignment, BatchNorm statistics averaged with "
-            f"the weights; cla_add_bn: re-estimated on {BATCHNORM_IMAGES} training images "
+            "rows": f"cla_add: activation-based alignment, {ONE_SHOT_ROWS} "
             "(_weight_metric: weight-based alignment); cla_ft fine-tunes cla_add_bn",
+        }
+        return results, extra
+
+    return run
+
+
+def tv_vgg11_bn(num_classes: int) -> nn.Module:
+    """torchvision's ``vgg11_bn`` with a classifier for 32x32 inputs: global average pooling
+    and one hidden layer of 256 (its own 25088-4096-4096 classifier is 120M weights)."""
+    model = torchvision.models.vgg11_bn(num_classes=num_classes)
+    model.avgpool = nn.AdaptiveAvgPool2d(1)
+    model.classifier = nn.Sequential(
+        nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes)
+    )
+    return model
+
+
+def torchvision_pair(build):
+    """A torchvision case: two networks of one architecture from two seeds, trained on
+    ``--tv-images`` training images, OT-fused (activation metric) and repaired, then a short
+    fine-tune of the fused network (``ot_fused_repair``) next to each input's."""
+
+    def run(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
+        order = np.random.default_rng(SEED).permutation(len(train))[: b["tv_images"]]
+        train = train.subset(order)
+        one_hot = F.one_hot(train.y.long(), 10).float()  # (N, 10): the network has no head
+        models = []
+        for k, desc in enumerate(("model_a", "model_b")):
+            torch.manual_seed(b["seed"] + k)
+            model = build(num_classes=10)
+            fit(model, train.x, one_hot, epochs=b["cnn_epochs"], seed=b["seed"] + k,
+                desc=desc, **ADAM)  # fmt: skip
+            models.append(model.eval())
+        probe = probe_inputs(train, b["seed"])
+        fused, seconds = timed(ot_fuse, models, OTFusionConfig(), probe)
+        averaged = vanilla_average(models)
+        results = {
+            "model_a": test_accuracy(models[0], test),
+            "model_b": test_accuracy(models[1], test),
+            "ensemble": ensemble_accuracy(models, test),
+            "vanilla_avg": test_accuracy(averaged, test),
+            "vanilla_avg_bn": test_accuracy(bn_estimated(averaged, train), test),
+        }
+        rows, repaired, repair_seconds = one_shot_rows("ot_fused", fused, train, test, probe)
+        results |= rows
+        ft = b["cnn_ft_epochs"]
+        for row, model in {
+            "ot_ft": repaired,
+            "model_a_ft": models[0],
+            "model_b_ft": models[1],
+        }.items():
+            tuned = fine_tuned(model, train, ft, b["seed"], row, ADAM_FT)
+            results[row] = test_accuracy(tuned, test)
+        extra = {
+            "architecture": type(models[0]).__name__,
+            "fusion_seconds": seconds,
+            "repair_seconds": repair_seconds,
+            "matched_correlation": matched_correlation(fused, probe),
+            "transport_cost": fused.transport_costs[1],
+            "rows": f"ot_fused: activation-based alignment, {ONE_SHOT_ROWS}; vanilla_avg: "
+            "weights averaged unaligned (_bn as above); ot_ft fine-tunes ot_fused_repair",
         }
         return results, extra
 
@@ -302,6 +481,7 @@ def cnn_pair(arch_a: dict, arch_b: dict):
 
 RUNNERS = {
     "mlp-same": mlp_same,
+    "otfusion-anchor": otfusion_anchor,
     "mlp-hetero": mlp_hetero,
     "skill-transfer": skill_transfer,
     "cifar-vgg": cnn_pair(
@@ -309,6 +489,8 @@ RUNNERS = {
         {"name": "vgg_cnn", "stages": ((16,), (32,), (64,)), "fc": (128,)},
     ),
     "cifar-resnet": cnn_pair({"name": "resnet14_cifar"}, {"name": "resnet8_cifar"}),
+    "tv-resnet18": torchvision_pair(torchvision.models.resnet18),
+    "tv-vgg11bn": torchvision_pair(tv_vgg11_bn),
 }
 VARIANTS = list(RUNNERS)
 
@@ -325,7 +507,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     are kept in ``extra.per_seed`` and the first seed's figures in ``extra``."""
     b, seeds, tag, out = budget(args), args.seeds, args.tag, results.folder
     started = time.perf_counter()
-    cifar = name.startswith("cifar")
+    cifar = name.startswith(("cifar", "tv-"))
     stats = (CIFAR_MEAN, CIFAR_STD) if cifar else ((MNIST_MEAN,), (MNIST_STD,))
     source = "cifar10" if cifar else "mnist"
     train, test = (normalised(f"{source}:{part}", *stats) for part in ("train", "test"))
@@ -340,8 +522,9 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     if len(seeds) > 1:
         extra["per_seed"] = per_seed
     if cifar:
+        images = f" on {b['tv_images']} images" if name.startswith("tv-") else ""
         spent = (
-            f"CNNs: {b['cnn_epochs']} epochs Adam lr 2e-3 cosine batch 64; fine-tuning: "
+            f"CNNs: {b['cnn_epochs']} epochs{images} Adam lr 2e-3 cosine batch 64; fine-tuning: "
             f"{b['cnn_ft_epochs']} epoch(s) Adam lr 1e-3; probe: {PROBE_SIZE} training images"
         )
     else:
@@ -369,13 +552,16 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
 def budget(args: argparse.Namespace) -> dict:
     if args.quick:
         return {"epochs": 1, "ft_epochs": 1, "ft_curve_epochs": 2, "cnn_epochs": 1,
-                "cnn_ft_epochs": 1, "train": 1000}  # fmt: skip
+                "cnn_ft_epochs": 1, "train": 1000, "tv_images": 1000,
+                "anchor": args.anchor}  # fmt: skip
     return {
         "epochs": args.epochs,
         "ft_epochs": args.ft_epochs,
         "ft_curve_epochs": args.ft_curve_epochs,
         "cnn_epochs": args.cnn_epochs,
         "cnn_ft_epochs": args.cnn_ft_epochs,
+        "tv_images": args.tv_images,
+        "anchor": args.anchor,
         "train": 0,
     }
 
@@ -388,6 +574,13 @@ def options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cnn-epochs", type=int, default=3)
     parser.add_argument("--cnn-ft-epochs", type=int, default=2)
+    parser.add_argument(
+        "--anchor", nargs=2, metavar="CHECKPOINT",
+        help="otfusion-anchor: the original OTFusion code's two MNIST MLP checkpoints",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tv-images", type=int, default=20_000, help="tv-*: training images (of 50,000)"
+    )
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=[SEED], help="one run per seed; rows are means"
     )

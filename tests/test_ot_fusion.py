@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from networks import NETWORKS, probe_inputs, trained_like
 from permuted import permuted_copy
 from torch import nn
 
@@ -24,29 +25,6 @@ from amalgam.fusion.ot.transport import align, apply_transport, transport_plan
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-NETWORKS = {
-    "mlp": dict(name="mlp", in_shape=(1, 8, 8), hidden=(24, 16, 12)),
-    "vgg": dict(name="vgg_cnn", in_shape=(3, 16, 16), stages=((6,), (8, 8)), fc=(12,)),
-    "resnet": dict(name="resnet8_cifar", in_shape=(3, 16, 16)),
-}
-
-
-def _trained_like(kind: str, seed: int = 0) -> nn.Module:
-    """A network with non-trivial BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    kwargs = dict(NETWORKS[kind])
-    model = create_model(kwargs.pop("name"), num_classes=5, **kwargs)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(16, *kwargs["in_shape"]) * 2 + 0.5)
-    return model.eval()
-
-
-def _inputs(kind: str, count: int = 32, seed: int = 1) -> torch.Tensor:
-    shape = NETWORKS[kind]["in_shape"]
-    return torch.randn(count, *shape, generator=torch.Generator().manual_seed(seed))
-
 
 def _permuted_copy(model: nn.Module, seed: int = 2) -> nn.Module:
     """The same function with the neurons of every group in a random order."""
@@ -58,9 +36,9 @@ def _permuted_copy(model: nn.Module, seed: int = 2) -> nn.Module:
 
 @pytest.mark.parametrize("kind", sorted(NETWORKS))
 def test_permuted_copy_changes_weights_not_function(kind):
-    model = _trained_like(kind)
+    model = trained_like(kind)
     clone = _permuted_copy(model)
-    x = _inputs(kind)
+    x = probe_inputs(kind)
     producer = fusion_spec(model).groups[0].producers[0]
     assert not torch.equal(model.state_dict()[producer], clone.state_dict()[producer])
     torch.testing.assert_close(clone(x), model(x), atol=1e-5, rtol=0)
@@ -69,9 +47,9 @@ def test_permuted_copy_changes_weights_not_function(kind):
 @pytest.mark.parametrize("kind", sorted(NETWORKS))
 @pytest.mark.parametrize("ground_metric", ["weight", "activation"])
 def test_fusing_with_a_permuted_copy_reproduces_the_function(kind, ground_metric):
-    model = _trained_like(kind)
+    model = trained_like(kind)
     clone = _permuted_copy(model)
-    x = _inputs(kind)
+    x = probe_inputs(kind)
     config = OTFusionConfig(ground_metric=ground_metric, plan="emd")
     result = ot_fuse([clone, model], config, probe=x)
     with torch.no_grad():
@@ -89,9 +67,9 @@ def test_fusing_with_a_permuted_copy_reproduces_the_function(kind, ground_metric
 
 @pytest.mark.parametrize("mode", ["many_to_one", "iterative"])
 def test_three_permuted_copies_fuse_back_to_the_model(mode):
-    model = _trained_like("resnet")
+    model = trained_like("resnet")
     copies = [_permuted_copy(model, seed) for seed in (3, 4)]
-    x = _inputs("resnet")
+    x = probe_inputs("resnet")
     config = OTFusionConfig(mode=mode, weights=[0.2, 0.5, 0.3])
     result = ot_fuse([model, *copies], config, probe=x)
     with torch.no_grad():
@@ -101,7 +79,7 @@ def test_three_permuted_copies_fuse_back_to_the_model(mode):
 def test_the_base_is_not_aligned_to_itself():
     # an entropic plan of the base onto itself would blur its neurons: the base stays as is,
     # and only the other network is aligned (its weight 0 here)
-    model, other = _trained_like("mlp"), _trained_like("mlp", seed=1)
+    model, other = trained_like("mlp"), trained_like("mlp", seed=1)
     calls = []
     config = OTFusionConfig(plan="sinkhorn", ground_metric="weight", weights=[1.0, 0.0])
     with pytest.MonkeyPatch.context() as patch:
@@ -125,8 +103,8 @@ def test_fused_model_takes_the_base_widths_and_keeps_dtype():
 
 
 def test_fusion_weight_one_returns_that_model():
-    a, b = _trained_like("vgg", seed=0), _trained_like("vgg", seed=1)
-    x = _inputs("vgg")
+    a, b = trained_like("vgg", seed=0), trained_like("vgg", seed=1)
+    x = probe_inputs("vgg")
     result = ot_fuse([a, b], OTFusionConfig(weights=[0.0, 1.0], base=0), probe=x)
     # all mass on b, aligned onto a's neuron order: b's function
     torch.testing.assert_close(result.model(x), b(x), atol=1e-5, rtol=0)
@@ -228,8 +206,8 @@ def test_cka_of_a_constant_layer_is_zero_not_nan():
 
 
 def test_layer_grams_match_layer_outputs():
-    model = _trained_like("mlp")
-    x = _inputs("mlp")
+    model = trained_like("mlp")
+    x = probe_inputs("mlp")
     outputs = layer_outputs(model, x, ["body.1", "body.3"])
     grams = layer_grams(model, x, ["body.1", "body.3"])
     assert outputs["body.1"].shape == (32, 24)
@@ -290,14 +268,14 @@ INSERTIONS = {
 @pytest.mark.parametrize("kind", sorted(NETWORKS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_adding_identity_units_preserves_function_dtype_and_depth(kind, dtype):
-    model = _trained_like(kind).to(dtype)
+    model = trained_like(kind).to(dtype)
     deeper = add_identity_units(model, INSERTIONS[kind])
     added = sum(len(v) for v in INSERTIONS[kind].values())
     sections = lambda m: sum(len(s.units) for s in fusion_spec(m).sections)  # noqa: E731
     assert sections(deeper) == sections(model) + added
     assert all(p.dtype == dtype for p in deeper.parameters())
     assert not deeper.training
-    x = _inputs(kind).to(dtype)
+    x = probe_inputs(kind).to(dtype)
     with torch.no_grad():
         torch.testing.assert_close(deeper(x), model(x), atol=1e-6, rtol=1e-6)
 
@@ -339,7 +317,7 @@ def test_firing_estimates():
 
 def test_merging_refuses_convolutional_networks():
     with pytest.raises(UnsupportedNetwork, match="MLPs only"):
-        merge_hidden_layers(_trained_like("vgg"), [0], {})
+        merge_hidden_layers(trained_like("vgg"), [0], {})
 
 
 # ---- CLAFusion -----------------------------------------------------------------------------
@@ -348,9 +326,9 @@ def test_merging_refuses_convolutional_networks():
 def test_clafusion_of_a_network_and_its_deepened_permuted_copy():
     # B = A with an identity layer added and its neurons permuted: CLA must map B's layers to
     # A's real ones, and the fused network must compute A's function.
-    model = _trained_like("mlp")
+    model = trained_like("mlp")
     deeper = _permuted_copy(add_identity_units(model, {"hidden": [1]}))
-    x = _inputs("mlp", count=64)
+    x = probe_inputs("mlp", count=64)
     result = clafusion([model, deeper], x, OTFusionConfig(balance="add"))
     assert result.base == 0  # the shallower network, deepened
     assert result.alignments["hidden"][1] == [0, 1, 3]
@@ -360,10 +338,10 @@ def test_clafusion_of_a_network_and_its_deepened_permuted_copy():
 
 
 def test_clafusion_merge_keeps_the_shallow_structure():
-    a = _trained_like("mlp")
+    a = trained_like("mlp")
     torch.manual_seed(5)
     b = create_model("mlp", in_shape=(1, 8, 8), num_classes=5, hidden=(24, 16)).eval()
-    result = clafusion([a, b], _inputs("mlp"), OTFusionConfig(balance="merge", sign="average"))
+    result = clafusion([a, b], probe_inputs("mlp"), OTFusionConfig(balance="merge", sign="average"))
     assert result.base == 1
     assert result.model.arch["kwargs"]["hidden"] == (24, 16)
     assert result.alignments["hidden"][0] == [0, 2]
@@ -371,10 +349,10 @@ def test_clafusion_merge_keeps_the_shallow_structure():
 
 
 def test_clafusion_resnets_of_different_depth():
-    shallow = _trained_like("resnet")
+    shallow = trained_like("resnet")
     torch.manual_seed(1)
     deep = create_model("resnet14_cifar", in_shape=(3, 16, 16), num_classes=5).eval()
-    x = _inputs("resnet")
+    x = probe_inputs("resnet")
     result = clafusion([shallow, deep], x, OTFusionConfig(base=1))
     assert result.base == 1 and result.model.arch["name"] == "resnet14_cifar"
     assert [m.blocks for m in result.balanced] == [(2, 2, 2), (2, 2, 2)]
@@ -389,7 +367,7 @@ def test_clafusion_grows_the_base_where_another_network_is_deeper():
     b = create_model(
         "vgg_cnn", in_shape=(3, 16, 16), num_classes=5, stages=((6,), (8, 8)), fc=(12,)
     )
-    result = clafusion([a.eval(), b.eval()], _inputs("vgg"))
+    result = clafusion([a.eval(), b.eval()], probe_inputs("vgg"))
     assert result.model.stage_widths == ((6, 6), (8, 8))
 
 
@@ -398,7 +376,7 @@ def test_a_model_mapped_onto_a_wider_base_with_all_the_weight(kind):
     # widths differ: each base neuron becomes the barycentre of the model's neurons coupled to
     # it -- with twice the width, a copy of one of them (checked on the first layer, whose
     # inputs need no mapping; deeper layers read the copies with OTFusion's averaged weights)
-    narrow = _trained_like(kind)
+    narrow = trained_like(kind)
     torch.manual_seed(3)
     kwargs = dict(NETWORKS[kind])
     name = kwargs.pop("name")
@@ -413,7 +391,7 @@ def test_a_model_mapped_onto_a_wider_base_with_all_the_weight(kind):
     assert result.model.state_dict()[fusion_spec(wide).groups[0].producers[0]].shape[0] == (
         2 * narrow.state_dict()[fusion_spec(narrow).groups[0].producers[0]].shape[0]
     )
-    x = _inputs(kind)
+    x = probe_inputs(kind)
     first = fusion_spec(narrow).groups[0].probe
     ours = layer_outputs(result.model, x, [first])[first].transpose(0, 1).flatten(1)
     theirs = layer_outputs(narrow, x, [first])[first].transpose(0, 1).flatten(1)
@@ -423,8 +401,8 @@ def test_a_model_mapped_onto_a_wider_base_with_all_the_weight(kind):
 
 
 def test_recompute_batchnorm_matches_the_data():
-    model = _trained_like("vgg")
-    x = _inputs("vgg", count=64) * 3 + 1
+    model = trained_like("vgg")
+    x = probe_inputs("vgg", count=64) * 3 + 1
     recompute_batchnorm(model, x, batch_size=64)
     bn = model.stages[0][0].bn
     conv_out = model.stages[0][0].conv(x)
@@ -442,15 +420,15 @@ def test_networks_with_other_inputs_are_refused_before_any_work():
 
 
 def test_probe_uses_supplied_answers_and_computes_the_rest():
-    model = _trained_like("mlp")
-    x = _inputs("mlp")
+    model = trained_like("mlp")
+    x = probe_inputs("mlp")
     probe = Probe(x)
     supplied = torch.eye(32)  # not what the model would give: proves it is used as is
     probe.supply(model, "grams", {"body.1": supplied})
     grams = probe.grams(model, ["body.1", "body.3"])
     assert grams["body.1"] is supplied
     torch.testing.assert_close(grams["body.3"], layer_grams(model, x, ["body.3"])["body.3"])
-    other = _trained_like("mlp", seed=1)  # another network: nothing supplied for it
+    other = trained_like("mlp", seed=1)  # another network: nothing supplied for it
     assert not torch.equal(probe.grams(other, ["body.1"])["body.1"], supplied)
     with pytest.raises(ValueError, match="kind='logits'"):
         probe.supply(model, "logits", {})

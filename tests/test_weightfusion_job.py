@@ -111,10 +111,16 @@ def test_clafusion_job_over_grpc(parties, tmp_path):
 
 def test_ot_job_with_activation_metric_and_fine_tuning(parties, tmp_path):
     handlers = [parties["shallow"], parties["twin"]]
-    params = {"ground_metric": "activation", "finetune_epochs": 3, "weights": [0.5, 0.5]}
+    params = {
+        "ground_metric": "activation", "finetune_epochs": 3, "weights": [0.5, 0.5], "repair": True
+    }  # fmt: skip
     data = {"unlabeled": "digits:public", "finetune": "digits:public"}
     run_dir = _run(tmp_path, handlers, "ot", params, data)
-    results = json.loads((run_dir / "metrics.json").read_text())["results"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    results = metrics["results"]
+    # the MLPs' hidden linear layers are repaired, not the classifier
+    assert metrics["extra"]["repaired_layers"] == ["body.1", "body.3"]
+    assert "REPAIR set the channel statistics of 2 layers" in (run_dir / "report.md").read_text()
     assert {"vanilla_avg", "fused_one_shot", "student", "finetuned:shallow"} <= set(results)
     assert results["student"] >= results["fused_one_shot"] - 0.02
     audit = read_records(parties["twin"].audit.path)
@@ -194,6 +200,7 @@ def test_policy_naming_an_unknown_layer_is_a_configuration_error(tmp_path):
         ("ot", {}, {}, r"data.unlabeled: ground_metric activation \(the default\) needs probe"),
         ("ot", {"ground_metric": "weight"}, {}, r"data.unlabeled: recompute_batchnorm needs"),
         ("ot", {**WEIGHT_METRIC_ONLY, "finetune_epochs": 1}, {}, r"data.finetune"),
+        ("ot", {**WEIGHT_METRIC_ONLY, "repair": True}, {}, r"data.unlabeled: repair needs probe"),
     ],
 )
 def test_job_file_errors_name_the_field(tmp_path, method, params, data, message):

@@ -1,7 +1,8 @@
 """Weight fusion across parties (paper 002): linear CKA, cross-layer alignment (CLA), layer
 balancing and layer-wise optimal-transport fusion (OTFusion) for the registry's MLPs,
 VGG-style CNNs and ResNets, and OT fusion of any network whose traced graph the alignment
-rules follow (torchvision, timm: :mod:`amalgam.fusion.ot.graph`).
+rules follow (torchvision, timm: :mod:`amalgam.fusion.ot.graph`); REPAIR of the fused
+network's channel statistics (:mod:`amalgam.fusion.ot.repair`).
 
 The coordinator imports only what is listed here.
 """
@@ -15,6 +16,7 @@ from amalgam.fusion.ot.pipeline import (
     WeightFusionParams,
     fuse_parties,
 )
+from amalgam.fusion.ot.repair import repair
 from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
 
 __all__ = [
@@ -29,5 +31,6 @@ __all__ = [
     "fuse_parties",
     "fusion_spec",
     "ot_fuse",
+    "repair",
     "traced_spec",
 ]

@@ -35,6 +35,8 @@ class FusionResult:
     cka_layers : per section, per model, the layer names of the CKA matrix's rows (the
         deeper network) and columns (the shallower).
     balanced : the depth-aligned input models.
+    aligned : per model, its state aligned to the fused network's neurons (the base's own
+        for the base); :meth:`aligned_models` builds them.
     """
 
     model: Classifier
@@ -44,6 +46,11 @@ class FusionResult:
     cka: dict[str, dict[int, Tensor]] = field(default_factory=dict)
     cka_layers: dict[str, dict[int, tuple[list[str], list[str]]]] = field(default_factory=dict)
     balanced: list[Classifier] = field(default_factory=list)
+    aligned: list[dict[str, Tensor]] = field(default_factory=list)
+
+    def aligned_models(self) -> list[nn.Module]:
+        """The input networks after alignment, each of the fused network's architecture."""
+        return [_build_like(self.model, state) for state in self.aligned]
 
 
 def _normalised(weights: list[float] | None, count: int) -> list[float]:
@@ -130,6 +137,7 @@ def ot_fuse(
     weights = _normalised(config.weights, len(models))
     spec = specs[base]
     costs: list[dict[str, float]] = [{} for _ in models]
+    states: list[dict[str, Tensor]] = [models[k].state_dict() for k in range(len(models))]
 
     def activations(model: nn.Module) -> dict[str, Tensor] | None:
         if config.ground_metric != "activation":
@@ -147,16 +155,14 @@ def ot_fuse(
             activations=activations(models[k]),
             base_activations=target_acts,
         )
-        costs[k] = result.costs
+        costs[k], states[k] = result.costs, result.state
         return result.state
 
     costs[base] = {g.name: 0.0 for g in spec.groups}  # the base is the target, never aligned
     if config.mode == "many_to_one":
         base_acts = activations(models[base])
-        states = [
-            models[base].state_dict() if k == base else aligned_to(models[base], base_acts, k)
-            for k in range(len(models))
-        ]
+        for k in (k for k in range(len(models)) if k != base):
+            aligned_to(models[base], base_acts, k)
         fused = _build_like(models[base], _weighted_average(states, weights))
     else:
         fused, total = models[base], weights[base]
@@ -166,7 +172,7 @@ def ot_fuse(
             average = _weighted_average([fused.state_dict(), state], [1 - share, share])
             fused = _build_like(models[base], average)
             total += weights[k]
-    return FusionResult(fused, base, costs, balanced=list(models))
+    return FusionResult(fused, base, costs, balanced=list(models), aligned=states)
 
 
 def vanilla_average(models: list[Classifier], weights: list[float] | None = None) -> Classifier:

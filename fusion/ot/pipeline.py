@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from amalgam.fusion.ot.fuse import (
     vanilla_average,
 )
 from amalgam.fusion.ot.probe import Probe
+from amalgam.fusion.ot.repair import repair
 from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
 from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Normaliser, Teacher, TeacherInfo
@@ -47,6 +48,9 @@ class WeightFusionParams(AlignmentConfig):
     base: str | None = None
     probe_size: int = Field(200, ge=2)  # unlabeled images for CKA / activations
     recompute_batchnorm: bool = True  # BN statistics re-estimated on the unlabeled images
+    # REPAIR: each fused channel rescaled to the inputs' interpolated statistics on the probe
+    # images (after BatchNorm re-estimation, which it supersedes where BatchNorm follows)
+    repair: bool = False
     finetune_epochs: int = Field(0, ge=0)  # on labelled images, with the student's optimiser
 
 
@@ -59,11 +63,11 @@ def check_compatible(infos: Sequence[TeacherInfo]) -> None:
     error naming the first party that differs."""
     first = infos[0]
     for k, info in enumerate(infos[1:], start=1):
-        for field in ("class_names", "input_shape", "mean", "std"):
-            if getattr(info, field) != getattr(first, field):
+        for name in ("class_names", "input_shape", "mean", "std"):
+            if getattr(info, name) != getattr(first, name):
                 raise Incompatible(
-                    f"parties.{k} ({info.name}): {field} {list(getattr(info, field))} differs "
-                    f"from {first.name}'s {list(getattr(first, field))}; weight fusion needs "
+                    f"parties.{k} ({info.name}): {name} {list(getattr(info, name))} differs "
+                    f"from {first.name}'s {list(getattr(first, name))}; weight fusion needs "
                     "identical outputs and inputs"
                 )
 
@@ -83,6 +87,7 @@ class WeightFusion:
     per_class : accuracy within each class, per network (None for an absent class).
     supplied : what each party computed at home on the probe images.
     test_images : how many test images were scored.
+    repaired : the layers whose channel statistics REPAIR set (with ``repair``).
     """
 
     fusion: FusionResult
@@ -93,6 +98,7 @@ class WeightFusion:
     per_class: dict[str, list[float | None]]
     supplied: list[str]
     test_images: int
+    repaired: list[str] = field(default_factory=list)
 
 
 def _supply_party_answers(
@@ -216,6 +222,10 @@ def fuse_parties(
         result = ot_fuse(models, alignment, probe)
     if config.recompute_batchnorm:
         recompute_batchnorm(result.model, normalise(unlabeled.x[:BATCHNORM_IMAGES]))
+    repaired = []
+    if config.repair:
+        log(f"repairing the fused network's channel statistics on {len(probe.x)} probe images")
+        repaired = repair(result.model, result.aligned_models(), probe.x, config.weights)
     classes = list(infos[0].class_names)
     networks = {f"teacher:{name}": m for name, m in zip(names, models, strict=True)}
     shapes = {tuple((n, p.shape) for n, p in m.state_dict().items()) for m in models}
@@ -237,4 +247,6 @@ def fuse_parties(
         networks["student"] = result.model
     x, y = relabel(test, classes)
     rows, per_class = _rows(networks, normalise(x), y, len(classes))
-    return WeightFusion(result, names, classes, networks, rows, per_class, supplied, len(y))
+    return WeightFusion(
+        result, names, classes, networks, rows, per_class, supplied, len(y), repaired
+    )

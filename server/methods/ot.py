@@ -41,6 +41,8 @@ class OT(Method):
                 )
             if params.recompute_batchnorm:
                 return "data.unlabeled: recompute_batchnorm needs images (or set it to false)"
+            if params.repair:
+                return "data.unlabeled: repair needs probe images (or set it to false)"
         if params.finetune_epochs and spec.data.finetune is None:
             return "data.finetune: finetune_epochs > 0 needs labelled images"
         return None
@@ -76,6 +78,11 @@ def _summary(fused: WeightFusion, test: str) -> list[str]:
             )
     if fused.supplied:
         lines.append("Computed at the parties: " + "; ".join(fused.supplied) + ".")
+    if fused.repaired:
+        lines.append(
+            f"REPAIR set the channel statistics of {len(fused.repaired)} layers to the "
+            "interpolation of the parties' networks' on the probe images."
+        )
     return lines
 
 
@@ -116,6 +123,7 @@ def _outcome(fused: WeightFusion, test: str, info) -> Outcome:
         },
         "transport_costs": {names[k]: c for k, c in enumerate(result.transport_costs)},
         "fused_architecture": result.model.arch,
+        "repaired_layers": fused.repaired,
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
     }
     return Outcome(
