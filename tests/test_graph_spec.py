@@ -118,6 +118,24 @@ def test_ecosystem_network_fuses_back_from_a_permuted_copy(name):
                                    msg=lambda m, key=key: f"{key}: {m}")  # fmt: skip
 
 
+def test_a_residual_stream_is_compared_on_every_layer_that_writes_it():
+    spec = traced_spec(torchvision.models.resnet18(num_classes=10).eval(), (3, 32, 32))
+    groups = {g.name: g for g in spec.groups}
+    stream = groups["layer2.0.conv2"]  # stage 2's stream: its shortcut and both blocks write it
+    assert {"layer2.0.bn2", "layer2.0.downsample.1", "layer2.1.bn2"} <= set(stream.probes)
+    assert groups["layer2.0.conv1"].probes == ("layer2.0.bn1", "layer2.0.conv1")
+    # every probe layer carries its group: no layer is compared for two groups
+    layers = [layer for g in spec.groups for layer in g.probes]
+    assert len(layers) == len(set(layers))
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        models = [model, permuted_copy(model, spec)]
+        fused = ot_fuse(models, probe=torch.randn(8, 3, 32, 32)).model  # activation metric
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], tensor, atol=1e-5, rtol=0)
+
+
 def test_unsupported_operations_are_named():
     class Concat(nn.Module):
         def __init__(self) -> None:

@@ -142,7 +142,7 @@ def ot_fuse(
     def activations(model: nn.Module) -> dict[str, Tensor] | None:
         if config.ground_metric != "activation":
             return None
-        return probe.outputs(model, [g.probe for g in spec.groups])
+        return probe.outputs(model, [layer for g in spec.groups for layer in g.probes])
 
     def aligned_to(target: Classifier, target_acts: dict | None, k: int) -> dict[str, Tensor]:
         result = align(

@@ -359,9 +359,13 @@ def _assemble(tracer: _Tracer, model: nn.Module) -> FusionSpec:
     # (a layer without bias, a BatchNorm without statistics: what it lacks has no axes)
     spec = FusionSpec(axes={name: resolved(axes) for name, axes in tracer.axes.items()
                             if name in state})  # fmt: skip
-    # the probe: the last output of the group's first shape (before pooling or flattening)
+    # the probe: the last output of the group's first shape (before pooling or flattening);
+    # every other output carrying the group is compared too (a residual stream's writers)
     probes = {tracer.find(group): module for module, group, shape in tracer.outputs
               if shape == first_shape.get(tracer.find(group))}  # fmt: skip
+    outputs: dict[int, list[str]] = {}
+    for module, group, _ in tracer.outputs:
+        outputs.setdefault(tracer.find(group), []).append(module)
     for root in sorted(order, key=order.get):
         writers = [weight for weight, group, _ in tracer.created if tracer.find(group) == root]
         producers = [
@@ -370,8 +374,9 @@ def _assemble(tracer: _Tracer, model: nn.Module) -> FusionSpec:
                    for g in tracer.axes[weight][1:] if g is not None)
         ]  # fmt: skip
         # a group that only reads itself (a layer inside its own residual) keeps every writer
-        spec.groups.append(Group(names[root], tuple(producers or writers),
-                                 probes.get(root, names[root])))  # fmt: skip
+        probe = probes.get(root, names[root])
+        also = tuple(module for module in outputs.get(root, []) if module != probe)
+        spec.groups.append(Group(names[root], tuple(producers or writers), probe, also))
     for name, tensor in state.items():  # counters such as BatchNorm's num_batches_tracked
         if not tensor.is_floating_point():
             spec.axes.setdefault(name, (None,) * tensor.ndim)

@@ -121,7 +121,7 @@ def _supply_party_answers(
                 probe.supply(model, "grams", teacher.gram(raw, units))
                 supplied.append(f"{info.name}: Gram of {len(units)} layers")
         if config.ground_metric == "activation" and "activations" in info.capabilities:
-            layers = [g.probe for g in structure.groups]
+            layers = [layer for g in structure.groups for layer in g.probes]
             if set(layers) <= set(info.layers):
                 probe.supply(model, "outputs", teacher.activations(raw, layers))
                 supplied.append(f"{info.name}: activations of {len(layers)} layers")

@@ -38,11 +38,19 @@ class Group:
     producers : weights whose axis 0 is this group and whose inputs are aligned before it.
     probe : the module whose output carries this group on dim 1 (its activations give the
         activation-based ground metric).
+    also : further modules whose outputs carry the group on dim 1 (a residual stream is
+        written by several layers: the metric compares the neurons on all of them).
     """
 
     name: str
     producers: tuple[str, ...]
     probe: str
+    also: tuple[str, ...] = ()
+
+    @property
+    def probes(self) -> tuple[str, ...]:
+        """Every module whose output the activation-based metric compares."""
+        return (self.probe, *self.also)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import ot
 import torch
 from torch import Tensor
 
-from amalgam.fusion.ot.spec import FusionSpec
+from amalgam.fusion.ot.spec import FusionSpec, Group
 
 Plan = Literal["emd", "sinkhorn"]  # exact OT, or entropic
 GroundMetric = Literal["weight", "activation"]  # compare incoming weights, or activations
@@ -98,6 +98,11 @@ def neuron_features(activation: Tensor) -> Tensor:
     return activation.movedim(1, 0).reshape(activation.shape[1], -1)
 
 
+def group_features(activations: dict[str, Tensor], group: Group) -> Tensor:
+    """(p, F): the neuron features of every probe layer of ``group``, side by side."""
+    return torch.cat([neuron_features(activations[layer]) for layer in group.probes], dim=1)
+
+
 @dataclass
 class Alignment:
     """Model A's tensors mapped onto the base's neurons, with what each group cost.
@@ -153,8 +158,8 @@ def align(
             )  # (p_A, fan_in summed over producers)
             theirs = torch.cat([base[p].flatten(1) for p in group.producers], dim=1)
         else:
-            ours = neuron_features(activations[group.probe])  # (p_A, t*...)
-            theirs = neuron_features(base_activations[group.probe])  # (p_B, t*...)
+            ours = group_features(activations, group)  # (p_A, F)
+            theirs = group_features(base_activations, group)  # (p_B, F)
         cost = torch.cdist(ours.double(), theirs.double())  # (p_A, p_B)
         plan = transport_plan(cost, method=method, reg=reg)
         costs[group.name] = float((plan * cost).sum())
