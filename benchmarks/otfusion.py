@@ -133,8 +133,9 @@ def median_timed(fn, *args, repeats: int = 5):
 
 
 def same_depth_rows(a: nn.Module, m_b: nn.Module, probe: torch.Tensor, test: Dataset):
-    """Rows of two equally deep networks: each, their ensemble, vanilla averaging and OT
-    fusion on weights and on activations, with the median seconds of each fusion."""
+    """Rows of two equally deep networks: each, their ensemble, vanilla averaging, OT fusion
+    on weights and on activations (then REPAIR on the probe: a layer without bias is only
+    rescaled), with the median seconds of each fusion."""
     vanilla, t_vanilla = median_timed(vanilla_average, [a, m_b])
     by_weights, shape = OTFusionConfig(ground_metric="weight"), tuple(probe.shape[1:])
     fused, t_ot = median_timed(ot_fuse, [a, m_b], by_weights, None, shape)
@@ -149,6 +150,9 @@ def same_depth_rows(a: nn.Module, m_b: nn.Module, probe: torch.Tensor, test: Dat
         "ot_fused": test_accuracy(fused.model, test),
         "ot_fused_activation": test_accuracy(fused_act.model, test),
     }
+    repaired = copy.deepcopy(fused_act.model)
+    repair(repaired, fused_act.aligned_models(), probe)
+    results["ot_fused_activation_repair"] = test_accuracy(repaired, test)
     extra = {
         "fusion_seconds": {
             "vanilla_avg": t_vanilla,

@@ -123,7 +123,7 @@ def test_a_residual_stream_is_compared_on_every_layer_that_writes_it():
     groups = {g.name: g for g in spec.groups}
     stream = groups["layer2.0.conv2"]  # stage 2's stream: its shortcut and both blocks write it
     assert {"layer2.0.bn2", "layer2.0.downsample.1", "layer2.1.bn2"} <= set(stream.probes)
-    assert groups["layer2.0.conv1"].probes == ("layer2.0.bn1", "layer2.0.conv1")
+    assert groups["layer2.0.conv1"].probes == ("layer2.0.bn1",)  # one writer: one probe
     # every probe layer carries its group: no layer is compared for two groups
     layers = [layer for g in spec.groups for layer in g.probes]
     assert len(layers) == len(set(layers))

@@ -360,7 +360,8 @@ def _assemble(tracer: _Tracer, model: nn.Module) -> FusionSpec:
     spec = FusionSpec(axes={name: resolved(axes) for name, axes in tracer.axes.items()
                             if name in state})  # fmt: skip
     # the probe: the last output of the group's first shape (before pooling or flattening);
-    # every other output carrying the group is compared too (a residual stream's writers)
+    # a group that several layers write (a residual stream) is compared on every output
+    # that carries it
     probes = {tracer.find(group): module for module, group, shape in tracer.outputs
               if shape == first_shape.get(tracer.find(group))}  # fmt: skip
     outputs: dict[int, list[str]] = {}
@@ -375,7 +376,8 @@ def _assemble(tracer: _Tracer, model: nn.Module) -> FusionSpec:
         ]  # fmt: skip
         # a group that only reads itself (a layer inside its own residual) keeps every writer
         probe = probes.get(root, names[root])
-        also = tuple(module for module in outputs.get(root, []) if module != probe)
+        carriers = outputs.get(root, []) if len(writers) > 1 else []
+        also = tuple(module for module in carriers if module != probe)
         spec.groups.append(Group(names[root], tuple(producers or writers), probe, also))
     for name, tensor in state.items():  # counters such as BatchNorm's num_batches_tracked
         if not tensor.is_floating_point():
