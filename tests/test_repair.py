@@ -7,6 +7,7 @@ import torch
 from networks import NETWORKS, probe_inputs, trained_like
 from permuted import permuted_copy
 
+from amalgam.fusion.models import create_model
 from amalgam.fusion.ot.config import OTFusionConfig
 from amalgam.fusion.ot.fuse import ot_fuse
 from amalgam.fusion.ot.repair import repair, repair_points, statistics_at
@@ -68,3 +69,16 @@ def test_aligned_inputs_keep_their_function():
     result = ot_fuse(models, probe=x)
     for model, aligned in zip(models, result.aligned_models(), strict=True):
         torch.testing.assert_close(aligned(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_left_out_of_an_iterative_fusion_is_still_aligned_for_repair():
+    """Weight 0 in ``iterative`` mode: not averaged, but aligned, so REPAIR can read it even
+    where its widths differ from the base's."""
+    x = probe_inputs("mlp", count=64)
+    wider = create_model("mlp", in_shape=(1, 8, 8), num_classes=5, hidden=(30, 20, 14)).eval()
+    models = [trained_like("mlp", 0), trained_like("mlp", 1), wider]
+    config = OTFusionConfig(mode="iterative", weights=[1.0, 1.0, 0.0])
+    result = ot_fuse(models, config, probe=x)
+    aligned = result.aligned_models()
+    assert [m.body[1].out_features for m in aligned] == [24, 24, 24]
+    assert repair(result.model, aligned, x, config.weights) == ["body.1", "body.3", "body.5"]

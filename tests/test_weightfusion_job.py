@@ -207,3 +207,12 @@ def test_job_file_errors_name_the_field(tmp_path, method, params, data, message)
     path = _job(tmp_path, {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}, method, params, data)
     with pytest.raises(ConfigError, match=message):
         load_job(path)
+
+
+def test_fusing_parties_in_python_without_images_names_what_needs_them(parties):
+    from amalgam.fusion.ot import WeightFusionParams, fuse_parties
+
+    teachers = [LocalTeacher(parties["shallow"]), LocalTeacher(parties["twin"])]
+    params = WeightFusionParams(ground_metric="weight", recompute_batchnorm=False, repair=True)
+    with pytest.raises(ValueError, match=r"^unlabeled: recompute_batchnorm and repair need"):
+        fuse_parties(teachers, params, load_source("digits:test"))

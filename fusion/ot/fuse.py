@@ -172,6 +172,8 @@ def ot_fuse(
             average = _weighted_average([fused.state_dict(), state], [1 - share, share])
             fused = _build_like(models[base], average)
             total += weights[k]
+        for k in (k for k in range(len(models)) if k != base and weights[k] == 0):
+            aligned_to(fused, activations(fused), k)  # left out of the average, still aligned
     return FusionResult(fused, base, costs, balanced=list(models), aligned=states)
 
 

@@ -199,6 +199,9 @@ def fuse_parties(
         evaluated too.
     """
     seed, log = context.seed, context.log
+    if unlabeled is None and (config.recompute_batchnorm or config.repair):
+        raise ValueError("unlabeled: recompute_batchnorm and repair need images (or set both "
+                         "to false)")  # fmt: skip
     infos = [t.info for t in teachers]
     check_compatible(infos)
     names = [info.name for info in infos]
