@@ -55,7 +55,7 @@ from amalgam.fusion.ot.fuse import (
     recompute_batchnorm,
     vanilla_average,
 )
-from amalgam.fusion.ot.repair import repair, repair_points
+from amalgam.fusion.ot.repair import channel_dim, channel_rows, repair, repair_points
 from amalgam.fusion.ot.spec import fusion_spec
 from amalgam.fusion.train import accuracy, fit, predict_logits
 from amalgam.server.figures import plot_heatmap
@@ -84,12 +84,16 @@ def train_mlp(data: Dataset, hidden: tuple[int, ...], epochs: int, seed: int, de
     return model.eval()
 
 
+def one_hot(data: Dataset) -> torch.Tensor:
+    """(N, 10) targets of ``data``'s labels, for networks without the registry's ``head``."""
+    return F.one_hot(data.y.long(), 10).float()
+
+
 def fine_tuned(
     model: nn.Module, data: Dataset, epochs: int, seed: int, desc: str, optimiser: dict = SGD
 ) -> Classifier:
     clone = copy.deepcopy(model)
-    targets = F.one_hot(data.y.long(), 10).float()  # (N, 10)
-    fit(clone, data.x, targets, epochs=epochs, seed=seed + 7, desc=desc, **optimiser)
+    fit(clone, data.x, one_hot(data), epochs=epochs, seed=seed + 7, desc=desc, **optimiser)
     return clone.eval()
 
 
@@ -198,8 +202,7 @@ def anchor_model(checkpoint: str | None, train: Dataset, b: dict, k: int) -> nn.
         model.load_state_dict(saved.get("model_state_dict", saved))
         return model.eval()
     torch.manual_seed(b["seed"] + k)
-    targets = F.one_hot(train.y.long(), 10).float()  # (N, 10)
-    fit(model, train.x, targets, epochs=b["epochs"], seed=b["seed"] + k, desc=f"model_{k}",
+    fit(model, train.x, one_hot(train), epochs=b["epochs"], seed=b["seed"] + k, desc=f"model_{k}",
         **SGD)  # fmt: skip
     return model.eval()
 
@@ -345,15 +348,16 @@ def matched_correlation(result: FusionResult, probe: torch.Tensor) -> dict[str, 
     """Per repair point, the mean correlation on the probe between each channel of the base
     and the channel aligned to it from the other network: averaging two channels of
     correlation r keeps sqrt((1 + r) / 2) of their standard deviation (REPAIR, section 3)."""
-    base, other = result.aligned_models()[result.base], result.aligned_models()[1 - result.base]
+    aligned = result.aligned_models()
+    base, other = aligned[result.base], aligned[1 - result.base]
     points = repair_points(result.model, fusion_spec(result.model, tuple(probe.shape[1:])))
+    modules = dict(result.model.named_modules())
     ours, theirs = (layer_outputs(m, probe, points) for m in (base, other))
     found = {}
     for point in points:
-        dim = -1 if ours[point].dim() == 2 else 1
-        a, b = (z[point].movedim(dim, -1).reshape(-1, z[point].shape[dim]).double()
-                for z in (ours, theirs))  # fmt: skip
-        a, b = a - a.mean(0), b - b.mean(0)  # (N, C)
+        dim = channel_dim(modules[point])
+        a, b = (channel_rows(z[point], dim) for z in (ours, theirs))  # (N, C) each
+        a, b = a - a.mean(0), b - b.mean(0)
         r = (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-12)  # (C,)
         found[point] = round(float(r.mean()), 3)
     return found
@@ -392,8 +396,9 @@ def cnn_pair(arch_a: dict, arch_b: dict):
         }
         rows, _, repair_seconds = one_shot_rows("cla_add", fused, train, test, probe)
         results |= rows
-        recompute_batchnorm(by_weights.model, train.x[:BATCHNORM_IMAGES])
-        results["cla_add_bn_weight_metric"] = test_accuracy(by_weights.model, test)
+        results["cla_add_bn_weight_metric"] = test_accuracy(
+            bn_estimated(by_weights.model, train), test
+        )
         ft = b["cnn_ft_epochs"]
         results["cla_ft"] = test_accuracy(
             fine_tuned(bn_estimated(fused.model, train), train, ft, b["seed"], "cla_ft", ADAM_FT),
@@ -441,12 +446,11 @@ def torchvision_pair(build):
     def run(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
         order = np.random.default_rng(SEED).permutation(len(train))[: b["tv_images"]]
         train = train.subset(order)
-        one_hot = F.one_hot(train.y.long(), 10).float()  # (N, 10): the network has no head
         models = []
         for k, desc in enumerate(("model_a", "model_b")):
             torch.manual_seed(b["seed"] + k)
             model = build(num_classes=10)
-            fit(model, train.x, one_hot, epochs=b["cnn_epochs"], seed=b["seed"] + k,
+            fit(model, train.x, one_hot(train), epochs=b["cnn_epochs"], seed=b["seed"] + k,
                 desc=desc, **ADAM)  # fmt: skip
             models.append(model.eval())
         probe = probe_inputs(train, b["seed"])

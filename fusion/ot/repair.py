@@ -51,15 +51,22 @@ def repair_points(model: nn.Module, spec: FusionSpec) -> list[str]:
     ]
 
 
-def _channel_dim(module: nn.Module) -> int:
+def channel_dim(module: nn.Module) -> int:
+    """The axis of ``module``'s output that carries its channels: the last for a linear
+    layer (which may read channels-last tensors), else 1."""
     return -1 if isinstance(module, nn.Linear) else 1
+
+
+def channel_rows(y: Tensor, dim: int) -> Tensor:
+    """``y`` with its channels on ``dim`` as (N*..., C) rows of channel values, in float64."""
+    return y.movedim(dim, -1).reshape(-1, y.shape[dim]).double()
 
 
 def channel_statistics(y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """Per-channel mean and standard deviation of ``y`` (its channels on ``dim``), each (C,)
     in float64."""
-    flat = y.movedim(dim, -1).reshape(-1, y.shape[dim]).double()  # (N*..., C)
-    return flat.mean(dim=0), flat.std(dim=0, unbiased=False)
+    rows = channel_rows(y, dim)  # (N*..., C)
+    return rows.mean(dim=0), rows.std(dim=0, unbiased=False)
 
 
 def _forward_with_hooks(model: nn.Module, x: Tensor, hooks: dict[str, Callable]) -> None:
@@ -84,7 +91,7 @@ def statistics_at(
 
     def recorder(name: str):
         def hook(module, _inputs, output):
-            found[name].append(channel_statistics(output, _channel_dim(module)))
+            found[name].append(channel_statistics(output, channel_dim(module)))
 
         return hook
 
@@ -139,7 +146,7 @@ def repair(
 
     def corrector(name: str):
         def hook(module, _inputs, output):
-            dim = _channel_dim(module)
+            dim = channel_dim(module)
             mean, std = channel_statistics(output, dim)
             target_mean, target_std = targets[name]
             # (C,); a channel constant on the probe keeps its scale and takes the mean
