@@ -22,8 +22,10 @@ CKA, alignment and merging: 200 training images (the paper's 200 samples). ``cif
 input fine-tuned for the same budget (rows as ``mlp-hetero``; merging does not apply to
 convolutions). ``tv-resnet18`` and ``tv-vgg11bn`` (CIFAR-10): torchvision's networks (vgg11_bn
 with a classifier for 32x32 inputs) from two seeds on ``--tv-images`` training images, OT
-fusion on the traced graph, then the same fine-tune. CNN rows ``*_bn`` re-estimate BatchNorm on
-10,000 training images, ``*_repair`` apply REPAIR on the 200 probe images alone.
+fusion on the traced graph, then the same fine-tune; ``tv-vgg11-13bn``: vgg11_bn and vgg13_bn
+(two more conv layers), CLAFusion on the sections and units traced from their graphs. CNN
+rows ``*_bn`` re-estimate BatchNorm on 10,000 training images, ``*_repair`` apply REPAIR on
+the 200 probe images alone.
 
     python -m benchmarks.otfusion [--variant mlp-same] [--epochs 10] [--ft-epochs 2]
         [--ft-curve-epochs 10] [--cnn-ft-epochs 2] [--tv-images 20000] [--anchor A B]
@@ -427,60 +429,76 @@ def cnn_pair(arch_a: dict, arch_b: dict):
     return run
 
 
-def tv_vgg11_bn(num_classes: int) -> nn.Module:
-    """torchvision's ``vgg11_bn`` with a classifier for 32x32 inputs: global average pooling
-    and one hidden layer of 256 (its own 25088-4096-4096 classifier is 120M weights)."""
-    model = torchvision.models.vgg11_bn(num_classes=num_classes)
-    model.avgpool = nn.AdaptiveAvgPool2d(1)
-    model.classifier = nn.Sequential(
-        nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes)
-    )
-    return model
+def tv_vgg_bn(depth: int):
+    """torchvision's ``vgg<depth>_bn`` with a classifier for 32x32 inputs: global average
+    pooling and one hidden layer of 256 (its own 25088-4096-4096 classifier is 120M
+    weights)."""
+
+    def build(num_classes: int) -> nn.Module:
+        model = torchvision.models.get_model(f"vgg{depth}_bn", num_classes=num_classes)
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Sequential(
+            nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, num_classes)
+        )
+        return model
+
+    return build
 
 
-def torchvision_pair(build):
-    """A torchvision case: two networks of one architecture from two seeds, trained on
-    ``--tv-images`` training images, OT-fused (activation metric) and repaired, then a short
-    fine-tune of the fused network (``ot_fused_repair``) next to each input's."""
+def torchvision_pair(build_a, build_b=None):
+    """A torchvision case: two networks from two seeds, trained on ``--tv-images`` training
+    images -- of one architecture (``build_b`` unset), OT-fused (activation metric), or of
+    two depths, fused by CLAFusion on the traced graph -- and repaired, then a short
+    fine-tune of the fused network (``*_repair``) next to each input's."""
+    row, ft_row = ("ot_fused", "ot_ft") if build_b is None else ("cla_add", "cla_ft")
 
     def run(train: Dataset, test: Dataset, b: dict, out: Path) -> tuple[dict, dict]:
         order = np.random.default_rng(SEED).permutation(len(train))[: b["tv_images"]]
         train = train.subset(order)
         models = []
-        for k, desc in enumerate(("model_a", "model_b")):
+        for k, (desc, build) in enumerate((("model_a", build_a), ("model_b", build_b or build_a))):
             torch.manual_seed(b["seed"] + k)
             model = build(num_classes=10)
             fit(model, train.x, one_hot(train), epochs=b["cnn_epochs"], seed=b["seed"] + k,
                 desc=desc, **ADAM)  # fmt: skip
             models.append(model.eval())
         probe = probe_inputs(train, b["seed"])
-        fused, seconds = timed(ot_fuse, models, OTFusionConfig(), probe)
-        averaged = vanilla_average(models)
         results = {
             "model_a": test_accuracy(models[0], test),
             "model_b": test_accuracy(models[1], test),
             "ensemble": ensemble_accuracy(models, test),
-            "vanilla_avg": test_accuracy(averaged, test),
-            "vanilla_avg_bn": test_accuracy(bn_estimated(averaged, train), test),
         }
-        rows, repaired, repair_seconds = one_shot_rows("ot_fused", fused, train, test, probe)
+        extra: dict = {"architectures": [type(m).__name__ for m in models]}
+        if build_b is None:
+            fused, seconds = timed(ot_fuse, models, OTFusionConfig(), probe)
+            averaged = vanilla_average(models)
+            results["vanilla_avg"] = test_accuracy(averaged, test)
+            results["vanilla_avg_bn"] = test_accuracy(bn_estimated(averaged, train), test)
+            extra["transport_cost"] = fused.transport_costs[1]
+        else:
+            fused, seconds = timed(clafusion, models, probe, OTFusionConfig())
+            extra["cla_map"] = fused.alignments
+            extra["depth_aligned_accuracy"] = [test_accuracy(m, test) for m in fused.balanced]
+        rows, repaired, repair_seconds = one_shot_rows(row, fused, train, test, probe)
         results |= rows
         ft = b["cnn_ft_epochs"]
-        for row, model in {
-            "ot_ft": repaired,
+        for name, model in {
+            ft_row: repaired,
             "model_a_ft": models[0],
             "model_b_ft": models[1],
         }.items():
-            tuned = fine_tuned(model, train, ft, b["seed"], row, ADAM_FT)
-            results[row] = test_accuracy(tuned, test)
-        extra = {
-            "architecture": type(models[0]).__name__,
+            tuned = fine_tuned(model, train, ft, b["seed"], name, ADAM_FT)
+            results[name] = test_accuracy(tuned, test)
+        metric = (
+            "CLAFusion (activation-based alignment)" if build_b else "activation-based alignment"
+        )
+        extra |= {
             "fusion_seconds": seconds,
             "repair_seconds": repair_seconds,
             "matched_correlation": matched_correlation(fused, probe),
-            "transport_cost": fused.transport_costs[1],
-            "rows": f"ot_fused: activation-based alignment, {ONE_SHOT_ROWS}; vanilla_avg: "
-            "weights averaged unaligned (_bn as above); ot_ft fine-tunes ot_fused_repair",
+            "rows": f"{row}: {metric}, {ONE_SHOT_ROWS}"
+            + ("" if build_b else "; vanilla_avg: weights averaged unaligned (_bn as above)")
+            + f"; {ft_row} fine-tunes {row}_repair",
         }
         return results, extra
 
@@ -498,7 +516,8 @@ RUNNERS = {
     ),
     "cifar-resnet": cnn_pair({"name": "resnet14_cifar"}, {"name": "resnet8_cifar"}),
     "tv-resnet18": torchvision_pair(torchvision.models.resnet18),
-    "tv-vgg11bn": torchvision_pair(tv_vgg11_bn),
+    "tv-vgg11bn": torchvision_pair(tv_vgg_bn(11)),
+    "tv-vgg11-13bn": torchvision_pair(tv_vgg_bn(11), tv_vgg_bn(13)),
 }
 VARIANTS = list(RUNNERS)
 

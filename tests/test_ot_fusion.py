@@ -285,11 +285,12 @@ def test_identity_kernels_of_any_odd_size():
 
     x = torch.randn(2, 3, 9, 9)
     for size in (1, 3, 5):
-        kernel = identity_kernel(3, size, x)
-        out = torch.nn.functional.conv2d(x, kernel, padding=size // 2)
-        torch.testing.assert_close(out, x)
+        for groups in (1, 3):  # full and depthwise
+            kernel = identity_kernel(torch.empty(3, 3 // groups, size, size))
+            out = torch.nn.functional.conv2d(x, kernel, padding=size // 2, groups=groups)
+            torch.testing.assert_close(out, x)
     with pytest.raises(ValueError, match="odd"):
-        identity_kernel(3, 2, x)
+        identity_kernel(torch.empty(3, 3, 2, 2))
 
 
 def test_merging_is_exact_where_the_firing_estimate_is():
@@ -415,7 +416,7 @@ def test_networks_with_other_inputs_are_refused_before_any_work():
     b = create_model("mlp", in_shape=(1, 28, 28), hidden=(8,))
     with pytest.raises(UnsupportedNetwork, match=r"model 1: input shape \(1, 28, 28\) differs"):
         clafusion([a, b], torch.rand(4, 1, 8, 8))
-    with pytest.raises(UnsupportedNetwork, match="small_cnn: cross-layer alignment needs"):
+    with pytest.raises(UnsupportedNetwork, match=r"model 1: 3 sections .* model 0 has 1"):
         clafusion([a, create_model("small_cnn", in_shape=(1, 8, 8))], torch.rand(4, 1, 8, 8))
 
 

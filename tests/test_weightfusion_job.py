@@ -104,7 +104,7 @@ def test_clafusion_job_over_grpc(parties, tmp_path):
         assert "ExportWeights" in methods and "Gram" in methods  # CKA computed at the party
     report = (run_dir / "report.md").read_text()
     assert (
-        "Cross-layer map, hidden, deep and the base (the shallower network's layers -> the "
+        "Cross-layer map, hidden, deep and shallow (the shallower network's layers -> the "
         "deeper's): [0, 2]." in report.replace("\n", " ")
     )
 
@@ -145,9 +145,35 @@ def test_ot_job_fuses_torchvision_parties_back(tmp_path):
     results = json.loads((run_dir / "metrics.json").read_text())["results"]
     assert results["teacher:own"] == results["teacher:twin"]
     assert results["student"] == results["teacher:own"]
-    refused = r"parties.0 \(own\): torchvision:mobilenet_v3_small: cross-layer alignment needs"
-    with pytest.raises(ValueError, match=refused):
-        _run(tmp_path, handlers, "clafusion", WEIGHT_METRIC_ONLY, {"unlabeled": "digits:public"})
+
+
+def test_clafusion_job_fuses_torchvision_parties_of_different_depths(tmp_path):
+    # torchvision's resnet18 and resnet34: the fused network is a resnet34, the blocks that
+    # resnet18 lacks filled with zero-residual blocks before fusing; with all the weight on
+    # resnet18 it computes resnet18's function
+    handlers = []
+    for seed, name in enumerate(("resnet18", "resnet34")):
+        torch.manual_seed(seed)
+        model = create_model(f"torchvision:{name}", in_shape=(1, 8, 8), num_classes=10)
+        data = load_source(f"digits:private-{seed}")
+        fit(model, data.x, data.y, epochs=1, batch_size=64, progress=False)
+        handlers.append(local_party(name, model.eval(), DIGITS, (1, 8, 8), SHARING, tmp_path))
+    params = {"probe_size": 64, "weights": [1.0, 0.0], "recompute_batchnorm": False}
+    run_dir = _run(tmp_path, handlers, "clafusion", params, {"unlabeled": "digits:public"})
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    extra = metrics["extra"]
+    assert extra["base"] == "resnet18"  # the shallower network
+    assert extra["fused_architecture"]["name"] == "torchvision:resnet34"
+    # stem, then the four stages: (2, 2, 2, 2) blocks placed among (3, 4, 6, 3), first and
+    # last pinned
+    maps = {section: m["resnet18"] for section, m in extra["alignments"].items()}
+    assert maps["section0"] == [0] and maps["section1"] == [0, 2] and maps["section3"] == [0, 5]
+    report = (run_dir / "report.md").read_text().replace("\n", " ")
+    assert "Cross-layer map, section1, resnet18 and resnet34 (the shallower" in report
+    results = metrics["results"]
+    assert results["student"] == results["teacher:resnet18"] != results["teacher:resnet34"]
+    for handler in handlers:
+        assert "Gram" in [r["method"] for r in read_records(handler.audit.path)]
 
 
 def test_ot_refuses_networks_of_different_depth(parties, tmp_path):

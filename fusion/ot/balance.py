@@ -12,14 +12,18 @@ where the estimate of which neurons fire is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.models import MLP, BasicBlock, Classifier, create_model
+from amalgam.fusion.models import MLP, BasicBlock, Classifier, Section, create_model
 from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
+from amalgam.fusion.ot.units import TracedUnit
+
+IDENTITY_TOLERANCE = 1e-4  # outputs a balanced copy may differ by, relative to their size
 
 SignEstimate = Literal["sum", "vote", "average"]
 
@@ -34,28 +38,28 @@ def _identity_linear(state: dict[str, Tensor], prefix: str, width: int) -> None:
 
 def _identity_batchnorm(state: dict[str, Tensor], prefix: str, eps: float) -> None:
     """BN(x) = (x - 0) / sqrt(1 + eps) * sqrt(1 + eps) + 0 = x."""
-    mean = state[f"{prefix}.running_mean"]
-    state[f"{prefix}.running_mean"] = torch.zeros_like(mean)
-    state[f"{prefix}.running_var"] = torch.ones_like(mean)
-    state[f"{prefix}.weight"] = torch.full_like(mean, (1.0 + eps) ** 0.5)
-    state[f"{prefix}.bias"] = torch.zeros_like(mean)
+    identity = {"running_mean": 0.0, "running_var": 1.0, "weight": (1.0 + eps) ** 0.5, "bias": 0.0}
+    for name, value in identity.items():
+        if f"{prefix}.{name}" in state:
+            state[f"{prefix}.{name}"] = torch.full_like(state[f"{prefix}.{name}"], value)
 
 
-def identity_kernel(channels: int, kernel_size: int, like: Tensor) -> Tensor:
-    """(C, C, k, k) convolution kernel that copies its input; ``k`` odd."""
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size={kernel_size}: an identity convolution needs an odd size")
-    kernel = torch.zeros(
-        channels, channels, kernel_size, kernel_size, dtype=like.dtype, device=like.device
-    )
-    centre = kernel_size // 2
-    kernel[torch.arange(channels), torch.arange(channels), centre, centre] = 1.0
+def identity_kernel(like: Tensor) -> Tensor:
+    """A convolution kernel of ``like``'s shape (C, C, k, ...) or, depthwise, (C, 1, k, ...)
+    that copies its input; every ``k`` odd."""
+    channels, per_group, *sizes = like.shape
+    if any(size % 2 == 0 for size in sizes):
+        raise ValueError(f"kernel size {sizes}: an identity convolution needs odd sizes")
+    kernel = torch.zeros_like(like)
+    rows = torch.arange(channels)
+    columns = rows if per_group == channels else torch.zeros_like(rows)
+    kernel[(rows, columns, *(size // 2 for size in sizes))] = 1.0
     return kernel
 
 
 def _identity_conv_layer(state: dict[str, Tensor], prefix: str, width: int) -> None:
     weight = state[f"{prefix}.conv.weight"]
-    state[f"{prefix}.conv.weight"] = identity_kernel(width, weight.shape[-1], weight)
+    state[f"{prefix}.conv.weight"] = identity_kernel(weight)
     state[f"{prefix}.conv.bias"] = torch.zeros_like(state[f"{prefix}.conv.bias"])
     _identity_batchnorm(state, f"{prefix}.bn", eps=1e-5)
 
@@ -197,3 +201,108 @@ def merge_hidden_layers(
     new = new.to(reference.dtype).to(reference.device)
     new.load_state_dict(renamed)
     return new.train(model.training)
+
+
+def _identity_traced_unit(state: dict[str, Tensor], model: nn.Module, unit: TracedUnit) -> None:
+    """Make ``unit`` of ``model`` the identity in ``state``: a residual unit by zeroing its
+    branch (its BatchNorms the identity), any other by identity convolutions, linear layers
+    and BatchNorms (which pass ``ReLU(x) = x`` for the non-negative output of the unit
+    before)."""
+    by_module: dict[str, list[str]] = {}
+    for key in unit.keys:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key)
+    for prefix, keys in by_module.items():
+        module = model.get_submodule(prefix)
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            _identity_batchnorm(state, prefix, module.eps)
+        elif unit.residual:
+            for key in keys:
+                if state[key].is_floating_point():
+                    state[key] = torch.zeros_like(state[key])
+        elif isinstance(module, nn.Linear) and module.in_features == module.out_features:
+            _identity_linear(state, prefix, module.out_features)
+        elif (
+            isinstance(module, nn.modules.conv._ConvNd)
+            and module.in_channels == module.out_channels
+            and module.groups in (1, module.in_channels)
+            and all(size % 2 for size in module.kernel_size)
+            and set(module.stride) == {1}
+        ):
+            state[f"{prefix}.weight"] = identity_kernel(weight)
+            if f"{prefix}.bias" in state:
+                state[f"{prefix}.bias"] = torch.zeros_like(state[f"{prefix}.bias"])
+        else:
+            raise UnsupportedNetwork(
+                f"layer {prefix!r} ({type(module).__name__}) of unit {unit.module!r} cannot be "
+                "made the identity"
+            )
+
+
+def _paired(targets: Sequence[str], sources: Sequence[str], target_state: dict[str, Tensor],
+            source_state: dict[str, Tensor]) -> dict[str, str]:  # fmt: skip
+    """``{target key: source key}`` in order, or a one-line error naming the first mismatch."""
+    if len(targets) != len(sources):
+        raise UnsupportedNetwork(
+            f"{len(sources)} tensors ({sources[0] if sources else '-'} ...) cannot take the "
+            f"place of {len(targets)} ({targets[0] if targets else '-'} ...)"
+        )
+    for target, source in zip(targets, sources, strict=True):
+        if target_state[target].shape != source_state[source].shape:
+            raise UnsupportedNetwork(
+                f"{source!r} {list(source_state[source].shape)} cannot take the place of "
+                f"{target!r} {list(target_state[target].shape)}: traced networks of different "
+                "depths must share their layers' widths"
+            )
+    return dict(zip(targets, sources, strict=True))
+
+
+@torch.no_grad()
+def balanced_copy(
+    template: nn.Module,
+    template_sections: Sequence[Section],
+    model: nn.Module,
+    model_sections: Sequence[Section],
+    mapping: Mapping[str, Sequence[int]],
+    x: Tensor,
+) -> nn.Module:
+    """A copy of the deeper network ``template`` computing ``model``'s function (paper 002,
+    Fig. 3a, for traced networks): ``model``'s unit i of each section takes the place of
+    ``template``'s unit ``mapping[section][i]``, every other unit of ``template`` becomes the
+    identity, and what lies outside the units (stem, classifier) is ``model``'s.
+
+    Both networks must have the same layers' widths. The copy is checked on the inputs
+    ``x`` (t, C, H, W): outputs that differ from ``model``'s by more than
+    :data:`IDENTITY_TOLERANCE` (relative) raise :class:`UnsupportedNetwork`.
+    """
+    ours, theirs = template.state_dict(), model.state_dict()
+    pairs: dict[str, str] = {}
+    inserted: list[TracedUnit] = []
+    for deep, shallow in zip(template_sections, model_sections, strict=True):
+        positions = list(mapping[deep.name])
+        for i, unit in enumerate(shallow.units):
+            target = deep.units[positions[i]]
+            pairs |= _paired(target.keys, unit.keys, ours, theirs)
+        inserted += [u for j, u in enumerate(deep.units) if j not in positions]
+    in_units = [{k for s in sections for u in s.units for k in u.keys}
+                for sections in (template_sections, model_sections)]  # fmt: skip
+    pairs |= _paired([k for k in ours if k not in in_units[0]],
+                     [k for k in theirs if k not in in_units[1]], ours, theirs)  # fmt: skip
+    state = {key: tensor.clone() for key, tensor in ours.items()}
+    state |= {target: theirs[source].clone() for target, source in pairs.items()}
+    for unit in inserted:
+        _identity_traced_unit(state, template, unit)
+    balanced = copy.deepcopy(template)
+    balanced.load_state_dict(state)
+    balanced.eval()
+    model_training = model.training
+    expected, found = model.eval()(x), balanced(x)
+    model.train(model_training)
+    error = float((expected - found).abs().max())
+    if error > IDENTITY_TOLERANCE * (1.0 + float(expected.abs().max())):
+        names = ", ".join(u.module for u in inserted)
+        raise UnsupportedNetwork(
+            f"identity units at {names} change the network's outputs by up to {error:.3g}: "
+            "their inputs are not what they pass unchanged (e.g. negative before a ReLU)"
+        )
+    return balanced

@@ -10,14 +10,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.models import Classifier, create_model
-from amalgam.fusion.ot.balance import add_identity_units, merge_hidden_layers
+from amalgam.fusion.models import Classifier, Section, create_model
+from amalgam.fusion.ot.balance import add_identity_units, balanced_copy, merge_hidden_layers
 from amalgam.fusion.ot.cka import cka_cost
 from amalgam.fusion.ot.cla import cross_layer_alignment
 from amalgam.fusion.ot.config import OTFusionConfig
+from amalgam.fusion.ot.graph import traced_spec
 from amalgam.fusion.ot.probe import Probe
 from amalgam.fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec, input_shape
 from amalgam.fusion.ot.transport import align
+from amalgam.fusion.ot.units import TracedUnit
 
 
 @dataclass
@@ -35,6 +37,8 @@ class FusionResult:
     cka_layers : per section, per model, the layer names of the CKA matrix's rows (the
         deeper network) and columns (the shallower).
     balanced : the depth-aligned input models.
+    depth_reference : the network the cross-layer maps of the others were found against:
+        the base for the registry's networks, the deepest network for traced ones.
     aligned : per model, its state aligned to the fused network's neurons (the base's own
         for the base); :meth:`aligned_models` builds them.
     """
@@ -47,6 +51,7 @@ class FusionResult:
     cka_layers: dict[str, dict[int, tuple[list[str], list[str]]]] = field(default_factory=dict)
     balanced: list[Classifier] = field(default_factory=list)
     aligned: list[dict[str, Tensor]] = field(default_factory=list)
+    depth_reference: int | None = None
 
     def aligned_models(self) -> list[nn.Module]:
         """The input networks after alignment, each of the fused network's architecture."""
@@ -79,8 +84,8 @@ def cross_layer_spec(model: nn.Module, in_shape: tuple[int, ...] | None = None) 
     if not spec.sections:
         name = getattr(model, "arch", {}).get("name", type(model).__name__)
         raise UnsupportedNetwork(
-            f"{name}: cross-layer alignment needs the sections of the registry's MLP, VGG or "
-            "ResNet; fuse networks of equal depth with OT"
+            f"{name}: found no hidden layers or blocks to align across depths; fuse networks "
+            "of equal depth with OT"
         )
     return spec
 
@@ -201,6 +206,29 @@ def _unit_count(model: Classifier) -> int:
     return sum(len(s.units) for s in fusion_spec(model).sections)
 
 
+def _cross_layer_map(
+    deep: tuple[Section, dict[str, Tensor]],
+    shallow: tuple[Section, dict[str, Tensor]],
+    result: FusionResult,
+    section: str,
+    k: int,
+) -> list[int]:
+    """The cross-layer map (paper 002, Definition 1) of a section from the shallower
+    network's units to the deeper's, each given with its Gram matrices on the probe, on the
+    linear CKA cost (Eq. 3); recorded in ``result`` for model ``k``."""
+    (deep_section, deep_grams), (shallow_section, shallow_grams) = deep, shallow
+    cost = cka_cost(
+        [deep_grams[u.output] for u in deep_section.units],
+        [shallow_grams[u.output] for u in shallow_section.units],
+    )
+    mapping = cross_layer_alignment(cost)
+    result.alignments.setdefault(section, {})[k] = mapping
+    result.cka.setdefault(section, {})[k] = 1.0 - cost
+    layers = [u.output for u in deep_section.units], [u.output for u in shallow_section.units]
+    result.cka_layers.setdefault(section, {})[k] = layers
+    return mapping
+
+
 def _depth_align_pair(
     base: Classifier,
     other: Classifier,
@@ -229,23 +257,12 @@ def _depth_align_pair(
     for ours, theirs in zip(base_spec.sections, other_spec.sections, strict=True):
         m, n = len(ours.units), len(theirs.units)
         base_deeper = m >= n
-        deep, shallow = (ours, theirs) if base_deeper else (theirs, ours)
-        deep_grams, shallow_grams = (
-            (base_grams, other_grams) if base_deeper else (other_grams, base_grams)
-        )
-        cost = cka_cost(
-            [deep_grams[u.output] for u in deep.units],
-            [shallow_grams[u.output] for u in shallow.units],
-        )
-        mapping = cross_layer_alignment(cost)
-        result.alignments.setdefault(ours.name, {})[k] = mapping
-        result.cka.setdefault(ours.name, {})[k] = 1.0 - cost
-        layers = ([u.output for u in deep.units], [u.output for u in shallow.units])
-        result.cka_layers.setdefault(ours.name, {})[k] = layers
+        pair = (ours, base_grams), (theirs, other_grams)
+        mapping = _cross_layer_map(*(pair if base_deeper else pair[::-1]), result, ours.name, k)
         if m == n:
             continue
         if config.balance == "add":
-            ends = mapping[1:] + [len(deep.units)]
+            ends = mapping[1:] + [max(m, n)]
             gaps = [i for i, end in enumerate(ends) for _ in range(end - mapping[i] - 1)]
             insert[1 if base_deeper else 0][ours.name] = gaps
         elif base_deeper:
@@ -281,8 +298,16 @@ def clafusion(
     config.check(len(models))
     _check_inputs(models)
     probe = _as_probe(probe)
-    for model in models:  # unsupported networks fail here, before any work
-        cross_layer_spec(model, tuple(probe.x.shape[1:]))
+    # unsupported networks fail here, before any work
+    in_shape = tuple(probe.x.shape[1:])
+    specs = [cross_layer_spec(model, in_shape) for model in models]
+    traced = [isinstance(spec.sections[0].units[0], TracedUnit) for spec in specs]
+    if any(traced):  # registry networks among them are seen as traced ones too
+        specs = [
+            spec if t else traced_spec(m, in_shape)
+            for spec, t, m in zip(specs, traced, models, strict=True)
+        ]
+        return _traced_clafusion(models, specs, probe, config)
     if config.base is None:
         depths = [_unit_count(m) for m in models]
         base = depths.index(min(depths))
@@ -300,10 +325,63 @@ def clafusion(
     second_pass = FusionResult(target, base) if config.balance == "add" else result
     for k in others:
         _, balanced[k] = _depth_align_pair(target, models[k], probe, config, second_pass, k)
-    fused = ot_fuse(balanced, _with_base(config, base), probe)
-    fused.alignments, fused.cka, fused.balanced = result.alignments, result.cka, balanced
-    fused.cka_layers = result.cka_layers
+    return _with_maps(ot_fuse(balanced, _with_base(config, base), probe), result, balanced)
+
+
+def _with_maps(fused: FusionResult, maps: FusionResult, balanced: list) -> FusionResult:
+    """``fused`` with the cross-layer maps (and their CKA) found for ``balanced``."""
+    fused.alignments, fused.cka, fused.cka_layers = maps.alignments, maps.cka, maps.cka_layers
+    fused.balanced, fused.depth_reference = balanced, maps.base
     return fused
+
+
+def _traced_clafusion(
+    models: list[nn.Module], specs: list[FusionSpec], probe: Probe, config: OTFusionConfig
+) -> FusionResult:
+    """CLAFusion of traced networks (:func:`clafusion`): every network is depth-aligned to
+    the one that is deepest in every section, whose architecture the fused network takes;
+    identity units (:func:`balanced_copy`) fill the layers a shallower network lacks."""
+    if config.balance != "add":
+        raise UnsupportedNetwork(
+            "balance='merge' removes hidden layers of the registry's MLPs only; traced "
+            "networks are balanced with 'add'"
+        )
+    depths = [[len(section.units) for section in spec.sections] for spec in specs]
+    for k, counts in enumerate(depths[1:], start=1):
+        if len(counts) != len(depths[0]):
+            raise UnsupportedNetwork(
+                f"model {k}: {len(counts)} sections (units per section {counts}) where model "
+                f"0 has {len(depths[0])} ({depths[0]}); cross-layer alignment maps units "
+                "within matching sections"
+            )
+    deepest = [
+        k for k, counts in enumerate(depths) if counts == [max(column) for column in zip(*depths)]
+    ]
+    if not deepest:
+        raise UnsupportedNetwork(
+            f"no network is the deepest in every section (units per section: {depths}); "
+            "traced networks are balanced to the deepest one"
+        )
+    reference = deepest[0]
+    base = config.base if config.base is not None else depths.index(min(depths, key=sum))
+    maps = FusionResult(models[reference], reference)
+    grams = [probe.grams(m, [u.output for s in spec.sections for u in s.units])
+             for m, spec in zip(models, specs, strict=True)]  # fmt: skip
+    balanced = list(models)
+    for k in range(len(models)):
+        if k == reference:
+            continue
+        sections = zip(specs[reference].sections, specs[k].sections, strict=True)
+        mapping = {deep.name: _cross_layer_map((deep, grams[reference]), (shallow, grams[k]),
+                                               maps, deep.name, k)
+                   for deep, shallow in sections}  # fmt: skip
+        try:
+            balanced[k] = balanced_copy(models[reference], specs[reference].sections, models[k],
+                                        specs[k].sections, mapping, probe.x)  # fmt: skip
+        except UnsupportedNetwork as error:
+            raise UnsupportedNetwork(f"model {k}: {error}") from None
+    fused = ot_fuse(balanced, _with_base(config, base), probe, tuple(probe.x.shape[1:]))
+    return _with_maps(fused, maps, balanced)
 
 
 def _with_base(config: OTFusionConfig, base: int) -> OTFusionConfig:

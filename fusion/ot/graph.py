@@ -41,8 +41,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.ops import stochastic_depth
 
 from amalgam.fusion.ot.spec import FusionSpec, Group, UnsupportedNetwork
+from amalgam.fusion.ot.units import FIXED, traced_sections
 
-FIXED = 0  # the group of the input's channels and of the outputs: never permuted
 PROBE_BATCH = 2
 
 PASS_MODULES = (
@@ -337,7 +337,11 @@ def traced_spec(model: nn.Module, in_shape: tuple[int, ...]) -> FusionSpec:
     graph.train(was_training)
     tracer = _Tracer(model, graph)
     tracer.run()
-    return _assemble(tracer, model)
+    spec = _assemble(tracer, model)
+    channels = {node: (tracer.find(value.group), value.dim)
+                for node, value in tracer.values.items() if value is not None}  # fmt: skip
+    spec.sections = traced_sections(graph, channels)
+    return spec
 
 
 def _assemble(tracer: _Tracer, model: nn.Module) -> FusionSpec:

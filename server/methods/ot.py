@@ -73,8 +73,8 @@ def _summary(fused: WeightFusion, test: str) -> list[str]:
     for section, maps in result.alignments.items():
         for k, mapping in maps.items():
             lines.append(
-                f"Cross-layer map, {section}, {names[k]} and the base (the shallower "
-                f"network's layers -> the deeper's): {mapping}."
+                f"Cross-layer map, {section}, {names[k]} and {names[result.depth_reference]} "
+                f"(the shallower network's layers -> the deeper's): {mapping}."
             )
     if fused.supplied:
         lines.append("Computed at the parties: " + "; ".join(fused.supplied) + ".")
@@ -98,8 +98,8 @@ def _figures(fused: WeightFusion) -> dict:
         return lambda path: plot_heatmap(
             result.cka[section][k].numpy(),
             path,
-            title=f"linear CKA between {names[k]} and the base, section {section}; red: the "
-            "cross-layer map",
+            title=f"linear CKA between {names[k]} and {names[result.depth_reference]}, section "
+            f"{section}; red: the cross-layer map",
             marks=[(j, i) for i, j in enumerate(mapping)],
             rows=("the deeper network's layers", deep),
             columns=("the shallower network's layers", shallow),

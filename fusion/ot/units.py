@@ -1,0 +1,178 @@
+"""Sections and units of a traced network: what cross-layer alignment maps and balancing
+inserts (paper 002, section 3.1), derived from the graph.
+
+A node that every path from the input to the output passes through is a *cut*. The graph is
+split at its cuts into segments: a VGG layer gives three (convolution, BatchNorm,
+activation), a residual block one for its two paths up to the addition and one for the
+activation after it. A *unit* starts with a segment that holds a convolution or linear layer
+(a layer, a block) and takes in the shape-keeping segments after it (normalisation,
+activation, dropout). A section holds consecutive units of one kind (residual or not) at one
+resolution: a segment that changes the shape without weights -- pooling, flattening,
+adapting the input -- ends it, and so does a unit of the other kind or with another output
+resolution (a strided convolution, a downsampling block). The classifier, whose outputs are
+the classes, is no unit.
+
+A unit is represented by its last convolution, linear layer or normalisation called once on
+its longest path: a layer's pre-activation, a block's last BatchNorm before the addition
+(not its shortcut's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from amalgam.fusion.models import Section, Unit
+
+FIXED = 0  # the group of the input's channels and of the outputs
+WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
+REPRESENTATIVES = (*WEIGHTED, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class TracedUnit(Unit):
+    """A unit of a traced network.
+
+    Attributes
+    ----------
+    keys : its parameters and buffers, in the order the forward pass reads them.
+    residual : it adds a branch to its input (a residual block): zeroing the branch makes
+        it the identity.
+    """
+
+    keys: tuple[str, ...]
+    residual: bool
+
+
+@dataclass
+class _Segment:
+    nodes: list[fx.Node]
+    end: fx.Node  # the cut it ends at
+    before: tuple[int, ...]  # the shape it starts from, and the one it ends with
+    after: tuple[int, ...]
+    joins: bool  # it combines two tensors computed from the input (a residual addition)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else ()
+
+
+def _cuts(nodes: list[fx.Node], data: set[fx.Node]) -> list[int]:
+    """Positions of the data nodes that no edge between data nodes jumps over."""
+    position = {node: k for k, node in enumerate(nodes)}
+    cuts, reach = [], 0
+    for k, node in enumerate(nodes):
+        if node not in data:
+            continue
+        if reach <= k:
+            cuts.append(k)
+        ends = [position[user] for user in node.users]
+        reach = max([reach, *ends])
+    return cuts
+
+
+def _segments(graph: fx.GraphModule, channels: dict[fx.Node, tuple[int, int]]) -> list[_Segment]:
+    nodes = list(graph.graph.nodes)
+    data = {node for node in nodes if node.op == "placeholder"}
+    for node in nodes:  # what depends on the input
+        if node.op != "output" and any(arg in data for arg in node.all_input_nodes):
+            data.add(node)
+    cuts = [k for k in _cuts(nodes, data) if nodes[k] in channels]
+    segments = []
+    for start, end in zip(cuts, cuts[1:]):
+        inside = nodes[start + 1 : end + 1]
+        joins = any(len([a for a in n.all_input_nodes if a in data]) > 1 for n in inside)
+        segments.append(
+            _Segment(inside, nodes[end], _shape(nodes[start]), _shape(nodes[end]), joins)
+        )
+    return segments
+
+
+def _module(graph: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return graph.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _unit(
+    graph: fx.GraphModule,
+    segments: list[_Segment],
+    channels: dict[fx.Node, tuple[int, int]],
+    calls: dict[str, int],
+) -> TracedUnit | None:
+    """The unit of ``segments`` (its first one weighted); None for the classifier."""
+    group, dim = channels[segments[-1].end]
+    if group == FIXED:
+        return None
+    nodes = [node for segment in segments for node in segment.nodes]
+    keys: dict[str, None] = {}
+    depth: dict[fx.Node, int] = {}  # layers on the longest path from the unit's input
+    representative, deepest = None, -1
+    for node in nodes:
+        module = _module(graph, node)
+        depth[node] = max((depth.get(a, 0) for a in node.all_input_nodes), default=0)
+        if module is not None:
+            keys |= dict.fromkeys(module.state_dict(prefix=f"{node.target}."))
+            depth[node] += 1
+            if isinstance(module, REPRESENTATIVES) and calls[node.target] == 1:
+                if depth[node] >= deepest:  # the main branch, not a shortcut
+                    representative, deepest = node.target, depth[node]
+        elif node.op == "get_attr":
+            keys[node.target] = None
+    first = next(node.target for node in nodes if isinstance(_module(graph, node), WEIGHTED))
+    width = segments[-1].after[dim]
+    return TracedUnit(first, representative or first, width, tuple(keys), segments[0].joins)
+
+
+def _resolution(segment: _Segment, channels: dict[fx.Node, tuple[int, int]]) -> tuple:
+    """The shape of a segment's output without the batch and channel axes."""
+    _, dim = channels[segment.end]
+    shape = segment.after
+    return shape[1:dim] + shape[dim + 1 :]
+
+
+def traced_sections(
+    graph: fx.GraphModule, channels: dict[fx.Node, tuple[int, int]]
+) -> list[Section]:
+    """The sections of a traced network (shapes propagated) with the units in each.
+
+    Parameters
+    ----------
+    graph : the network's ``torch.fx`` graph with ``tensor_meta`` on its nodes.
+    channels : for every node whose channels the alignment follows, its group (resolved;
+        ``FIXED`` for the input's and the outputs') and the axis that carries it.
+    """
+    calls: dict[str, int] = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    sections: list[list[TracedUnit]] = [[]]
+    current: list[_Segment] = []
+    kind = None  # the resolution and residual flag of the section's units
+
+    def close_unit() -> None:
+        nonlocal current, kind
+        if current:
+            unit = _unit(graph, current, channels, calls)
+            if unit is not None:
+                here = (_resolution(current[-1], channels), unit.residual)
+                if sections[-1] and here != kind:
+                    sections.append([])
+                sections[-1].append(unit)
+                kind = here
+        current = []
+
+    for segment in _segments(graph, channels):
+        weighted = any(isinstance(_module(graph, node), WEIGHTED) for node in segment.nodes)
+        if weighted:
+            close_unit()
+            current = [segment]
+        elif current and segment.after == segment.before:
+            current.append(segment)
+        else:  # pooling, flattening, adapting the input: the section ends
+            close_unit()
+            if sections[-1]:
+                sections.append([])
+    close_unit()
+    filled = [units for units in sections if units]
+    return [Section(f"section{k}", tuple(units)) for k, units in enumerate(filled)]
