@@ -9,6 +9,7 @@ import torch
 import torchvision
 from permuted import permuted_copy
 from torch import nn
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vgg import VGG, make_layers
 
@@ -48,12 +49,20 @@ def _vgg(layers: list) -> nn.Module:
     return model
 
 
+def _convnext(depths: tuple[int, int]) -> nn.Module:
+    """torchvision's ConvNeXt (channels-last blocks, LayerNorm, layer scale) in two narrow
+    stages of ``depths`` blocks."""
+    stages = [CNBlockConfig(16, 32, depths[0]), CNBlockConfig(32, None, depths[1])]
+    return ConvNeXt(stages, layer_scale=0.5, num_classes=5)
+
+
 PAIRS = {  # (shallower, deeper): one family, same widths
     "vgg": (lambda: _vgg([8, "M", 16, "M", 16]), lambda: _vgg([8, 8, "M", 16, "M", 16, 16, 16])),
     "resnet": (
         lambda: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5),
         lambda: ResNet(BasicBlock, [2, 1, 3, 1], num_classes=5),
     ),
+    "convnext": (lambda: _convnext((1, 1)), lambda: _convnext((2, 3))),
 }
 
 
