@@ -23,7 +23,9 @@ input fine-tuned for the same budget (rows as ``mlp-hetero``; merging does not a
 convolutions). ``tv-resnet18`` and ``tv-vgg11bn`` (CIFAR-10): torchvision's networks (vgg11_bn
 with a classifier for 32x32 inputs) from two seeds on ``--tv-images`` training images, OT
 fusion on the traced graph, then the same fine-tune; ``tv-vgg11-13bn``: vgg11_bn and vgg13_bn
-(two more conv layers), CLAFusion on the sections and units traced from their graphs. CNN
+(two more conv layers), CLAFusion on the sections and units traced from their graphs;
+``tv-vgg-half-double``: the same with other widths too, paper 002's VGG11-half and
+VGG13-double configurations at a quarter of their widths. CNN
 rows ``*_bn`` re-estimate BatchNorm on 10,000 training images, ``*_repair`` apply REPAIR on
 the 200 probe images alone.
 
@@ -445,6 +447,26 @@ def tv_vgg_bn(depth: int):
     return build
 
 
+# paper 002's VGG11-half and VGG13-double (Table 3) at a quarter of their widths
+VGG11_HALF = [16, "M", 16, "M", 32, 32, "M", 64, 64, "M", 64, 128, "M"]
+VGG13_DOUBLE = [16, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, "M", 256, 128, "M"]
+
+
+def tv_vgg_layers(layers: list):
+    """torchvision's VGG of the configuration ``layers`` (widths, "M" for max pooling) with
+    BatchNorm, globally average-pooled into one linear classifier (as paper 002's VGGs)."""
+
+    def build(num_classes: int) -> nn.Module:
+        model = torchvision.models.vgg.VGG(
+            torchvision.models.vgg.make_layers(layers, batch_norm=True), num_classes=num_classes
+        )
+        model.avgpool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = nn.Linear(layers[-2], num_classes)
+        return model
+
+    return build
+
+
 def torchvision_pair(build_a, build_b=None):
     """A torchvision case: two networks from two seeds, trained on ``--tv-images`` training
     images -- of one architecture (``build_b`` unset), OT-fused (activation metric), or of
@@ -518,6 +540,7 @@ RUNNERS = {
     "tv-resnet18": torchvision_pair(torchvision.models.resnet18),
     "tv-vgg11bn": torchvision_pair(tv_vgg_bn(11)),
     "tv-vgg11-13bn": torchvision_pair(tv_vgg_bn(11), tv_vgg_bn(13)),
+    "tv-vgg-half-double": torchvision_pair(tv_vgg_layers(VGG11_HALF), tv_vgg_layers(VGG13_DOUBLE)),
 }
 VARIANTS = list(RUNNERS)
 

@@ -18,6 +18,7 @@ from amalgam.fusion.ot.config import OTFusionConfig
 from amalgam.fusion.ot.fuse import clafusion
 from amalgam.fusion.ot.graph import traced_spec
 from amalgam.fusion.ot.spec import UnsupportedNetwork
+from amalgam.fusion.ot.widths import resized
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -63,6 +64,11 @@ PAIRS = {  # (shallower, deeper): one family, same widths
         lambda: ResNet(BasicBlock, [2, 1, 3, 1], num_classes=5),
     ),
     "convnext": (lambda: _convnext((1, 1)), lambda: _convnext((2, 3))),
+    # other widths too, as paper 002's half-width VGG11 and double-width VGG13
+    "vgg-widths": (
+        lambda: _vgg([8, "M", 8, "M", 16, 32]),
+        lambda: _vgg([8, 16, "M", 16, 16, "M", 32, 16, 32]),
+    ),
 }
 
 
@@ -144,11 +150,12 @@ def test_clafusion_of_a_traced_network_and_its_permuted_copy_gives_it_back():
 
 def test_what_cannot_be_balanced_is_named():
     x = _probe(8)
-    narrow, wide = _vgg([8, "M", 16]), _vgg([12, 12, "M", 16])
-    widths = (r"^model 0: 'features.0.weight' \[8, 3, 3, 3\] cannot take the place of "
-              r"'features.0.weight' \[12, 3, 3, 3\]")  # fmt: skip
-    with pytest.raises(UnsupportedNetwork, match=widths):
-        clafusion([narrow, wide], x)
+    wide = _vgg([12, 12, "M", 16])
+    wide.features[0] = nn.Conv2d(3, 12, kernel_size=5, padding=2)  # another kernel size
+    kernel = (r"^model 0: 'features.0.weight' \[8, 3, 3, 3\] cannot take the place of "
+              r"'features.0.weight' \[12, 3, 5, 5\]$")  # fmt: skip
+    with pytest.raises(UnsupportedNetwork, match=kernel):
+        clafusion([_vgg([8, "M", 16]), wide], x)
     crossed = _vgg([8, 8, "M", 16]), _vgg([8, "M", 16, 16])
     with pytest.raises(UnsupportedNetwork, match=r"no network is the deepest in every section"):
         clafusion(list(crossed), x)
@@ -157,3 +164,22 @@ def test_what_cannot_be_balanced_is_named():
     fewer = _vgg([8, "M", 16, "M", 16])
     with pytest.raises(UnsupportedNetwork, match=r"model 1: 4 sections .* model 0 has 3"):
         clafusion([_vgg([8, "M", 16]), fewer], x)
+
+
+RESIZABLE = {
+    "mobilenet": lambda: torchvision.models.mobilenet_v3_small(num_classes=5),
+    "convnext": lambda: _convnext((1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESIZABLE))
+def test_a_traced_network_resized_to_other_widths_runs(name):
+    build = RESIZABLE[name]
+    model = build().eval()
+    spec = traced_spec(model, IN_SHAPE)
+    half = {name: max(1, size // 2) for name, size in spec.group_sizes(model).items()}
+    smaller = resized(model, spec, half)
+    assert spec.group_sizes(smaller) == half  # depthwise convolutions, SE, LayerNorm follow
+    with torch.no_grad():
+        assert smaller(_probe(2)).shape == (2, 5)
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in model.parameters())

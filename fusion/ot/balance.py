@@ -12,7 +12,6 @@ where the estimate of which neurons fire is.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal, get_args
 
@@ -20,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from amalgam.fusion.models import MLP, BasicBlock, Classifier, Section, create_model
-from amalgam.fusion.ot.spec import UnsupportedNetwork, fusion_spec
+from amalgam.fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec
 from amalgam.fusion.ot.units import TracedUnit
+from amalgam.fusion.ot.widths import resized
 
 IDENTITY_TOLERANCE = 1e-4  # outputs a balanced copy may differ by, relative to their size
 
@@ -239,28 +239,50 @@ def _identity_traced_unit(state: dict[str, Tensor], model: nn.Module, unit: Trac
             )
 
 
-def _paired(targets: Sequence[str], sources: Sequence[str], target_state: dict[str, Tensor],
-            source_state: dict[str, Tensor]) -> dict[str, str]:  # fmt: skip
-    """``{target key: source key}`` in order, or a one-line error naming the first mismatch."""
+def _paired(targets: Sequence[str], sources: Sequence[str]) -> dict[str, str]:
+    """``{target key: source key}`` in order, or a one-line error where the counts differ."""
     if len(targets) != len(sources):
         raise UnsupportedNetwork(
             f"{len(sources)} tensors ({sources[0] if sources else '-'} ...) cannot take the "
             f"place of {len(targets)} ({targets[0] if targets else '-'} ...)"
         )
-    for target, source in zip(targets, sources, strict=True):
-        if target_state[target].shape != source_state[source].shape:
-            raise UnsupportedNetwork(
-                f"{source!r} {list(source_state[source].shape)} cannot take the place of "
-                f"{target!r} {list(target_state[target].shape)}: traced networks of different "
-                "depths must share their layers' widths"
-            )
     return dict(zip(targets, sources, strict=True))
+
+
+def _balanced_sizes(
+    spec: FusionSpec,
+    template: dict[str, Tensor],
+    source: dict[str, Tensor],
+    pairs: Mapping[str, str],
+    inserted: Sequence[TracedUnit],
+) -> dict[str, int]:
+    """The size of each group of the balanced copy: that of the tensors placed in it; a
+    group only inserted units carry scales the template's by the ratio of the unit's input
+    group (an identity layer is as wide as its input)."""
+    sizes: dict[str, int] = {}
+    for target, key in pairs.items():
+        for group, size in zip(spec.axes[target], source[key].shape, strict=False):
+            if group is not None and sizes.setdefault(group, size) != size:
+                raise UnsupportedNetwork(
+                    f"{key!r} gives its layer {size} neurons where the layers around it have "
+                    f"{sizes[group]}"
+                )
+    original = spec.group_sizes_of(template)
+    for unit in inserted:
+        axes = [spec.axes[k] for k in unit.keys if len(spec.axes.get(k, ())) > 1]
+        entry = next((a[1] for a in axes if a[1] is not None), None)
+        ratio = sizes[entry] / original[entry] if entry in sizes else 1.0
+        for key in unit.keys:
+            for group in spec.axes.get(key, ()):
+                if group is not None and group not in sizes:
+                    sizes[group] = max(1, round(original[group] * ratio))
+    return sizes
 
 
 @torch.no_grad()
 def balanced_copy(
     template: nn.Module,
-    template_sections: Sequence[Section],
+    template_spec: FusionSpec,
     model: nn.Module,
     model_sections: Sequence[Section],
     mapping: Mapping[str, Sequence[int]],
@@ -269,32 +291,39 @@ def balanced_copy(
     """A copy of the deeper network ``template`` computing ``model``'s function (paper 002,
     Fig. 3a, for traced networks): ``model``'s unit i of each section takes the place of
     ``template``'s unit ``mapping[section][i]``, every other unit of ``template`` becomes the
-    identity, and what lies outside the units (stem, classifier) is ``model``'s.
+    identity, and what lies outside the units (stem, classifier) is ``model``'s. The copy
+    has ``model``'s widths (:func:`amalgam.fusion.ot.widths.resized`).
 
-    Both networks must have the same layers' widths. The copy is checked on the inputs
-    ``x`` (t, C, H, W): outputs that differ from ``model``'s by more than
-    :data:`IDENTITY_TOLERANCE` (relative) raise :class:`UnsupportedNetwork`.
+    The copy is checked on the inputs ``x`` (t, C, H, W): outputs that differ from
+    ``model``'s by more than :data:`IDENTITY_TOLERANCE` (relative) raise
+    :class:`UnsupportedNetwork`.
     """
-    ours, theirs = template.state_dict(), model.state_dict()
+    theirs = model.state_dict()
     pairs: dict[str, str] = {}
     inserted: list[TracedUnit] = []
-    for deep, shallow in zip(template_sections, model_sections, strict=True):
+    for deep, shallow in zip(template_spec.sections, model_sections, strict=True):
         positions = list(mapping[deep.name])
         for i, unit in enumerate(shallow.units):
-            target = deep.units[positions[i]]
-            pairs |= _paired(target.keys, unit.keys, ours, theirs)
+            pairs |= _paired(deep.units[positions[i]].keys, unit.keys)
         inserted += [u for j, u in enumerate(deep.units) if j not in positions]
     in_units = [{k for s in sections for u in s.units for k in u.keys}
-                for sections in (template_sections, model_sections)]  # fmt: skip
-    pairs |= _paired([k for k in ours if k not in in_units[0]],
-                     [k for k in theirs if k not in in_units[1]], ours, theirs)  # fmt: skip
-    state = {key: tensor.clone() for key, tensor in ours.items()}
-    state |= {target: theirs[source].clone() for target, source in pairs.items()}
+                for sections in (template_spec.sections, model_sections)]  # fmt: skip
+    template_state = template.state_dict()
+    pairs |= _paired([k for k in template_state if k not in in_units[0]],
+                     [k for k in theirs if k not in in_units[1]])  # fmt: skip
+    sizes = _balanced_sizes(template_spec, template_state, theirs, pairs, inserted)
+    balanced = resized(template, template_spec, sizes).eval()
+    state = {key: tensor.clone() for key, tensor in balanced.state_dict().items()}
+    for target, source in pairs.items():
+        if state[target].shape != theirs[source].shape:
+            raise UnsupportedNetwork(
+                f"{source!r} {list(theirs[source].shape)} cannot take the place of {target!r} "
+                f"{list(template_state[target].shape)}"
+            )
+        state[target] = theirs[source].clone()
     for unit in inserted:
-        _identity_traced_unit(state, template, unit)
-    balanced = copy.deepcopy(template)
+        _identity_traced_unit(state, balanced, unit)
     balanced.load_state_dict(state)
-    balanced.eval()
     model_training = model.training
     expected, found = model.eval()(x), balanced(x)
     model.train(model_training)

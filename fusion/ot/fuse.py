@@ -339,8 +339,9 @@ def _traced_clafusion(
     models: list[nn.Module], specs: list[FusionSpec], probe: Probe, config: OTFusionConfig
 ) -> FusionResult:
     """CLAFusion of traced networks (:func:`clafusion`): every network is depth-aligned to
-    the one that is deepest in every section, whose architecture the fused network takes;
-    identity units (:func:`balanced_copy`) fill the layers a shallower network lacks."""
+    the one that is deepest in every section, whose architecture (at the base's widths) the
+    fused network takes; identity units (:func:`balanced_copy`) fill the layers a shallower
+    network lacks."""
     if config.balance != "add":
         raise UnsupportedNetwork(
             "balance='merge' removes hidden layers of the registry's MLPs only; traced "
@@ -376,7 +377,7 @@ def _traced_clafusion(
                                                maps, deep.name, k)
                    for deep, shallow in sections}  # fmt: skip
         try:
-            balanced[k] = balanced_copy(models[reference], specs[reference].sections, models[k],
+            balanced[k] = balanced_copy(models[reference], specs[reference], models[k],
                                         specs[k].sections, mapping, probe.x)  # fmt: skip
         except UnsupportedNetwork as error:
             raise UnsupportedNetwork(f"model {k}: {error}") from None

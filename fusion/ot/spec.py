@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from amalgam.fusion.models import MLP, VGG, ResNetCifar, Section
 
@@ -61,7 +61,10 @@ class FusionSpec:
 
     def group_sizes(self, model: nn.Module) -> dict[str, int]:
         """Number of neurons of each group in ``model``."""
-        state = model.state_dict()
+        return self.group_sizes_of(model.state_dict())
+
+    def group_sizes_of(self, state: dict[str, Tensor]) -> dict[str, int]:
+        """Number of neurons of each group in the tensors ``state``."""
         return {g.name: state[g.producers[0]].shape[0] for g in self.groups}
 
 
