@@ -501,6 +501,8 @@ def torchvision_pair(build_a, build_b=None):
             fused, seconds = timed(clafusion, models, probe, OTFusionConfig())
             extra["cla_map"] = fused.alignments
             extra["depth_aligned_accuracy"] = [test_accuracy(m, test) for m in fused.balanced]
+            on_b = clafusion(models, probe, OTFusionConfig(base=1))  # at model_b's widths
+            results["cla_add_base_b_bn"] = test_accuracy(bn_estimated(on_b.model, train), test)
         rows, repaired, repair_seconds = one_shot_rows(row, fused, train, test, probe)
         results |= rows
         ft = b["cnn_ft_epochs"]
@@ -519,7 +521,11 @@ def torchvision_pair(build_a, build_b=None):
             "repair_seconds": repair_seconds,
             "matched_correlation": matched_correlation(fused, probe),
             "rows": f"{row}: {metric}, {ONE_SHOT_ROWS}"
-            + ("" if build_b else "; vanilla_avg: weights averaged unaligned (_bn as above)")
+            + (
+                "; cla_add_base_b_bn: aligned to model_b, at its widths"
+                if build_b
+                else "; vanilla_avg: weights averaged unaligned (_bn as above)"
+            )
             + f"; {ft_row} fine-tunes {row}_repair",
         }
         return results, extra
