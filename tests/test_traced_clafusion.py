@@ -43,7 +43,9 @@ def _trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
 def _vgg(layers: list) -> nn.Module:
     """A torchvision VGG of the configuration ``layers`` (widths, "M" for max pooling) with a
     small global-average-pooled classifier."""
-    model = VGG(make_layers(layers, batch_norm=True), num_classes=5)
+    with torch.device("meta"):  # torchvision's 120M-weight classifier, replaced below
+        model = VGG(nn.Sequential(), num_classes=5, init_weights=False)
+    model.features = make_layers(layers, batch_norm=True)
     width = [w for w in layers if w != "M"][-1]
     model.avgpool = nn.AdaptiveAvgPool2d(1)
     model.classifier = nn.Sequential(nn.Linear(width, 16), nn.ReLU(), nn.Linear(16, 5))
@@ -64,6 +66,10 @@ PAIRS = {  # (shallower, deeper): one family, same widths
         lambda: ResNet(BasicBlock, [2, 1, 3, 1], num_classes=5),
     ),
     "convnext": (lambda: _convnext((1, 1)), lambda: _convnext((2, 3))),
+    "efficientnet": (  # b1 is b0 with more blocks per stage
+        lambda: torchvision.models.efficientnet_b0(num_classes=5),
+        lambda: torchvision.models.efficientnet_b1(num_classes=5),
+    ),
     # other widths too, as paper 002's half-width VGG11 and double-width VGG13
     "vgg-widths": (
         lambda: _vgg([8, "M", 8, "M", 16, 32]),
@@ -92,14 +98,12 @@ def _units(model: nn.Module) -> list[int]:
 def test_derived_sections_equal_the_declared_ones(kwargs):
     kwargs = dict(kwargs)
     model = create_model(kwargs.pop("name"), num_classes=5, **kwargs)
-    derived = traced_spec(model, kwargs["in_shape"]).sections
-    declared = model.sections()
-    if model.arch["name"].startswith("resnet"):  # the stem is a section of its own there
-        stem, *derived = derived
-        assert [(u.output, u.width) for u in stem.units] == [("stem.1", 16)]
-    assert [[(u.output, u.width) for u in s.units] for s in derived] == [
-        [(u.output, u.width) for u in s.units] for s in declared
-    ]
+    derived = [[(u.output, u.width) for u in s.units]
+               for s in traced_spec(model, kwargs["in_shape"]).sections]  # fmt: skip
+    declared = [[(u.output, u.width) for u in s.units] for s in model.sections()]
+    if model.arch["name"].startswith("resnet"):  # the stem opens the first stage's section
+        declared[0].insert(0, ("stem.1", 16))
+    assert derived == declared
 
 
 def test_sections_of_torchvision_networks():
@@ -112,6 +116,17 @@ def test_sections_of_torchvision_networks():
     vgg = _vgg([8, 8, "M", 16, "M", 16, 16, 16])
     assert _units(vgg) == [2, 1, 3, 1]  # three stages, then the hidden linear layer
     assert not any(u.residual for s in traced_spec(vgg, IN_SHAPE).sections for u in s.units)
+    # an inverted-residual block that adds its input is one unit; one that does not is a
+    # unit per convolution, its squeeze-and-excitation gate in the depthwise one's; the
+    # section starts at the strided depthwise convolution
+    efficientnet = traced_spec(torchvision.models.efficientnet_b0(num_classes=5), IN_SHAPE)
+    stage = [(u.module, u.residual) for u in efficientnet.sections[1].units]
+    assert stage == [
+        ("features.2.0.block.1.0", False),  # depthwise, stride 2, and the gate
+        ("features.2.0.block.3.0", False),  # projection
+        ("features.2.1.block.0.0", True),  # a whole residual block
+        ("features.3.0.block.0.0", False),  # the next block's expansion, before its stride
+    ]
 
 
 @pytest.mark.parametrize("family", sorted(PAIRS))

@@ -21,6 +21,8 @@ from amalgam.fusion.ot.spec import FusionSpec, UnsupportedNetwork, fusion_spec, 
 from amalgam.fusion.ot.transport import align
 from amalgam.fusion.ot.units import TracedUnit
 
+OTHER_KIND_COST = 1e3  # a residual unit against one that is not: never the optimal match
+
 
 @dataclass
 class FusionResult:
@@ -215,13 +217,18 @@ def _cross_layer_map(
 ) -> list[int]:
     """The cross-layer map (paper 002, Definition 1) of a section from the shallower
     network's units to the deeper's, each given with its Gram matrices on the probe, on the
-    linear CKA cost (Eq. 3); recorded in ``result`` for model ``k``."""
+    linear CKA cost (Eq. 3) -- residual units only matched to residual ones --; recorded in
+    ``result`` for model ``k``."""
     (deep_section, deep_grams), (shallow_section, shallow_grams) = deep, shallow
     cost = cka_cost(
         [deep_grams[u.output] for u in deep_section.units],
         [shallow_grams[u.output] for u in shallow_section.units],
     )
-    mapping = cross_layer_alignment(cost)
+    kinds = [
+        [getattr(u, "residual", None) for u in s.units] for s in (deep_section, shallow_section)
+    ]
+    other_kind = torch.tensor([[a != b for b in kinds[1]] for a in kinds[0]])  # (m, n)
+    mapping = cross_layer_alignment(cost + OTHER_KIND_COST * other_kind)
     result.alignments.setdefault(section, {})[k] = mapping
     result.cka.setdefault(section, {})[k] = 1.0 - cost
     layers = [u.output for u in deep_section.units], [u.output for u in shallow_section.units]

@@ -6,10 +6,11 @@ split at its cuts into segments: a VGG layer gives three (convolution, BatchNorm
 activation), a residual block one for its two paths up to the addition and one for the
 activation after it. A *unit* starts with a segment that holds a convolution or linear layer
 (a layer, a block) and takes in the shape-keeping segments after it (normalisation,
-activation, dropout). A section holds consecutive units of one kind (residual or not) at one
+activation, dropout, a squeeze-and-excitation gate). A section holds consecutive units at one
 resolution: a segment that changes the shape without weights -- pooling, flattening,
-adapting the input -- ends it, and so does a unit of the other kind or with another output
-resolution (a strided convolution, a downsampling block). The classifier, whose outputs are
+adapting the input -- ends it, and so does a unit with another output resolution (a strided
+convolution, a downsampling block). A unit that adds a branch to its input is *residual*:
+cross-layer alignment matches units of one kind only. The classifier, whose outputs are
 the classes, is no unit.
 
 A unit is represented by its last convolution, linear layer or normalisation called once on
@@ -19,13 +20,16 @@ its longest path: a layer's pre-activation, a block's last BatchNorm before the 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from amalgam.fusion.models import Section, Unit
 
 FIXED = 0  # the group of the input's channels and of the outputs
+ADDITIONS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 REPRESENTATIVES = (*WEIGHTED, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -51,7 +55,8 @@ class _Segment:
     end: fx.Node  # the cut it ends at
     before: tuple[int, ...]  # the shape it starts from, and the one it ends with
     after: tuple[int, ...]
-    joins: bool  # it combines two tensors computed from the input (a residual addition)
+    adds: bool  # it adds two tensors computed from the input (a residual addition)
+    gates: bool  # it multiplies two (a squeeze-and-excitation gate)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:
@@ -83,9 +88,17 @@ def _segments(graph: fx.GraphModule, channels: dict[fx.Node, tuple[int, int]]) -
     segments = []
     for start, end in zip(cuts, cuts[1:]):
         inside = nodes[start + 1 : end + 1]
-        joins = any(len([a for a in n.all_input_nodes if a in data]) > 1 for n in inside)
+        joins = [n for n in inside if len([a for a in n.all_input_nodes if a in data]) > 1]
+        adds = any(n.target in ADDITIONS for n in joins)
         segments.append(
-            _Segment(inside, nodes[end], _shape(nodes[start]), _shape(nodes[end]), joins)
+            _Segment(
+                inside,
+                nodes[end],
+                _shape(nodes[start]),
+                _shape(nodes[end]),
+                adds,
+                bool(joins) and not adds,
+            )  # fmt: skip
         )
     return segments
 
@@ -121,7 +134,7 @@ def _unit(
             keys[node.target] = None
     first = next(node.target for node in nodes if isinstance(_module(graph, node), WEIGHTED))
     width = segments[-1].after[dim]
-    return TracedUnit(first, representative or first, width, tuple(keys), segments[0].joins)
+    return TracedUnit(first, representative or first, width, tuple(keys), segments[0].adds)
 
 
 def _resolution(segment: _Segment, channels: dict[fx.Node, tuple[int, int]]) -> tuple:
@@ -148,26 +161,27 @@ def traced_sections(
             calls[node.target] = calls.get(node.target, 0) + 1
     sections: list[list[TracedUnit]] = [[]]
     current: list[_Segment] = []
-    kind = None  # the resolution and residual flag of the section's units
+    resolution = None  # that of the section's units
 
     def close_unit() -> None:
-        nonlocal current, kind
+        nonlocal current, resolution
         if current:
             unit = _unit(graph, current, channels, calls)
             if unit is not None:
-                here = (_resolution(current[-1], channels), unit.residual)
-                if sections[-1] and here != kind:
+                here = _resolution(current[-1], channels)
+                if sections[-1] and here != resolution:
                     sections.append([])
                 sections[-1].append(unit)
-                kind = here
+                resolution = here
         current = []
 
     for segment in _segments(graph, channels):
         weighted = any(isinstance(_module(graph, node), WEIGHTED) for node in segment.nodes)
-        if weighted:
+        keeps_shape = segment.after == segment.before
+        if weighted and not (current and segment.gates and keeps_shape):
             close_unit()
             current = [segment]
-        elif current and segment.after == segment.before:
+        elif current and keeps_shape:  # normalisation, activation, a gate on the channels
             current.append(segment)
         else:  # pooling, flattening, adapting the input: the section ends
             close_unit()
