@@ -6,8 +6,13 @@ coordinator's half, used without labels. Teachers: ``vgg_cnn`` networks of one w
 stages of two conv layers, one hidden layer), each trained on its own part, served by real
 party agents on loopback gRPC that release logits and every layer's features (in float16).
 Variants: ``cifar10-2`` (classes 0-4 / 5-9), ``cifar10-4`` (0-2 / 3-4 / 5-7 / 8-9),
-``fashion-2`` (Fashion-MNIST 0-4 / 5-9). Rows: ``teacher:<party>`` on the test images of its
-part; ``ensemble`` (the highest score over the concatenated logits) on the whole test set;
+``fashion-2`` (Fashion-MNIST 0-4 / 5-9), each into the paper's student (a ``vgg_cnn`` of the
+teachers' depth), and ``cifar10-2-resnet10t`` / ``fashion-2-resnet10t``: the same teachers
+into timm's ``resnet10t``, learned at the feature points it shares with them (CIFAR-10: the
+teachers' 16x16 and 8x8 stage outputs; Fashion-MNIST, which the student upsamples to 32x32:
+their 28x28, 14x14 and 7x7 outputs pooled to its 16x16, 8x8 and 4x4). Rows:
+``teacher:<party>`` on the test images of its part; ``ensemble`` (the highest score over the
+concatenated logits) on the whole test set;
 ``layerwise`` (after layer-wise learning only), ``joint`` (layer-wise, then joint), the
 distillation baselines ``kd_concat_softmax`` / ``kd_per_teacher`` (the student's architecture
 from scratch on one softmax over the concatenated logits / on the per-teacher softmaxes
@@ -36,6 +41,7 @@ from amalgam.fusion.amalgamation.evaluate import (
     parameter_counts,
 )
 from amalgam.fusion.amalgamation.student import Layout, build_student
+from amalgam.fusion.amalgamation.trainer import VGG_STUDENT
 from amalgam.fusion.data import Dataset, load_source
 from amalgam.fusion.labels import relabel
 from amalgam.fusion.models import create_model
@@ -48,10 +54,13 @@ from amalgam.server.simulation.parties import local_party, serving
 from benchmarks.harness import Benchmark, Results, record
 
 SEED = 0
-VARIANTS = {  # name: (data set, the classes of each party by index)
-    "cifar10-2": ("cifar10", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
-    "cifar10-4": ("cifar10", [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]]),
-    "fashion-2": ("fashion_mnist", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
+HALVES = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+VARIANTS = {  # name: (data set, the classes of each party by index, the student)
+    "cifar10-2": ("cifar10", HALVES, VGG_STUDENT),
+    "cifar10-4": ("cifar10", [[0, 1, 2], [3, 4], [5, 6, 7], [8, 9]], VGG_STUDENT),
+    "fashion-2": ("fashion_mnist", HALVES, VGG_STUDENT),
+    "cifar10-2-resnet10t": ("cifar10", HALVES, "timm:resnet10t"),
+    "fashion-2-resnet10t": ("fashion_mnist", HALVES, "timm:resnet10t"),
 }
 TEACHER = dict(stages=((16, 16), (32, 32), (64, 64)), fc=(128,))
 
@@ -103,16 +112,22 @@ def serve(models, parts, shape, folder: Path, stack: ExitStack) -> list[RemoteTe
     return teachers
 
 
-def supervised(private: Dataset, classes: list[str], entries: list[str], result, b: dict):
+def supervised(
+    private: Dataset, classes: list[str], entries: list[str], result, arch: str, b: dict
+):
     """The student's architecture on as many labelled private images as the unlabeled ones
     (the ceiling); its outputs are the entries, trained on the first entry of each class."""
     data = _first(private, b["unlabeled"])
     x, y = relabel(data, classes)
     column = torch.tensor([entries.index(name) for name in classes])
-    model = build_student(Layout(tuple(len(s) for s in result.joint.stages),
-                                 len(result.joint.fc_widths)),
-                          [w["student"] for w in result.widths.values()],
-                          tuple(x.shape[1:]), len(entries))  # fmt: skip
+    torch.manual_seed(SEED)
+    if arch == VGG_STUDENT:
+        model = build_student(Layout(tuple(len(s) for s in result.joint.stages),
+                                     len(result.joint.fc_widths)),
+                              [w["student"] for w in result.widths.values()],
+                              tuple(x.shape[1:]), len(entries))  # fmt: skip
+    else:
+        model = create_model(arch, in_shape=tuple(x.shape[1:]), num_classes=len(entries))
     fit(model, x, column[y], epochs=b["epochs"], seed=SEED, desc="supervised")
     return model.eval()
 
@@ -120,7 +135,7 @@ def supervised(private: Dataset, classes: list[str], entries: list[str], result,
 def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     b = budget(args.quick)
     started = time.perf_counter()
-    source, part_index = VARIANTS[name]
+    source, part_index, arch = VARIANTS[name]
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
     test = _first(test.subset(torch.randperm(len(test), generator=torch.Generator()
                                              .manual_seed(SEED))), b["test"])  # fmt: skip
@@ -131,23 +146,24 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     models = train_teachers(private, parts, b)
     unlabeled = _first(coordinator, b["unlabeled"]).x  # labels never used
     config = AmalgamationConfig(feature_samples=b["features"], layer_epochs=b["layer_epochs"])
-    training = StudentConfig(arch="vgg_cnn", epochs=b["epochs"])
+    training = StudentConfig(arch=arch, epochs=b["epochs"])
     with tempfile.TemporaryDirectory(prefix="amalgamation-") as tmp, ExitStack() as stack:
         teachers = serve(models, parts, shape, Path(tmp), stack)
         cache = FeatureCache(Path(tmp) / "cache", wire_bytes=2)
         context = RunContext(seed=SEED, map_teachers=fan_out, log=print)
         result = amalgamate(teachers, unlabeled, config, training, cache, context)
         classes = [c for part in parts for c in part]
-        ceiling = supervised(private, classes, result.entries, result, b)
+        ceiling = supervised(private, classes, result.entries, result, arch, b)
         students = {"layerwise": result.layerwise, "joint": result.joint,
                     **result.baselines, "supervised": ceiling}  # fmt: skip
         rows = amalgamation_rows(teachers, students, result.entries, test, context)
         infos = [t.info for t in teachers]
         wire = {t.info.name: {"sent": t.stats.bytes_sent, "received": t.stats.bytes_received}
                 for t in teachers}  # fmt: skip
-    params = parameter_counts(infos, result.widths, result.joint)
+    params = parameter_counts(infos, result.widths, result.joint, arch)
     exact = {f"teacher:party{k}": parameter_count(m) for k, m in enumerate(models, start=1)}
-    assert all(params[key] == n for key, n in exact.items()), (params, exact)
+    assert all(params.get(key, n) == n for key, n in exact.items()), (params, exact)
+    params = {**exact, "teachers": sum(exact.values()), **params}
     scores = sum(len(unlabeled) * len(p) * 2 for p in parts)  # float16 logits on the wire
     moved = sum(cache.bytes_moved.values())
     results.write(
@@ -158,8 +174,9 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
             f"half {len(unlabeled)} unlabeled (features of {b['features']}); test "
             f"{len(test)}, shared/data",
             seed=SEED,
-            budget=f"teachers {b['teacher_epochs']} epochs; layer-wise {b['layer_epochs']} "
-            f"epochs per layer; joint, baselines, supervised {b['epochs']} epochs",
+            budget=f"student {arch}; teachers {b['teacher_epochs']} epochs; layer-wise "
+            f"{b['layer_epochs']} epochs per layer; joint, baselines, supervised "
+            f"{b['epochs']} epochs",
             results=rows,
             started=started,
             extra={
@@ -167,6 +184,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
                 "bytes_moved": {"features": moved, "scores": scores, "total": moved + scores},
                 "wire": wire,
                 "widths": result.widths,
+                "layers": result.layers,
                 "parts": {f"part{k}": p for k, p in enumerate(parts, start=1)},
                 "losses": {k: v for k, v in result.losses.items() if not isinstance(v, list)},
             },

@@ -37,6 +37,8 @@ class TeacherInfo:
     mean, std : per-channel normalisation the party applies before its model; exported
         weights expect inputs normalised so.
     task : classification | detection (Predict answers with boxes).
+    feature_layers : ``(name, shape)`` of the released layers that end a unit of the model's
+        graph, in forward order (:mod:`amalgam.fusion.amalgamation.points`).
     """
 
     name: str
@@ -50,6 +52,7 @@ class TeacherInfo:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     task: str = "classification"
+    feature_layers: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
     def from_dict(cls, data: dict) -> TeacherInfo:
@@ -66,6 +69,9 @@ class TeacherInfo:
             mean=tuple(data.get("normalization", {}).get("mean", (0.0,))),
             std=tuple(data.get("normalization", {}).get("std", (1.0,))),
             task=data.get("task", "classification"),
+            feature_layers=tuple(
+                (f["name"], tuple(f["shape"])) for f in data.get("feature_layers", ())
+            ),
         )
 
 

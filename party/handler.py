@@ -16,6 +16,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from amalgam.fusion.activations import layer_grams, layer_names, layer_outputs
+from amalgam.fusion.amalgamation.points import feature_points
 from amalgam.fusion.datafree.bn_loss import bn_statistics_loss
 from amalgam.fusion.datafree.losses import teacher_side_loss
 from amalgam.fusion.device import Hardware, resolve_device
@@ -30,7 +31,13 @@ from amalgam.party.release import release, release_detections
 from amalgam.party.slicing import PROBE_BATCH, SLICE_BYTES, slice_size, sliced_forward
 from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
 from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, ModelFailure, PolicyDenied
-from amalgam.protocol.schemas import LayersPolicy, Normalization, PartyInfo, Policy
+from amalgam.protocol.schemas import (
+    FeatureLayer,
+    LayersPolicy,
+    Normalization,
+    PartyInfo,
+    Policy,
+)
 
 __all__ = ["BudgetExceeded", "InvalidRequest", "PartyHandler", "PolicyDenied", "release"]
 
@@ -89,6 +96,7 @@ class PartyHandler:
             "Activations": self._released(policy.activations, "activations"),
             "Gram": self._released(policy.gram, "gram"),
         }
+        self._feature_layers = self._unit_outputs()
         self._used: dict[str, int] = defaultdict(int, audit.spent)  # survives restarts
         rate = policy.rate_limit
         self._rates = TokenBuckets(rate.samples_per_s, rate.burst) if rate else None
@@ -146,6 +154,18 @@ class PartyHandler:
         """Whether the model has a registered architecture to export with its weights."""
         return getattr(self.model, "arch", None) is not None
 
+    def _unit_outputs(self) -> list[FeatureLayer]:
+        """The released Activations layers that end a unit of the model's graph; none where
+        the model cannot be traced (amalgamation then says so)."""
+        released = set(self._layers["Activations"])
+        if not released or self.task != "classification":
+            return []
+        try:
+            points = feature_points(self.model, self.input_shape)
+        except Exception:  # the model's own code: untraceable, unsupported operations
+            return []
+        return [FeatureLayer(name=p.name, shape=p.shape) for p in points if p.name in released]
+
     @property
     def info(self) -> PartyInfo:
         capabilities = self.policy.capabilities
@@ -163,6 +183,7 @@ class PartyHandler:
             batchnorm_layers=self._batchnorm_layers,
             layers=[name for name in layer_names(self.model) if name in released],
             task=self.task,
+            feature_layers=self._feature_layers,
         )
 
     @property

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from amalgam.protocol._generated import party_pb2
-from amalgam.protocol.schemas import Normalization, PartyInfo
+from amalgam.protocol.schemas import FeatureLayer, Normalization, PartyInfo
 
 # name on the wire -> (numpy dtype, little-endian), torch dtype
 _DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -103,6 +103,9 @@ def party_info_to_proto(info: PartyInfo) -> party_pb2.PartyInfo:
         batchnorm_layers=info.batchnorm_layers,
         layers=info.layers,
         task=info.task,
+        feature_layers=[
+            party_pb2.FeatureLayer(name=f.name, shape=list(f.shape)) for f in info.feature_layers
+        ],
     )
 
 
@@ -120,6 +123,9 @@ def party_info_from_proto(message: party_pb2.PartyInfo) -> PartyInfo:
         batchnorm_layers=message.batchnorm_layers,
         layers=list(message.layers),
         task=message.task or "classification",
+        feature_layers=[
+            FeatureLayer(name=f.name, shape=tuple(f.shape)) for f in message.feature_layers
+        ],
     )
 
 

@@ -35,6 +35,13 @@ class Normalization(Strict):
         return self
 
 
+class FeatureLayer(Strict):
+    """A released layer that ends a unit of the model's graph, and its output's shape."""
+
+    name: str = Field(min_length=1)
+    shape: tuple[int, ...]
+
+
 class PartyInfo(Strict):
     """What a party advertises: its classes, input spec and what its policy grants."""
 
@@ -48,6 +55,7 @@ class PartyInfo(Strict):
     batchnorm_layers: int = 0
     layers: list[str] = Field(default_factory=list)  # released by Activations / Gram
     task: Literal["classification", "detection"] = "classification"
+    feature_layers: list[FeatureLayer] = Field(default_factory=list)  # where units end
 
 
 # --- the owner's policy -------------------------------------------------------------------

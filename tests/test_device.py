@@ -197,8 +197,9 @@ def test_a_consolidated_student_trains_and_is_probed_where_its_hardware_puts_it(
     assert {"consolidated:d89", "kd:d89", "consolidated:upstream-expert"} <= set(result.rows)
 
 
+@pytest.mark.parametrize("arch", ["vgg_cnn", "small_cnn"])
 def test_amalgamation_trains_layers_autoencoders_and_student_where_its_hardware_puts_them(
-    tmp_path,
+    tmp_path, arch
 ):
     from amalgam.fusion.amalgamation import AmalgamationConfig, FeatureCache, amalgamate
     from amalgam.protocol.schemas import LayersPolicy
@@ -215,11 +216,16 @@ def test_amalgamation_trains_layers_autoencoders_and_student_where_its_hardware_
     config = AmalgamationConfig(feature_samples=64, layer_epochs=1, autoencoder_epochs=1)
     context = RunContext(progress=False, hardware=Float64Device())
     x = load_source("digits:public").x[:128]
-    result = amalgamate(teachers, x, config, StudentConfig(epochs=1, batch_size=32),
+    result = amalgamate(teachers, x, config, StudentConfig(arch=arch, epochs=1, batch_size=32),
                         FeatureCache(tmp_path / "cache"), context)  # fmt: skip
-    logits = predict_logits(result.joint, x[:8])  # folded into a plain network on the host
-    assert logits.shape == (8, 10) and logits.dtype == torch.float32
-    assert {"joint", "stages.0.0.bn"} <= set(result.losses)
+    logits = predict_logits(result.joint, x[:8])
+    assert logits.shape == (8, 10)
+    if arch == "vgg_cnn":  # folded into a plain network on the host
+        assert logits.dtype == torch.float32 and "stages.0.0.bn" in result.losses
+    else:  # the library path: the student stays where it trained
+        assert {p.dtype for p in result.joint.parameters()} == {torch.float64}
+        assert {"body.1.2", "body.4.2"} <= set(result.losses)  # its points at 8x8 and 4x4
+    assert "joint" in result.losses
 
 
 def test_a_detector_trains_and_detects_where_its_hardware_puts_it():

@@ -96,7 +96,7 @@ def test_a_party_only_environment_serves_a_model(party_python, tmp_path):
                   "weights": "acme.safetensors"},
         "class_names": ["cat", "dog", "eel"],
         "input_shape": [1, 8, 8],
-        "policy": {"predict": {"output": "probs"}},
+        "policy": {"predict": {"output": "probs"}, "activations": {"layers": ["*"]}},
         "audit_log": "audit.jsonl",
     }  # fmt: skip
     (tmp_path / "acme.yaml").write_text(yaml.safe_dump(config))
@@ -111,7 +111,9 @@ def test_a_party_only_environment_serves_a_model(party_python, tmp_path):
 
         with RemoteTeacher("acme", line.split()[-1]) as teacher:
             probs = teacher.predict(torch.rand(5, 1, 8, 8))
+            traced = teacher.info.feature_layers  # traced without the coordinator's libraries
         assert probs.shape == (5, 3) and torch.allclose(probs.sum(1), torch.ones(5))
+        assert traced == (("body.2", (16,)), ("body.4", (16,)))
     finally:
         end([agent])
     # a coordinator's command says which group it needs, in one line

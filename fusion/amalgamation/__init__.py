@@ -1,6 +1,8 @@
 """Knowledge amalgamation (paper 004): one compact student for the union of the teachers'
 class sets, learned from their features (feature amalgamation, Eq. 1 and 4), layer by layer
-through feature adaptation modules (Eq. 3 and 5), then jointly on their score vectors.
+through feature adaptation modules (Eq. 3 and 5), then jointly on their score vectors. The
+student is the paper's ``vgg_cnn`` or any traceable network, learned at the feature points
+(unit outputs) it shares with teachers of any traceable architecture.
 
 The coordinator imports only what is listed here.
 """

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from amalgam.fusion.amalgamation.scores import merge_entries
 from amalgam.fusion.amalgamation.student import build_student
-from amalgam.fusion.amalgamation.trainer import common_layout
+from amalgam.fusion.amalgamation.trainer import VGG_STUDENT, common_layout
 from amalgam.fusion.data import Dataset, fit_to_shape
 from amalgam.fusion.labels import as_logits, relabel, union_classes
 from amalgam.fusion.run import RunContext
@@ -24,10 +24,15 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def parameter_counts(
-    infos: Sequence[TeacherInfo], widths: Mapping[str, Mapping[str, int]], student: nn.Module
+    infos: Sequence[TeacherInfo],
+    widths: Mapping[str, Mapping[str, int]],
+    student: nn.Module,
+    arch: str = VGG_STUDENT,
 ) -> dict[str, int]:
-    """``teacher:<party>`` (its ``vgg_cnn`` from the widths of its released layers),
-    ``teachers`` (their sum) and ``student``."""
+    """``student``; for a ``vgg_cnn`` student (``arch``) also ``teacher:<party>`` (its
+    ``vgg_cnn`` from the widths of its released layers) and ``teachers`` (their sum)."""
+    if arch != VGG_STUDENT:
+        return {"student": parameter_count(student)}
     layout = common_layout(infos)
     counts = {
         f"teacher:{info.name}": parameter_count(

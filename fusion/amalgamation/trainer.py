@@ -35,6 +35,7 @@ from amalgam.fusion.amalgamation.student import (
     layer_steps,
     student_width,
 )
+from amalgam.fusion.amalgamation.traced import learn_point_wise, plan_points, point_widths
 from amalgam.fusion.config import Config
 from amalgam.fusion.data import fit_to_shape
 from amalgam.fusion.labels import as_logits
@@ -42,23 +43,26 @@ from amalgam.fusion.models import VGG
 from amalgam.fusion.run import RunContext
 from amalgam.fusion.teacher import Teacher, TeacherInfo, predict_all
 from amalgam.fusion.train import StudentConfig, fit
+from amalgam.fusion.train import build_student as build_library_student
 
 # the distillation baselines (paper 004, Table 1 "Baseline"): the student's architecture from
 # scratch on the score vectors alone, with either target
 BASELINES = {"kd_concat_softmax": "concat", "kd_per_teacher": "per_teacher"}
+VGG_STUDENT = "vgg_cnn"  # the paper's student: the teachers' family, widths of its own
 
 
 class AmalgamationConfig(Config):
     """Knowledge amalgamation (paper 004, Algorithm 1): the teachers' features amalgamated
-    layer by layer into a ``vgg_cnn`` student, then joint learning on their score vectors
-    with the student's schedule (:class:`amalgam.fusion.train.StudentConfig`)."""
+    layer by layer into the student, then joint learning on their score vectors with the
+    student's schedule (:class:`amalgam.fusion.train.StudentConfig`)."""
 
     scheme: Literal["dfa", "ifa"] = "dfa"  # all teachers' features at once, or two at a time
     # per_teacher: each teacher's softmax, concatenated and divided by N; concat: one softmax
     # over the concatenated logits; logits: the squared error of Eq. 5 on the logits
     score_target: ScoreTarget = "per_teacher"
     temperature: float = Field(2.0, gt=0)  # T of the softmax targets
-    width_scale: float = Field(0.9, gt=0)  # student width: scale * sqrt(sum of C_i^2)
+    # a vgg_cnn student's width: scale * sqrt(sum of C_i^2)
+    width_scale: float = Field(0.9, gt=0)
     feature_samples: int = Field(2000, ge=2)  # images of the unlabeled set whose features move
     autoencoder_epochs: int = Field(5, ge=0)  # after the PCA start (the optimum of a linear AE)
     layer_epochs: int = Field(20, ge=1)  # of each layer-wise step
@@ -67,17 +71,19 @@ class AmalgamationConfig(Config):
 @dataclass
 class AmalgamationResult:
     """``layerwise``: the student after the layer-wise stage only; ``joint``: after joint
-    learning; ``baselines``: :data:`BASELINES` students; each with its adaptation modules
-    folded in (:func:`student.fold_adaptation`). Every student outputs ``entries``
-    (the class of each column, teacher after teacher). ``widths``: per amalgamated layer, the
-    teachers' widths and the student's; ``losses``: per layer, the auto-encoders' and the
+    learning; ``baselines``: :data:`BASELINES` students; a ``vgg_cnn`` student with its
+    adaptation modules folded in (:func:`student.fold_adaptation`). Every student outputs
+    ``entries`` (the class of each column, teacher after teacher). ``widths``: per student
+    layer amalgamated, the teachers' widths and the student's; ``layers``: per student layer,
+    each party's layer amalgamated into it; ``losses``: per layer, the auto-encoders' and the
     step's final loss relative to the energy of their targets, and each run's epoch losses."""
 
-    layerwise: VGG
-    joint: VGG
-    baselines: dict[str, VGG]
+    layerwise: nn.Module
+    joint: nn.Module
+    baselines: dict[str, nn.Module]
     entries: list[str]
     widths: dict[str, dict[str, int]]
+    layers: dict[str, dict[str, str]] = field(default_factory=dict)
     losses: dict[str, object] = field(default_factory=dict)
 
 
@@ -98,12 +104,18 @@ def common_layout(infos: Sequence[TeacherInfo]) -> Layout:
                 f"layers, but {infos[0].name} has {layouts[0].stages} and {layouts[0].fc}; "
                 "amalgamation needs teachers of one depth"
             )
+    return layouts[0]
+
+
+def _one_input_shape(infos: Sequence[TeacherInfo]) -> tuple[int, ...]:
+    """The input shape every party takes; a party that differs is named."""
+    for info in infos:
         if tuple(info.input_shape) != tuple(infos[0].input_shape):
             raise ValueError(
                 f"party {info.name}: input shape {tuple(info.input_shape)}, but "
                 f"{infos[0].name} takes {tuple(infos[0].input_shape)}"
             )
-    return layouts[0]
+    return tuple(infos[0].input_shape)
 
 
 @torch.no_grad()
@@ -214,14 +226,28 @@ def amalgamate(
 ) -> AmalgamationResult:
     """One student for the union of the teachers' classes from (N, C, H, W) unlabeled images
     in [0, 1] (paper 004, Algorithm 1); joint learning and (``context.baselines``) the baselines
-    train on the schedule of ``training`` (its ``arch`` is ignored: the student is a
-    ``vgg_cnn``)."""
+    train on the schedule of ``training``. With ``training.arch`` ``vgg_cnn`` the student is
+    a ``vgg_cnn`` of the teachers' depth with widths of its own and folded adaptation modules
+    (the teachers must be ``vgg_cnn``s of one depth); with any other architecture it is that
+    network, learned at the feature points it shares with the teachers
+    (:mod:`amalgam.fusion.amalgamation.traced`)."""
     infos = [t.info for t in teachers]
-    layout = common_layout(infos)
-    shape = tuple(infos[0].input_shape)
+    layout = common_layout(infos) if training.arch == VGG_STUDENT else None
+    shape = _one_input_shape(infos)
     x = fit_to_shape(x, shape)
     position = {info.name: k for k, info in enumerate(infos)}
     log, progress, map_teachers = context.log, context.progress, context.map_teachers
+    entry_classes = entries([info.class_names for info in infos])
+    if layout is None:
+        torch.manual_seed(context.seed)
+        probe = build_library_student(training, shape, len(entry_classes), log)
+        points = plan_points(infos, probe, training.arch)
+        widths, matched = point_widths(points)
+        layers = {name: [row[name].name for row in points] for name in position}
+        log(f"amalgamate: feature points {matched}")
+    else:
+        layers = {name: layout.layers for name in position}
+        matched = {layer: dict.fromkeys(position, layer) for layer in layout.layers}
     log(f"amalgamate: {len(teachers)} teachers predict on {len(x)} unlabeled images")
     released = map_teachers(lambda t: predict_all(t, x, position[t.info.name], progress), teachers)
     logits = [
@@ -231,29 +257,41 @@ def amalgamate(
     generator = torch.Generator().manual_seed(context.seed)
     index = torch.randperm(len(x), generator=generator)[: config.feature_samples].sort().values
     x_features = x[index]  # (t, C, H, W)
-    log(f"amalgamate: features of {len(layout.layers)} layers on {len(index)} images")
+    log(f"amalgamate: features of {len(layers[infos[0].name])} layers on {len(index)} images")
     features = map_teachers(
-        lambda t: cache.fetch(
-            t, x_features, layout.layers, progress=progress, position=position[t.info.name]
-        ),
+        lambda t: cache.fetch(t, x_features, layers[t.info.name], progress=progress,
+                              position=position[t.info.name]),
         teachers,
-    )  # per teacher {layer: (t, C_i, ...)} float16
-    widths = _widths(layout, infos, features, config.width_scale)
-    log(f"amalgamate: channels per layer {widths}")
-    entry_classes = entries([info.class_names for info in infos])
-
-    def new_student() -> VGG:
-        torch.manual_seed(context.seed)
-        student_widths = [widths[layer]["student"] for layer in layout.layers]
-        return build_student(layout, student_widths, shape, len(entry_classes))
-
-    student = new_student()
+    )  # fmt: skip  # per teacher {layer: (t, C_i, ...)} float16
     form, temperature = config.score_target, config.temperature
     scores = score_targets([z[index] for z in logits], form, temperature)
-    losses = learn_layer_wise(student, x_features, features, scores, config, training, context)
+    if layout is None:
+
+        def new_student() -> nn.Module:
+            torch.manual_seed(context.seed)
+            return build_library_student(training, shape, len(entry_classes), log)
+
+        deploy = _as_is
+        student = new_student()
+        by_party = dict(zip(position, features, strict=True))
+        losses = learn_point_wise(
+            student, points, x_features, by_party, scores, config, training, context
+        )
+    else:
+        widths = _widths(layout, infos, features, config.width_scale)
+
+        def new_student() -> nn.Module:
+            torch.manual_seed(context.seed)
+            student_widths = [widths[layer]["student"] for layer in layout.layers]
+            return build_student(layout, student_widths, shape, len(entry_classes))
+
+        deploy = fold_adaptation
+        student = new_student()
+        losses = learn_layer_wise(student, x_features, features, scores, config, training, context)
+    log(f"amalgamate: channels per layer {widths}")
     layerwise = copy.deepcopy(student).eval()
 
-    def distil(model: VGG, target: str, name: str) -> list[float]:
+    def distil(model: nn.Module, target: str, name: str) -> list[float]:
         """Joint learning (lines 8-12) or a baseline: every layer on all unlabeled images."""
         log(f"amalgamate: {name} on {len(x)} images ({TARGETS[target]})")
         targets = score_targets(logits, target, temperature)
@@ -266,7 +304,16 @@ def amalgamate(
     for name, target in BASELINES.items() if context.baselines else ():
         trained[name] = new_student()
         losses[name] = distil(trained[name], target, name)
-    folded = {name: fold_adaptation(model) for name, model in trained.items()}
     return AmalgamationResult(
-        fold_adaptation(layerwise), fold_adaptation(student), folded, entry_classes, widths, losses
+        deploy(layerwise),
+        deploy(student),
+        {name: deploy(model) for name, model in trained.items()},
+        entry_classes,
+        widths,
+        matched,
+        losses,
     )
+
+
+def _as_is(model: nn.Module) -> nn.Module:
+    return model.eval()

@@ -333,7 +333,9 @@ def traced_spec(model: nn.Module, in_shape: tuple[int, ...]) -> FusionSpec:
     was_training = model.training
     graph.eval()
     with torch.no_grad():
-        ShapeProp(graph).propagate(torch.zeros(PROBE_BATCH, *in_shape))
+        parameter = next(model.parameters(), torch.zeros(()))  # inputs where the model is
+        probe = torch.zeros(PROBE_BATCH, *in_shape, device=parameter.device, dtype=parameter.dtype)
+        ShapeProp(graph).propagate(probe)
     graph.train(was_training)
     tracer = _Tracer(model, graph)
     tracer.run()

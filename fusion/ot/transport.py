@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-import ot
 import torch
 from torch import Tensor
 
@@ -49,6 +48,8 @@ def transport_plan(cost: Tensor, *, method: str = "emd", reg: float = 0.05) -> T
     -------
     (p_A, p_B) plan with row sums 1/p_A and column sums 1/p_B, in ``cost``'s dtype and device.
     """
+    import ot  # POT, a coordinator dependency: party agents trace graphs without it
+
     if method not in PLANS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(PLANS)}")
     if not torch.isfinite(cost).all():

@@ -15,7 +15,8 @@ the classes, is no unit.
 
 A unit is represented by its last convolution, linear layer or normalisation called once on
 its longest path: a layer's pre-activation, a block's last BatchNorm before the addition
-(not its shortcut's).
+(not its shortcut's). Its *output* is the cut it ends at; amalgamation reads it from the
+innermost module, called once, that returns it (a VGG layer's activation, a residual block).
 """
 
 from __future__ import annotations
@@ -43,10 +44,18 @@ class TracedUnit(Unit):
     keys : its parameters and buffers, in the order the forward pass reads them.
     residual : it adds a branch to its input (a residual block): zeroing the branch makes
         it the identity.
+    end : the ``torch.fx`` node of its output (a cut).
+    end_module : the module whose output that is, None when no module called once returns
+        it (a functional activation after a functional addition); only with the channels on
+        axis 1.
+    shape : its output's shape for one sample, e.g. (C, H, W).
     """
 
     keys: tuple[str, ...]
     residual: bool
+    end: str = ""
+    end_module: str | None = None
+    shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -107,6 +116,20 @@ def _module(graph: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return graph.get_submodule(node.target) if node.op == "call_module" else None
 
 
+def _returning_module(graph: fx.GraphModule, node: fx.Node) -> str | None:
+    """The innermost module, called once, whose last node is ``node`` (its output)."""
+    stacks = {n: n.meta.get("nn_module_stack") or {} for n in graph.graph.nodes}
+    calls: dict[str, set[str]] = {}  # module -> its calls' keys ("relu", "relu@1", ...)
+    last: dict[str, fx.Node] = {}
+    for n, stack in stacks.items():
+        for key, (path, _) in stack.items():
+            calls.setdefault(path, set()).add(key)
+            last[path] = n
+    candidates = [path for _, (path, _) in stacks[node].items()
+                  if last[path] is node and len(calls[path]) == 1]  # fmt: skip
+    return max(candidates, key=lambda path: path.count("."), default=None)
+
+
 def _unit(
     graph: fx.GraphModule,
     segments: list[_Segment],
@@ -133,8 +156,10 @@ def _unit(
         elif node.op == "get_attr":
             keys[node.target] = None
     first = next(node.target for node in nodes if isinstance(_module(graph, node), WEIGHTED))
-    width = segments[-1].after[dim]
-    return TracedUnit(first, representative or first, width, tuple(keys), segments[0].adds)
+    end, shape = segments[-1].end, segments[-1].after
+    returned = _returning_module(graph, end) if dim == 1 else None
+    return TracedUnit(first, representative or first, shape[dim], tuple(keys),
+                      segments[0].adds, end.name, returned, shape[1:])  # fmt: skip
 
 
 def _resolution(segment: _Segment, channels: dict[fx.Node, tuple[int, int]]) -> tuple:

@@ -25,7 +25,7 @@ class Normalization(_message.Message):
     def __init__(self, mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PartyInfo(_message.Message):
-    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch", "batchnorm_layers", "layers", "task")
+    __slots__ = ("name", "class_names", "input_shape", "normalization", "capabilities", "output_form", "max_batch", "batchnorm_layers", "layers", "task", "feature_layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class PartyInfo(_message.Message):
     BATCHNORM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -46,7 +47,16 @@ class PartyInfo(_message.Message):
     batchnorm_layers: int
     layers: _containers.RepeatedScalarFieldContainer[str]
     task: str
-    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ..., batchnorm_layers: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ...) -> None: ...
+    feature_layers: _containers.RepeatedCompositeFieldContainer[FeatureLayer]
+    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., output_form: _Optional[str] = ..., max_batch: _Optional[int] = ..., batchnorm_layers: _Optional[int] = ..., layers: _Optional[_Iterable[str]] = ..., task: _Optional[str] = ..., feature_layers: _Optional[_Iterable[_Union[FeatureLayer, _Mapping]]] = ...) -> None: ...
+
+class FeatureLayer(_message.Message):
+    __slots__ = ("name", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -1,6 +1,8 @@
-"""``amalgamate`` (paper 004): the parties' features of every layer and their score vectors on
-the coordinator's unlabeled images become one ``vgg_cnn`` student for the union of their
-classes; the report judges it against the teachers and their ensemble."""
+"""``amalgamate`` (paper 004): the parties' features and their score vectors on the
+coordinator's unlabeled images become one student for the union of their classes -- a
+``vgg_cnn`` of the teachers' depth (the paper's), or any network the student section names,
+learned at the feature points it shares with the teachers; the report judges it against the
+teachers and their ensemble."""
 
 from __future__ import annotations
 
@@ -28,12 +30,15 @@ class AmalgamationParams(AmalgamationConfig):
     half: bool = True  # float16 features on the wire
 
 
-def _vgg_layers(info: TeacherInfo) -> str | None:
-    """What the party's released layers lack for amalgamating a ``vgg_cnn``."""
+def _feature_layers(info: TeacherInfo) -> str | None:
+    """What the party's released layers lack for amalgamation: the layers of a ``vgg_cnn``,
+    or (for a student of any architecture) layers that end units of its network."""
+    if info.feature_layers:
+        return None
     try:
         Layout.from_layer_names(info.layers)
     except ValueError as error:
-        return f"activations {error}"
+        return f"activations {error} and no layer that ends a unit of its network"
     return None
 
 
@@ -41,9 +46,9 @@ class Amalgamate(Method):
     name = "amalgamate"
     summary = "teachers' features and scores, layer by layer, in one compact student (paper 004)"
     params = AmalgamationParams
-    # the features of every vgg_cnn layer, and the score vectors
+    # features at the ends of units (of every vgg_cnn layer), and the score vectors
     grants = (
-        Grants((Need("predict", ("logits", "probs")), Need("activations", layers=_vgg_layers))),
+        Grants((Need("predict", ("logits", "probs")), Need("activations", layers=_feature_layers))),
     )
     float16 = frozenset({"activations"})
 
@@ -52,11 +57,6 @@ class Amalgamate(Method):
             return "parties: amalgamation needs two teachers or more"
         if spec.data.unlabeled is None:
             return "data.unlabeled: amalgamation needs unlabeled images"
-        if spec.student.arch != "vgg_cnn":
-            return (
-                f"student.arch: amalgamate builds a vgg_cnn student (the teachers' family), "
-                f"not {spec.student.arch}"
-            )
         return None
 
     def run(self, spec, teachers, context: RunContext) -> Outcome:
@@ -66,7 +66,7 @@ class Amalgamate(Method):
         students = {"layerwise": result.layerwise, "joint": result.joint, **result.baselines}
         rows = amalgamation_rows(teachers, students, result.entries, test, context)
         infos = [t.info for t in teachers]
-        params = parameter_counts(infos, result.widths, result.joint)
+        params = parameter_counts(infos, result.widths, result.joint, spec.student.arch)
         scores = sum(len(unlabeled) * len(info.class_names) * 4 for info in infos)  # float32 logits
         moved = {
             "features": dict(cache.bytes_moved),
@@ -76,7 +76,9 @@ class Amalgamate(Method):
         }
         names = [info.name for info in infos]
         width_rows = [
-            [layer] + [str(w[name]) for name in names] + [str(w["student"])]
+            [layer]
+            + [_channels(result.layers[layer][name], w[name], layer) for name in names]
+            + [str(w["student"])]
             for layer, w in result.widths.items()
         ]
         summary = [
@@ -85,14 +87,19 @@ class Amalgamate(Method):
             f"Feature amalgamation {config.scheme.upper()}; joint learning on "
             f"{TARGETS[config.score_target]} (T = {config.temperature}).",
             "",
-            "Channels per amalgamated layer:",
+            f"Channels per amalgamated layer of the student ({spec.student.arch}), and each "
+            "party's layer amalgamated into it where its name differs:",
             "",
             markdown_table(["layer", *names, "student"], width_rows),
             "",
-            f"Parameters: student {params['student']:,}, teachers together "
-            f"{params['teachers']:,} ("
-            + ", ".join(f"{n} {params[f'teacher:{n}']:,}" for n in names)
-            + ").",
+            f"Parameters: student {params['student']:,}"
+            + (
+                f", teachers together {params['teachers']:,} ("
+                + ", ".join(f"{n} {params[f'teacher:{n}']:,}" for n in names)
+                + ")."
+                if "teachers" in params
+                else " (the parties' networks are not known to the coordinator)."
+            ),
             f"Moved to the coordinator: {moved['total'] / 1e6:.1f} MB ("
             f"features {sum(cache.bytes_moved.values()) / 1e6:.1f} MB in "
             f"{'float16' if spec.method.params.half else 'float32'}, score vectors "
@@ -105,11 +112,16 @@ class Amalgamate(Method):
             "params": params,
             "bytes_moved": moved,
             "widths": result.widths,
+            "layers": result.layers,
             "entries": result.entries,
             "losses": result.losses,
             "parts": {f"part{k}": list(i.class_names) for k, i in enumerate(infos, start=1)},
         }
         return Outcome(result.joint, result.entries, rows, extra, summary)
+
+
+def _channels(party_layer: str, channels: int, layer: str) -> str:
+    return str(channels) if party_layer == layer else f"{channels} ({party_layer})"
 
 
 def _feature_cache(spec) -> FeatureCache:
