@@ -106,7 +106,9 @@ class LibraryClassifier(Classifier):
         channels = in_shape[0]
         if library == "timm":
             self.body = build_network(name, 0, in_chans=channels, **kwargs)  # pooled (B, F)
-            self.num_features = self.body.num_features
+            # a pre-logits head (MobileNetV3's conv_head) widens what the body returns
+            hidden = getattr(self.body, "head_hidden_size", None)
+            self.num_features = hidden or self.body.num_features
             self.head = nn.Linear(self.num_features, num_classes)
             self.channels = None
         else:

@@ -32,7 +32,10 @@ def test_unknown_names_are_refused_naming_every_place_looked():
         create_model("resnet1800", in_shape=(3, 32, 32), num_classes=10)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "timm:test_efficientnet", "mobilenet_v3_small"])
+@pytest.mark.parametrize(
+    "name",
+    ["resnet18", "timm:test_efficientnet", "mobilenet_v3_small", "timm:mobilenetv3_small_050"],
+)
 def test_a_library_student_takes_small_grey_images_and_has_the_registry_interface(name):
     torch.manual_seed(0)
     model = create_model(name, in_shape=(1, 8, 8), num_classes=3).eval()
