@@ -238,10 +238,14 @@ def amalgamate(
     position = {info.name: k for k, info in enumerate(infos)}
     log, progress, map_teachers = context.log, context.progress, context.map_teachers
     entry_classes = entries([info.class_names for info in infos])
-    if layout is None:
+
+    def library_student() -> nn.Module:
         torch.manual_seed(context.seed)
-        probe = build_library_student(training, shape, len(entry_classes), log)
-        points = plan_points(infos, probe, training.arch)
+        return build_library_student(training, shape, len(entry_classes), log)
+
+    if layout is None:
+        student = library_student()
+        points = plan_points(infos, student, training.arch)
         widths, matched = point_widths(points)
         layers = {name: [row[name].name for row in points] for name in position}
         log(f"amalgamate: feature points {matched}")
@@ -266,13 +270,7 @@ def amalgamate(
     form, temperature = config.score_target, config.temperature
     scores = score_targets([z[index] for z in logits], form, temperature)
     if layout is None:
-
-        def new_student() -> nn.Module:
-            torch.manual_seed(context.seed)
-            return build_library_student(training, shape, len(entry_classes), log)
-
-        deploy = _as_is
-        student = new_student()
+        new_student, deploy = library_student, _as_is
         by_party = dict(zip(position, features, strict=True))
         losses = learn_point_wise(
             student, points, x_features, by_party, scores, config, training, context
