@@ -13,6 +13,7 @@ from amalgam.fusion.composition import (
     gather,
     pseudo_label_stats,
 )
+from amalgam.fusion.composition.rules import aggregate
 from amalgam.fusion.data import load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.run import RunContext
@@ -79,11 +80,35 @@ def test_finetuning_uses_the_asked_fraction_of_labels(teachers, data):
     assert "vanilla_kd" not in result.results
 
 
-def test_nothing_kept_is_a_clear_error(teachers, data):
+def test_when_nothing_passes_the_filter_the_student_learns_from_every_image(teachers, data):
     predictions = gather(teachers, *data)
-    with pytest.raises(ValueError, match="no pseudo-label passed rule 'unanimous'"):
-        config = CompositionConfig(rule="unanimous", entropy_threshold=1e-9)
-        compose_predictions(predictions, config, STUDENT)
+    said = []
+    config = CompositionConfig(rule="unanimous", entropy_threshold=1e-9)
+    context = RunContext(baselines=False, log=said.append)
+    result = compose_predictions(predictions, config, STUDENT, context)
+    assert result.extra["filter_fallback"] == "nothing passed entropy threshold 1e-09; kept all"
+    assert result.extra["retention"] == 1.0 and result.extra["classes_without_pseudo_labels"] == []
+    assert any(line.startswith("no pseudo-label passed rule 'unanimous'") for line in said)
+    assert result.results["student"] > result.results["best_teacher"]  # a real student
+
+
+def test_a_class_left_without_pseudo_labels_is_named_and_a_keep_fraction_keeps_every_class(
+    teachers, data
+):
+    predictions = gather(teachers, *data)
+    said = []
+    context = RunContext(baselines=False, log=said.append)
+    strict = CompositionConfig(rule="consensus", entropy_threshold=0.005, targets="hard")
+    result = compose_predictions(predictions, strict, STUDENT, context)
+    missing = result.extra["classes_without_pseudo_labels"]
+    kept = aggregate(predictions.unlabeled, predictions.known, "consensus", 0.005)
+    labels = {predictions.union[c] for c in kept.labels[kept.keep].tolist()}
+    assert missing and set(missing) == set(predictions.union) - labels
+    assert any(line.startswith(f"no kept pseudo-label of class {missing[0]}") for line in said)
+    fraction = CompositionConfig(rule="consensus", keep_fraction=0.3, targets="hard")
+    result = compose_predictions(predictions, fraction, STUDENT, RunContext(baselines=False))
+    assert result.extra["classes_without_pseudo_labels"] == []
+    assert 0.2 < result.extra["retention"] < 0.6  # 30 % per teacher and class, then the vote
 
 
 def test_pseudo_label_stats_per_rule(teachers, data):

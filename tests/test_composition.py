@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from amalgam.fusion.composition.rules import (
     RULES,
     VOTE_RULES,
+    Confidence,
     Rule,
     aggregate,
     entropy_filter,
@@ -140,6 +141,22 @@ def test_entropy_filter_normalizes_by_each_teachers_own_classes():
     assert confident.shape == (2, 2)
     assert confident.tolist() == [[False, True], [True, True]]  # log2/log3 = 0.63 <= 0.7
     assert entropy_filter(probs, known, tau=0.6).tolist() == [[False, True], [False, True]]
+
+
+def test_a_keep_fraction_keeps_each_teachers_most_confident_share_of_every_class_it_predicts():
+    known = torch.tensor([[True, True]])
+    # one teacher, eight samples: four predicted 0 (sure to unsure), four predicted 1 (all
+    # less sure than any of the first four)
+    first = torch.tensor([0.99, 0.95, 0.9, 0.8])
+    second = torch.tensor([0.75, 0.7, 0.65, 0.6])
+    probs = torch.cat([torch.stack([first, 1 - first], 1), torch.stack([1 - second, second], 1)])
+    probs = probs.unsqueeze(0)  # (T=1, B=8, U=2)
+    fixed = entropy_filter(probs, known, Confidence(threshold=0.75))  # H(0.8) = 0.72
+    assert fixed.tolist() == [[True, True, True, True, False, False, False, False]]
+    half = entropy_filter(probs, known, Confidence(keep_fraction=0.5))
+    assert half.tolist() == [[True, True, False, False, True, True, False, False]]
+    everything = entropy_filter(probs, known, Confidence(threshold=0.1, keep_fraction=1.0))
+    assert everything.all()
 
 
 # --- the paper's votes (Algorithm 2) --------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from amalgam.fusion.composition.rules import RULES, Rule, aggregate
+from amalgam.fusion.composition.rules import RULES, Aggregate, Confidence, Rule, aggregate
 from amalgam.fusion.config import Config
 from amalgam.fusion.data import Dataset, fit_to_shape
 from amalgam.fusion.labels import collect_union_probs, relabel, union_classes
@@ -29,6 +29,9 @@ class CompositionConfig(Config):
 
     rule: Rule = "restricted-fit"  # aggregation rule, see amalgam.fusion.composition.RULES
     entropy_threshold: float = Field(0.5, gt=0, le=1)  # normalized entropy tau, paper 3.1
+    # instead of the threshold: per teacher (votes) or aggregate (the other rules) and per
+    # class it predicts, keep this fraction of the samples, the most confident ones
+    keep_fraction: float | None = Field(None, gt=0, le=1)
     targets: Literal["hard", "soft"] = "soft"  # train on labels or on the aggregated distribution
     finetune_fraction: float = Field(0.0, ge=0, lt=1)  # labelled fraction for fine-tuning
     finetune_epochs: int = Field(5, ge=1)
@@ -131,7 +134,7 @@ def teacher_rows(p: Predictions) -> dict[str, float]:
     return rows
 
 
-def pseudo_label_stats(p: Predictions, tau: float) -> dict[str, dict[str, float]]:
+def pseudo_label_stats(p: Predictions, tau: float | Confidence) -> dict[str, dict[str, float]]:
     """Retention and (when labels exist) correctness of every rule's pseudo-labels."""
     stats = {}
     for rule in RULES:
@@ -161,6 +164,12 @@ def train_student(
     return model, curve
 
 
+def _described(confidence: Confidence) -> str:
+    if confidence.keep_fraction is None:
+        return f"entropy threshold {confidence.threshold}"
+    return f"keep fraction {confidence.keep_fraction} per teacher and class"
+
+
 def test_accuracy(model: Classifier, p: Predictions) -> float:
     return accuracy(predict_logits(model, p.x_test).argmax(dim=1), p.y_test)
 
@@ -175,20 +184,33 @@ def compose_predictions(
     the teachers, the ensembles and (``context.baselines``) vanilla KD and the supervised bound,
     each trained like the student."""
     results = teacher_rows(p)
-    pseudo = aggregate(p.unlabeled, p.known, config.rule, config.entropy_threshold)
-    keep = pseudo.keep
-    if not keep.any():
-        raise ValueError(
-            f"no pseudo-label passed rule {config.rule!r} at entropy threshold "
-            f"{config.entropy_threshold}; raise the threshold or choose another rule"
-        )
+    confidence = Confidence(config.entropy_threshold, config.keep_fraction)
+    pseudo = aggregate(p.unlabeled, p.known, config.rule, confidence)
     extra: dict = {
         "union_classes": p.union,
         "unlabeled": len(p.x_unlabeled),
         "test": len(p.x_test),
         "prediction_seconds": p.seconds,
-        "retention": float(keep.float().mean()),
     }
+    if not pseudo.keep.any():
+        context.log(
+            f"no pseudo-label passed rule {config.rule!r} at {_described(confidence)}: the "
+            "student learns the rule's aggregate of every unlabeled image instead"
+        )
+        everything = aggregate(p.unlabeled, p.known, config.rule, 1.0)
+        pseudo = Aggregate(everything.targets, torch.ones_like(pseudo.keep))
+        extra["filter_fallback"] = f"nothing passed {_described(confidence)}; kept all"
+    keep = pseudo.keep
+    extra["retention"] = float(keep.float().mean())
+    kept_classes = set(pseudo.labels[keep].tolist())
+    extra["classes_without_pseudo_labels"] = [
+        name for c, name in enumerate(p.union) if c not in kept_classes
+    ]
+    if extra["classes_without_pseudo_labels"]:
+        context.log(
+            f"no kept pseudo-label of class {', '.join(extra['classes_without_pseudo_labels'])}"
+            f" (rule {config.rule!r} at {_described(confidence)}): the student sees none"
+        )
     if p.y_unlabeled is not None:
         extra["pseudo_label_accuracy"] = accuracy(pseudo.labels[keep], p.y_unlabeled[keep])
     targets = pseudo.targets if config.targets == "soft" else pseudo.labels

@@ -16,7 +16,9 @@ Sec. 3.1) and aggregated (Sec. 3.2) by one of the named rules in :data:`RULES`:
   matches that teacher's output, ``q = argmin sum_t KL(p_t || q|S_t)`` (Vongkulbhisal et al.,
   CVPR 2019, "Unifying heterogeneous classifiers").
 
-The distribution rules filter on the normalized entropy of the aggregated ``q``.
+The distribution rules filter on the normalized entropy of the aggregated ``q``. The filter
+(:class:`Confidence`) is a fixed threshold, or each predictor's most confident fraction per
+class it predicts.
 """
 
 from __future__ import annotations
@@ -63,21 +65,56 @@ def normalized_entropy(probs: Tensor, num_classes: int | Tensor | None = None) -
     return entropy / log_k
 
 
-def entropy_filter(probs: Tensor, known: Tensor, tau: float) -> Tensor:
-    """(T, B) bool: teacher ``t`` is confident on sample ``b`` (normalized entropy <= tau).
+@dataclass(frozen=True)
+class Confidence:
+    """Which predictions are confident enough to count (paper Sec. 3.1).
+
+    Attributes
+    ----------
+    threshold : normalized entropy tau in (0, 1]: at most this is confident; 1 keeps all.
+    keep_fraction : instead of one threshold, per predictor (a teacher for the votes, the
+        aggregate for the distribution rules) and per class it predicts, the fraction of
+        those samples with the lowest entropy: the threshold follows each teacher's own
+        entropy on the unlabeled set, and no predicted class is left without samples.
+    """
+
+    threshold: float = 1.0
+    keep_fraction: float | None = None
+
+    def __call__(self, entropy: Tensor, labels: Tensor) -> Tensor:
+        """(B,) bool from (B,) normalized entropies and (B,) predicted classes."""
+        if self.keep_fraction is None:
+            return entropy <= self.threshold
+        confident = torch.zeros_like(entropy, dtype=torch.bool)
+        for label in labels.unique():
+            mine = labels == label
+            cut = torch.quantile(entropy[mine].double(), self.keep_fraction)  # (,)
+            confident[mine] = entropy[mine].double() <= cut
+        return confident
+
+
+def _confidence(tau: float | Confidence) -> Confidence:
+    return tau if isinstance(tau, Confidence) else Confidence(float(tau))
+
+
+def entropy_filter(probs: Tensor, known: Tensor, tau: float | Confidence) -> Tensor:
+    """(T, B) bool: teacher ``t`` is confident on sample ``b`` (normalized entropy <= tau,
+    or within its most confident fraction for the class it predicts).
 
     Parameters
     ----------
     probs : (T, B, U) union-space probabilities.
     known : (T, U) bool.
     """
+    confidence = _confidence(tau)
     counts = known.sum(dim=1)  # (T,)
     return torch.stack(
-        [normalized_entropy(p[:, k], int(n)) <= tau for p, k, n in zip(probs, known, counts)]
-    )
+        [confidence(normalized_entropy(p[:, k], int(n)), p.argmax(dim=1))
+         for p, k, n in zip(probs, known, counts)]
+    )  # fmt: skip
 
 
-RULES: dict[str, Callable[[Tensor, Tensor, float], Aggregate]] = {}
+RULES: dict[str, Callable[[Tensor, Tensor, Confidence], Aggregate]] = {}
 
 
 def _rule(name: str):
@@ -88,7 +125,7 @@ def _rule(name: str):
     return register
 
 
-def aggregate(probs: Tensor, known: Tensor, rule: Rule, tau: float = 1.0) -> Aggregate:
+def aggregate(probs: Tensor, known: Tensor, rule: Rule, tau: float | Confidence = 1.0) -> Aggregate:
     """Aggregate the teachers' union-space predictions with a named rule.
 
     Parameters
@@ -96,14 +133,15 @@ def aggregate(probs: Tensor, known: Tensor, rule: Rule, tau: float = 1.0) -> Agg
     probs : (T, B, U) probabilities, zero outside each teacher's classes.
     known : (T, U) bool, teacher ``t`` knows class ``u``.
     rule : a key of :data:`RULES`.
-    tau : normalized entropy threshold in (0, 1]; 1 keeps everything.
+    tau : normalized entropy threshold in (0, 1] (1 keeps everything), or a
+        :class:`Confidence`.
     """
     if rule not in RULES:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {', '.join(RULES)}")
-    return RULES[rule](probs, known, tau)
+    return RULES[rule](probs, known, _confidence(tau))
 
 
-def _votes(probs: Tensor, known: Tensor, tau: float, rule: str) -> Aggregate:
+def _votes(probs: Tensor, known: Tensor, tau: Confidence, rule: str) -> Aggregate:
     num_teachers, batch, num_classes = probs.shape
     confident = entropy_filter(probs, known, tau)  # (T, B)
     votes = F.one_hot(probs.argmax(dim=2), num_classes).float()  # (T, B, U)
@@ -129,23 +167,23 @@ for _name in VOTE_RULES:
     RULES[_name] = lambda probs, known, tau, _r=_name: _votes(probs, known, tau, _r)
 
 
-def _by_entropy(targets: Tensor, tau: float) -> Aggregate:
+def _by_entropy(targets: Tensor, tau: Confidence) -> Aggregate:
     targets = targets / targets.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    return Aggregate(targets, normalized_entropy(targets) <= tau)
+    return Aggregate(targets, tau(normalized_entropy(targets), targets.argmax(dim=1)))
 
 
 @_rule("mean")
-def _mean(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+def _mean(probs: Tensor, known: Tensor, tau: Confidence) -> Aggregate:
     return _by_entropy(probs.mean(dim=0), tau)
 
 
 @_rule("max-prob")
-def _max_prob(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+def _max_prob(probs: Tensor, known: Tensor, tau: Confidence) -> Aggregate:
     return _by_entropy(probs.max(dim=0).values, tau)
 
 
 @_rule("known-mean")
-def _known_mean(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+def _known_mean(probs: Tensor, known: Tensor, tau: Confidence) -> Aggregate:
     n = known.sum(dim=0).clamp_min(1).to(probs.dtype)  # (U,)
     return _by_entropy(probs.sum(dim=0) / n, tau)
 
@@ -175,7 +213,7 @@ def restricted_fit(probs: Tensor, known: Tensor, steps: int = 150, lr: float = 0
     total = torch.einsum("tbu,tu->bu", p, mask)  # (B, U) P: summed over the teachers
     mass = torch.einsum("tbu,tu->bt", p, mask)  # (B, T) s: each teacher's own total
     del p
-    init = _known_mean(probs, known, 1.0).targets.double()
+    init = _known_mean(probs, known, Confidence()).targets.double()
     logits = init.clamp_min(1e-6).log().requires_grad_(True)  # (B, U)
     optimizer = torch.optim.Adam([logits], lr=lr)
     for _ in range(steps):
@@ -189,5 +227,5 @@ def restricted_fit(probs: Tensor, known: Tensor, steps: int = 150, lr: float = 0
 
 
 @_rule("restricted-fit")
-def _restricted_fit(probs: Tensor, known: Tensor, tau: float) -> Aggregate:
+def _restricted_fit(probs: Tensor, known: Tensor, tau: Confidence) -> Aggregate:
     return _by_entropy(restricted_fit(probs, known), tau)
