@@ -120,13 +120,13 @@ def supervised(
     data = _first(private, b["unlabeled"])
     x, y = relabel(data, classes)
     column = torch.tensor([entries.index(name) for name in classes])
-    torch.manual_seed(SEED)
     if arch == VGG_STUDENT:
         model = build_student(Layout(tuple(len(s) for s in result.joint.stages),
                                      len(result.joint.fc_widths)),
                               [w["student"] for w in result.widths.values()],
                               tuple(x.shape[1:]), len(entries))  # fmt: skip
     else:
+        torch.manual_seed(SEED)
         model = create_model(arch, in_shape=tuple(x.shape[1:]), num_classes=len(entries))
     fit(model, x, column[y], epochs=b["epochs"], seed=SEED, desc="supervised")
     return model.eval()

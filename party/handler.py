@@ -16,7 +16,6 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from amalgam.fusion.activations import layer_grams, layer_names, layer_outputs
-from amalgam.fusion.amalgamation.points import feature_points
 from amalgam.fusion.datafree.bn_loss import bn_statistics_loss
 from amalgam.fusion.datafree.losses import teacher_side_loss
 from amalgam.fusion.device import Hardware, resolve_device
@@ -24,6 +23,7 @@ from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, Teac
 from amalgam.fusion.zoo import check_forward
 from amalgam.party.audit import AuditLog, load_key
 from amalgam.party.config import PartyConfig
+from amalgam.party.layers import released_layers, unit_outputs
 from amalgam.party.model import batchnorm_count, load_model, refuse_unhookable_grants
 from amalgam.party.model_thread import on_model_thread
 from amalgam.party.ratelimit import TokenBuckets
@@ -32,8 +32,6 @@ from amalgam.party.slicing import PROBE_BATCH, SLICE_BYTES, slice_size, sliced_f
 from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
 from amalgam.protocol.errors import BudgetExceeded, InvalidRequest, ModelFailure, PolicyDenied
 from amalgam.protocol.schemas import (
-    FeatureLayer,
-    LayersPolicy,
     Normalization,
     PartyInfo,
     Policy,
@@ -93,10 +91,11 @@ class PartyHandler:
             self._slice = slice_size(self.model, probe, slice_bytes)
         refuse_unhookable_grants(self.model, self.policy, self._batchnorm_layers)
         self._layers = {
-            "Activations": self._released(policy.activations, "activations"),
-            "Gram": self._released(policy.gram, "gram"),
+            "Activations": released_layers(self.model, policy.activations, "activations"),
+            "Gram": released_layers(self.model, policy.gram, "gram"),
         }
-        self._feature_layers = self._unit_outputs()
+        released = self._layers["Activations"] if self.task == "classification" else []
+        self._feature_layers = unit_outputs(self.model, self.input_shape, released)
         self._used: dict[str, int] = defaultdict(int, audit.spent)  # survives restarts
         rate = policy.rate_limit
         self._rates = TokenBuckets(rate.samples_per_s, rate.burst) if rate else None
@@ -136,35 +135,10 @@ class PartyHandler:
             field, message = problem
             raise ValueError(f"{field}: {message}")
 
-    def _released(self, rule: LayersPolicy | None, field: str) -> list[str]:
-        """The layers ``rule`` releases, in the model's order; a name the model lacks is a
-        configuration error."""
-        if rule is None:
-            return []
-        names = layer_names(self.model)
-        if "*" in rule.layers:
-            return names
-        unknown = [layer for layer in rule.layers if layer not in names]
-        if unknown:
-            raise ValueError(f"policy.{field}.layers: the model has no layer {unknown[0]!r}")
-        return [name for name in names if name in rule.layers]
-
     @property
     def exportable(self) -> bool:
         """Whether the model has a registered architecture to export with its weights."""
         return getattr(self.model, "arch", None) is not None
-
-    def _unit_outputs(self) -> list[FeatureLayer]:
-        """The released Activations layers that end a unit of the model's graph; none where
-        the model cannot be traced (amalgamation then says so)."""
-        released = set(self._layers["Activations"])
-        if not released or self.task != "classification":
-            return []
-        try:
-            points = feature_points(self.model, self.input_shape)
-        except Exception:  # the model's own code: untraceable, unsupported operations
-            return []
-        return [FeatureLayer(name=p.name, shape=p.shape) for p in points if p.name in released]
 
     @property
     def info(self) -> PartyInfo:

@@ -116,18 +116,22 @@ def _module(graph: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return graph.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _returning_module(graph: fx.GraphModule, node: fx.Node) -> str | None:
-    """The innermost module, called once, whose last node is ``node`` (its output)."""
+def _returned_outputs(graph: fx.GraphModule) -> dict[fx.Node, str]:
+    """For each node that is the output of a module called once, the innermost such module
+    (the module whose last node it is)."""
     stacks = {n: n.meta.get("nn_module_stack") or {} for n in graph.graph.nodes}
     calls: dict[str, set[str]] = {}  # module -> its calls' keys ("relu", "relu@1", ...)
     last: dict[str, fx.Node] = {}
-    for n, stack in stacks.items():
+    for node, stack in stacks.items():
         for key, (path, _) in stack.items():
             calls.setdefault(path, set()).add(key)
-            last[path] = n
-    candidates = [path for _, (path, _) in stacks[node].items()
-                  if last[path] is node and len(calls[path]) == 1]  # fmt: skip
-    return max(candidates, key=lambda path: path.count("."), default=None)
+            last[path] = node
+    returned: dict[fx.Node, str] = {}
+    for path, node in last.items():
+        innermost = returned.get(node)
+        if len(calls[path]) == 1 and (innermost is None or path.count(".") > innermost.count(".")):
+            returned[node] = path
+    return returned
 
 
 def _unit(
@@ -135,6 +139,7 @@ def _unit(
     segments: list[_Segment],
     channels: dict[fx.Node, tuple[int, int]],
     calls: dict[str, int],
+    returned: dict[fx.Node, str],
 ) -> TracedUnit | None:
     """The unit of ``segments`` (its first one weighted); None for the classifier."""
     group, dim = channels[segments[-1].end]
@@ -157,9 +162,9 @@ def _unit(
             keys[node.target] = None
     first = next(node.target for node in nodes if isinstance(_module(graph, node), WEIGHTED))
     end, shape = segments[-1].end, segments[-1].after
-    returned = _returning_module(graph, end) if dim == 1 else None
+    end_module = returned.get(end) if dim == 1 else None
     return TracedUnit(first, representative or first, shape[dim], tuple(keys),
-                      segments[0].adds, end.name, returned, shape[1:])  # fmt: skip
+                      segments[0].adds, end.name, end_module, shape[1:])  # fmt: skip
 
 
 def _resolution(segment: _Segment, channels: dict[fx.Node, tuple[int, int]]) -> tuple:
@@ -184,6 +189,7 @@ def traced_sections(
     for node in graph.graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+    returned = _returned_outputs(graph)
     sections: list[list[TracedUnit]] = [[]]
     current: list[_Segment] = []
     resolution = None  # that of the section's units
@@ -191,7 +197,7 @@ def traced_sections(
     def close_unit() -> None:
         nonlocal current, resolution
         if current:
-            unit = _unit(graph, current, channels, calls)
+            unit = _unit(graph, current, channels, calls, returned)
             if unit is not None:
                 here = _resolution(current[-1], channels)
                 if sections[-1] and here != resolution:
