@@ -83,7 +83,7 @@ def test_finetuning_uses_the_asked_fraction_of_labels(teachers, data):
 def test_when_nothing_passes_the_filter_the_student_learns_from_every_image(teachers, data):
     predictions = gather(teachers, *data)
     said = []
-    config = CompositionConfig(rule="unanimous", entropy_threshold=1e-9)
+    config = CompositionConfig(rule="unanimous", entropy_threshold=1e-9, keep_fraction=None)
     context = RunContext(baselines=False, log=said.append)
     result = compose_predictions(predictions, config, STUDENT, context)
     assert result.extra["filter_fallback"] == "nothing passed entropy threshold 1e-09; kept all"
@@ -92,23 +92,29 @@ def test_when_nothing_passes_the_filter_the_student_learns_from_every_image(teac
     assert result.results["student"] > result.results["best_teacher"]  # a real student
 
 
-def test_a_class_left_without_pseudo_labels_is_named_and_a_keep_fraction_keeps_every_class(
+def test_a_class_left_without_pseudo_labels_is_named_and_the_keep_fraction_floor_keeps_every_class(
     teachers, data
 ):
     predictions = gather(teachers, *data)
     said = []
     context = RunContext(baselines=False, log=said.append)
-    strict = CompositionConfig(rule="consensus", entropy_threshold=0.005, targets="hard")
+    strict = CompositionConfig(
+        rule="consensus", entropy_threshold=0.005, keep_fraction=None, targets="hard"
+    )
     result = compose_predictions(predictions, strict, STUDENT, context)
     missing = result.extra["classes_without_pseudo_labels"]
     kept = aggregate(predictions.unlabeled, predictions.known, "consensus", 0.005)
     labels = {predictions.union[c] for c in kept.labels[kept.keep].tolist()}
     assert missing and set(missing) == set(predictions.union) - labels
     assert any(line.startswith(f"no kept pseudo-label of class {missing[0]}") for line in said)
-    fraction = CompositionConfig(rule="consensus", keep_fraction=0.3, targets="hard")
-    result = compose_predictions(predictions, fraction, STUDENT, RunContext(baselines=False))
+    floor = CompositionConfig(rule="consensus", entropy_threshold=0.005, targets="hard")
+    result = compose_predictions(predictions, floor, STUDENT, RunContext(baselines=False))
+    assert floor.keep_fraction == 0.3  # the default floor
     assert result.extra["classes_without_pseudo_labels"] == []
-    assert 0.2 < result.extra["retention"] < 0.6  # 30 % per teacher and class, then the vote
+    retention = result.extra["retention"]
+    assert 0.2 < retention < 0.6  # 30 % per teacher and class, then the vote
+    # the student makes the updates of STUDENT.epochs over every unlabeled image
+    assert result.extra["student_epochs"] == round(STUDENT.epochs / retention) > STUDENT.epochs
 
 
 def test_pseudo_label_stats_per_rule(teachers, data):

@@ -143,7 +143,7 @@ def test_entropy_filter_normalizes_by_each_teachers_own_classes():
     assert entropy_filter(probs, known, tau=0.6).tolist() == [[False, True], [False, True]]
 
 
-def test_a_keep_fraction_keeps_each_teachers_most_confident_share_of_every_class_it_predicts():
+def test_a_keep_fraction_is_a_floor_under_the_threshold_per_teacher_and_predicted_class():
     known = torch.tensor([[True, True]])
     # one teacher, eight samples: four predicted 0 (sure to unsure), four predicted 1 (all
     # less sure than any of the first four)
@@ -153,7 +153,10 @@ def test_a_keep_fraction_keeps_each_teachers_most_confident_share_of_every_class
     probs = probs.unsqueeze(0)  # (T=1, B=8, U=2)
     fixed = entropy_filter(probs, known, Confidence(threshold=0.75))  # H(0.8) = 0.72
     assert fixed.tolist() == [[True, True, True, True, False, False, False, False]]
-    half = entropy_filter(probs, known, Confidence(keep_fraction=0.5))
+    # the threshold keeps all of class 0; the floor adds class 1's two most confident
+    floor = entropy_filter(probs, known, Confidence(threshold=0.75, keep_fraction=0.5))
+    assert floor.tolist() == [[True, True, True, True, True, True, False, False]]
+    half = entropy_filter(probs, known, Confidence(threshold=0.0, keep_fraction=0.5))
     assert half.tolist() == [[True, True, False, False, True, True, False, False]]
     everything = entropy_filter(probs, known, Confidence(threshold=0.1, keep_fraction=1.0))
     assert everything.all()

@@ -28,10 +28,11 @@ class CompositionConfig(Config):
     """Model composition by pseudo-labels (paper 000, Algorithm 1)."""
 
     rule: Rule = "restricted-fit"  # aggregation rule, see amalgam.fusion.composition.RULES
-    entropy_threshold: float = Field(0.5, gt=0, le=1)  # normalized entropy tau, paper 3.1
-    # instead of the threshold: per teacher (votes) or aggregate (the other rules) and per
-    # class it predicts, keep this fraction of the samples, the most confident ones
-    keep_fraction: float | None = Field(None, gt=0, le=1)
+    entropy_threshold: float = Field(0.5, ge=0, le=1)  # normalized entropy tau, paper 3.1
+    # a floor under the threshold: per teacher (votes) or aggregate (the other rules) and per
+    # class it predicts, at least this fraction of the samples is kept, the most confident;
+    # None: the threshold alone
+    keep_fraction: float | None = Field(0.3, gt=0, le=1)
     targets: Literal["hard", "soft"] = "soft"  # train on labels or on the aggregated distribution
     finetune_fraction: float = Field(0.0, ge=0, lt=1)  # labelled fraction for fine-tuning
     finetune_epochs: int = Field(5, ge=1)
@@ -165,9 +166,10 @@ def train_student(
 
 
 def _described(confidence: Confidence) -> str:
+    described = f"entropy threshold {confidence.threshold}"
     if confidence.keep_fraction is None:
-        return f"entropy threshold {confidence.threshold}"
-    return f"keep fraction {confidence.keep_fraction} per teacher and class"
+        return described
+    return f"{described} with keep fraction {confidence.keep_fraction} per predictor and class"
 
 
 def test_accuracy(model: Classifier, p: Predictions) -> float:
@@ -182,7 +184,9 @@ def compose_predictions(
 ) -> CompositionResult:
     """Aggregate pseudo-labels with ``config.rule``, train a ``student``, and evaluate it with
     the teachers, the ensembles and (``context.baselines``) vanilla KD and the supervised bound,
-    each trained like the student."""
+    each trained like the student. The student trains on the kept pseudo-labels for as many
+    updates as ``student.epochs`` over every unlabeled image (its epochs scaled by one over
+    the retention), the baselines' number of updates."""
     results = teacher_rows(p)
     confidence = Confidence(config.entropy_threshold, config.keep_fraction)
     pseudo = aggregate(p.unlabeled, p.known, config.rule, confidence)
@@ -214,10 +218,19 @@ def compose_predictions(
     if p.y_unlabeled is not None:
         extra["pseudo_label_accuracy"] = accuracy(pseudo.labels[keep], p.y_unlabeled[keep])
     targets = pseudo.targets if config.targets == "soft" else pseudo.labels
-    context.log(f"training the student on {int(keep.sum())} of {len(keep)} pseudo-labelled images")
-    model, extra["student_loss"] = train_student(
-        student, p, p.x_unlabeled[keep], targets[keep], "student", context
+    kept = int(keep.sum())
+    # as many updates as on every unlabeled image: a filter that keeps a third of them must not
+    # cut the student's training to a third (weak teachers would leave it untrained)
+    epochs = max(student.epochs, round(student.epochs * len(keep) / kept))
+    extra["student_epochs"] = epochs
+    context.log(
+        f"training the student on {kept} of {len(keep)} pseudo-labelled images for {epochs} "
+        f"epochs (the updates of {student.epochs} epochs over all of them)"
     )
+    model, extra["student_loss"] = train_student(
+        student.model_copy(update={"epochs": epochs}),
+        p, p.x_unlabeled[keep], targets[keep], "student", context,
+    )  # fmt: skip
     if config.finetune_fraction > 0:
         extra["finetune_samples"] = _finetune(model, p, config, student, context)
     results["student"] = test_accuracy(model, p)

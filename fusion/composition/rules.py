@@ -17,8 +17,8 @@ Sec. 3.1) and aggregated (Sec. 3.2) by one of the named rules in :data:`RULES`:
   CVPR 2019, "Unifying heterogeneous classifiers").
 
 The distribution rules filter on the normalized entropy of the aggregated ``q``. The filter
-(:class:`Confidence`) is a fixed threshold, or each predictor's most confident fraction per
-class it predicts.
+(:class:`Confidence`) is a fixed threshold with a floor: each predictor's most confident
+fraction of every class it predicts passes even when the threshold would drop it.
 """
 
 from __future__ import annotations
@@ -71,11 +71,13 @@ class Confidence:
 
     Attributes
     ----------
-    threshold : normalized entropy tau in (0, 1]: at most this is confident; 1 keeps all.
-    keep_fraction : instead of one threshold, per predictor (a teacher for the votes, the
-        aggregate for the distribution rules) and per class it predicts, the fraction of
-        those samples with the lowest entropy: the threshold follows each teacher's own
-        entropy on the unlabeled set, and no predicted class is left without samples.
+    threshold : normalized entropy tau in [0, 1]: at most this is confident; 1 keeps all.
+    keep_fraction : a floor under the threshold. Per predictor (a teacher for the votes, the
+        aggregate for the distribution rules) and per class it predicts, at least this
+        fraction of those samples counts as confident, the ones with the lowest entropy,
+        however few pass ``threshold``: for weak teachers the threshold follows each one's
+        own entropy on the unlabeled set, and no predicted class is left without samples.
+        ``None``: the threshold alone.
     """
 
     threshold: float = 1.0
@@ -83,13 +85,13 @@ class Confidence:
 
     def __call__(self, entropy: Tensor, labels: Tensor) -> Tensor:
         """(B,) bool from (B,) normalized entropies and (B,) predicted classes."""
+        confident = entropy <= self.threshold
         if self.keep_fraction is None:
-            return entropy <= self.threshold
-        confident = torch.zeros_like(entropy, dtype=torch.bool)
+            return confident
         for label in labels.unique():
             mine = labels == label
             cut = torch.quantile(entropy[mine].double(), self.keep_fraction)  # (,)
-            confident[mine] = entropy[mine].double() <= cut
+            confident[mine] |= entropy[mine].double() <= cut
         return confident
 
 
