@@ -40,6 +40,7 @@ from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
 from amalgam.server.figures import plot_curves
 from amalgam.server.simulation.parties import local_party
+from benchmarks.datafree_public import PUBLIC_METHODS, load_public_code, run_public_dfq
 from benchmarks.harness import Benchmark, Results
 
 SEED = 0
@@ -109,19 +110,21 @@ def train_model(data: Dataset, epochs: int, seed: int, desc: str):
 
 
 def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
+    """The parties' teachers behind local handlers, and their models."""
     policy = Policy(
         predict=PredictPolicy(output="logits"),
         bn_feedback=BnFeedbackPolicy(),
         synthesize=SynthesizePolicy(max_steps=10_000, max_samples=100_000),
         sample_budget=None,
     )
-    teachers = []
+    teachers, models = [], []
     for k, index in enumerate(split(train, ratio)):
         model = train_model(train.subset(index), b["teacher_epochs"], SEED + k, f"teacher-{k}")
         shape = tuple(train.x.shape[1:])
         handler = local_party(f"party-{k}", model, train.class_names, shape, policy, folder)
         teachers.append(LocalTeacher(handler))
-    return teachers
+        models.append(model)
+    return teachers, models
 
 
 def config_for(method: str, b: dict) -> DataFreeConfig:
@@ -134,8 +137,22 @@ def config_for(method: str, b: dict) -> DataFreeConfig:
     )
 
 
-def run_method(method: str, teachers: list, train: Dataset, b: dict, seed: int):
-    """One student of ``method`` (a data-free variant, its party-side mode, or ``kd_real``)."""
+def run_method(
+    method: str,
+    teachers: list,
+    models: list,
+    train: Dataset,
+    b: dict,
+    seed: int,
+    public_code: Path | None = None,
+):
+    """One student of ``method`` (a data-free variant, its party-side mode, ``kd_real``, or
+    the public code's DFQ from the checkout ``public_code``)."""
+    if method in PUBLIC_METHODS:
+        code = load_public_code(public_code)
+        shape = tuple(train.x.shape[1:])
+        student = run_public_dfq(code, models, shape, PUBLIC_METHODS[method], b, seed)
+        return DataFreeResult(student=student, generators=[])
     if method == "kd_real":
         return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), seed)
     config = config_for(method, b)
@@ -161,7 +178,11 @@ def kd_on_real_images(
 def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     """Every asked method on split ``name``; the record is written after every method (a long
     run keeps its results) and adds to an earlier record of the same budget."""
-    b, methods, seeds, out = budget(args), args.method or METHODS, args.seeds, results.folder
+    b, seeds, out = budget(args), args.seeds, results.folder
+    methods = args.method or [*METHODS, *(PUBLIC_METHODS if args.public_code else ())]
+    if any(m in PUBLIC_METHODS for m in methods) and args.public_code is None:
+        print(f"{name}: public_* methods skipped: no --public-code checkout given")
+        methods = [m for m in methods if m not in PUBLIC_METHODS]
     source, ratio = SPLITS[name]
     started = time.perf_counter()
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
@@ -169,7 +190,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         train = train.subset(np.random.default_rng(SEED).permutation(len(train))[: b["train"]])
     if b["test"]:
         test = test.subset(np.arange(b["test"]))
-    teachers = teachers_for(train, ratio, b, Path(tempfile.mkdtemp()))
+    teachers, models = teachers_for(train, ratio, b, Path(tempfile.mkdtemp()))
     gold = train_model(train, b["teacher_epochs"], SEED, "gold")
     x, y = relabel(test, list(train.class_names))
     reference, per_class = evaluate(teachers, {"gold": gold}, x, y)
@@ -202,7 +223,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         runs = [r for r in earlier_runs if r["seed"] not in seeds]  # kept from an earlier run
         for seed in seeds:
             method_started = time.perf_counter()
-            result = run_method(method, teachers, train, b, seed)
+            result = run_method(method, teachers, models, train, b, seed, args.public_code)
             rows, classes = evaluate(teachers, {method: result.student}, x, y)
             history = result.history
             runs.append(
@@ -216,7 +237,8 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
                     "final_losses": {k: float(np.mean(v[-20:])) for k, v in history.items() if v},
                 }
             )
-            plot_curves(history, out / f"datafree-{name}-{method}-seed{seed}-curves.png")
+            if history:
+                plot_curves(history, out / f"datafree-{name}-{method}-seed{seed}-curves.png")
         accuracies = [r["accuracy"] for r in runs]
         record["results"][method] = float(np.mean(accuracies))
         record["extra"]["per_class"][method] = np.mean(
@@ -234,7 +256,12 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
 
 
 def options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, action="append")
+    parser.add_argument("--method", choices=[*METHODS, *PUBLIC_METHODS], action="append")
+    parser.add_argument(
+        "--public-code", type=Path,
+        help="a checkout of github.com/zju-vipa/DataFree: adds rows public_dfq and "
+        "public_dfq_no_adv (its DFQ loop on these teachers)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--student-steps", type=int, default=10)
