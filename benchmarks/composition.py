@@ -62,7 +62,7 @@ class Variant:
     data: str  # the named set the teachers, the test and (by default) the unlabeled set come from
     class_sets: tuple[tuple[int, ...], ...]
     unlabeled: str | None = None  # another source than the teachers' training set
-    weak: bool = False  # small shards, one epoch, a student per rule
+    weak: bool = False  # small shards, two epochs, a student per rule
 
 
 VARIANTS = {

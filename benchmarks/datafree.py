@@ -19,6 +19,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -144,14 +145,13 @@ def run_method(
     train: Dataset,
     b: dict,
     seed: int,
-    public_code: Path | None = None,
+    public_code: SimpleNamespace | None = None,
 ):
     """One student of ``method`` (a data-free variant, its party-side mode, ``kd_real``, or
-    the public code's DFQ from the checkout ``public_code``)."""
+    the public code's DFQ, ``public_code`` as :func:`load_public_code` returns it)."""
     if method in PUBLIC_METHODS:
-        code = load_public_code(public_code)
         shape = tuple(train.x.shape[1:])
-        student = run_public_dfq(code, models, shape, PUBLIC_METHODS[method], b, seed)
+        student = run_public_dfq(public_code, models, shape, PUBLIC_METHODS[method], b, seed)
         return DataFreeResult(student=student, generators=[])
     if method == "kd_real":
         return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), seed)
@@ -183,6 +183,9 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     if any(m in PUBLIC_METHODS for m in methods) and args.public_code is None:
         print(f"{name}: public_* methods skipped: no --public-code checkout given")
         methods = [m for m in methods if m not in PUBLIC_METHODS]
+    public_code = None
+    if any(m in PUBLIC_METHODS for m in methods):
+        public_code = load_public_code(args.public_code)
     source, ratio = SPLITS[name]
     started = time.perf_counter()
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
@@ -223,7 +226,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         runs = [r for r in earlier_runs if r["seed"] not in seeds]  # kept from an earlier run
         for seed in seeds:
             method_started = time.perf_counter()
-            result = run_method(method, teachers, models, train, b, seed, args.public_code)
+            result = run_method(method, teachers, models, train, b, seed, public_code)
             rows, classes = evaluate(teachers, {method: result.student}, x, y)
             history = result.history
             runs.append(
