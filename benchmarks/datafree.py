@@ -38,7 +38,13 @@ from amalgam.fusion.models import create_model
 from amalgam.fusion.run import RunContext
 from amalgam.fusion.train import fit
 from amalgam.party.local import LocalTeacher
-from amalgam.protocol.schemas import BnFeedbackPolicy, Policy, PredictPolicy, SynthesizePolicy
+from amalgam.protocol.schemas import (
+    BnFeedbackPolicy,
+    LayersPolicy,
+    Policy,
+    PredictPolicy,
+    SynthesizePolicy,
+)
 from amalgam.server.figures import plot_curves
 from amalgam.server.simulation.parties import local_party
 from benchmarks.datafree_public import PUBLIC_METHODS, load_public_code, run_public_dfq
@@ -56,7 +62,6 @@ SPLITS = {  # name: (data set, imbalance ratio r; 1 = balanced)
     "fashion-ibl3": ("fashion_mnist", 3),
 }
 TEACHER = {"name": "small_cnn", "width": 16}
-GENERATOR_WIDTH = 32
 
 
 def budget(args: argparse.Namespace) -> dict:
@@ -116,6 +121,7 @@ def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
         predict=PredictPolicy(output="logits"),
         bn_feedback=BnFeedbackPolicy(),
         synthesize=SynthesizePolicy(max_steps=10_000, max_samples=100_000),
+        activations=LayersPolicy(layers=["*"]),  # feature maps, for VID
         sample_budget=None,
     )
     teachers, models = [], []
@@ -134,7 +140,6 @@ def config_for(method: str, b: dict) -> DataFreeConfig:
         warmup=b["warmup"],
         iterations=b["iterations"],
         student_steps=b["student_steps"],
-        generator_width=GENERATOR_WIDTH,
     )
 
 
@@ -171,7 +176,7 @@ def kd_on_real_images(
     rng = torch.Generator().manual_seed(seed)
     for _ in range(config.iterations * config.student_steps):
         x = train.x[torch.randint(0, len(train.x), (config.batch_size,), generator=rng)]
-        fusion.student_step(x, fusion.student_targets(x))
+        fusion.distil(x)
     return fusion.result([], [0] * len(teachers))
 
 
@@ -206,8 +211,8 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         "seed": SEED,
         "budget": f"teachers and gold: {b['teacher_epochs']} epoch(s) of small_cnn width "
         f"{TEACHER['width']}; each method: {b['warmup']} warm-up + {b['iterations']} "
-        f"iterations x {b['student_steps']} student steps, batch 128, generator width "
-        f"{GENERATOR_WIDTH}",
+        f"iterations x {b['student_steps']} student steps, batch 128, generator latent "
+        f"{DataFreeConfig().latent_dim}, width {DataFreeConfig().generator_width}",
         "metric": "accuracy",
         "wall_seconds": 0.0,
         "results": reference,

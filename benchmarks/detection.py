@@ -19,8 +19,10 @@ unlabeled canvases with all their true labels: the upper bound), ``student_0pct`
 consensus vote + Soft-NMS, no labels), ``no_filtering`` (no confidence filter before the
 vote), ``no_aggregation`` (every confident detection of every party is a training box: no
 vote, no Soft-NMS), ``teacher:<party>`` (each party on the categories it knows) and, for
-``same-dist``, ``student_ft_<p>pct`` (the composed student fine-tuned on the labels of the
-first p% of the unlabeled canvases, 300 steps) against ``supervised_<p>pct`` (the student
+``same-dist``, ``student_ft_<p>pct`` (the composed student fine-tuned, 300 steps, on the
+labels of the first p% of the unlabeled canvases together with the pseudo-labels of the rest,
+the default ``finetune_mix``), ``student_ft_labels_only_<p>pct`` (the same steps on the labelled
+canvases alone) against ``supervised_<p>pct`` (the student
 architecture trained on those labelled canvases alone, as many steps as the student).
 ``extra``: mAP@.5 of every row, the student's AP per category, the pseudo-labels' own mAP on
 the test canvases, and how many boxes each stage and rule kept.
@@ -48,6 +50,7 @@ from amalgam.fusion.detection.compose import (
     DetectionCompositionConfig,
     compose_detection,
     detection_map,
+    finetune_set,
     gather_detections,
 )
 from amalgam.fusion.detection.figures import pseudo_label_grid
@@ -200,11 +203,14 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
             labelled = labelled_pool.subset(range(max(1, len(labelled_pool) * pct // 100)))
             student_labelled = labelled.restrict(union)
             student = composed.student
-            student.load_state_dict(state)
-            epochs = _steps_as_epochs(steps, len(labelled))
-            fit_detector(student, student_labelled, epochs=epochs, batch_size=BATCH,
-                         lr=config.lr / 2, seed=SEED, desc=f"fine-tune {pct}%")  # fmt: skip
-            score(f"student_ft_{pct}pct", detection_map(student, student_test))
+            mixed = finetune_set(unlabeled.images, composed.pseudo_labels, student_labelled,
+                                 range(len(labelled)))  # fmt: skip
+            for row, canvases in (("ft", mixed), ("ft_labels_only", student_labelled)):
+                student.load_state_dict(state)
+                fit_detector(student, canvases, epochs=_steps_as_epochs(steps, len(canvases)),
+                             batch_size=BATCH, lr=config.lr / 2, seed=SEED,
+                             desc=f"fine-tune {pct}% ({row})")  # fmt: skip
+                score(f"student_{row}_{pct}pct", detection_map(student, student_test))
             same_steps = _steps_as_epochs(config.epochs * math.ceil(len(unlabeled) / BATCH),
                                           len(labelled))  # fmt: skip
             score(f"supervised_{pct}pct", supervised(labelled, same_steps, f"supervised {pct}%"))

@@ -84,6 +84,23 @@ def test_every_variant_trains_through_the_same_code_path(handlers, method):
     assert len(result.samples) == 3 and result.samples[0][0].shape == (16, 1, 8, 8)
 
 
+@pytest.mark.parametrize(
+    "variant, alpha, expected", [("dfmf", {}, 1.0), ("dfq", {}, 1.0), ("dfmf", {"alpha": 0.1}, 0.1)]
+)
+def test_the_fidelity_weight_alpha_scales_only_the_fidelity_terms(
+    handlers, variant, alpha, expected
+):
+    config = DataFreeConfig(variant=variant, **alpha, **TINY)
+    fusion = DataFreeFusion([LocalTeacher(h) for h in handlers], config, context=QUIET)
+    objective = fusion.trainers[0].objective(adversarial=True)
+    assert (objective.bn, objective.instance_entropy, objective.batch_entropy) == pytest.approx(
+        (expected, expected, expected)
+    )
+    assert objective.adversarial == 1.0
+    warmup = fusion.trainers[0].objective(adversarial=False)
+    assert (warmup.bn, warmup.adversarial) == (1.0, 0.0)
+
+
 def test_end_to_end_through_real_grpc_parties(handlers):
     with serving(handlers[0]) as a0, serving(handlers[1]) as a1:
         teachers = [RemoteTeacher("p0", a0), RemoteTeacher("p1", a1)]

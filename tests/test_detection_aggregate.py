@@ -1,5 +1,6 @@
 """Pseudo-label aggregation for detection (paper 000, Algorithm 2) on hand-made detections,
-Soft-NMS, COCO export and mAP through pycocotools, and the digit canvases."""
+Soft-NMS, COCO export and mAP through pycocotools, the digit canvases, and the canvases of
+mixed fine-tuning."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from amalgam.fusion.detection.aggregate import (
     aggregate_image,
     soft_nms,
 )
-from amalgam.fusion.detection.canvas import make_canvases
+from amalgam.fusion.detection.canvas import DetectionSet, make_canvases
 from amalgam.fusion.detection.coco import _coco, evaluate_map, to_coco
+from amalgam.fusion.detection.compose import finetune_set
 from amalgam.fusion.teacher import Detections
 
 
@@ -167,3 +169,17 @@ def test_canvases_are_deterministic_and_their_boxes_hold_all_the_ink():
             assert x2 > x1 and y2 > y1
             inside[y1:y2, x1:x2] = True
         assert float((image[0] * ~inside).max()) <= 0.25  # faint edges at most (INK)
+
+
+@pytest.mark.parametrize("labelled_index, count", [([0, 2], 4), (None, 6)])
+def test_mixed_finetuning_takes_the_labels_and_the_pseudo_labels_of_the_rest(labelled_index, count):
+    unlabeled = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8)  # canvas k is all k
+    pseudo = [dets((0, 0, 4, 4, k, 0.9)) for k in range(4)]
+    truth = [dets((1, 1, 5, 5, 7, 1.0)), dets((2, 2, 6, 6, 8, 1.0))]
+    labelled = DetectionSet(unlabeled[[0, 2]], truth, [str(d) for d in range(10)])
+    mixed = finetune_set(unlabeled, pseudo, labelled, labelled_index)
+    assert len(mixed) == count and len(mixed.targets) == count
+    assert mixed.targets[:2] == truth  # the labels first, as they are
+    rest = [int(image[0, 0, 0]) for image in mixed.images[2:]]
+    assert rest == ([1, 3] if labelled_index else [0, 1, 2, 3])
+    assert [int(t.labels[0]) for t in mixed.targets[2:]] == rest  # each with its pseudo-label

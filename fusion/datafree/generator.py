@@ -17,7 +17,7 @@ class Generator(nn.Module):
     the target size; a final resize gives exactly (H, W).
     """
 
-    def __init__(self, out_shape: tuple[int, int, int], latent_dim: int = 100, width: int = 64):
+    def __init__(self, out_shape: tuple[int, int, int], latent_dim: int = 256, width: int = 64):
         super().__init__()
         channels, self.height, self.width_px = out_shape
         self.latent_dim = latent_dim

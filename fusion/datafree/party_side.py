@@ -16,6 +16,7 @@ import uuid
 import torch
 from pydantic import model_validator
 
+from amalgam.fusion.datafree.generator import augment
 from amalgam.fusion.datafree.trainer import (
     VARIANTS,
     DataFreeConfig,
@@ -56,8 +57,8 @@ class PartySideFusion(DataFreeFusion):
 
     def run(self, checkpoints: int = 4) -> DataFreeResult:
         c, teachers = self.config, self.teachers
-        params = SynthesisParams(
-            **c.model_dump(include=set(DataFreeConfig.model_fields)),
+        params = SynthesisParams(  # a party's assistant learns from logits alone (no VID)
+            **c.model_dump(include=set(DataFreeConfig.model_fields) - {"beta"}),
             student_arch=self.student_arch,
             seed=self.context.seed,
         ).model_dump()
@@ -81,12 +82,15 @@ class PartySideFusion(DataFreeFusion):
             if r == 0 or (r + 1) % every == 0:
                 samples.append([s.samples[:16] for s in made])
             x = torch.cat([s.samples for s in made])  # the union of every party's images
+            x = augment(x, c.augment_shift, self.rng)  # each image is used once per round
             targets = self.student_targets(x)
+            maps = None if self.vid is None else self.vid.teacher_maps(teachers, x)
             order = torch.randperm(len(x), generator=self.rng)
             batch = per_generator * len(teachers)
             for i in range(per_round * c.student_steps):
                 index = order[(i * batch) % len(x) :][:batch]
-                self.student_step(x[index], targets[index])
+                batch_maps = maps and [None if m is None else m[index] for m in maps]
+                self.student_step(x[index], targets[index], batch_maps)
             bar.update()
         bar.close()
         return self.result(samples, generator_queries)

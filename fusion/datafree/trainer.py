@@ -17,8 +17,9 @@ dafl       ICE - 5 BCE           none                DAFL [2] (no BN; no activat
 zskt       none                  the student         ZSKT [17]
 ========== ===================== =================== ==================================
 
-The VID term of Eq. 1-2 needs the teachers' feature maps, which a party does not release
-through these capabilities; here ``beta = 0``.
+The VID term of Eq. 1-2 (``beta``, :mod:`amalgam.fusion.datafree.vid`) matches the student's
+and each assistant's last feature map to the teacher's, read through ``Activations`` from the
+parties that release one; ``beta = 0`` leaves it out.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from amalgam.fusion.config import Config
 from amalgam.fusion.datafree.generator import Generator, augment
 from amalgam.fusion.datafree.losses import batch_entropy, kd_kl, softened_kl
+from amalgam.fusion.datafree.vid import VIDTerm, last_feature_map
 from amalgam.fusion.device import Hardware, to_host, to_model
 from amalgam.fusion.labels import as_logits
 from amalgam.fusion.models import Classifier, create_model
@@ -74,9 +76,12 @@ class DataFreeConfig(Config):
     iterations: int = Field(1000, ge=1)  # main-loop iterations (N x M)
     student_steps: int = Field(10, ge=1)  # M_S: student updates per iteration
     batch_size: int = Field(128, ge=2)  # B: samples per generator step; the student sees B // K
-    latent_dim: int = Field(100, ge=1)
-    generator_width: int = Field(32, ge=1)
-    alpha: float = Field(0.1, ge=0)  # weight of the fidelity loss in Eq. 6
+    latent_dim: int = Field(256, ge=1)  # z of each generator
+    generator_width: int = Field(64, ge=1)  # channels of its last block (2x in the first two)
+    # weight of the fidelity loss in Eq. 6: DFQ's 1 (adversarial 1 : BN 1 : one-hot 1); the
+    # paper's 0.1 lets the adversary pull the samples off the teachers' data
+    alpha: float = Field(1.0, ge=0)
+    beta: float = Field(0.0, ge=0)  # weight of the VID term in Eq. 1-2; 0: KL alone
     temperature: float = Field(3.0, gt=0)  # tau of the KD and adversarial divergences
     lr_generator: float = Field(1e-3, gt=0)
     lr_student: float = Field(0.05, gt=0)  # SGD, Nesterov, cosine (student and assistants)
@@ -111,6 +116,14 @@ def _agreement(votes: Tensor) -> float:
     generated samples says that they lie off the data the teachers learnt from.
     """
     return (votes == votes[0]).all(dim=0).float().mean().item()
+
+
+def forward_tapped(model: nn.Module, x: Tensor, vid: VIDTerm | None) -> Tensor:
+    """``model(x)``, its last feature map recorded for ``vid`` when VID is on."""
+    if vid is None:
+        return model(x)
+    with vid.tap.recording():
+        return model(x)
 
 
 def sgd(model: nn.Module, config: DataFreeConfig):
@@ -169,11 +182,18 @@ class GeneratorTrainer:
             self.generator.parameters(), lr=config.lr_generator, betas=(0.5, 0.999)
         )
         self.assistant: Classifier | None = None
+        self.assistant_vid: VIDTerm | None = None
         if self.variant.adversary == "assistant":
             self.assistant = hardware.place(
                 create_model(assistant_arch, in_shape=in_shape, num_classes=self.num_classes)
             )
-            self.assistant_opt, self.assistant_sched = sgd(self.assistant, config)
+            if config.beta and last_feature_map(teacher.info) is not None:
+                self.assistant_vid = hardware.place(
+                    VIDTerm(self.assistant, in_shape, [teacher.info], history.log)
+                )
+            self.assistant_opt, self.assistant_sched = sgd(
+                nn.ModuleList([self.assistant, self.assistant_vid]), config
+            )
         self.queries = 0
         self._low_entropy_steps = 0
 
@@ -225,18 +245,23 @@ class GeneratorTrainer:
         return x.detach(), teacher_logits
 
     def assistant_step(self, x: Tensor, teacher_logits: Tensor) -> None:
-        """Eq. 2 on the generator's latest batch (its teacher logits are already known)."""
+        """Eq. 2 on the generator's latest batch (its teacher logits are already known; the
+        teacher's feature map, for VID, is asked on the augmented batch)."""
+        c = self.config
         self.assistant.train()
-        loss = kd_kl(
-            teacher_logits,
-            self.assistant(augment(x, self.config.augment_shift, self.rng)),
-            self.config.temperature,
-        )
+        x = augment(x, c.augment_shift, self.rng)
+        outputs = forward_tapped(self.assistant, x, self.assistant_vid)
+        loss = kd_kl(teacher_logits, outputs, c.temperature)
+        self.history.record(f"assistant{self.index}/kl", loss.item())
+        if self.assistant_vid is not None:
+            maps = self.assistant_vid.teacher_maps([self.teacher], to_host(x))
+            vid = self.assistant_vid(maps)
+            self.history.record(f"assistant{self.index}/vid", vid.item())
+            loss = loss + c.beta * vid
         self.assistant_opt.zero_grad()
         loss.backward()
         self.assistant_opt.step()
         self.assistant_sched.step()
-        self.history.record(f"assistant{self.index}/kl", loss.item())
 
     def _watch_collapse(self, logits: Tensor) -> None:
         """Warn when the batch entropy stays low: the generator draws one or few classes."""
@@ -305,7 +330,11 @@ class DataFreeFusion:
         self.student = context.hardware.place(
             build_student(student, in_shape, len(next(iter(classes))), context.log)
         )
-        self.student_opt, self.student_sched = sgd(self.student, config)
+        self.vid: VIDTerm | None = None
+        if config.beta:
+            infos = [t.info for t in teachers]
+            self.vid = context.hardware.place(VIDTerm(self.student, in_shape, infos, context.log))
+        self.student_opt, self.student_sched = sgd(nn.ModuleList([self.student, self.vid]), config)
         self.student_queries = {t.info.name: 0 for t in teachers}
 
     def _adversary(self, trainer: GeneratorTrainer) -> nn.Module | None:
@@ -331,20 +360,35 @@ class DataFreeFusion:
         probs = torch.stack([torch.softmax(z / tau, dim=1) for z in logits]).mean(dim=0)
         return probs.to(x)  # (B, K), where the student learns
 
-    def student_step(self, x: Tensor, target: Tensor) -> None:
-        """One update of the student towards ``target`` (B, K) on augmented ``x``."""
-        tau = self.config.temperature
+    def distil(self, x: Tensor) -> None:
+        """One student update on (B, C, H, W) ``x``, augmented, then labelled by every teacher
+        (Eq. 1: their soft labels and, with ``beta``, their feature maps)."""
+        x = augment(x, self.config.augment_shift, self.rng)
+        maps = None if self.vid is None else self.vid.teacher_maps(self.teachers, to_host(x))
+        self.student_step(x, self.student_targets(x), maps)
+
+    def student_step(
+        self, x: Tensor, target: Tensor, maps: list[Tensor | None] | None = None
+    ) -> None:
+        """One update of the student towards ``target`` (B, K) on ``x``, and towards the
+        teachers' feature ``maps`` (VID) when given."""
+        c = self.config
         x = to_model(self.student, x)
         target = target.to(x)
         self.student.train()
-        student_logits = self.student(augment(x, self.config.augment_shift, self.rng))
-        log_s = torch.log_softmax(student_logits / tau, dim=1)
-        loss = (target * (target.clamp_min(1e-12).log() - log_s)).sum(dim=1).mean() * tau**2
+        student_logits = forward_tapped(self.student, x, self.vid)
+        log_s = torch.log_softmax(student_logits / c.temperature, dim=1)
+        kl = (target * (target.clamp_min(1e-12).log() - log_s)).sum(dim=1).mean()
+        loss = kl * c.temperature**2
+        self.history.record("student/kl", loss.item())
+        if maps is not None:
+            vid = self.vid(maps)
+            self.history.record("student/vid", vid.item())
+            loss = loss + c.beta * vid
         self.student_opt.zero_grad()
         loss.backward()
         self.student_opt.step()
         self.student_sched.step()
-        self.history.record("student/kl", loss.item())
         votes = torch.stack([student_logits.argmax(dim=1), target.argmax(dim=1)])
         self.history.record("samples/student_ensemble_agreement", _agreement(votes))
 
@@ -390,8 +434,7 @@ class DataFreeFusion:
                     if trainer.assistant is not None:
                         trainer.assistant_step(x, teacher_logits)
             for _ in range(c.student_steps):  # the union of all generators' samples
-                x = torch.cat([trainer.sample(per_generator) for trainer in self.trainers])
-                self.student_step(x, self.student_targets(x))
+                self.distil(torch.cat([t.sample(per_generator) for t in self.trainers]))
             bar.update()
             if (step + 1) % every == 0:
                 samples.append(self.snapshot())

@@ -30,6 +30,8 @@ class DetectionCompositionConfig:
     width : the student backbone's channels.
     epochs, batch_size, lr : student training on the pseudo-labels.
     finetune_epochs : on the labelled canvases, when there are any.
+    finetune_mix : fine-tune on the labelled canvases together with the pseudo-labelled
+        rest of the unlabeled ones (:func:`finetune_set`); else on the labelled ones alone.
     seed : student initialisation and data order.
     """
 
@@ -40,6 +42,7 @@ class DetectionCompositionConfig:
     batch_size: int = 16
     lr: float = 2e-3
     finetune_epochs: int = 6
+    finetune_mix: bool = True
     seed: int = 0
 
 
@@ -78,6 +81,28 @@ def gather_detections(
     return raw, union, known_mask([t.info.class_names for t, _ in alive], union)
 
 
+def finetune_set(
+    unlabeled: Tensor,
+    pseudo: Sequence[Detections],
+    labelled: DetectionSet,
+    labelled_index: Sequence[int] | None = None,
+) -> DetectionSet:
+    """The canvases of mixed fine-tuning: the ``labelled`` ones with their boxes, then every
+    (N, 1, S, S) ``unlabeled`` canvas that is not one of them with its ``pseudo``-labels.
+
+    ``labelled_index``: the positions in ``unlabeled`` of the labelled canvases (their
+    pseudo-labels are left out, not used twice); None when they are other canvases. Training
+    on the labels alone forgets what the pseudo-labels taught (paper 000 fine-tunes a
+    student that keeps them)."""
+    taken = set(labelled_index or ())
+    rest = [i for i in range(len(unlabeled)) if i not in taken]
+    return DetectionSet(
+        torch.cat([labelled.images, unlabeled[rest]]),
+        list(labelled.targets) + [pseudo[i] for i in rest],
+        labelled.class_names,
+    )
+
+
 def compose_detection(
     teachers: Sequence[DetectorTeacher],
     unlabeled: Tensor,
@@ -86,10 +111,12 @@ def compose_detection(
     map_teachers: Callable | None = None,
     progress: bool = True,
     hardware: Hardware = Hardware(),
+    labelled_index: Sequence[int] | None = None,
 ) -> DetectionComposition:
     """Algorithm 1 for detection: gather, aggregate (Algorithm 2), train the student (on
     ``hardware``) on the pseudo-labels, then fine-tune on ``labelled`` canvases (categories in
-    the union's order) when given."""
+    the union's order) when given: with ``config.finetune_mix`` together with the
+    pseudo-labelled rest (``labelled_index`` as :func:`finetune_set` takes it)."""
     raw, union, knows = gather_detections(teachers, unlabeled, map_teachers)
     pseudo, stats = aggregate(raw, knows, config.aggregation)
     torch.manual_seed(config.seed)
@@ -100,6 +127,8 @@ def compose_detection(
                  desc="student on pseudo-labels", progress=progress,
                  hardware=hardware)  # fmt: skip
     if labelled is not None and len(labelled):
+        if config.finetune_mix:
+            labelled = finetune_set(unlabeled, pseudo, labelled, labelled_index)
         fit_detector(student, labelled, epochs=config.finetune_epochs,
                      batch_size=config.batch_size, lr=config.lr / 2, seed=config.seed,
                      desc="fine-tune on labels", progress=progress,

@@ -39,7 +39,7 @@ class DataFree(Method):
         # generators and assistants trained at the parties: Synthesize + Predict only
         Grants((LOGITS, Need("synthesize", batchnorm=True)), "mode party"),
     )
-    float16 = frozenset({"bn_feedback", "synthesize"})
+    float16 = frozenset({"bn_feedback", "synthesize", "activations"})
 
     def check(self, spec) -> str | None:
         params = spec.method.params
