@@ -7,7 +7,7 @@ from generated samples through the parties' Predict and BatchNormFeedback. Rows:
 best teacher, ensemble (mean probabilities), gold (trained on all the data), and the student of
 every method with the same budget of generator and student steps, and ``kd_real``: the same
 student budget spent on the real training images (unlabeled), the ceiling that generated
-samples approach. Each method takes about 6-11 minutes on 2 cores at the default budget.
+samples approach. Each method takes about 10-12 minutes on 2 cores at the default budget.
 
     python -m benchmarks.datafree [--variant mnist-ibl3] [--method dfmf] [--seeds 0 1] [--quick]
 """
