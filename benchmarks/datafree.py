@@ -203,6 +203,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     x, y = relabel(test, list(train.class_names))
     reference, per_class = evaluate(teachers, {"gold": gold}, x, y)
     split_name = "balanced" if ratio == 1 else f"IBL r={ratio}"
+    generator = DataFreeConfig()  # the generator's size: the defaults
     record = {
         "benchmark": "datafree",
         "variant": name,
@@ -212,7 +213,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         "budget": f"teachers and gold: {b['teacher_epochs']} epoch(s) of small_cnn width "
         f"{TEACHER['width']}; each method: {b['warmup']} warm-up + {b['iterations']} "
         f"iterations x {b['student_steps']} student steps, batch 128, generator latent "
-        f"{DataFreeConfig().latent_dim}, width {DataFreeConfig().generator_width}",
+        f"{generator.latent_dim}, width {generator.generator_width}",
         "metric": "accuracy",
         "wall_seconds": 0.0,
         "results": reference,

@@ -126,6 +126,21 @@ def forward_tapped(model: nn.Module, x: Tensor, vid: VIDTerm | None) -> Tensor:
         return model(x)
 
 
+def plus_vid(
+    loss: Tensor,
+    vid: VIDTerm,
+    maps: Sequence[Tensor | None],
+    beta: float,
+    history: History,
+    name: str,
+) -> Tensor:
+    """``loss + beta * L^VID`` of the model's last tapped forward against the teachers'
+    ``maps``; the VID term is recorded as ``name``."""
+    term = vid(maps)
+    history.record(name, term.item())
+    return loss + beta * term
+
+
 def sgd(model: nn.Module, config: DataFreeConfig):
     """Nesterov SGD with a cosine schedule over the run (students and assistants, Sec. 4)."""
     optimizer = torch.optim.SGD(
@@ -255,9 +270,8 @@ class GeneratorTrainer:
         self.history.record(f"assistant{self.index}/kl", loss.item())
         if self.assistant_vid is not None:
             maps = self.assistant_vid.teacher_maps([self.teacher], to_host(x))
-            vid = self.assistant_vid(maps)
-            self.history.record(f"assistant{self.index}/vid", vid.item())
-            loss = loss + c.beta * vid
+            name = f"assistant{self.index}/vid"
+            loss = plus_vid(loss, self.assistant_vid, maps, c.beta, self.history, name)
         self.assistant_opt.zero_grad()
         loss.backward()
         self.assistant_opt.step()
@@ -382,9 +396,7 @@ class DataFreeFusion:
         loss = kl * c.temperature**2
         self.history.record("student/kl", loss.item())
         if maps is not None:
-            vid = self.vid(maps)
-            self.history.record("student/vid", vid.item())
-            loss = loss + c.beta * vid
+            loss = plus_vid(loss, self.vid, maps, c.beta, self.history, "student/vid")
         self.student_opt.zero_grad()
         loss.backward()
         self.student_opt.step()

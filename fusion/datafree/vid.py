@@ -54,10 +54,8 @@ class VIDRegressor(nn.Module):
             nn.ReLU(),
             nn.Conv2d(hidden, teacher_channels, 1),
         )
-        eps = 1e-6
-        self.eps = eps
-        # softplus(raw) + eps = init_variance
-        raw = math.log(math.expm1(init_variance - eps))
+        self.eps = 1e-6
+        raw = math.log(math.expm1(init_variance - self.eps))  # softplus(raw) + eps = init
         self.raw_variance = nn.Parameter(torch.full((teacher_channels,), raw))
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
