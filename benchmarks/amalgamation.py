@@ -12,11 +12,13 @@ into timm's ``resnet10t``, learned at the feature points it shares with them (CI
 teachers' 16x16 and 8x8 stage outputs; Fashion-MNIST, which the student upsamples to 32x32:
 their 28x28, 14x14 and 7x7 outputs pooled to its 16x16, 8x8 and 4x4). Rows:
 ``teacher:<party>`` on the test images of its part; ``ensemble`` (the highest score over the
-concatenated logits) on the whole test set;
+concatenated logits) and ``ensemble_routed`` (over the teachers' softmaxes weighted by their
+calibrated part weights) on the whole test set;
 ``layerwise`` (after layer-wise learning only), ``joint`` (layer-wise, then joint), the
-distillation baselines ``kd_concat_softmax`` / ``kd_per_teacher`` (the student's architecture
-from scratch on one softmax over the concatenated logits / on the per-teacher softmaxes
-concatenated and divided by N), each on the whole task and on each part (``:part<k>``,
+distillation baselines ``kd_concat_softmax`` / ``kd_per_teacher`` / ``kd_routed`` (the
+student's architecture from scratch on one softmax over the concatenated logits / on the
+per-teacher softmaxes concatenated and divided by N / weighted by the part weights), each on
+the whole task and on each part (``:part<k>``,
 choosing among part k's classes), and ``supervised``: the same architecture and budget on as
 many labelled private images. ``extra.params`` and ``extra.bytes_moved`` (payload bytes the
 coordinator received; ``extra.wire`` the gRPC messages both ways).
@@ -156,7 +158,8 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         ceiling = supervised(private, classes, result.entries, result, arch, b)
         students = {"layerwise": result.layerwise, "joint": result.joint,
                     **result.baselines, "supervised": ceiling}  # fmt: skip
-        rows = amalgamation_rows(teachers, students, result.entries, test, context)
+        rows = amalgamation_rows(teachers, students, result.entries, test, context,
+                                 config.routing_sharpness)  # fmt: skip
         infos = [t.info for t in teachers]
         wire = {t.info.name: {"sent": t.stats.bytes_sent, "received": t.stats.bytes_received}
                 for t in teachers}  # fmt: skip
@@ -176,7 +179,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
             seed=SEED,
             budget=f"student {arch}; teachers {b['teacher_epochs']} epochs; layer-wise "
             f"{b['layer_epochs']} epochs per layer; joint, baselines, supervised "
-            f"{b['epochs']} epochs",
+            f"{b['epochs']} epochs; joint target {config.score_target}",
             results=rows,
             started=started,
             extra={

@@ -16,7 +16,12 @@ from amalgam.fusion.amalgamation.autoencoder import (
     half_squared_error,
 )
 from amalgam.fusion.amalgamation.features import FeatureCache
-from amalgam.fusion.amalgamation.scores import entries, merge_entries, score_targets
+from amalgam.fusion.amalgamation.scores import (
+    entries,
+    merge_entries,
+    part_weights,
+    score_targets,
+)
 from amalgam.fusion.amalgamation.student import (
     Layout,
     build_student,
@@ -141,6 +146,31 @@ def test_score_vectors_concatenate_and_overlapping_classes_merge_at_test_time():
     concat = score_targets(logits, "concat", 1.0)
     assert torch.allclose(concat, torch.softmax(torch.tensor([[2.0, 0.0, 0.0, 4.0]]), dim=1))
     assert torch.equal(score_targets(logits, "logits", 3.0), torch.tensor([[2.0, 0, 0, 4]]))
+
+
+def test_routed_targets_follow_each_teachers_own_confidence_whatever_its_scale():
+    # teacher 0 is sure on images 0-3 (its part), teacher 1 on images 4-7, but teacher 1's
+    # logits are ten times larger everywhere: one softmax over the concatenated logits hands
+    # it every image, the part weights do not
+    generator = torch.Generator().manual_seed(0)
+    sure, unsure = torch.tensor([4.0, 0.0, 0.0]), torch.tensor([1.0, 0.8, 0.6])
+    mine = torch.arange(8) < 4
+    first = torch.where(mine[:, None], sure, unsure) + 0.1 * torch.rand(8, 3, generator=generator)
+    second = 10 * (torch.where(mine[:, None], unsure[:2], sure[:2]))
+    logits = [first, second]
+    concat = score_targets(logits, "concat", 2.0)
+    assert (concat[:, 3:].sum(dim=1) > 0.5).all()  # teacher 1 takes every image
+    weights = part_weights(logits, 1.0)  # (8, 2)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(8))
+    assert (weights[mine, 0] > 0.8).all() and (weights[~mine, 1] > 0.8).all()
+    routed = score_targets(logits, "routed", 2.0, 1.0)
+    assert torch.allclose(routed.sum(dim=1), torch.ones(8))
+    assert torch.allclose(routed[:, :3], weights[:, :1] * torch.softmax(first / 2.0, dim=1))
+    # a teacher's shift or scale does not move the weights; sharpness 0 is per_teacher
+    assert torch.allclose(part_weights([first, 3 * second - 7], 1.0), weights, atol=1e-6)
+    assert torch.allclose(score_targets(logits, "routed", 2.0, 0.0),
+                          score_targets(logits, "per_teacher", 2.0))  # fmt: skip
+    assert torch.allclose(part_weights([first[:1], second[:1]], 1.0), torch.full((1, 2), 0.5))
 
 
 def test_the_cache_asks_once_and_answers_in_float16(tmp_path):

@@ -76,7 +76,8 @@ def test_amalgamation_job_over_grpc_reuses_its_feature_cache(models, tmp_path):
         again = run_job(spec, connect(spec), progress=False, log=lambda message: None)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     results, extra = metrics["results"], metrics["extra"]
-    rows = ["ensemble", "layerwise", "joint", "kd_concat_softmax", "kd_per_teacher"]
+    rows = ["ensemble", "ensemble_routed", "layerwise", "joint", "kd_concat_softmax",
+            "kd_per_teacher", "kd_routed"]  # fmt: skip
     assert {"teacher:low", "teacher:high", "joint:part1", "joint:part2", *rows} <= set(results)
     assert results["teacher:low"] > 0.85 and results["teacher:high"] > 0.85
     assert results["joint"] > 0.6 and results["joint:part1"] > 0.8  # chance: 1/10, 1/5

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.amalgamation.scores import merge_entries
+from amalgam.fusion.amalgamation.scores import merge_entries, score_targets
 from amalgam.fusion.amalgamation.student import build_student
 from amalgam.fusion.amalgamation.trainer import VGG_STUDENT, common_layout
 from amalgam.fusion.data import Dataset, fit_to_shape
@@ -57,9 +57,13 @@ def amalgamation_rows(
     entry_classes: Sequence[str],
     test: Dataset,
     context: RunContext = RunContext(),
+    routing_sharpness: float = 1.0,
 ) -> dict[str, float]:
-    """Rows ``teacher:<party>`` (on the test images of its classes), ``ensemble`` and every
-    student on the whole task (test images of the union of classes), and
+    """Rows ``teacher:<party>`` (on the test images of its classes), ``ensemble`` (the
+    highest score over the concatenated logits, the paper's), ``ensemble_routed`` (the
+    highest of the teachers' softmaxes weighted by their part weights at
+    ``routing_sharpness``, calibrated on the test images: :func:`scores.part_weights`) and
+    every student on the whole task (test images of the union of classes), and
     ``<student>:part<k>``: the student on teacher k's images, choosing among teacher k's
     entries as the teacher does (k from 1, in the order of ``teachers``)."""
     infos = [t.info for t in teachers]
@@ -73,7 +77,11 @@ def amalgamation_rows(
         as_logits(out, info.output_form, len(info.class_names))
         for out, info in zip(released, infos, strict=True)
     ]  # each (N, K_i)
-    rows = {"ensemble": _whole(torch.cat(logits, dim=1), entry_classes, classes, y)}
+    routed = score_targets(logits, "routed", 1.0, routing_sharpness)  # (N, E)
+    rows = {
+        "ensemble": _whole(torch.cat(logits, dim=1), entry_classes, classes, y),
+        "ensemble_routed": _whole(routed, entry_classes, classes, y),
+    }
     columns, start = [], 0
     for info in infos:
         columns.append(slice(start, start + len(info.class_names)))

@@ -46,8 +46,9 @@ from amalgam.fusion.train import StudentConfig, fit
 from amalgam.fusion.train import build_student as build_library_student
 
 # the distillation baselines (paper 004, Table 1 "Baseline"): the student's architecture from
-# scratch on the score vectors alone, with either target
-BASELINES = {"kd_concat_softmax": "concat", "kd_per_teacher": "per_teacher"}
+# scratch on the score vectors alone, with the paper's two targets and with the routed one
+BASELINES = {"kd_concat_softmax": "concat", "kd_per_teacher": "per_teacher",
+             "kd_routed": "routed"}  # fmt: skip
 VGG_STUDENT = "vgg_cnn"  # the paper's student: the teachers' family, widths of its own
 
 
@@ -57,10 +58,13 @@ class AmalgamationConfig(Config):
     student's schedule (:class:`amalgam.fusion.train.StudentConfig`)."""
 
     scheme: Literal["dfa", "ifa"] = "dfa"  # all teachers' features at once, or two at a time
-    # per_teacher: each teacher's softmax, concatenated and divided by N; concat: one softmax
-    # over the concatenated logits; logits: the squared error of Eq. 5 on the logits
-    score_target: ScoreTarget = "per_teacher"
+    # routed: each teacher's softmax weighted by how likely the image is of its part;
+    # per_teacher: the same divided by N; concat: one softmax over the concatenated logits;
+    # logits: the squared error of Eq. 5 on the logits (scores.TARGETS)
+    score_target: ScoreTarget = "routed"
     temperature: float = Field(2.0, gt=0)  # T of the softmax targets
+    # of the routed target's part weights (scores.part_weights); 0: equal weights
+    routing_sharpness: float = Field(1.0, ge=0)
     # a vgg_cnn student's width: scale * sqrt(sum of C_i^2)
     width_scale: float = Field(0.9, gt=0)
     feature_samples: int = Field(2000, ge=2)  # images of the unlabeled set whose features move
@@ -268,7 +272,14 @@ def amalgamate(
         teachers,
     )  # fmt: skip  # per teacher {layer: (t, C_i, ...)} float16
     form, temperature = config.score_target, config.temperature
-    scores = score_targets([z[index] for z in logits], form, temperature)
+
+    def targets_of(target: str) -> Tensor:
+        """(N, E) targets of every unlabeled image (the routed weights are calibrated on
+        all of them)."""
+        return score_targets(logits, target, temperature, config.routing_sharpness)
+
+    joint_targets = targets_of(form)
+    scores = joint_targets[index]
     if layout is None:
         new_student, deploy = library_student, _as_is
         by_party = dict(zip(position, features, strict=True))
@@ -289,19 +300,18 @@ def amalgamate(
     log(f"amalgamate: channels per layer {widths}")
     layerwise = copy.deepcopy(student).eval()
 
-    def distil(model: nn.Module, target: str, name: str) -> list[float]:
+    def distil(model: nn.Module, target: str, name: str, targets: Tensor) -> list[float]:
         """Joint learning (lines 8-12) or a baseline: every layer on all unlabeled images."""
         log(f"amalgamate: {name} on {len(x)} images ({TARGETS[target]})")
-        targets = score_targets(logits, target, temperature)
         return fit(model, x, targets, **training.schedule(), seed=context.seed, desc=name,
                    progress=progress, loss=score_loss(target, temperature),
                    checkpoint=context.checkpoint(name), hardware=context.hardware)  # fmt: skip
 
-    losses["joint"] = distil(student, form, "joint")
+    losses["joint"] = distil(student, form, "joint", joint_targets)
     trained = {}
     for name, target in BASELINES.items() if context.baselines else ():
         trained[name] = new_student()
-        losses[name] = distil(trained[name], target, name)
+        losses[name] = distil(trained[name], target, name, targets_of(target))
     return AmalgamationResult(
         deploy(layerwise),
         deploy(student),

@@ -64,7 +64,8 @@ class Amalgamate(Method):
         unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
         result = amalgamate(teachers, unlabeled.x, config, spec.student, cache, context)
         students = {"layerwise": result.layerwise, "joint": result.joint, **result.baselines}
-        rows = amalgamation_rows(teachers, students, result.entries, test, context)
+        rows = amalgamation_rows(teachers, students, result.entries, test, context,
+                                 config.routing_sharpness)  # fmt: skip
         infos = [t.info for t in teachers]
         params = parameter_counts(infos, result.widths, result.joint, spec.student.arch)
         scores = sum(len(unlabeled) * len(info.class_names) * 4 for info in infos)  # float32 logits
