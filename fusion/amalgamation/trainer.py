@@ -278,8 +278,7 @@ def amalgamate(
         all of them)."""
         return score_targets(logits, target, temperature, config.routing_sharpness)
 
-    joint_targets = targets_of(form)
-    scores = joint_targets[index]
+    scores = targets_of(form)[index]
     if layout is None:
         new_student, deploy = library_student, _as_is
         by_party = dict(zip(position, features, strict=True))
@@ -300,18 +299,18 @@ def amalgamate(
     log(f"amalgamate: channels per layer {widths}")
     layerwise = copy.deepcopy(student).eval()
 
-    def distil(model: nn.Module, target: str, name: str, targets: Tensor) -> list[float]:
+    def distil(model: nn.Module, target: str, name: str) -> list[float]:
         """Joint learning (lines 8-12) or a baseline: every layer on all unlabeled images."""
         log(f"amalgamate: {name} on {len(x)} images ({TARGETS[target]})")
-        return fit(model, x, targets, **training.schedule(), seed=context.seed, desc=name,
-                   progress=progress, loss=score_loss(target, temperature),
+        return fit(model, x, targets_of(target), **training.schedule(), seed=context.seed,
+                   desc=name, progress=progress, loss=score_loss(target, temperature),
                    checkpoint=context.checkpoint(name), hardware=context.hardware)  # fmt: skip
 
-    losses["joint"] = distil(student, form, "joint", joint_targets)
+    losses["joint"] = distil(student, form, "joint")
     trained = {}
     for name, target in BASELINES.items() if context.baselines else ():
         trained[name] = new_student()
-        losses[name] = distil(trained[name], target, name, targets_of(target))
+        losses[name] = distil(trained[name], target, name)
     return AmalgamationResult(
         deploy(layerwise),
         deploy(student),
