@@ -1,13 +1,15 @@
 """Data-free fusion benchmark (paper 003's protocol scaled to a CPU).
 
-Two parties, each with a small BatchNorm CNN teacher trained on its share of the training set:
+Two parties, each with a small BatchNorm CNN teacher trained on its share of the training set
+(on CIFAR-10: a CIFAR ResNet-8, and the student too, paper 003's ResNet set-up at CPU scale):
 ``bl`` splits the images evenly; ``ibl3`` gives party k 75% of the images of its half of the
-classes and 25% of the rest (r = 3). The student (same family) never sees an image: it learns
-from generated samples through the parties' Predict and BatchNormFeedback. Rows: each teacher,
+classes and 25% of the rest (r = 3). The student never sees an image: it learns from generated
+samples through the parties' Predict and BatchNormFeedback. Rows: each teacher,
 best teacher, ensemble (mean probabilities), gold (trained on all the data), and the student of
 every method with the same budget of generator and student steps, and ``kd_real``: the same
 student budget spent on the real training images (unlabeled), the ceiling that generated
-samples approach. Each method takes about 10-12 minutes on 2 cores at the default budget.
+samples approach. Each method takes about 10-13 minutes on 2 cores at the default budget, on
+CIFAR-10 too; its teachers and gold model take about 15 minutes more.
 
     python -m benchmarks.datafree [--variant mnist-ibl3] [--method dfmf] [--seeds 0 1] [--quick]
 """
@@ -18,6 +20,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,9 +37,8 @@ from amalgam.fusion.datafree import (
 )
 from amalgam.fusion.evaluate import evaluate
 from amalgam.fusion.labels import relabel
-from amalgam.fusion.models import create_model
 from amalgam.fusion.run import RunContext
-from amalgam.fusion.train import fit
+from amalgam.fusion.train import StudentConfig, build_student, fit
 from amalgam.party.local import LocalTeacher
 from amalgam.protocol.schemas import (
     BnFeedbackPolicy,
@@ -55,31 +57,52 @@ SEED = 0
 # training images (unlabeled) instead of generated ones
 METHODS = [*VARIANTS, "dfmf_party_side", "kd_real"]
 PARTY_SIDE_ROUNDS = 20
-SPLITS = {  # name: (data set, imbalance ratio r; 1 = balanced)
-    "mnist-bl": ("mnist", 1),
-    "mnist-ibl3": ("mnist", 3),
-    "fashion-bl": ("fashion_mnist", 1),
-    "fashion-ibl3": ("fashion_mnist", 3),
+
+
+@dataclass(frozen=True)
+class Split:
+    """A benchmark variant: the data set, its imbalance ratio r (1 = balanced), the parties'
+    teacher (also the gold model) and its training epochs, and the student's network."""
+
+    source: str
+    ratio: int
+    teacher: StudentConfig = StudentConfig(kwargs={"width": 16})  # small_cnn
+    epochs: int = 1
+    student: StudentConfig = StudentConfig()  # small_cnn, width 32
+
+    def teacher_name(self) -> str:
+        """``small_cnn width 16``: the architecture and its keywords, for the budget line."""
+        return " ".join([self.teacher.arch, *(f"{k} {v}" for k, v in self.teacher.kwargs.items())])
+
+
+RESNET8 = StudentConfig(arch="resnet8_cifar")
+SPLITS = {
+    "mnist-bl": Split("mnist", 1),
+    "mnist-ibl3": Split("mnist", 3),
+    "fashion-bl": Split("fashion_mnist", 1),
+    "fashion-ibl3": Split("fashion_mnist", 3),
+    # paper 003's CIFAR-10 set-up (ResNet teachers and student) at CPU scale
+    "cifar10-ibl3": Split("cifar10", 3, teacher=RESNET8, epochs=5, student=RESNET8),
 }
-TEACHER = {"name": "small_cnn", "width": 16}
 
 
-def budget(args: argparse.Namespace) -> dict:
+def budget(args: argparse.Namespace, split: Split) -> dict:
+    """The steps of a run; ``student``: the student's network."""
     if args.quick:
-        return dict(
-            teacher_epochs=3, train=4000, warmup=5, iterations=10, student_steps=2, test=1000
-        )
+        steps = dict(teacher_epochs=3, train=4000, warmup=5, iterations=10, student_steps=2)
+        return {**steps, "test": 1000, "student": split.student}
     return dict(
-        teacher_epochs=1,
+        teacher_epochs=split.epochs,
         train=None,
         warmup=args.warmup,
         iterations=args.iterations,
         student_steps=args.student_steps,
         test=None,
+        student=split.student,
     )
 
 
-def split(train: Dataset, ratio: int, parties: int = 2) -> list[np.ndarray]:
+def party_indices(train: Dataset, ratio: int, parties: int = 2) -> list[np.ndarray]:
     """Indices per party: even split (ratio 1), or party k takes ratio/(ratio+1) of the images
     of its 1/parties of the classes and an even share of the rest (paper Sec. 4, IBL)."""
     rng = np.random.default_rng(SEED)
@@ -103,19 +126,16 @@ def split(train: Dataset, ratio: int, parties: int = 2) -> list[np.ndarray]:
     return [np.sort(np.array(s)) for s in shares]
 
 
-def train_model(data: Dataset, epochs: int, seed: int, desc: str):
+def train_model(data: Dataset, teacher: StudentConfig, epochs: int, seed: int, desc: str):
     torch.manual_seed(seed)
-    model = create_model(
-        TEACHER["name"],
-        in_shape=tuple(data.x.shape[1:]),
-        num_classes=len(data.class_names),
-        width=TEACHER["width"],
+    model = build_student(
+        teacher, tuple(data.x.shape[1:]), len(data.class_names), log=lambda message: None
     )
     fit(model, data.x, data.y, epochs=epochs, batch_size=64, seed=seed, desc=desc)
     return model
 
 
-def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
+def teachers_for(train: Dataset, split: Split, b: dict, folder: Path):
     """The parties' teachers behind local handlers, and their models."""
     policy = Policy(
         predict=PredictPolicy(output="logits"),
@@ -125,8 +145,9 @@ def teachers_for(train: Dataset, ratio: int, b: dict, folder: Path):
         sample_budget=None,
     )
     teachers, models = [], []
-    for k, index in enumerate(split(train, ratio)):
-        model = train_model(train.subset(index), b["teacher_epochs"], SEED + k, f"teacher-{k}")
+    for k, index in enumerate(party_indices(train, split.ratio)):
+        data = train.subset(index)
+        model = train_model(data, split.teacher, b["teacher_epochs"], SEED + k, f"teacher-{k}")
         shape = tuple(train.x.shape[1:])
         handler = local_party(f"party-{k}", model, train.class_names, shape, policy, folder)
         teachers.append(LocalTeacher(handler))
@@ -158,22 +179,23 @@ def run_method(
         shape = tuple(train.x.shape[1:])
         student = run_public_dfq(public_code, models, shape, PUBLIC_METHODS[method], b, seed)
         return DataFreeResult(student=student, generators=[])
+    context = dict(student=b["student"], context=RunContext(seed=seed))
     if method == "kd_real":
-        return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), seed)
+        return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), context)
     config = config_for(method, b)
     if method.endswith("_party_side"):
-        context = RunContext(seed=seed)
-        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS, context=context).run()
-    return DataFreeFusion(teachers, config, context=RunContext(seed=seed)).run()
+        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS, **context).run()
+    return DataFreeFusion(teachers, config, **context).run()
 
 
 def kd_on_real_images(
-    teachers: list, train: Dataset, config: DataFreeConfig, seed: int
+    teachers: list, train: Dataset, config: DataFreeConfig, fusion_args: dict
 ) -> DataFreeResult:
     """The data-free student's optimiser, targets and number of steps, on batches of real
-    training images: what the student would reach if the generators drew the real data."""
-    fusion = DataFreeFusion(teachers, config, context=RunContext(seed=seed), own_generators=False)
-    rng = torch.Generator().manual_seed(seed)
+    training images: what the student would reach if the generators drew the real data.
+    ``fusion_args``: the student and run context, as :class:`DataFreeFusion` takes them."""
+    fusion = DataFreeFusion(teachers, config, own_generators=False, **fusion_args)
+    rng = torch.Generator().manual_seed(fusion_args["context"].seed)
     for _ in range(config.iterations * config.student_steps):
         x = train.x[torch.randint(0, len(train.x), (config.batch_size,), generator=rng)]
         fusion.distil(x)
@@ -183,7 +205,7 @@ def kd_on_real_images(
 def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     """Every asked method on split ``name``; the record is written after every method (a long
     run keeps its results) and adds to an earlier record of the same budget."""
-    b, seeds, out = budget(args), args.seeds, results.folder
+    seeds, out = args.seeds, results.folder
     methods = args.method or [*METHODS, *(PUBLIC_METHODS if args.public_code else ())]
     if any(m in PUBLIC_METHODS for m in methods) and args.public_code is None:
         print(f"{name}: public_* methods skipped: no --public-code checkout given")
@@ -191,27 +213,30 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     public_code = None
     if any(m in PUBLIC_METHODS for m in methods):
         public_code = load_public_code(args.public_code)
-    source, ratio = SPLITS[name]
+    split = SPLITS[name]
+    b = budget(args, split)
+    source, ratio = split.source, split.ratio
     started = time.perf_counter()
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
-    if b["train"]:
+    if b["train"]:  # random subsets: CIFAR-10 is stored sorted by class
         train = train.subset(np.random.default_rng(SEED).permutation(len(train))[: b["train"]])
     if b["test"]:
-        test = test.subset(np.arange(b["test"]))
-    teachers, models = teachers_for(train, ratio, b, Path(tempfile.mkdtemp()))
-    gold = train_model(train, b["teacher_epochs"], SEED, "gold")
+        test = test.subset(np.random.default_rng(SEED).permutation(len(test))[: b["test"]])
+    teachers, models = teachers_for(train, split, b, Path(tempfile.mkdtemp()))
+    gold = train_model(train, split.teacher, b["teacher_epochs"], SEED, "gold")
     x, y = relabel(test, list(train.class_names))
     reference, per_class = evaluate(teachers, {"gold": gold}, x, y)
     split_name = "balanced" if ratio == 1 else f"IBL r={ratio}"
     generator = DataFreeConfig()  # the generator's size: the defaults
+    student_line = "" if split.student == StudentConfig() else f", student {split.student.arch}"
     record = {
         "benchmark": "datafree",
         "variant": name,
         "data": f"{source} train split between 2 parties ({split_name}, {len(train)} images); "
         f"test: {len(test)} {source} test images; shared/data",
         "seed": SEED,
-        "budget": f"teachers and gold: {b['teacher_epochs']} epoch(s) of small_cnn width "
-        f"{TEACHER['width']}; each method: {b['warmup']} warm-up + {b['iterations']} "
+        "budget": f"teachers and gold: {b['teacher_epochs']} epoch(s) of {split.teacher_name()}"
+        f"{student_line}; each method: {b['warmup']} warm-up + {b['iterations']} "
         f"iterations x {b['student_steps']} student steps, batch 128, generator latent "
         f"{generator.latent_dim}, width {generator.generator_width}",
         "metric": "accuracy",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from amalgam.fusion.train import StudentConfig, build_student
+from amalgam.fusion.train import build_student
 
 PUBLIC_METHODS = {"public_dfq": 1.0, "public_dfq_no_adv": 0.0}  # method -> adversary weight
 
@@ -84,14 +84,14 @@ def run_public_dfq(
     b: dict,
     seed: int,
 ) -> nn.Module:
-    """A student distilled by the public DFQ loop from ``models`` (inputs ``in_shape``, C, H,
-    W); returns it in eval mode."""
+    """A student (network ``b["student"]``) distilled by the public DFQ loop from ``models``
+    (inputs ``in_shape``, C, H, W); returns it in eval mode."""
     torch.manual_seed(seed)
     teacher = MeanTeacher([m.eval() for m in models]).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     num_classes = teacher(torch.zeros(1, *in_shape)).shape[1]
-    student = build_student(StudentConfig(), in_shape, num_classes, log=lambda message: None)
+    student = build_student(b["student"], in_shape, num_classes, log=lambda message: None)
     generator = code.LargeGenerator(nz=256, ngf=64, img_size=in_shape[-1], nc=in_shape[0])
     synthesizer = code.GenerativeSynthesizer(
         teacher=teacher, student=student, generator=generator, nz=256, img_size=in_shape,

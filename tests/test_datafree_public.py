@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from amalgam.fusion.models import create_model
+from amalgam.fusion.models import MLP, create_model
+from amalgam.fusion.train import StudentConfig
 from benchmarks.datafree_public import MeanTeacher, load_public_code, run_public_dfq
 
 # a stand-in checkout with the layout and the signatures the loop uses; its package __init__
@@ -67,9 +68,11 @@ def test_the_public_loop_runs_from_a_checkout_without_its_package_init(checkout)
     code = load_public_code(checkout)
     torch.manual_seed(0)
     models = [create_model("small_cnn", in_shape=(1, 8, 8), num_classes=3) for _ in range(2)]
-    budget = {"warmup": 2, "iterations": 3, "student_steps": 2}
+    student_net = StudentConfig(arch="mlp", kwargs={"hidden": 16})  # not the teachers' family
+    budget = {"warmup": 2, "iterations": 3, "student_steps": 2, "student": student_net}
     student = run_public_dfq(code, models, (1, 8, 8), 1.0, budget, seed=0)
     assert not student.training
+    assert isinstance(student, MLP)
     assert student(torch.rand(4, 1, 8, 8)).shape == (4, 3)
 
 
