@@ -21,9 +21,10 @@ vote), ``no_aggregation`` (every confident detection of every party is a trainin
 vote, no Soft-NMS), ``teacher:<party>`` (each party on the categories it knows) and, for
 ``same-dist``, ``student_ft_<p>pct`` (the composed student fine-tuned, 300 steps, on the
 labels of the first p% of the unlabeled canvases together with the pseudo-labels of the rest,
-the default ``finetune_mix``), ``student_ft_labels_only_<p>pct`` (the same steps on the labelled
-canvases alone) against ``supervised_<p>pct`` (the student
-architecture trained on those labelled canvases alone, as many steps as the student).
+the default ``finetune_mix``, the labelled canvases repeated to a quarter of the set, the
+default ``finetune_label_share``), ``student_ft_labels_only_<p>pct`` (the same steps on the
+labelled canvases alone) against ``supervised_<p>pct`` (the student architecture trained on
+those labelled canvases alone, as many steps as the student).
 ``extra``: mAP@.5 of every row, the student's AP per category, the pseudo-labels' own mAP on
 the test canvases, and how many boxes each stage and rule kept.
 
@@ -204,7 +205,7 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
             student_labelled = labelled.restrict(union)
             student = composed.student
             mixed = finetune_set(unlabeled.images, composed.pseudo_labels, student_labelled,
-                                 range(len(labelled)))  # fmt: skip
+                                 range(len(labelled)), config.finetune_label_share)  # fmt: skip
             for row, canvases in (("ft", mixed), ("ft_labels_only", student_labelled)):
                 student.load_state_dict(state)
                 fit_detector(student, canvases, epochs=_steps_as_epochs(steps, len(canvases)),

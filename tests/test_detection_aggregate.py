@@ -183,3 +183,25 @@ def test_mixed_finetuning_takes_the_labels_and_the_pseudo_labels_of_the_rest(lab
     rest = [int(image[0, 0, 0]) for image in mixed.images[2:]]
     assert rest == ([1, 3] if labelled_index else [0, 1, 2, 3])
     assert [int(t.labels[0]) for t in mixed.targets[2:]] == rest  # each with its pseudo-label
+
+
+@pytest.mark.parametrize("share, repeats", [(None, 1), (0.25, 1), (0.5, 1), (0.6, 2), (0.9, 9)])
+def test_mixed_finetuning_repeats_the_labels_to_their_share(share, repeats):
+    unlabeled = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8)
+    pseudo = [dets((0, 0, 4, 4, k, 0.9)) for k in range(4)]
+    truth = [dets((1, 1, 5, 5, 7, 1.0)), dets((2, 2, 6, 6, 8, 1.0))]
+    labelled = DetectionSet(unlabeled[[0, 2]], truth, [str(d) for d in range(10)])
+    mixed = finetune_set(unlabeled, pseudo, labelled, [0, 2], label_share=share)
+    assert len(mixed) == 2 * repeats + 2 and mixed.targets[: 2 * repeats] == truth * repeats
+    assert torch.equal(mixed.images[: 2 * repeats], labelled.images.repeat(repeats, 1, 1, 1))
+    assert 2 * repeats / len(mixed) >= (share or 0)  # the share reached ...
+    assert (
+        repeats == 1 or 2 * (repeats - 1) / (2 * (repeats - 1) + 2) < share
+    )  # ... and not by one repeat fewer
+
+
+def test_a_label_share_outside_zero_to_one_is_refused():
+    unlabeled = torch.zeros(2, 1, 8, 8)
+    labelled = DetectionSet(unlabeled[:1], [dets((1, 1, 5, 5, 7, 1.0))], ["7"])
+    with pytest.raises(ValueError, match=r"finetune_label_share: 1.0 is outside \[0, 1\)"):
+        finetune_set(unlabeled, [dets()] * 2, labelled, [0], label_share=1.0)

@@ -1,7 +1,7 @@
 """Detection parties behind real gRPC agents: Describe says what they are, Predict carries
 boxes under the owner's policy (confidence floor, detections per image, rounding), answers
 equal the in-process ones, malformed answers are refused by field, and a composition job of
-two detector parties with different categories runs end to end."""
+two detector parties with different categories runs end to end, fine-tuning included."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from amalgam.fusion.data import load_source
-from amalgam.fusion.detection.canvas import make_canvases
+from amalgam.fusion.detection.canvas import load_canvases, make_canvases
 from amalgam.fusion.detection.models import create_detector
 from amalgam.fusion.detection.train import fit_detector
 from amalgam.fusion.run import RunContext
@@ -92,7 +92,14 @@ def test_a_composition_job_of_two_detector_parties_over_grpc(tmp_path, canvases)
         job = {
             "name": "detect",
             "parties": [{"name": h.name, "address": a} for h, a in zip(handlers, addresses)],
-            "method": {"name": "composition", "params": {"score_threshold": 0.1}},
+            "method": {
+                "name": "composition",
+                "params": {
+                    "score_threshold": 0.1,
+                    "finetune_fraction": 0.25,
+                    "finetune_epochs": 1,
+                },
+            },
             "student": {"arch": "fcos", "epochs": 1, "batch_size": 16},
             "data": {"unlabeled": "canvases:digits:public", "test": "canvases:digits:test"},
             "output_dir": str(tmp_path / "runs"),
@@ -114,6 +121,14 @@ def test_a_composition_job_of_two_detector_parties_over_grpc(tmp_path, canvases)
     report = (run_dir / "report.md").read_text()
     assert "## MAP" not in report and "## mAP" in report and "| row | what | mAP % |" in report
     assert f"consensus {kept['consensus']}" in report
+    canvases_used = len(load_canvases("canvases:digits:public", size=SIZE))
+    labelled = round(0.25 * canvases_used)
+    assert metrics["extra"]["finetune_samples"] == labelled
+    assert (
+        f"Fine-tuning: the true boxes of {labelled} of the {canvases_used} unlabeled "
+        f"canvases, together with the pseudo-labels of the other "
+        f"{canvases_used - labelled} (labelled share at least 25%), 1 epochs."
+    ) in report
     assert (run_dir / "pseudo-labels.png").stat().st_size > 1000
     architecture = json.loads((run_dir / "student.json").read_text())
     assert architecture["arch"] == "fcos"
@@ -126,12 +141,17 @@ def test_a_job_that_mixes_detection_and_classification_parties_is_refused(tmp_pa
     detector = _handler(tmp_path, "evens", SKILLS["evens"], canvases, PredictPolicy())
     classifier = tiny_handler(tmp_path, name="acme")
     teachers = [LocalTeacher(detector), LocalTeacher(classifier)]
-    spec = JobSpec.model_validate({
+    job = {
         "name": "mixed", "parties": [{"name": "evens", "address": "x:1"},
                                      {"name": "acme", "address": "x:2"}],
         "method": {"name": "composition"},
         "data": {"unlabeled": "canvases:digits:public", "test": "canvases:digits:test"},
         "output_dir": str(tmp_path),
-    })  # fmt: skip
+    }  # fmt: skip
     with pytest.raises(ValueError, match="parties: evens detect and the others classify"):
-        METHODS["composition"].run(spec, teachers, RunContext(progress=False))
+        METHODS["composition"].run(JobSpec.model_validate(job), teachers, RunContext())
+    # a detection-only parameter in a composition of classifiers
+    job.update(parties=job["parties"][1:], method={"name": "composition",
+                                                  "params": {"finetune_mix": False}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"method.params.finetune_mix: applies to detection"):
+        METHODS["composition"].run(JobSpec.model_validate(job), teachers[1:], RunContext())

@@ -5,6 +5,7 @@ architecture is trained; optionally fine-tuned on a few labelled canvases."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ class DetectionCompositionConfig:
     finetune_epochs : on the labelled canvases, when there are any.
     finetune_mix : fine-tune on the labelled canvases together with the pseudo-labelled
         rest of the unlabeled ones (:func:`finetune_set`); else on the labelled ones alone.
+    finetune_label_share : with ``finetune_mix``, the labelled canvases are repeated until
+        they make at least this share of the fine-tuning set, so that a few labels are not
+        drowned by the pseudo-labels; None: each once.
     seed : student initialisation and data order.
     """
 
@@ -43,6 +47,7 @@ class DetectionCompositionConfig:
     lr: float = 2e-3
     finetune_epochs: int = 6
     finetune_mix: bool = True
+    finetune_label_share: float | None = 0.25
     seed: int = 0
 
 
@@ -86,6 +91,7 @@ def finetune_set(
     pseudo: Sequence[Detections],
     labelled: DetectionSet,
     labelled_index: Sequence[int] | None = None,
+    label_share: float | None = None,
 ) -> DetectionSet:
     """The canvases of mixed fine-tuning: the ``labelled`` ones with their boxes, then every
     (N, 1, S, S) ``unlabeled`` canvas that is not one of them with its ``pseudo``-labels.
@@ -93,12 +99,19 @@ def finetune_set(
     ``labelled_index``: the positions in ``unlabeled`` of the labelled canvases (their
     pseudo-labels are left out, not used twice); None when they are other canvases. Training
     on the labels alone forgets what the pseudo-labels taught (paper 000 fine-tunes a
-    student that keeps them)."""
+    student that keeps them). ``label_share``: the labelled canvases come r times, the least
+    r >= 1 with r n / (r n + m) >= label_share for n labelled and m pseudo-labelled ones."""
+    if label_share is not None and not 0 <= label_share < 1:
+        raise ValueError(f"finetune_label_share: {label_share} is outside [0, 1)")
     taken = set(labelled_index or ())
     rest = [i for i in range(len(unlabeled)) if i not in taken]
+    repeats = 1
+    if label_share and len(labelled):
+        wanted = label_share * len(rest) / ((1 - label_share) * len(labelled))
+        repeats = max(1, math.ceil(wanted - 1e-9))  # not one more for a rounding error
     return DetectionSet(
-        torch.cat([labelled.images, unlabeled[rest]]),
-        list(labelled.targets) + [pseudo[i] for i in rest],
+        torch.cat([labelled.images.repeat(repeats, 1, 1, 1), unlabeled[rest]]),
+        list(labelled.targets) * repeats + [pseudo[i] for i in rest],
         labelled.class_names,
     )
 
@@ -114,9 +127,10 @@ def compose_detection(
     labelled_index: Sequence[int] | None = None,
 ) -> DetectionComposition:
     """Algorithm 1 for detection: gather, aggregate (Algorithm 2), train the student (on
-    ``hardware``) on the pseudo-labels, then fine-tune on ``labelled`` canvases (categories in
-    the union's order) when given: with ``config.finetune_mix`` together with the
-    pseudo-labelled rest (``labelled_index`` as :func:`finetune_set` takes it)."""
+    ``hardware``) on the pseudo-labels, then fine-tune on ``labelled`` canvases when given
+    (their boxes of categories outside the union are dropped): with ``config.finetune_mix``
+    together with the pseudo-labelled rest (``labelled_index`` as :func:`finetune_set` takes
+    it)."""
     raw, union, knows = gather_detections(teachers, unlabeled, map_teachers)
     pseudo, stats = aggregate(raw, knows, config.aggregation)
     torch.manual_seed(config.seed)
@@ -127,8 +141,10 @@ def compose_detection(
                  desc="student on pseudo-labels", progress=progress,
                  hardware=hardware)  # fmt: skip
     if labelled is not None and len(labelled):
+        labelled = labelled.restrict(union)  # the union's category order
         if config.finetune_mix:
-            labelled = finetune_set(unlabeled, pseudo, labelled, labelled_index)
+            labelled = finetune_set(unlabeled, pseudo, labelled, labelled_index,
+                                    config.finetune_label_share)  # fmt: skip
         fit_detector(student, labelled, epochs=config.finetune_epochs,
                      batch_size=config.batch_size, lr=config.lr / 2, seed=config.seed,
                      desc="fine-tune on labels", progress=progress,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+from pydantic import Field
+
 from amalgam.fusion.composition import CompositionConfig, compose
 from amalgam.fusion.data import load_source
 from amalgam.fusion.detection import (
@@ -25,7 +28,17 @@ from amalgam.server.roster import Roster
 class CompositionParams(AggregationConfig, CompositionConfig):
     """The composition of classifiers; with detection parties, the vote per object and
     Soft-NMS of Algorithm 2 (``detection_rule``, ``iou_threshold``, ``score_threshold``,
-    ``soft_nms_sigma``, ...)."""
+    ``soft_nms_sigma``, ...) and the fine-tuning on the true boxes of ``finetune_fraction``
+    of the unlabeled canvases (``finetune_mix``, ``finetune_label_share``)."""
+
+    # detection parties: fine-tune on the labelled canvases together with the pseudo-labelled
+    # rest (else on the labelled ones alone), the labelled ones repeated to at least
+    # finetune_label_share of the fine-tuning set (None: each once)
+    finetune_mix: bool = True
+    finetune_label_share: float | None = Field(0.25, ge=0, lt=1)
+
+
+DETECTION_ONLY = ("finetune_mix", "finetune_label_share")
 
 
 class Composition(Method):
@@ -51,6 +64,10 @@ class Composition(Method):
 
 
 def _compose_classifiers(spec, teachers, context: RunContext) -> Outcome:
+    params = spec.method.params
+    for name in DETECTION_ONLY:  # by value: a resumed job's stored spec sets every parameter
+        if getattr(params, name) != CompositionParams.model_fields[name].default:
+            raise ValueError(f"method.params.{name}: applies to detection parties only")
     unlabeled, test = load_source(spec.data.unlabeled), load_source(spec.data.test)
     roster = Roster(spec.min_parties or len(spec.parties), context.log)
     context = dataclasses.replace(context, map_teachers=roster.map)  # lost parties are dropped
@@ -81,12 +98,36 @@ def _detection_config(spec, log) -> DetectionCompositionConfig:
             )
         arch = DetectionCompositionConfig().student_arch
         log(f"detection parties: the student is {arch} (student.arch not set)")
+    params = spec.method.params
     aggregation = AggregationConfig(
-        **spec.method.params.model_dump(include=set(AggregationConfig.model_fields))
+        **params.model_dump(include=set(AggregationConfig.model_fields))
     )
     return DetectionCompositionConfig(aggregation, student_arch=arch, epochs=student.epochs,
                                       batch_size=student.batch_size, lr=student.lr,
+                                      finetune_epochs=params.finetune_epochs,
+                                      finetune_mix=params.finetune_mix,
+                                      finetune_label_share=params.finetune_label_share,
                                       seed=spec.seed)  # fmt: skip
+
+
+def _labelled_canvases(spec, unlabeled, log) -> tuple[list[int] | None, str | None]:
+    """The positions of the canvases whose true boxes fine-tune the student (a seeded
+    ``finetune_fraction`` of the unlabeled ones), and a line saying how; None when off."""
+    params = spec.method.params
+    if params.finetune_fraction == 0:
+        return None, None
+    count = max(1, round(params.finetune_fraction * len(unlabeled)))
+    order = torch.randperm(len(unlabeled), generator=torch.Generator().manual_seed(spec.seed))
+    how = (
+        f"together with the pseudo-labels of the other {len(unlabeled) - count} (labelled "
+        f"share at least {params.finetune_label_share or 0:.0%})"
+        if params.finetune_mix
+        else "alone"
+    )
+    line = (f"Fine-tuning: the true boxes of {count} of the {len(unlabeled)} unlabeled "
+            f"canvases, {how}, {params.finetune_epochs} epochs.")  # fmt: skip
+    log(line)
+    return order[:count].tolist(), line
 
 
 def _compose_detectors(spec, teachers, context: RunContext) -> Outcome:
@@ -98,8 +139,12 @@ def _compose_detectors(spec, teachers, context: RunContext) -> Outcome:
     config = _detection_config(spec, context.log)
     roster = Roster(spec.min_parties or len(spec.parties), context.log)
     context.log(f"collecting detections of {len(teachers)} parties on {len(unlabeled)} canvases")
-    composed = compose_detection(teachers, unlabeled.images, config, map_teachers=roster.map,
-                                 progress=context.progress, hardware=context.hardware)  # fmt: skip
+    labelled_index, finetune_line = _labelled_canvases(spec, unlabeled, context.log)
+    labelled = None if labelled_index is None else unlabeled.subset(labelled_index)
+    composed = compose_detection(teachers, unlabeled.images, config, labelled=labelled,
+                                 map_teachers=roster.map, progress=context.progress,
+                                 hardware=context.hardware,
+                                 labelled_index=labelled_index)  # fmt: skip
     alive = [t for t in teachers if t.info.name not in roster.dropped]
     scores = score_composition(alive, composed.student, test, config.aggregation)
     student, pseudo = scores.student, scores.pseudo_labels
@@ -112,6 +157,8 @@ def _compose_detectors(spec, teachers, context: RunContext) -> Outcome:
         "aggregation": stats,
         "dropped_parties": {name: d.reason for name, d in roster.dropped.items()},
     }
+    if labelled_index is not None:
+        extra["finetune_samples"] = len(labelled_index)
     kept, aggregation = stats["per_rule"], config.aggregation
     summary = [
         f"Data: unlabeled {spec.data.unlabeled} ({len(unlabeled)} canvases), test "
@@ -123,6 +170,7 @@ def _compose_detectors(spec, teachers, context: RunContext) -> Outcome:
         f"{kept['affirmative']} ({aggregation.detection_rule} used); {stats['boxes']} boxes "
         f"after Soft-NMS. The same aggregation on the test canvases scores "
         f"{100 * pseudo['map']:.1f} mAP.",
+        *([finetune_line] if finetune_line else []),
         "",
         "AP per category, %:",
         "",
