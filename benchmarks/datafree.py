@@ -89,8 +89,15 @@ SPLITS = {
 def budget(args: argparse.Namespace, split: Split) -> dict:
     """The steps of a run; ``student``: the student's network."""
     if args.quick:
-        steps = dict(teacher_epochs=3, train=4000, warmup=5, iterations=10, student_steps=2)
-        return {**steps, "test": 1000, "student": split.student}
+        return dict(
+            teacher_epochs=3,
+            train=4000,
+            warmup=5,
+            iterations=10,
+            student_steps=2,
+            test=1000,
+            student=split.student,
+        )
     return dict(
         teacher_epochs=split.epochs,
         train=None,
@@ -179,13 +186,13 @@ def run_method(
         shape = tuple(train.x.shape[1:])
         student = run_public_dfq(public_code, models, shape, PUBLIC_METHODS[method], b, seed)
         return DataFreeResult(student=student, generators=[])
-    context = dict(student=b["student"], context=RunContext(seed=seed))
+    fusion_args = dict(student=b["student"], context=RunContext(seed=seed))
     if method == "kd_real":
-        return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), context)
+        return kd_on_real_images(teachers, train, config_for("dfq_no_adv", b), fusion_args)
     config = config_for(method, b)
     if method.endswith("_party_side"):
-        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS, **context).run()
-    return DataFreeFusion(teachers, config, **context).run()
+        return PartySideFusion(teachers, config, rounds=PARTY_SIDE_ROUNDS, **fusion_args).run()
+    return DataFreeFusion(teachers, config, **fusion_args).run()
 
 
 def kd_on_real_images(
