@@ -8,8 +8,8 @@ samples through the parties' Predict and BatchNormFeedback. Rows: each teacher,
 best teacher, ensemble (mean probabilities), gold (trained on all the data), and the student of
 every method with the same budget of generator and student steps, and ``kd_real``: the same
 student budget spent on the real training images (unlabeled), the ceiling that generated
-samples approach. Each method takes about 10-13 minutes on 2 cores at the default budget, on
-CIFAR-10 too; its teachers and gold model take about 15 minutes more.
+samples approach. Each method takes about 10-13 minutes on 2 cores at the default budget
+(CIFAR-10: 19-25); the teachers and gold model take 12-15 minutes more.
 
     python -m benchmarks.datafree [--variant mnist-ibl3] [--method dfmf] [--seeds 0 1] [--quick]
 """
