@@ -23,7 +23,7 @@ choosing among part k's classes), and ``supervised``: the same architecture and 
 many labelled private images. ``extra.params`` and ``extra.bytes_moved`` (payload bytes the
 coordinator received; ``extra.wire`` the gRPC messages both ways).
 
-    python -m benchmarks.amalgamation [--variant cifar10-2] [--quick]
+    python -m benchmarks.amalgamation [--variant cifar10-2] [--unlabeled 25000] [--quick]
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ VARIANTS = {  # name: (data set, the classes of each party by index, the student
 TEACHER = dict(stages=((16, 16), (32, 32), (64, 64)), fc=(128,))
 
 
-def budget(quick: bool) -> dict:
-    if quick:
+def budget(args: argparse.Namespace) -> dict:
+    if args.quick:
         return dict(teacher_epochs=1, unlabeled=600, features=200, layer_epochs=2, epochs=1,
                     private=2000, test=500)  # fmt: skip
-    return dict(teacher_epochs=10, unlabeled=10000, features=2000, layer_epochs=20, epochs=10,
-                private=None, test=None)  # fmt: skip
+    return dict(teacher_epochs=10, unlabeled=args.unlabeled, features=2000, layer_epochs=20,
+                epochs=10, private=None, test=None)  # fmt: skip
 
 
 def halves(data: Dataset, seed: int = SEED) -> tuple[Dataset, Dataset]:
@@ -135,7 +135,7 @@ def supervised(
 
 
 def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
-    b = budget(args.quick)
+    b = budget(args)
     started = time.perf_counter()
     source, part_index, arch = VARIANTS[name]
     train, test = load_source(f"{source}:train"), load_source(f"{source}:test")
@@ -195,7 +195,16 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     )
 
 
-BENCHMARK = Benchmark("amalgamation", __doc__, list(VARIANTS), run_variant)
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unlabeled", type=int, default=10_000,
+        help="images of the coordinator's half the student learns from, without their labels "
+        "(the whole half: 25000 on CIFAR-10, 30000 on Fashion-MNIST); also the size of the "
+        "supervised ceiling's labelled set",
+    )  # fmt: skip
+
+
+BENCHMARK = Benchmark("amalgamation", __doc__, list(VARIANTS), run_variant, options=options)
 
 if __name__ == "__main__":
     raise SystemExit(BENCHMARK.main())
