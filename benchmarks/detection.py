@@ -16,10 +16,12 @@ each knowing a seeded random 3-6 of the categories (redrawn until all ten are co
 
 Rows (mAP@[.5:.95], COCO, pycocotools): ``supervised`` (the student trained on the same
 unlabeled canvases with all their true labels: the upper bound), ``student_0pct`` (composed,
-consensus vote + Soft-NMS, no labels), ``no_filtering`` (no confidence filter before the
-vote), ``no_aggregation`` (every confident detection of every party is a training box: no
-vote, no Soft-NMS), ``teacher:<party>`` (each party on the categories it knows) and, for
-``same-dist``, ``student_ft_<p>pct`` (the composed student fine-tuned, 300 steps, on the
+consensus vote + Soft-NMS + one category per object, no labels), ``no_filtering`` (no
+confidence filter before the vote), ``no_category_check`` (overlapping boxes of different
+categories both kept), ``no_aggregation`` (every confident detection of every party is a
+training box: no vote, no Soft-NMS, no category check), ``teacher:<party>`` (each party
+on the categories it knows) and, for ``same-dist``, ``student_ft_<p>pct`` (the composed
+student fine-tuned, 300 steps, on the
 labels of the first p% of the unlabeled canvases together with the pseudo-labels of the rest,
 the default ``finetune_mix``, the labelled canvases repeated to a quarter of the set, the
 default ``finetune_label_share``), ``student_ft_labels_only_<p>pct`` (the same steps on the
@@ -184,7 +186,10 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
     ablations = {
         "student_0pct": config.aggregation,
         "no_filtering": AggregationConfig(score_threshold=0.0),
-        "no_aggregation": AggregationConfig(detection_rule="affirmative", soft_nms=False),
+        "no_category_check": AggregationConfig(category_iou=None),
+        "no_aggregation": AggregationConfig(
+            detection_rule="affirmative", soft_nms=False, category_iou=None
+        ),  # fmt: skip
     }
     for row, aggregation in ablations.items():
         run_config = dataclasses.replace(config, aggregation=aggregation)
@@ -197,14 +202,15 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
             pseudo_label_grid(unlabeled.images, composed.raw, composed.pseudo_labels, union,
                               out / f"detection-{variant}-pseudo-labels.png",
                               [p.info.name for p in parties])  # fmt: skip
+            label_free = composed  # fine-tuning starts from it and its pseudo-labels
             state = {k: v.clone() for k, v in composed.student.state_dict().items()}
     if variant == "same-dist":
         steps = budget["finetune_steps"]
         for pct in LABEL_FRACTIONS:
             labelled = labelled_pool.subset(range(max(1, len(labelled_pool) * pct // 100)))
             student_labelled = labelled.restrict(union)
-            student = composed.student
-            mixed = finetune_set(unlabeled.images, composed.pseudo_labels, student_labelled,
+            student = label_free.student
+            mixed = finetune_set(unlabeled.images, label_free.pseudo_labels, student_labelled,
                                  range(len(labelled)), config.finetune_label_share)  # fmt: skip
             for row, canvases in (("ft", mixed), ("ft_labels_only", student_labelled)):
                 student.load_state_dict(state)

@@ -15,6 +15,7 @@ from amalgam.fusion.detection.aggregate import (
     AggregationConfig,
     aggregate,
     aggregate_image,
+    one_category_per_object,
     soft_nms,
 )
 from amalgam.fusion.detection.canvas import DetectionSet, make_canvases
@@ -51,7 +52,7 @@ def test_two_models_agreeing_and_one_alone_under_each_rule():
     per_model = two_agree_one_elsewhere()
     iou = float(box_iou(torch.tensor([A_BOX]).float(), torch.tensor([B_BOX]).float()))
     decayed_b = 0.8 * math.exp(-(iou**2) / 0.5)
-    assert decayed_b < 0.3  # so Soft-NMS drops B's duplicate at final_score 0.3
+    assert decayed_b < 0.3  # so Soft-NMS drops B's duplicate (default final_score 0.5)
     unanimous = aggregate_image(per_model, ALL_KNOW, AggregationConfig(detection_rule="unanimous"))
     assert rows(unanimous) == []  # K = 2 < N = 3 and K = 1 < 3
     consensus = aggregate_image(per_model, ALL_KNOW, AggregationConfig(detection_rule="consensus"))
@@ -76,14 +77,33 @@ def test_a_category_only_one_model_knows_is_kept_by_every_rule():
         assert rows(kept) == [((50, 50, 60, 62), 1, 0.6)], rule
 
 
-def test_overlapping_boxes_of_different_categories_are_different_objects():
+def test_overlapping_boxes_of_different_categories_keep_the_higher_score():
     per_model = [dets((*A_BOX, 0, 0.9)), dets((*B_BOX, 2, 0.8)), dets()]
     knows = torch.tensor([[1, 0, 1], [1, 0, 1], [0, 0, 0]], dtype=torch.bool)  # N = 2 for both
-    kept = aggregate_image(per_model, knows, AggregationConfig(detection_rule="consensus"))
+    both = AggregationConfig(detection_rule="consensus", category_iou=None)
+    kept = aggregate_image(per_model, knows, both)
     assert rows(kept) == [((10, 10, 30, 40), 0, 0.9), ((11, 11, 31, 41), 2, 0.8)]  # no decay
+    labels, stats = aggregate([[d] for d in per_model], knows, AggregationConfig())
+    assert rows(labels[0]) == [((10, 10, 30, 40), 0, 0.9)]  # one category per object
+    assert (stats.kept_objects, stats.conflicts, stats.boxes) == (2, 1, 1)
     assert (
         rows(aggregate_image(per_model, knows, AggregationConfig(detection_rule="unanimous"))) == []
     )
+
+
+def test_one_category_per_object_is_greedy_and_leaves_same_category_overlaps():
+    found = dets(
+        (0, 0, 10, 10, 0, 0.9),  # kept: the highest score
+        (3, 0, 13, 10, 1, 0.8),  # IoU 0.54 with the first, another category: dropped
+        (6, 0, 16, 10, 2, 0.7),  # IoU 0.54 with the dropped one, 0.25 with the first: kept
+        (0, 0, 9, 10, 0, 0.6),  # IoU 0.9 with the first, its category: left to Soft-NMS
+    )
+    assert rows(one_category_per_object(found, 0.5)) == [
+        ((0, 0, 9, 10), 0, 0.6), ((0, 0, 10, 10), 0, 0.9), ((6, 0, 16, 10), 2, 0.7)
+    ]  # fmt: skip
+    assert rows(one_category_per_object(found, 0.2)) == [
+        ((0, 0, 9, 10), 0, 0.6), ((0, 0, 10, 10), 0, 0.9)
+    ]  # fmt: skip
 
 
 def test_votes_count_distinct_models_not_boxes():

@@ -121,6 +121,7 @@ def test_a_composition_job_of_two_detector_parties_over_grpc(tmp_path, canvases)
     report = (run_dir / "report.md").read_text()
     assert "## MAP" not in report and "## mAP" in report and "| row | what | mAP % |" in report
     assert f"consensus {kept['consensus']}" in report
+    assert f"({stats['conflicts']} dropped for a higher-scoring box of another" in report
     canvases_used = len(load_canvases("canvases:digits:public", size=SIZE))
     labelled = round(0.25 * canvases_used)
     assert metrics["extra"]["finetune_samples"] == labelled

@@ -11,6 +11,11 @@ category set contains its category. A group is kept when
 - ``affirmative``: always,
 
 and Soft-NMS (Bodla et al. 2017, Gaussian) then thins the candidates inside each kept group.
+Last, one category per object: a kept box that overlaps a higher-scoring kept box of another
+category by more than ``category_iou`` goes. Algorithm 2 votes per category, so when a party
+names a digit it was never taught (a 7 as the 2 it knows) and it alone knows that category
+(N = 1), its box passes the vote beside the right one; as a training target the two then
+contradict each other.
 A category only one model knows has K_ij = N_ij = 1 and is kept by every rule (Remark 1):
 that model's confident detections are the only evidence there is. Votes count distinct
 models, not boxes, so one model that fires twice on an object is still one vote.
@@ -44,8 +49,13 @@ class AggregationConfig(Config):
     # Algorithm 1); 0 keeps everything
     score_threshold: float = Field(0.5, ge=0, le=1)
     soft_nms_sigma: float = Field(0.5, gt=0)  # Soft-NMS: a score decays by exp(-IoU^2 / sigma)
-    final_score: float = Field(0.3, ge=0, le=1)  # detections Soft-NMS decayed below are dropped
+    # detections Soft-NMS decayed below this are dropped: at the confidence filter's 0.5, a
+    # duplicate (at IoU 0.7 its score decays to 0.38 of itself) no longer passes as an object
+    final_score: float = Field(0.5, ge=0, le=1)
     soft_nms: bool = True  # False: every detection of a kept group stays
+    # one category per object: boxes of another category overlapping a higher-scoring kept
+    # box by more than this IoU are dropped; None: objects of different categories may overlap
+    category_iou: float | None = Field(0.5, gt=0, lt=1)
 
 
 @dataclass
@@ -56,7 +66,8 @@ class AggregationStats:
     confident: int = 0  # after the confidence filter
     objects: int = 0  # groups formed
     kept_objects: int = 0  # groups the rule kept
-    boxes: int = 0  # pseudo-label boxes after Soft-NMS
+    boxes: int = 0  # pseudo-label boxes after Soft-NMS and one category per object
+    conflicts: int = 0  # boxes dropped for a higher-scoring box of another category
     # the groups each rule would keep
     per_rule: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RULES, 0))
 
@@ -64,7 +75,7 @@ class AggregationStats:
         return dict(self.__dict__)
 
 
-def soft_nms(boxes: Tensor, scores: Tensor, sigma: float = 0.5, final_score: float = 0.3):
+def soft_nms(boxes: Tensor, scores: Tensor, sigma: float = 0.5, final_score: float = 0.5):
     """Gaussian Soft-NMS: repeatedly take the highest-scoring box M and decay every other
     score by ``exp(-IoU(M, b)^2 / sigma)``; boxes that fall below ``final_score`` go.
 
@@ -115,6 +126,20 @@ def group_objects(boxes: Tensor, labels: Tensor, iou_threshold: float) -> list[T
     for i in range(boxes.shape[0]):
         groups.setdefault(root(i), []).append(i)
     return [torch.tensor(members) for members in groups.values()]
+
+
+def one_category_per_object(found: Detections, iou_threshold: float) -> Detections:
+    """Greedily, from the highest score down, drop every box that overlaps an already kept
+    box of another category by more than ``iou_threshold``; same-category overlaps stay
+    (Soft-NMS has dealt with them). Returns the kept detections, highest score first."""
+    found = found.select(torch.argsort(found.scores, descending=True))
+    clash = box_iou(found.boxes, found.boxes) > iou_threshold  # (M, M)
+    clash &= found.labels[:, None] != found.labels[None, :]
+    keep = torch.ones(len(found), dtype=torch.bool)
+    for i in range(len(found)):
+        if keep[i]:
+            keep[i + 1 :] &= ~clash[i, i + 1 :]
+    return found.select(keep)
 
 
 def keeps(rule: str, k: int, n: int) -> bool:
@@ -178,6 +203,10 @@ def aggregate_image(
         torch.cat([d.labels for d in kept]),
         torch.cat([d.scores for d in kept]),
     )
+    if config.category_iou is not None:
+        before = len(result)
+        result = one_category_per_object(result, config.category_iou)
+        stats.conflicts += before - len(result)
     stats.boxes += len(result)
     return result
 
