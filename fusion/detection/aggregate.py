@@ -11,14 +11,16 @@ category set contains its category. A group is kept when
 - ``affirmative``: always,
 
 and Soft-NMS (Bodla et al. 2017, Gaussian) then thins the candidates inside each kept group.
-Last, one category per object: a kept box that overlaps a higher-scoring kept box of another
-category by more than ``category_iou`` goes. Algorithm 2 votes per category, so when a party
-names a digit it was never taught (a 7 as the 2 it knows) and it alone knows that category
-(N = 1), its box passes the vote beside the right one; as a training target the two then
-contradict each other.
 A category only one model knows has K_ij = N_ij = 1 and is kept by every rule (Remark 1):
 that model's confident detections are the only evidence there is. Votes count distinct
 models, not boxes, so one model that fires twice on an object is still one vote.
+
+Last, an addition to Algorithm 2: one category per object. A kept box that overlaps a
+higher-scoring kept box of another category by more than ``category_iou`` goes. Detectors
+suppress duplicates per category, so one model may box a digit as both a 7 and a 9, and two
+models may name it differently (one of them as a category it was never taught the digit for);
+the vote, per category, keeps both where few models know the category, and as training targets
+the two boxes contradict each other.
 """
 
 from __future__ import annotations
