@@ -189,7 +189,7 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
         "no_category_check": AggregationConfig(category_iou=None),
         "no_aggregation": AggregationConfig(
             detection_rule="affirmative", soft_nms=False, category_iou=None
-        ),  # fmt: skip
+        ),
     }
     for row, aggregation in ablations.items():
         run_config = dataclasses.replace(config, aggregation=aggregation)

@@ -52,7 +52,7 @@ def test_two_models_agreeing_and_one_alone_under_each_rule():
     per_model = two_agree_one_elsewhere()
     iou = float(box_iou(torch.tensor([A_BOX]).float(), torch.tensor([B_BOX]).float()))
     decayed_b = 0.8 * math.exp(-(iou**2) / 0.5)
-    assert decayed_b < 0.3  # so Soft-NMS drops B's duplicate (default final_score 0.5)
+    assert decayed_b < 0.3  # so Soft-NMS drops B's duplicate at 0.3 and the default 0.5
     unanimous = aggregate_image(per_model, ALL_KNOW, AggregationConfig(detection_rule="unanimous"))
     assert rows(unanimous) == []  # K = 2 < N = 3 and K = 1 < 3
     consensus = aggregate_image(per_model, ALL_KNOW, AggregationConfig(detection_rule="consensus"))
