@@ -24,8 +24,10 @@ on the categories it knows) and, for ``same-dist``, ``student_ft_<p>pct`` (the c
 student fine-tuned, 300 steps, on the
 labels of the first p% of the unlabeled canvases together with the pseudo-labels of the rest,
 the default ``finetune_mix``, the labelled canvases repeated to a quarter of the set, the
-default ``finetune_label_share``), ``student_ft_labels_only_<p>pct`` (the same steps on the
-labelled canvases alone) against ``supervised_<p>pct`` (the student architecture trained on
+default ``finetune_label_share``, and the student kept halfway between its weights before and
+after, the default ``finetune_interpolation``), ``student_ft_no_interpolation_<p>pct`` (the
+weights after), ``student_ft_labels_only_<p>pct`` (the same steps on the labelled canvases
+alone, kept halfway) against ``supervised_<p>pct`` (the student architecture trained on
 those labelled canvases alone, as many steps as the student).
 ``extra``: mAP@.5 of every row, the student's AP per category, the pseudo-labels' own mAP on
 the test canvases, and how many boxes each stage and rule kept.
@@ -53,6 +55,7 @@ from amalgam.fusion.detection.compose import (
     DetectionCompositionConfig,
     compose_detection,
     detection_map,
+    finetune,
     finetune_set,
     gather_detections,
 )
@@ -212,11 +215,13 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
             student = label_free.student
             mixed = finetune_set(unlabeled.images, label_free.pseudo_labels, student_labelled,
                                  range(len(labelled)), config.finetune_label_share)  # fmt: skip
-            for row, canvases in (("ft", mixed), ("ft_labels_only", student_labelled)):
+            whole = dataclasses.replace(config, finetune_interpolation=1.0)
+            for row, canvases, how in (("ft", mixed, config),
+                                       ("ft_no_interpolation", mixed, whole),
+                                       ("ft_labels_only", student_labelled, config)):  # fmt: skip
                 student.load_state_dict(state)
-                fit_detector(student, canvases, epochs=_steps_as_epochs(steps, len(canvases)),
-                             batch_size=BATCH, lr=config.lr / 2, seed=SEED,
-                             desc=f"fine-tune {pct}% ({row})")  # fmt: skip
+                finetune(student, canvases, how, epochs=_steps_as_epochs(steps, len(canvases)),
+                         desc=f"fine-tune {pct}% ({row})")  # fmt: skip
                 score(f"student_{row}_{pct}pct", detection_map(student, student_test))
             same_steps = _steps_as_epochs(config.epochs * math.ceil(len(unlabeled) / BATCH),
                                           len(labelled))  # fmt: skip

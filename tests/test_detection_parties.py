@@ -98,6 +98,7 @@ def test_a_composition_job_of_two_detector_parties_over_grpc(tmp_path, canvases)
                     "score_threshold": 0.1,
                     "finetune_fraction": 0.25,
                     "finetune_epochs": 1,
+                    "finetune_interpolation": 0.75,
                 },
             },
             "student": {"arch": "fcos", "epochs": 1, "batch_size": 16},
@@ -128,7 +129,8 @@ def test_a_composition_job_of_two_detector_parties_over_grpc(tmp_path, canvases)
     assert (
         f"Fine-tuning: the true boxes of {labelled} of the {canvases_used} unlabeled "
         f"canvases, together with the pseudo-labels of the other "
-        f"{canvases_used - labelled} (labelled share at least 25%), 1 epochs."
+        f"{canvases_used - labelled} (labelled share at least 25%), 1 epochs; the student "
+        "kept is 0.75 of the way from its weights before to those after."
     ) in report
     assert (run_dir / "pseudo-labels.png").stat().st_size > 1000
     architecture = json.loads((run_dir / "student.json").read_text())
@@ -152,7 +154,8 @@ def test_a_job_that_mixes_detection_and_classification_parties_is_refused(tmp_pa
     with pytest.raises(ValueError, match="parties: evens detect and the others classify"):
         METHODS["composition"].run(JobSpec.model_validate(job), teachers, RunContext())
     # a detection-only parameter in a composition of classifiers
-    job.update(parties=job["parties"][1:], method={"name": "composition",
-                                                  "params": {"finetune_mix": False}})  # fmt: skip
-    with pytest.raises(ValueError, match=r"method.params.finetune_mix: applies to detection"):
-        METHODS["composition"].run(JobSpec.model_validate(job), teachers[1:], RunContext())
+    job["parties"] = job["parties"][1:]
+    for name, value in (("finetune_mix", False), ("finetune_interpolation", 1.0)):
+        job["method"] = {"name": "composition", "params": {name: value}}
+        with pytest.raises(ValueError, match=rf"method.params.{name}: applies to detection"):
+            METHODS["composition"].run(JobSpec.model_validate(job), teachers[1:], RunContext())

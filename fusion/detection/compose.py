@@ -36,6 +36,10 @@ class DetectionCompositionConfig:
     finetune_label_share : with ``finetune_mix``, the labelled canvases are repeated until
         they make at least this share of the fine-tuning set, so that a few labels are not
         drowned by the pseudo-labels; None: each once.
+    finetune_interpolation : the student kept is (1 - a) w0 + a w1 for this a, w0 its weights
+        before fine-tuning and w1 after (weight-space ensembling, Wortsman et al. 2022,
+        "WiSE-FT"), so that a few labels move it without undoing what the pseudo-labels
+        taught; 1: the fine-tuned weights.
     seed : student initialisation and data order.
     """
 
@@ -48,7 +52,14 @@ class DetectionCompositionConfig:
     finetune_epochs: int = 6
     finetune_mix: bool = True
     finetune_label_share: float | None = 0.25
+    finetune_interpolation: float = 0.5
     seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.finetune_interpolation <= 1:
+            raise ValueError(
+                f"finetune_interpolation: {self.finetune_interpolation} is outside (0, 1]"
+            )
 
 
 @dataclass
@@ -116,6 +127,38 @@ def finetune_set(
     )
 
 
+def interpolate_weights(model: nn.Module, before: dict[str, Tensor], weight: float) -> None:
+    """Set every floating-point parameter and buffer of ``model`` to (1 - weight) x its value
+    in ``before`` + weight x its current value; integer buffers keep their current value."""
+    now = model.state_dict()
+    model.load_state_dict(
+        {
+            k: torch.lerp(before[k], v, weight) if v.is_floating_point() else v
+            for k, v in now.items()
+        }
+    )
+
+
+def finetune(
+    student: nn.Module,
+    canvases: DetectionSet,
+    config: DetectionCompositionConfig,
+    *,
+    epochs: int,
+    desc: str = "fine-tune on labels",
+    progress: bool = True,
+    hardware: Hardware = Hardware(),
+) -> None:
+    """Fine-tune the composed ``student`` on ``canvases`` (labelled, or :func:`finetune_set`'s
+    mix) for ``epochs`` at half the student's learning rate, then keep the interpolation
+    ``config.finetune_interpolation`` between its weights before and after."""
+    before = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    fit_detector(student, canvases, epochs=epochs, batch_size=config.batch_size,
+                 lr=config.lr / 2, seed=config.seed, desc=desc, progress=progress,
+                 hardware=hardware)  # fmt: skip
+    interpolate_weights(student, before, config.finetune_interpolation)
+
+
 def compose_detection(
     teachers: Sequence[DetectorTeacher],
     unlabeled: Tensor,
@@ -130,7 +173,7 @@ def compose_detection(
     ``hardware``) on the pseudo-labels, then fine-tune on ``labelled`` canvases when given
     (their boxes of categories outside the union are dropped): with ``config.finetune_mix``
     together with the pseudo-labelled rest (``labelled_index`` as :func:`finetune_set` takes
-    it)."""
+    it), keeping the interpolation of :func:`finetune`."""
     raw, union, knows = gather_detections(teachers, unlabeled, map_teachers)
     pseudo, stats = aggregate(raw, knows, config.aggregation)
     torch.manual_seed(config.seed)
@@ -145,10 +188,8 @@ def compose_detection(
         if config.finetune_mix:
             labelled = finetune_set(unlabeled, pseudo, labelled, labelled_index,
                                     config.finetune_label_share)  # fmt: skip
-        fit_detector(student, labelled, epochs=config.finetune_epochs,
-                     batch_size=config.batch_size, lr=config.lr / 2, seed=config.seed,
-                     desc="fine-tune on labels", progress=progress,
-                     hardware=hardware)  # fmt: skip
+        finetune(student, labelled, config, epochs=config.finetune_epochs, progress=progress,
+                 hardware=hardware)  # fmt: skip
     return DetectionComposition(student, pseudo, raw, stats, union)
 
 

@@ -29,16 +29,19 @@ class CompositionParams(AggregationConfig, CompositionConfig):
     """The composition of classifiers; with detection parties, the vote per object and
     Soft-NMS of Algorithm 2 (``detection_rule``, ``iou_threshold``, ``score_threshold``,
     ``soft_nms_sigma``, ...) and the fine-tuning on the true boxes of ``finetune_fraction``
-    of the unlabeled canvases (``finetune_mix``, ``finetune_label_share``)."""
+    of the unlabeled canvases (``finetune_mix``, ``finetune_label_share``,
+    ``finetune_interpolation``)."""
 
     # detection parties: fine-tune on the labelled canvases together with the pseudo-labelled
     # rest (else on the labelled ones alone), the labelled ones repeated to at least
     # finetune_label_share of the fine-tuning set (None: each once)
     finetune_mix: bool = True
     finetune_label_share: float | None = Field(0.25, ge=0, lt=1)
+    # ... and keep (1 - a) x the weights before + a x those after, a = finetune_interpolation
+    finetune_interpolation: float = Field(0.5, gt=0, le=1)
 
 
-DETECTION_ONLY = ("finetune_mix", "finetune_label_share")
+DETECTION_ONLY = ("finetune_mix", "finetune_label_share", "finetune_interpolation")
 
 
 class Composition(Method):
@@ -107,6 +110,7 @@ def _detection_config(spec, log) -> DetectionCompositionConfig:
                                       finetune_epochs=params.finetune_epochs,
                                       finetune_mix=params.finetune_mix,
                                       finetune_label_share=params.finetune_label_share,
+                                      finetune_interpolation=params.finetune_interpolation,
                                       seed=spec.seed)  # fmt: skip
 
 
@@ -125,7 +129,9 @@ def _labelled_canvases(spec, unlabeled, log) -> tuple[list[int] | None, str | No
         else "alone"
     )
     line = (f"Fine-tuning: the true boxes of {count} of the {len(unlabeled)} unlabeled "
-            f"canvases, {how}, {params.finetune_epochs} epochs.")  # fmt: skip
+            f"canvases, {how}, {params.finetune_epochs} epochs; the student kept is "
+            f"{params.finetune_interpolation:g} of the way from its weights before to "
+            "those after.")  # fmt: skip
     log(line)
     return order[:count].tolist(), line
 
