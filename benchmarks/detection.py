@@ -209,13 +209,13 @@ def run_variant(variant: str, args: argparse.Namespace, results: Results) -> Non
             state = {k: v.clone() for k, v in composed.student.state_dict().items()}
     if variant == "same-dist":
         steps = budget["finetune_steps"]
+        whole = dataclasses.replace(config, finetune_interpolation=1.0)  # the weights after
+        student = label_free.student
         for pct in LABEL_FRACTIONS:
             labelled = labelled_pool.subset(range(max(1, len(labelled_pool) * pct // 100)))
             student_labelled = labelled.restrict(union)
-            student = label_free.student
             mixed = finetune_set(unlabeled.images, label_free.pseudo_labels, student_labelled,
                                  range(len(labelled)), config.finetune_label_share)  # fmt: skip
-            whole = dataclasses.replace(config, finetune_interpolation=1.0)
             for row, canvases, how in (("ft", mixed, config),
                                        ("ft_no_interpolation", mixed, whole),
                                        ("ft_labels_only", student_labelled, config)):  # fmt: skip
