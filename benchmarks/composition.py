@@ -17,9 +17,11 @@ mnist-weak, fashion-weak
     trained for every rule, and for the default rule and the paper's vote also with the
     entropy threshold alone (no keep-fraction floor).
 
-Every variant reports each teacher, each ensemble rule, vanilla distillation, the student
-(with the label-space-aware rule, and with the paper's consensus vote) and a supervised bound
-of the student architecture on the true labels of the same unlabeled images.
+Every variant reports each teacher, each ensemble rule (on the teachers' answers, and with
+their class priors aligned), vanilla distillation (on the teachers' answers, and aligned), the
+student (with the label-space-aware rule, and with the paper's consensus vote, each also
+without alignment) and a supervised bound of the student architecture on the true labels of
+the same unlabeled images.
 
     python -m benchmarks.composition [--variant mnist] [--quick]
 """
@@ -38,6 +40,7 @@ import torch
 from amalgam.fusion.composition import (
     RULES,
     CompositionConfig,
+    align_priors,
     compose_predictions,
     gather,
     pseudo_label_stats,
@@ -116,10 +119,20 @@ TEACHERS: dict = {}  # (data, class sets, budget) -> their parties, trained once
 
 
 def students(predictions, student: StudentConfig, weak: bool) -> dict[str, float]:
-    """The paper's vote student, and for weak teachers one student per rule and the threshold
-    alone for the default rule and the vote."""
+    """The paper's vote student; the default rule and the vote without class-prior alignment;
+    vanilla KD on the aligned teachers (the mean of every image); and for weak teachers one
+    student per rule and the threshold alone for the default rule and the vote."""
     default = CompositionConfig()
-    runs = {f"student:{PAPER_RULE}": CompositionConfig(rule=PAPER_RULE, targets="hard")}
+    runs = {
+        f"student:{PAPER_RULE}": CompositionConfig(rule=PAPER_RULE, targets="hard"),
+        f"student:{default.rule}:unaligned": CompositionConfig(align_priors=False),
+        f"student:{PAPER_RULE}:unaligned": CompositionConfig(
+            rule=PAPER_RULE, targets="hard", align_priors=False
+        ),
+        "vanilla_kd:aligned": CompositionConfig(
+            rule="mean", entropy_threshold=1.0, keep_fraction=None
+        ),
+    }
     if weak:
         runs |= {f"student:{rule}": CompositionConfig(rule=rule) for rule in RULES
                  if rule != default.rule and rule != PAPER_RULE}  # fmt: skip
@@ -163,6 +176,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
     result = compose_predictions(predictions, config, student, RunContext(seed=SEED))
     rows = dict(result.results) | students(predictions, student, variant.weak)
     confidence = Confidence(config.entropy_threshold, config.keep_fraction)
+    aligned = align_priors(predictions)
     results.write(
         record(
             "composition",
@@ -186,7 +200,8 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
                 "student_rule": config.rule,
                 "paper_student": f"{PAPER_RULE} votes, hard labels, tau "
                 f"{config.entropy_threshold}, keep fraction {config.keep_fraction}",
-                "pseudo_labels": pseudo_label_stats(predictions, confidence),
+                "pseudo_labels": pseudo_label_stats(aligned, confidence),
+                "largest_class_share": result.extra["largest_class_share"],
                 "retention": result.extra["retention"],
                 "pseudo_label_accuracy": result.extra.get("pseudo_label_accuracy"),
                 "quick": args.quick,

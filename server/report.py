@@ -24,14 +24,19 @@ ROW_LABELS = {
 }
 
 
+QUALIFIERS = {"aligned": ", class priors aligned", "unaligned": ", class priors as answered"}
+
+
 def row_label(row: str) -> str:
     kind, _, name = row.partition(":")
+    name, _, qualifier = name.partition(":")
+    said = QUALIFIERS.get(qualifier, f", {qualifier}" if qualifier else "")
     if kind == "teacher" and name:
         return "this party's teacher alone"
     if kind == "ensemble" and name:
-        return f"teachers' ensemble, {name} rule"
+        return f"teachers' ensemble, {name} rule{said}"
     if kind == "student" and name:
-        return f"student trained with the {name} rule"
+        return f"student trained with the {name} rule{said}"
     return ROW_LABELS.get(row, "")
 
 

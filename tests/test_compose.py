@@ -8,12 +8,13 @@ import torch
 from amalgam.fusion.composition import (
     RULES,
     CompositionConfig,
+    align_priors,
     compose,
     compose_predictions,
     gather,
     pseudo_label_stats,
 )
-from amalgam.fusion.composition.rules import aggregate
+from amalgam.fusion.composition.rules import Confidence, aggregate
 from amalgam.fusion.data import load_source
 from amalgam.fusion.models import create_model
 from amalgam.fusion.run import RunContext
@@ -54,7 +55,8 @@ STUDENT = StudentConfig(arch="small_cnn", epochs=10, batch_size=32)
 
 
 def test_rows_cover_teachers_every_rule_and_baselines(teachers, data):
-    result = compose(teachers, *data, CompositionConfig(), STUDENT)
+    said = []
+    result = compose(teachers, *data, CompositionConfig(), STUDENT, RunContext(log=said.append))
     rows = result.results
     expected = {
         "teacher:t0",
@@ -64,13 +66,31 @@ def test_rows_cover_teachers_every_rule_and_baselines(teachers, data):
         "student",
         "vanilla_kd",
         "supervised",
-    } | {f"ensemble:{rule}" for rule in RULES}
+    } | {f"ensemble:{rule}{aligned}" for rule in RULES for aligned in ("", ":aligned")}
     assert set(rows) == expected
+    assert rows["ensemble"] == max(v for k, v in rows.items() if k.startswith("ensemble:"))
+    shares = result.extra["largest_class_share"]  # the most predicted class, before and after
+    assert set(shares) == {"t0", "t1"} and all(1 / 6 <= s <= 1 for v in shares.values() for s in v)
+    assert any(line.startswith("class priors aligned on the unlabeled set;") for line in said)
     assert all(0 <= v <= 1 for v in rows.values())
     assert rows["best_teacher"] < 0.65  # each teacher knows six of the ten classes
     assert rows["student"] > rows["best_teacher"] + 0.2
     assert 0 < result.extra["retention"] <= 1
     assert result.class_names == list("0123456789")
+
+
+def test_without_alignment_the_student_learns_the_teachers_answers_as_they_are(teachers, data):
+    predictions = gather(teachers, *data)
+    config = CompositionConfig(align_priors=False)
+    result = compose_predictions(predictions, config, STUDENT, RunContext(baselines=False))
+    assert not any(k.endswith(":aligned") for k in result.results)
+    assert "largest_class_share" not in result.extra
+    raw = aggregate(predictions.unlabeled, predictions.known, config.rule, Confidence(0.5, 0.3))
+    assert result.extra["retention"] == float(raw.keep.float().mean())
+    aligned = align_priors(predictions)
+    assert aligned.unlabeled.shape == predictions.unlabeled.shape
+    assert not torch.equal(aligned.unlabeled, predictions.unlabeled)
+    assert torch.equal(aligned.x_unlabeled, predictions.x_unlabeled)
 
 
 def test_finetuning_uses_the_asked_fraction_of_labels(teachers, data):
@@ -103,7 +123,8 @@ def test_a_class_left_without_pseudo_labels_is_named_and_the_keep_fraction_floor
     )
     result = compose_predictions(predictions, strict, STUDENT, context)
     missing = result.extra["classes_without_pseudo_labels"]
-    kept = aggregate(predictions.unlabeled, predictions.known, "consensus", 0.005)
+    aligned = align_priors(predictions)  # what the job's rule reads
+    kept = aggregate(aligned.unlabeled, aligned.known, "consensus", 0.005)
     labels = {predictions.union[c] for c in kept.labels[kept.keep].tolist()}
     assert missing and set(missing) == set(predictions.union) - labels
     assert any(line.startswith(f"no kept pseudo-label of class {missing[0]}") for line in said)

@@ -125,5 +125,8 @@ def test_amalgam_predict_names_the_class_of_image_files(finished_job, tmp_path, 
     assert main(["predict", "--run", str(run_dir), str(tmp_path / "nothing.png")]) == 2
     assert capsys.readouterr().err.strip().endswith("nothing.png: no such file")
 
-    assert "| student | fused student |" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "| student | fused student |" in report
+    aligned = next(line for line in report.splitlines() if "Class priors aligned" in line)
+    assert all(f"{p.name} " in aligned for p in DEMO_PARTIES)  # each share, before and after
     assert (run_dir / "accuracy.png").read_bytes().startswith(b"\x89PNG")

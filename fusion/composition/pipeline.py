@@ -5,6 +5,7 @@ distillation and a supervised bound."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from amalgam.fusion.composition.priors import predicted_shares, prior_log_scales, rescale
 from amalgam.fusion.composition.rules import RULES, Aggregate, Confidence, Rule, aggregate
 from amalgam.fusion.config import Config
 from amalgam.fusion.data import Dataset, fit_to_shape
@@ -33,6 +35,10 @@ class CompositionConfig(Config):
     # class it predicts, at least this fraction of the samples is kept, the most confident;
     # None: the threshold alone
     keep_fraction: float | None = Field(0.3, gt=0, le=1)
+    # rescale each teacher's probabilities per class so that, on the unlabeled set, they
+    # average to a uniform prior over its classes (amalgam.fusion.composition.priors);
+    # false for an unlabeled set whose classes are far from equal shares
+    align_priors: bool = True
     targets: Literal["hard", "soft"] = "soft"  # train on labels or on the aggregated distribution
     finetune_fraction: float = Field(0.0, ge=0, lt=1)  # labelled fraction for fine-tuning
     finetune_epochs: int = Field(5, ge=1)
@@ -46,6 +52,7 @@ class Predictions:
     union: list[str]
     known: Tensor  # (T, U) bool
     names: list[str]  # names of the teachers that answered, in the order of the T axis
+    forms: list[str]  # their output forms (probs, logits, topk, label), same order
     unlabeled: Tensor  # (T, N, U) probabilities
     test: Tensor  # (T, M, U) probabilities
     x_unlabeled: Tensor  # (N, C, H, W), fitted to the student's input shape
@@ -112,6 +119,7 @@ def gather(
         union=union,
         known=known,
         names=[t.info.name for t in alive],
+        forms=[t.info.output_form for t in alive],
         unlabeled=probs,
         test=test_probs,
         x_unlabeled=fit_to_shape(unlabeled.x, in_shape),
@@ -129,10 +137,46 @@ def teacher_rows(p: Predictions) -> dict[str, float]:
         for name, probs in zip(p.names, p.test)
     }
     rows["best_teacher"] = max(rows.values())
-    for rule in RULES:
-        rows[f"ensemble:{rule}"] = accuracy(aggregate(p.test, p.known, rule).labels, p.y_test)
-    rows["ensemble"] = max(v for k, v in rows.items() if k.startswith("ensemble:"))
-    return rows
+    return rows | ensemble_rows(p)
+
+
+def ensemble_rows(p: Predictions, suffix: str = "") -> dict[str, float]:
+    """``ensemble:<rule><suffix>``: each rule's accuracy over the teachers' test predictions."""
+    return {
+        f"ensemble:{rule}{suffix}": accuracy(aggregate(p.test, p.known, rule).labels, p.y_test)
+        for rule in RULES
+    }
+
+
+def align_priors(p: Predictions) -> Predictions:
+    """``p`` with each teacher's unlabeled and test probabilities rescaled by the factors that
+    align its predictions on the unlabeled set to a uniform class prior
+    (:mod:`amalgam.fusion.composition.priors`)."""
+    log_scales = prior_log_scales(p.unlabeled, p.known, p.forms)  # (T, U)
+    return dataclasses.replace(
+        p,
+        unlabeled=rescale(p.unlabeled, p.known, log_scales),
+        test=rescale(p.test, p.known, log_scales),
+    )
+
+
+def _largest_class_shares(before: Predictions, after: Predictions, log) -> dict[str, list[float]]:
+    """Per teacher, the share of unlabeled images its most predicted class takes before and
+    after alignment; logged."""
+    shares = {
+        name: [float(b.max()), float(a.max())]
+        for name, b, a in zip(
+            before.names,
+            predicted_shares(before.unlabeled, before.known),
+            predicted_shares(after.unlabeled, after.known),
+        )
+    }
+    log(
+        "class priors aligned on the unlabeled set; each teacher's most predicted class took "
+        + ", ".join(f"{name} {b:.0%} -> {a:.0%}" for name, (b, a) in shares.items())
+        + " of the images"
+    )
+    return shares
 
 
 def pseudo_label_stats(p: Predictions, tau: float | Confidence) -> dict[str, dict[str, float]]:
@@ -182,20 +226,28 @@ def compose_predictions(
     student: StudentConfig,
     context: RunContext = RunContext(),
 ) -> CompositionResult:
-    """Aggregate pseudo-labels with ``config.rule``, train a ``student``, and evaluate it with
-    the teachers, the ensembles and (``context.baselines``) vanilla KD and the supervised bound,
-    each trained like the student. The student trains on the kept pseudo-labels for as many
-    updates as ``student.epochs`` over every unlabeled image (its epochs scaled by one over
-    the retention), the baselines' number of updates."""
+    """Align the teachers' class priors (``config.align_priors``), aggregate pseudo-labels with
+    ``config.rule``, train a ``student``, and evaluate it with the teachers, the ensembles (as
+    the teachers answer, and aligned: ``ensemble:<rule>:aligned``) and (``context.baselines``)
+    vanilla KD on the teachers' answers and the supervised bound, each trained like the
+    student. The student trains on the kept pseudo-labels for as many updates as
+    ``student.epochs`` over every unlabeled image (its epochs scaled by one over the
+    retention), the baselines' number of updates."""
     results = teacher_rows(p)
-    confidence = Confidence(config.entropy_threshold, config.keep_fraction)
-    pseudo = aggregate(p.unlabeled, p.known, config.rule, confidence)
     extra: dict = {
         "union_classes": p.union,
         "unlabeled": len(p.x_unlabeled),
         "test": len(p.x_test),
         "prediction_seconds": p.seconds,
     }
+    raw = p
+    if config.align_priors:
+        p = align_priors(raw)
+        extra["largest_class_share"] = _largest_class_shares(raw, p, context.log)
+        results |= ensemble_rows(p, ":aligned")
+        results["ensemble"] = max(v for k, v in results.items() if k.startswith("ensemble:"))
+    confidence = Confidence(config.entropy_threshold, config.keep_fraction)
+    pseudo = aggregate(p.unlabeled, p.known, config.rule, confidence)
     if not pseudo.keep.any():
         context.log(
             f"no pseudo-label passed rule {config.rule!r} at {_described(confidence)}: the "
@@ -236,7 +288,7 @@ def compose_predictions(
     results["student"] = test_accuracy(model, p)
     if context.baselines:
         context.log("training the baselines: vanilla distillation and the supervised bound")
-        mean = aggregate(p.unlabeled, p.known, "mean").targets
+        mean = aggregate(raw.unlabeled, raw.known, "mean").targets  # the teachers as they answer
         vanilla, _ = train_student(student, p, p.x_unlabeled, mean, "vanilla_kd", context)
         results["vanilla_kd"] = test_accuracy(vanilla, p)
         if p.y_unlabeled is not None:

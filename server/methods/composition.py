@@ -84,9 +84,24 @@ def _compose_classifiers(spec, teachers, context: RunContext) -> Outcome:
         f"Data: unlabeled {spec.data.unlabeled} ({extra['unlabeled']} images), test "
         f"{spec.data.test} ({extra['test']} images of the union classes).",
         kept + ".",
+        *_alignment_summary(extra),
         *roster.summary(),
     ]
     return Outcome(result.student, result.class_names, result.results, extra, summary)
+
+
+def _alignment_summary(extra: dict) -> list[str]:
+    """One line on the class-prior alignment, when it ran."""
+    if "largest_class_share" not in extra:
+        return []
+    shares = ", ".join(
+        f"{name} {100 * before:.0f}% -> {100 * after:.0f}%"
+        for name, (before, after) in extra["largest_class_share"].items()
+    )
+    return [
+        "Class priors aligned to uniform on the unlabeled set; the share of images each "
+        f"party's most predicted class took: {shares}."
+    ]
 
 
 def _detection_config(spec, log) -> DetectionCompositionConfig:
