@@ -1,7 +1,8 @@
 """The composition pipeline (paper 000, Algorithm 1): predictions on unlabeled data ->
-entropy filter and aggregation -> student trained on the kept pseudo-labels -> optional
-fine-tuning on a few labels, evaluated against each teacher, each ensemble rule, vanilla
-distillation and a supervised bound."""
+each teacher's class prior aligned (an addition: ``priors``) -> entropy filter and
+aggregation -> student trained on the kept pseudo-labels -> optional fine-tuning on a few
+labels, evaluated against each teacher, each ensemble rule, vanilla distillation and a
+supervised bound."""
 
 from __future__ import annotations
 
