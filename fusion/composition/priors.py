@@ -68,14 +68,18 @@ def rescale(probs: Tensor, known: Tensor, log_scales: Tensor) -> Tensor:
     known : (T, U) bool.
     log_scales : (T, U) from :func:`prior_log_scales`.
     """
-    logits = probs.double().clamp_min(_TINY).log() + log_scales.unsqueeze(1)  # (T, B, U)
-    logits = logits.masked_fill(~known.unsqueeze(1), float("-inf"))
-    return torch.softmax(logits, dim=2).to(probs.dtype)
+    rescaled = torch.empty_like(probs)
+    for t, mine in enumerate(known):  # one teacher at a time: a thousand fit in memory
+        logits = probs[t].double().clamp_min(_TINY).log() + log_scales[t]  # (B, U)
+        rescaled[t] = torch.softmax(logits.masked_fill(~mine, float("-inf")), dim=1)
+    return rescaled
 
 
 def predicted_shares(probs: Tensor, known: Tensor) -> Tensor:
     """(T, U): the share of the samples each teacher predicts as each class (its argmax over
     its own classes), zero outside them."""
-    masked = probs.masked_fill(~known.unsqueeze(1), -1.0)  # (T, B, U)
-    votes = torch.nn.functional.one_hot(masked.argmax(dim=2), known.shape[1])  # (T, B, U)
-    return votes.double().mean(dim=1)
+    shares = torch.zeros(known.shape, dtype=torch.float64)
+    for t, mine in enumerate(known):
+        labels = probs[t].masked_fill(~mine, -1.0).argmax(dim=1)  # (B,)
+        shares[t] = torch.bincount(labels, minlength=len(mine)).double() / len(labels)
+    return shares
