@@ -84,6 +84,9 @@ def test_without_alignment_the_student_learns_the_teachers_answers_as_they_are(t
     config = CompositionConfig(align_priors=False)
     result = compose_predictions(predictions, config, STUDENT, RunContext(baselines=False))
     assert not any(k.endswith(":aligned") for k in result.results)
+    assert result.results["ensemble"] == max(
+        v for k, v in result.results.items() if k.startswith("ensemble:")
+    )
     assert "largest_class_share" not in result.extra
     raw = aggregate(predictions.unlabeled, predictions.known, config.rule, Confidence(0.5, 0.3))
     assert result.extra["retention"] == float(raw.keep.float().mean())

@@ -13,6 +13,7 @@ from amalgam.fusion.composition.pipeline import (
     align_priors,
     compose,
     compose_predictions,
+    described_alignment,
     gather,
     pseudo_label_stats,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "align_priors",
     "compose",
     "compose_predictions",
+    "described_alignment",
     "gather",
     "pseudo_label_stats",
 ]

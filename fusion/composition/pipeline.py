@@ -131,14 +131,20 @@ def gather(
     )
 
 
-def teacher_rows(p: Predictions) -> dict[str, float]:
-    """Accuracy of each teacher (argmax over its own classes) and of each ensemble rule."""
+def teacher_rows(p: Predictions, aligned: Predictions | None = None) -> dict[str, float]:
+    """Accuracy of each teacher (argmax over its own classes), of each ensemble rule, of each
+    rule over the ``aligned`` teachers when given (``ensemble:<rule>:aligned``), and the best
+    of those ensembles (``ensemble``)."""
     rows = {
         f"teacher:{name}": accuracy(probs.argmax(dim=1), p.y_test)
         for name, probs in zip(p.names, p.test)
     }
     rows["best_teacher"] = max(rows.values())
-    return rows | ensemble_rows(p)
+    rows |= ensemble_rows(p)
+    if aligned is not None:
+        rows |= ensemble_rows(aligned, ":aligned")
+    rows["ensemble"] = max(v for k, v in rows.items() if k.startswith("ensemble:"))
+    return rows
 
 
 def ensemble_rows(p: Predictions, suffix: str = "") -> dict[str, float]:
@@ -161,10 +167,10 @@ def align_priors(p: Predictions) -> Predictions:
     )
 
 
-def _largest_class_shares(before: Predictions, after: Predictions, log) -> dict[str, list[float]]:
+def largest_class_shares(before: Predictions, after: Predictions) -> dict[str, list[float]]:
     """Per teacher, the share of unlabeled images its most predicted class takes before and
-    after alignment; logged."""
-    shares = {
+    after alignment."""
+    return {
         name: [float(b.max()), float(a.max())]
         for name, b, a in zip(
             before.names,
@@ -172,12 +178,15 @@ def _largest_class_shares(before: Predictions, after: Predictions, log) -> dict[
             predicted_shares(after.unlabeled, after.known),
         )
     }
-    log(
+
+
+def described_alignment(shares: dict[str, list[float]]) -> str:
+    """The log's and the report's line on the alignment, from :func:`largest_class_shares`."""
+    return (
         "class priors aligned on the unlabeled set; each teacher's most predicted class took "
         + ", ".join(f"{name} {b:.0%} -> {a:.0%}" for name, (b, a) in shares.items())
         + " of the images"
     )
-    return shares
 
 
 def pseudo_label_stats(p: Predictions, tau: float | Confidence) -> dict[str, dict[str, float]]:
@@ -234,7 +243,8 @@ def compose_predictions(
     student. The student trains on the kept pseudo-labels for as many updates as
     ``student.epochs`` over every unlabeled image (its epochs scaled by one over the
     retention), the baselines' number of updates."""
-    results = teacher_rows(p)
+    aligned = align_priors(p) if config.align_priors else None
+    results = teacher_rows(p, aligned)
     extra: dict = {
         "union_classes": p.union,
         "unlabeled": len(p.x_unlabeled),
@@ -242,11 +252,10 @@ def compose_predictions(
         "prediction_seconds": p.seconds,
     }
     raw = p
-    if config.align_priors:
-        p = align_priors(raw)
-        extra["largest_class_share"] = _largest_class_shares(raw, p, context.log)
-        results |= ensemble_rows(p, ":aligned")
-        results["ensemble"] = max(v for k, v in results.items() if k.startswith("ensemble:"))
+    if aligned is not None:
+        extra["largest_class_share"] = largest_class_shares(raw, aligned)
+        context.log(described_alignment(extra["largest_class_share"]))
+        p = aligned
     confidence = Confidence(config.entropy_threshold, config.keep_fraction)
     pseudo = aggregate(p.unlabeled, p.known, config.rule, confidence)
     if not pseudo.keep.any():

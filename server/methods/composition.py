@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from pydantic import Field
 
-from amalgam.fusion.composition import CompositionConfig, compose
+from amalgam.fusion.composition import CompositionConfig, compose, described_alignment
 from amalgam.fusion.data import load_source
 from amalgam.fusion.detection import (
     DETECTORS,
@@ -94,14 +94,8 @@ def _alignment_summary(extra: dict) -> list[str]:
     """One line on the class-prior alignment, when it ran."""
     if "largest_class_share" not in extra:
         return []
-    shares = ", ".join(
-        f"{name} {100 * before:.0f}% -> {100 * after:.0f}%"
-        for name, (before, after) in extra["largest_class_share"].items()
-    )
-    return [
-        "Class priors aligned to uniform on the unlabeled set; the share of images each "
-        f"party's most predicted class took: {shares}."
-    ]
+    line = described_alignment(extra["largest_class_share"])
+    return [line[0].upper() + line[1:] + "."]
 
 
 def _detection_config(spec, log) -> DetectionCompositionConfig:
