@@ -99,8 +99,7 @@ class PartyHandler:
         self._used: dict[str, int] = defaultdict(int, audit.spent)  # survives restarts
         rate = policy.rate_limit
         self._rates = TokenBuckets(rate.samples_per_s, rate.burst) if rate else None
-        own = OwnTeacher(TeacherInfo.from_dict(self.info.model_dump()), self.teacher_side)
-        self._synthesis = SynthesisSessions(own, Hardware(self.device))
+        self._synthesis = SynthesisSessions(self.own_teacher(), Hardware(self.device))
         self._lock = threading.Lock()
 
     @classmethod
@@ -441,6 +440,11 @@ class PartyHandler:
         self._granted(method, caller, samples, request_id, feedback.logits, feedback.input_grad,
                       charged=samples * cost)  # fmt: skip
         return feedback
+
+    def own_teacher(self) -> OwnTeacher:
+        """The model as its own generator's teacher (party-side synthesis)."""
+        info = TeacherInfo.from_dict(self.info.model_dump())
+        return OwnTeacher(info, self.teacher_side, self._logits)
 
     def teacher_side(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -21,15 +22,20 @@ from amalgam.fusion.device import Hardware, to_host
 from amalgam.fusion.teacher import Feedback, GeneratorObjective, Synthesis, TeacherInfo
 
 FeedbackFn = Callable[[Tensor, GeneratorObjective, Tensor | None], Feedback]
+LogitsFn = Callable[[Tensor], Tensor]
 
 
 class OwnTeacher:
-    """The party's own model as a :class:`amalgam.fusion.teacher.Teacher`, for its own generator:
-    no budget or audit per step (the Synthesize call that drives it is audited)."""
+    """The party's own model as a :class:`amalgam.fusion.teacher.Teacher`, for its own generator
+    and assistant: no budget or audit per step (the Synthesize call that drives it is audited),
+    and logits whatever the policy releases to others."""
 
-    def __init__(self, info: TeacherInfo, feedback: FeedbackFn) -> None:
-        self.info = info
-        self._feedback = feedback
+    def __init__(self, info: TeacherInfo, feedback: FeedbackFn, logits: LogitsFn) -> None:
+        self.info = replace(info, output_form="logits")
+        self._feedback, self._logits = feedback, logits
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self._logits(x)
 
     def bn_feedback(self, x, objective, adversary_logits=None, grad_logits=None) -> Feedback:
         return self._feedback(x, objective, adversary_logits)
@@ -77,7 +83,7 @@ class SynthesisSessions:
             warming = done[0] < trainer.config.warmup
             x, logits = trainer.step(None if warming else trainer.assistant)
             if not warming and trainer.assistant is not None:
-                trainer.assistant_step(x, logits)
+                trainer.train_assistant(x, logits)
             done[0] += 1
         fresh = {
             name: curve[marks.get(name, 0) :]

@@ -209,15 +209,21 @@ SYNTHESIS_FIELDS = (
     "seed",
     "student_arch",
 )
+OPTIONAL_SYNTHESIS_FIELDS = ("assistant_steps",)  # absent: the party's default
 
 
 def synthesis_params_to_proto(params: dict) -> party_pb2.SynthesisParams:
     """A party-side generator's hyper-parameters (``SYNTHESIS_FIELDS`` of a data-free config)."""
-    return party_pb2.SynthesisParams(**{k: params[k] for k in SYNTHESIS_FIELDS})
+    fields = [*SYNTHESIS_FIELDS, *(k for k in OPTIONAL_SYNTHESIS_FIELDS if k in params)]
+    return party_pb2.SynthesisParams(**{k: params[k] for k in fields})
 
 
 def synthesis_params_from_proto(message: party_pb2.SynthesisParams) -> dict:
-    return {k: getattr(message, k) for k in SYNTHESIS_FIELDS}
+    params = {k: getattr(message, k) for k in SYNTHESIS_FIELDS}
+    params.update(
+        {k: getattr(message, k) for k in OPTIONAL_SYNTHESIS_FIELDS if message.HasField(k)}
+    )
+    return params
 
 
 def tensors_to_proto(tensors: dict[str, torch.Tensor]) -> dict[str, party_pb2.Tensor]:

@@ -16,6 +16,8 @@ from amalgam.protocol.codec import (
     CodecError,
     party_info_from_proto,
     party_info_to_proto,
+    synthesis_params_from_proto,
+    synthesis_params_to_proto,
     tensor_from_proto,
     tensor_to_proto,
     tensors_from_proto,
@@ -234,3 +236,19 @@ def test_named_tensors_round_trip_and_errors_name_the_key():
     response.outputs["bad"].dtype = "complex64"
     with pytest.raises(CodecError, match=r"outputs\[bad\]"):
         tensors_from_proto(response.outputs, "outputs")
+
+
+def test_synthesis_params_round_trip_and_an_absent_assistant_steps_leaves_the_default():
+    from amalgam.fusion.datafree.party_side import SynthesisParams
+
+    params = SynthesisParams(variant="dfmf", assistant_steps=3, student_arch="mlp").model_dump()
+    wire = party_pb2.SynthesisParams.FromString(
+        synthesis_params_to_proto(params).SerializeToString()
+    )
+    decoded = synthesis_params_from_proto(wire)
+    assert decoded["assistant_steps"] == 3 and decoded["student_arch"] == "mlp"
+    # a client built from an earlier party.proto does not send the field: the party's default
+    wire.ClearField("assistant_steps")
+    decoded = synthesis_params_from_proto(wire)
+    assert "assistant_steps" not in decoded
+    assert SynthesisParams(**decoded).assistant_steps == SynthesisParams().assistant_steps

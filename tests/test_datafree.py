@@ -84,6 +84,26 @@ def test_every_variant_trains_through_the_same_code_path(handlers, method):
     assert len(result.samples) == 3 and result.samples[0][0].shape == (16, 1, 8, 8)
 
 
+@pytest.mark.parametrize("assistant_steps", [1, 3])
+def test_assistants_take_m_ga_steps_per_iteration_on_a_schedule_that_ends_the_run(
+    handlers, assistant_steps
+):
+    config = DataFreeConfig(variant="dfmf", assistant_steps=assistant_steps, **TINY)
+    fusion = DataFreeFusion([LocalTeacher(h) for h in handlers], config, context=QUIET)
+    result = fusion.run()
+    updates = TINY["iterations"] * assistant_steps
+    b = TINY["batch_size"]
+    for k, trainer in enumerate(fusion.trainers):
+        assert len(result.history[f"assistant{k}/kl"]) == updates
+        # cosine over the assistant's own updates: its learning rate has decayed to zero
+        assert trainer.assistant_sched.last_epoch == updates
+        assert trainer.assistant_opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+        # generator steps, then the assistant's fresh batches, labelled by the teacher
+        generator_steps = TINY["warmup"] + TINY["iterations"]
+        assert trainer.queries == (generator_steps + updates - TINY["iterations"]) * b
+    assert fusion.student_opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 @pytest.mark.parametrize(
     "variant, alpha, expected", [("dfmf", {}, 1.0), ("dfq", {}, 1.0), ("dfmf", {"alpha": 0.1}, 0.1)]
 )
@@ -112,13 +132,15 @@ def test_end_to_end_through_real_grpc_parties(handlers):
             t.close()
     b, steps = TINY["batch_size"], TINY["warmup"] + TINY["iterations"]
     student_samples = TINY["iterations"] * TINY["student_steps"] * 2 * (b // 2)
+    # every assistant's M_GA - 1 fresh batches per iteration (the first is the generator's)
+    assistant_samples = TINY["iterations"] * (DataFreeConfig().assistant_steps - 1) * b
     for handler in handlers:
         records = [r for r in read_records(handler.audit.path) if r["caller"] == "coordinator"]
         feedback = [r for r in records if r["method"] == "BatchNormFeedback"]
         predicted = [r for r in records if r["method"] == "Predict"]
         assert len(feedback) == steps and all(r["samples"] == b for r in feedback)
-        assert sum(r["samples"] for r in predicted) == student_samples
-        assert result.queries[handler.name] == steps * b + student_samples
+        assert sum(r["samples"] for r in predicted) == student_samples + assistant_samples
+        assert result.queries[handler.name] == steps * b + student_samples + assistant_samples
     after = list(result.generators[0].parameters())
     assert any(not torch.equal(x, y) for x, y in zip(before, after))
 
@@ -239,7 +261,8 @@ def test_party_side_synthesis_through_real_grpc_parties(handlers):
         assert [r["samples"] for r in calls] == [pool, pool]  # two round trips for generators
         predicted = sum(r["samples"] for r in records if r["method"] == "Predict")
         assert predicted == 2 * 2 * pool  # each round: both parties' images
-        expected = generator_steps * TINY["batch_size"] + predicted
+        assistant_batches = TINY["iterations"] * (config.assistant_steps - 1)  # at the party
+        expected = (generator_steps + assistant_batches) * TINY["batch_size"] + predicted
         assert result.queries[handler.name] == expected
     assert len(result.history["student/kl"]) == TINY["iterations"] * TINY["student_steps"]
     assert result.samples[0][0].shape == (16, 1, 8, 8)

@@ -248,11 +248,10 @@ def test_a_detector_trains_and_detects_where_its_hardware_puts_it():
 
 
 def test_a_partys_own_generator_trains_where_its_hardware_puts_it(teachers):
-    from amalgam.party.synthesis import OwnTeacher, SynthesisSessions
+    from amalgam.party.synthesis import SynthesisSessions
 
     handler = teachers[0].handler
-    sessions = SynthesisSessions(OwnTeacher(teachers[0].info, handler.teacher_side),
-                                 Float64Device())  # fmt: skip
+    sessions = SynthesisSessions(handler.own_teacher(), Float64Device())
     params = DataFreeConfig(variant="dfmf", warmup=1, iterations=2, batch_size=8,
                             generator_width=8).model_dump()  # fmt: skip
     made = sessions.advance("c", "s", params, steps=3, samples=5)

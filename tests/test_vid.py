@@ -96,15 +96,14 @@ def test_dfmf_with_vid_reads_the_released_feature_maps(models, tmp_path):
     steps = TINY["iterations"] * TINY["student_steps"]
     history = result.history
     assert len(history["student/vid"]) == len(history["student/kl"]) == steps
-    assert len(history["assistant0/vid"]) == TINY["iterations"]
+    assistant_steps = TINY["iterations"] * config.assistant_steps  # M_GA per iteration
+    assert len(history["assistant0/vid"]) == len(history["assistant0/kl"]) == assistant_steps
     assert "assistant1/vid" not in history and "assistant1/kl" in history
     assert all(math.isfinite(v) for v in history["student/vid"])
     assert "party p1 releases no feature map: VID leaves it out" in lines
     released = [r for r in read_records(handlers[0].audit.path) if r["method"] == "Activations"]
     # every student batch, and every assistant batch of p0's generator
-    assert sum(r["samples"] for r in released) == steps * TINY["batch_size"] + (
-        TINY["iterations"] * TINY["batch_size"]
-    )
+    assert sum(r["samples"] for r in released) == (steps + assistant_steps) * TINY["batch_size"]
     assert not [r for r in read_records(handlers[1].audit.path) if r["method"] == "Activations"]
 
 

@@ -75,6 +75,7 @@ class DataFreeConfig(Config):
     warmup: int = Field(200, ge=0)  # generator warm-up steps, fidelity loss only (per generator)
     iterations: int = Field(1000, ge=1)  # main-loop iterations (N x M)
     student_steps: int = Field(10, ge=1)  # M_S: student updates per iteration
+    assistant_steps: int = Field(5, ge=1)  # M_GA: updates of each assistant per iteration
     batch_size: int = Field(128, ge=2)  # B: samples per generator step; the student sees B // K
     latent_dim: int = Field(256, ge=1)  # z of each generator
     generator_width: int = Field(64, ge=1)  # channels of its last block (2x in the first two)
@@ -141,12 +142,13 @@ def plus_vid(
     return loss + beta * term
 
 
-def sgd(model: nn.Module, config: DataFreeConfig):
-    """Nesterov SGD with a cosine schedule over the run (students and assistants, Sec. 4)."""
+def sgd(model: nn.Module, config: DataFreeConfig, steps_per_iteration: int):
+    """Nesterov SGD with a cosine schedule over the run's ``iterations x steps_per_iteration``
+    updates (students and assistants, Sec. 4)."""
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr_student, momentum=0.9, nesterov=True
     )
-    steps = max(1, config.iterations * config.student_steps)
+    steps = max(1, config.iterations * steps_per_iteration)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
 
 
@@ -207,7 +209,7 @@ class GeneratorTrainer:
                     VIDTerm(self.assistant, in_shape, [teacher.info], history.log)
                 )
             self.assistant_opt, self.assistant_sched = sgd(
-                nn.ModuleList([self.assistant, self.assistant_vid]), config
+                nn.ModuleList([self.assistant, self.assistant_vid]), config, config.assistant_steps
             )
         self.queries = 0
         self._low_entropy_steps = 0
@@ -259,9 +261,22 @@ class GeneratorTrainer:
         self._watch_collapse(teacher_logits)
         return x.detach(), teacher_logits
 
+    def train_assistant(self, x: Tensor, teacher_logits: Tensor) -> None:
+        """``assistant_steps`` (M_GA) updates of the assistant (Algorithm 1, lines 17-22):
+        on the generator's latest batch ``x`` (B, C, H, W), whose ``teacher_logits`` (B, K)
+        are known, then on fresh batches of B samples that the teacher labels (``predict``,
+        counted in ``queries``)."""
+        self.assistant_step(x, teacher_logits)
+        for _ in range(self.config.assistant_steps - 1):
+            fresh = self.sample(self.config.batch_size)  # (B, C, H, W)
+            answers = self.teacher.predict(to_host(fresh))
+            logits = as_logits(answers, self.teacher.info.output_form, self.num_classes)
+            self.queries += len(fresh)
+            self.assistant_step(fresh, logits.to(fresh))
+
     def assistant_step(self, x: Tensor, teacher_logits: Tensor) -> None:
-        """Eq. 2 on the generator's latest batch (its teacher logits are already known; the
-        teacher's feature map, for VID, is asked on the augmented batch)."""
+        """Eq. 2 on one batch whose teacher logits are known (the teacher's feature map, for
+        VID, is asked on the augmented batch)."""
         c = self.config
         self.assistant.train()
         x = augment(x, c.augment_shift, self.rng)
@@ -348,7 +363,9 @@ class DataFreeFusion:
         if config.beta:
             infos = [t.info for t in teachers]
             self.vid = context.hardware.place(VIDTerm(self.student, in_shape, infos, context.log))
-        self.student_opt, self.student_sched = sgd(nn.ModuleList([self.student, self.vid]), config)
+        self.student_opt, self.student_sched = sgd(
+            nn.ModuleList([self.student, self.vid]), config, config.student_steps
+        )
         self.student_queries = {t.info.name: 0 for t in teachers}
 
     def _adversary(self, trainer: GeneratorTrainer) -> nn.Module | None:
@@ -444,7 +461,7 @@ class DataFreeFusion:
                 for trainer in self.trainers:
                     x, teacher_logits = trainer.step(self._adversary(trainer))
                     if trainer.assistant is not None:
-                        trainer.assistant_step(x, teacher_logits)
+                        trainer.train_assistant(x, teacher_logits)
             for _ in range(c.student_steps):  # the union of all generators' samples
                 self.distil(torch.cat([t.sample(per_generator) for t in self.trainers]))
             bar.update()

@@ -154,7 +154,7 @@ class BatchNormFeedbackResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., losses: _Optional[_Mapping[str, float]] = ..., input_grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SynthesisParams(_message.Message):
-    __slots__ = ("variant", "warmup", "iterations", "student_steps", "batch_size", "latent_dim", "generator_width", "alpha", "temperature", "lr_generator", "lr_student", "augment_shift", "seed", "student_arch")
+    __slots__ = ("variant", "warmup", "iterations", "student_steps", "batch_size", "latent_dim", "generator_width", "alpha", "temperature", "lr_generator", "lr_student", "augment_shift", "seed", "student_arch", "assistant_steps")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     WARMUP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +169,7 @@ class SynthesisParams(_message.Message):
     AUGMENT_SHIFT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STUDENT_ARCH_FIELD_NUMBER: _ClassVar[int]
+    ASSISTANT_STEPS_FIELD_NUMBER: _ClassVar[int]
     variant: str
     warmup: int
     iterations: int
@@ -183,7 +184,8 @@ class SynthesisParams(_message.Message):
     augment_shift: int
     seed: int
     student_arch: str
-    def __init__(self, variant: _Optional[str] = ..., warmup: _Optional[int] = ..., iterations: _Optional[int] = ..., student_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., latent_dim: _Optional[int] = ..., generator_width: _Optional[int] = ..., alpha: _Optional[float] = ..., temperature: _Optional[float] = ..., lr_generator: _Optional[float] = ..., lr_student: _Optional[float] = ..., augment_shift: _Optional[int] = ..., seed: _Optional[int] = ..., student_arch: _Optional[str] = ...) -> None: ...
+    assistant_steps: int
+    def __init__(self, variant: _Optional[str] = ..., warmup: _Optional[int] = ..., iterations: _Optional[int] = ..., student_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., latent_dim: _Optional[int] = ..., generator_width: _Optional[int] = ..., alpha: _Optional[float] = ..., temperature: _Optional[float] = ..., lr_generator: _Optional[float] = ..., lr_student: _Optional[float] = ..., augment_shift: _Optional[int] = ..., seed: _Optional[int] = ..., student_arch: _Optional[str] = ..., assistant_steps: _Optional[int] = ...) -> None: ...
 
 class SynthesizeRequest(_message.Message):
     __slots__ = ("request_id", "session", "params", "steps", "samples", "half")
