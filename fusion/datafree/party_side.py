@@ -69,15 +69,16 @@ class PartySideFusion(DataFreeFusion):
         generator_queries = [0] * len(teachers)
         samples, every = [], max(1, self.rounds // max(1, checkpoints))
         bar = progress_bar(self.rounds, f"{c.variant} (party-side)", show=self.context.progress)
-        assisted = c.assistant_steps if self.variant.adversary == "assistant" else 1
+        # per main-loop step, an assistant's fresh batches, labelled by the party's teacher
+        fresh_batches = c.assistant_steps - 1 if self.variant.adversary == "assistant" else 0
         for r in range(self.rounds):
             main = 0 if frozen else per_round
             steps = (warmup_steps(c) if r == 0 else 0) + main
             made = self.context.map_teachers(
                 lambda t, n=steps: t.synthesize(params, self.session, n, pool), teachers
             )
-            for k, synthesis in enumerate(made):  # the assistant's fresh batches count too
-                generator_queries[k] += (steps + main * (assisted - 1)) * c.batch_size
+            for k, synthesis in enumerate(made):
+                generator_queries[k] += (steps + main * fresh_batches) * c.batch_size
                 for name, value in synthesis.losses.items():  # "generator/bn", "assistant/kl"
                     model, _, term = name.partition("/")
                     self.history.record(f"{model}{k}/{term}", value)
