@@ -281,6 +281,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
             if history:
                 plot_curves(history, out / f"datafree-{name}-{method}-seed{seed}-curves.png")
         accuracies = [r["accuracy"] for r in runs]
+        spread = float(np.std(accuracies, ddof=1)) if len(runs) > 1 else None
         record["results"][method] = float(np.mean(accuracies))
         record["extra"]["per_class"][method] = np.mean(
             [r["per_class"] for r in runs], axis=0
@@ -288,12 +289,17 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         runs.sort(key=lambda r: r["seed"])
         record["extra"]["methods"][method] = {
             "seeds": [r["seed"] for r in runs],
-            "accuracy_std": float(np.std(accuracies, ddof=1)) if len(runs) > 1 else None,
+            "accuracy_std": spread,
             "runs": runs,
         }
         record["wall_seconds"] = round(earlier_seconds + time.perf_counter() - started, 1)
         results.write(record)
-        print(f"{name} {method}: {100 * rows[method]:.2f}%", flush=True)
+        std = "" if spread is None else f" ± {100 * spread:.2f}"
+        seeds_line = ", ".join(str(r["seed"]) for r in runs)
+        print(
+            f"{name} {method}: {100 * np.mean(accuracies):.2f}%{std} (seeds {seeds_line})",
+            flush=True,
+        )
 
 
 def options(parser: argparse.ArgumentParser) -> None:
