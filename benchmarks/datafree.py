@@ -297,7 +297,7 @@ def run_variant(name: str, args: argparse.Namespace, results: Results) -> None:
         std = "" if spread is None else f" ± {100 * spread:.2f}"
         seeds_line = ", ".join(str(r["seed"]) for r in runs)
         print(
-            f"{name} {method}: {100 * np.mean(accuracies):.2f}%{std} (seeds {seeds_line})",
+            f"{name} {method}: {100 * record['results'][method]:.2f}%{std} (seeds {seeds_line})",
             flush=True,
         )
 
