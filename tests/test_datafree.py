@@ -149,13 +149,13 @@ class ConstantTeacher:
     """Always answers ``label`` with certainty, whatever the input: a collapsed generator's
     view of the world."""
 
-    def __init__(self, label=0, name="flat"):
+    def __init__(self, label=0, name="flat", margin=40.0):
         self.info = TeacherInfo(name, tuple(DIGITS), (1, 8, 8), "logits")
-        self.label = label
+        self.label, self.margin = label, margin
 
     def _logits(self, x):
-        logits = torch.full((len(x), 10), -20.0)
-        logits[:, self.label] = 20.0
+        logits = torch.full((len(x), 10), -self.margin / 2)
+        logits[:, self.label] = self.margin / 2
         return logits
 
     def predict(self, x):
@@ -188,6 +188,22 @@ def test_teacher_agreement_on_the_generated_samples_is_recorded(labels, agreemen
     assert history["samples/teacher_agreement"] == [agreement] * steps
     fit = history["samples/student_ensemble_agreement"]
     assert len(fit) == steps and all(0.0 <= v <= 1.0 for v in fit)
+
+
+def test_confidence_weights_let_the_sure_teacher_label_the_sample():
+    """Eq. 1 with sample-wise w_k: a teacher sure of class 0 outweighs one that leans to 3."""
+    sure, unsure = ConstantTeacher(0, "sure"), ConstantTeacher(3, "unsure", margin=2.0)
+    x = torch.zeros(4, 1, 8, 8)
+    targets = {
+        weights: DataFreeFusion(
+            [sure, unsure], DataFreeConfig(teacher_weighting=weights, **TINY), context=QUIET
+        ).student_targets(x)
+        for weights in ("uniform", "confidence")
+    }
+    for target in targets.values():
+        assert torch.allclose(target.sum(dim=1), torch.ones(4))
+    assert (targets["confidence"][:, 0] > targets["uniform"][:, 0] + 0.2).all()
+    assert (targets["confidence"][:, 3] < targets["uniform"][:, 3]).all()
 
 
 def test_bad_configurations_are_refused(handlers):

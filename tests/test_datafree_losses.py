@@ -10,6 +10,7 @@ import torch
 from amalgam.fusion.datafree.losses import (
     GeneratorObjective,
     batch_entropy,
+    confidence_weights,
     instance_entropy,
     kd_kl,
     teacher_side_loss,
@@ -71,3 +72,16 @@ def test_an_adversarial_objective_needs_adversary_logits_and_a_positive_temperat
         teacher_side_loss(torch.randn(2, 3), torch.tensor(0.0), GeneratorObjective(adversarial=1.0))
     with pytest.raises(ValueError, match="temperature"):
         GeneratorObjective(temperature=0)
+
+
+def test_confidence_weights_favour_the_confident_teacher_and_sum_to_one_per_sample():
+    sure, unsure = torch.tensor([[9.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.8, 0.9]])
+    weights = confidence_weights(
+        torch.stack([torch.cat([sure, unsure]), torch.cat([unsure, sure])])
+    )
+    assert weights.shape == (2, 2)  # (teachers, samples)
+    assert torch.allclose(weights.sum(dim=0), torch.ones(2))
+    assert weights[0, 0] > 0.5 > weights[0, 1] and weights[1, 1] > 0.5 > weights[1, 0]
+    three = confidence_weights(torch.randn(1, 4, 5).expand(3, -1, -1))  # equally sure teachers
+    assert torch.allclose(three, torch.full((3, 4), 1 / 3))
+    assert torch.equal(confidence_weights(torch.randn(1, 4, 5)), torch.ones(1, 4))

@@ -40,6 +40,20 @@ def batch_entropy(logits: Tensor) -> Tensor:
     return -(mean * mean.clamp_min(1e-12).log()).sum()
 
 
+def confidence_weights(logits: Tensor) -> Tensor:
+    """Sample-wise teacher weights (K, B) from the teachers' logits (K, B, C): CA-MKD's
+    ``w_k = (1 - softmax_k(L_k)) / (K - 1)`` (paper 003 Sec. 5 and its ref. [28]), with the
+    entropy of each teacher's own prediction standing for its cross-entropy ``L_k`` to a label
+    that data-free fusion does not have; the weights of one sample sum to 1, and a teacher
+    close to one-hot on it weighs more."""
+    teachers = logits.shape[0]
+    if teachers == 1:
+        return logits.new_ones(logits.shape[:2])
+    log_p = F.log_softmax(logits, dim=2)
+    entropy = -(log_p.exp() * log_p).sum(dim=2)  # (K, B)
+    return (1 - F.softmax(entropy, dim=0)) / (teachers - 1)
+
+
 def teacher_side_loss(
     logits: Tensor,
     bn_loss: Tensor,

@@ -36,7 +36,12 @@ from torch import Tensor, nn
 
 from amalgam.fusion.config import Config
 from amalgam.fusion.datafree.generator import Generator, augment
-from amalgam.fusion.datafree.losses import batch_entropy, kd_kl, softened_kl
+from amalgam.fusion.datafree.losses import (
+    batch_entropy,
+    confidence_weights,
+    kd_kl,
+    softened_kl,
+)
 from amalgam.fusion.datafree.vid import VIDTerm, last_feature_map
 from amalgam.fusion.device import Hardware, to_host, to_model
 from amalgam.fusion.labels import as_logits
@@ -84,6 +89,9 @@ class DataFreeConfig(Config):
     alpha: float = Field(1.0, ge=0)
     beta: float = Field(0.0, ge=0)  # weight of the VID term in Eq. 1-2; 0: KL alone
     temperature: float = Field(3.0, gt=0)  # tau of the KD and adversarial divergences
+    # w_k of Eq. 1: "uniform" 1 / K (the paper), "confidence" sample-wise by each teacher's
+    # confidence (the paper's Sec. 5 outlook, CA-MKD)
+    teacher_weighting: Literal["uniform", "confidence"] = "uniform"
     lr_generator: float = Field(1e-3, gt=0)
     lr_student: float = Field(0.05, gt=0)  # SGD, Nesterov, cosine (student and assistants)
     augment_shift: int = Field(2, ge=0)  # random translation of generated images, pixels
@@ -377,7 +385,7 @@ class DataFreeFusion:
         return None
 
     def student_targets(self, x: Tensor) -> Tensor:
-        """The teachers' averaged soft labels at temperature tau (Eq. 1, w_k = 1 / K)."""
+        """The teachers' soft labels at temperature tau, weighted by w_k of Eq. 1."""
         images = to_host(x)
         logits = self.context.map_teachers(
             lambda t: as_logits(t.predict(images), t.info.output_form, len(t.info.class_names)),
@@ -385,11 +393,13 @@ class DataFreeFusion:
         )
         for teacher in self.teachers:
             self.student_queries[teacher.info.name] += len(x)
-        votes = torch.stack([z.argmax(dim=1) for z in logits])  # (K, B)
-        self.history.record("samples/teacher_agreement", _agreement(votes))
-        tau = self.config.temperature
-        probs = torch.stack([torch.softmax(z / tau, dim=1) for z in logits]).mean(dim=0)
-        return probs.to(x)  # (B, K), where the student learns
+        stacked = torch.stack(logits)  # (K teachers, B, classes)
+        self.history.record("samples/teacher_agreement", _agreement(stacked.argmax(dim=2)))
+        probs = torch.softmax(stacked / self.config.temperature, dim=2)
+        if self.config.teacher_weighting == "uniform":
+            return probs.mean(dim=0).to(x)  # (B, classes)
+        weights = confidence_weights(stacked)  # (K teachers, B)
+        return (weights.unsqueeze(2) * probs).sum(dim=0).to(x)  # (B, classes)
 
     def distil(self, x: Tensor) -> None:
         """One student update on (B, C, H, W) ``x``, augmented, then labelled by every teacher
