@@ -53,9 +53,10 @@ from benchmarks.datafree_public import PUBLIC_METHODS, load_public_code, run_pub
 from benchmarks.harness import Benchmark, Results
 
 SEED = 0
-# DFMF with generators at the parties, and a ceiling: the same student budget spent on the real
-# training images (unlabeled) instead of generated ones
-METHODS = [*VARIANTS, "dfmf_party_side", "kd_real"]
+# DFMF with generators at the parties, DFMF with sample-wise teacher weights (w_k by each
+# teacher's confidence), and a ceiling: the same student budget spent on the real training
+# images (unlabeled) instead of generated ones
+METHODS = [*VARIANTS, "dfmf_party_side", "dfmf_confidence", "kd_real"]
 PARTY_SIDE_ROUNDS = 20
 
 
@@ -163,8 +164,11 @@ def teachers_for(train: Dataset, split: Split, b: dict, folder: Path):
 
 
 def config_for(method: str, b: dict) -> DataFreeConfig:
+    """The budget's config of ``method``: a variant, ``_party_side`` or ``_confidence`` after."""
+    variant = method.removesuffix("_party_side").removesuffix("_confidence")
     return DataFreeConfig(
-        variant=method.removesuffix("_party_side"),
+        variant=variant,
+        teacher_weighting="confidence" if method.endswith("_confidence") else "uniform",
         warmup=b["warmup"],
         iterations=b["iterations"],
         student_steps=b["student_steps"],
