@@ -28,10 +28,15 @@ def kd_kl(teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1
     return softened_kl(teacher_logits, student_logits, temperature) * temperature**2
 
 
+def prediction_entropy(logits: Tensor) -> Tensor:
+    """``H(softmax(logits))`` over the last dimension, one value per prediction."""
+    log_p = F.log_softmax(logits, dim=-1)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
 def instance_entropy(logits: Tensor) -> Tensor:
     """``E_x[H(softmax(T(x)))]``: low when each sample is confidently one class (Eq. 3)."""
-    log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean()
+    return prediction_entropy(logits).mean()
 
 
 def batch_entropy(logits: Tensor) -> Tensor:
@@ -49,8 +54,7 @@ def confidence_weights(logits: Tensor) -> Tensor:
     teachers = logits.shape[0]
     if teachers == 1:
         return logits.new_ones(logits.shape[:2])
-    log_p = F.log_softmax(logits, dim=2)
-    entropy = -(log_p.exp() * log_p).sum(dim=2)  # (K, B)
+    entropy = prediction_entropy(logits)  # (K, B)
     return (1 - F.softmax(entropy, dim=0)) / (teachers - 1)
 
 

@@ -57,11 +57,8 @@ class PartySideFusion(DataFreeFusion):
 
     def run(self, checkpoints: int = 4) -> DataFreeResult:
         c, teachers = self.config, self.teachers
-        params = SynthesisParams(  # an assistant learns from logits alone (no VID); the
-            # student's teacher weights stay at the coordinator
-            **c.model_dump(
-                include=set(DataFreeConfig.model_fields) - {"beta", "teacher_weighting"}
-            ),
+        params = SynthesisParams(  # a party's assistant learns from logits alone (no VID)
+            **c.model_dump(include=set(DataFreeConfig.model_fields) - {"beta"}),
             student_arch=self.student_arch,
             seed=self.context.seed,
         ).model_dump()
